@@ -1,0 +1,53 @@
+"""Autoregressive decoding with the per-layer cache (constant-size KDA state + NoPE KV cache)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, V]; temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+           top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+           stop_ids: tuple[int, ...] = ()) -> Iterator[torch.Tensor]:
+    """Yield next-token ids [B] one step at a time: one prefill, then one-token cached steps."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    cache = model.new_cache()
+    logits = model(input_ids, cache)[:, -1]
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        yield nxt
+        if stop_ids and bool(torch.isin(nxt, torch.tensor(stop_ids, device=nxt.device)).all()):
+            return
+        logits = model(nxt[:, None], cache)[:, -1]
+
+
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """input_ids [B, T] -> [B, T + n] with up to max_new_tokens sampled tokens appended."""
+    new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids))
+    if not new:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)

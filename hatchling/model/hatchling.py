@@ -1,0 +1,93 @@
+"""The hybrid language model: KDA blocks with a NoPE global-attention block every few layers.
+
+embedding -> [pre-norm block: x + mixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] * n_layers
+-> RMSNorm -> LM head tied to the embedding. The mixer is KDA or NoPE attention by layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hatchling.model.attention import NoPEAttention
+from hatchling.model.config import ModelConfig
+from hatchling.model.generate import generate, stream
+from hatchling.model.kda_layer import KDALayer
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mixer = NoPEAttention(cfg) if kind == "attn" else KDALayer(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class HatchlingLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds())
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.apply(self._init_weights)
+        # Residual-branch outputs shrink with depth (GPT-2) so the stream's variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down.weight")):
+                nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def new_cache(self) -> list[dict]:
+        """Empty per-layer decoding cache: KDA layers keep conv + recurrent state, attention its KV."""
+        return [{} for _ in self.blocks]
+
+    def forward(self, input_ids: torch.Tensor, cache: list[dict] | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab]. A cache, if given, is read and updated in place."""
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache[i])
+        return F.linear(self.norm(x), self.embed.weight)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop_ids: tuple[int, ...] = ()) -> torch.Tensor:
+        """Prompt [B, T] -> prompt + up to max_new_tokens tokens (greedy when temperature is 0)."""
+        return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
+
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling):
+        """Yield next-token ids [B] as they are sampled (see hatchling.model.generate.stream)."""
+        return stream(self, input_ids, max_new_tokens, **sampling)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(model_params: dict | ModelConfig) -> HatchlingLM:
+    """The model for a params.yaml ``model`` section (a dict) or a ModelConfig."""
+    cfg = model_params if isinstance(model_params, ModelConfig) else ModelConfig(**model_params)
+    return HatchlingLM(cfg)

@@ -1,0 +1,245 @@
+"""Kimi Delta Attention (KDA) operators.
+
+KDA is a gated delta rule with a *per-channel* forget gate. With a state S of shape [K, V]
+per head, one token does
+
+    S_t = (I - beta_t k_t k_t^T) Diag(alpha_t) S_{t-1} + beta_t k_t v_t^T,   o_t = S_t^T (scale * q_t)
+
+where alpha_t = exp(g_t) and g_t <= 0 is a K-vector of log-decays.
+
+Three implementations share flash-linear-attention's layout (q, k: [B,T,H,K]; v: [B,T,H,V];
+g: [B,T,H,K]; beta: [B,T,H]; state: [B,H,K,V] float32), so the GPU path can call fla's
+``chunk_kda`` directly:
+
+* :func:`kda_recurrent` - the reference: :func:`kda_step` applied one token at a time.
+* :func:`kda_chunked`   - the chunkwise-parallel form in pure PyTorch (WY representation),
+  vectorised over chunks except for one cheap sequential pass over chunk states.
+* :func:`kda`           - dispatch: fla's Triton kernel on CUDA when installed, else the chunked form.
+
+Derivation of the chunked form (one chunk, positions r = 1..C, state S_0 at its start,
+G_r = sum_{s<=r} g_s the within-chunk cumulative log-decay, Lambda_r = Diag(exp G_r)).
+Write the update as S_r = D_r S_{r-1} + k_r u_r^T with u_r = beta_r (v_r - (D_r S_{r-1})^T k_r).
+Unrolling, D_r S_{r-1} = Lambda_r S_0 + sum_{s<r} Lambda_r Lambda_s^-1 k_s u_s^T, hence
+
+    (I + A) U = beta * (V - (K * e^G) S_0),     A_rs = beta_r sum_k k_rk k_sk e^{G_rk - G_sk}  (s < r)
+
+so U = U~ - W S_0 with [W | U~] = (I + A)^-1 beta * [K e^G | V] (one triangular solve), and
+
+    O   = (Q e^G) S_0 + P U,                    P_rs = sum_k q_rk k_sk e^{G_rk - G_sk}     (s <= r)
+    S_C = Diag(e^{G_C}) S_0 + (K e^{G_C - G})^T U.
+
+Everything but S_0 is known per chunk in parallel; the state pass is S_{n+1} = M_n S_n + b_n.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+#: Largest head dimension fla's Triton kernels accept.
+FLA_MAX_HEAD_DIM = 256
+#: Sub-block size for the decayed scores inside a chunk (see :func:`intra_chunk_scores`).
+SUB_BLOCK = 16
+#: Largest decay span (in log space) inside a sub-block for which exp(G_r - R) exp(R - G_s) is
+#: computed without overflow or underflow to zero in each factor (exp(-80) > float32's tiniest normal).
+SAFE_SPAN = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+def fla_available() -> bool:
+    """True when flash-linear-attention (the optional ``gpu`` extra) can be imported."""
+    return importlib.util.find_spec("fla") is not None
+
+
+def _fail(name: str, tensor: torch.Tensor, expected: str) -> None:
+    raise ValueError(f"kda: {name} has shape {tuple(tensor.shape)}, expected {expected}")
+
+
+def check_kda_inputs(q, k, v, g, beta, initial_state=None, max_head_dim: int | None = None) -> None:
+    """Validate shapes and gate signs; raise one ValueError naming the offending tensor."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("g", g)):
+        if t.dim() != 4:
+            _fail(name, t, "rank 4 [B, T, H, D]")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if k.shape != q.shape:
+        _fail("k", k, f"{(B, T, H, K)} (same as q)")
+    if v.shape[:3] != (B, T, H):
+        _fail("v", v, f"{(B, T, H, 'V')}")
+    if g.shape != q.shape:
+        _fail("g", g, f"{(B, T, H, K)} (same as q)")
+    if beta.shape != (B, T, H):
+        _fail("beta", beta, f"{(B, T, H)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, V):
+        _fail("initial_state", initial_state, f"{(B, H, K, V)}")
+    if max_head_dim is not None and max(K, V) > max_head_dim:
+        _fail("q" if K > max_head_dim else "v", q if K > max_head_dim else v,
+              f"head dim <= {max_head_dim} on the fla path")
+    if g.numel() and bool((g > 0).any()):
+        raise ValueError(f"kda: g must be a log-decay (<= 0) but has max {g.max().item():.4g}")
+
+
+def kda_step(q, k, v, g, beta, state, scale: float | None = None):
+    """One token of the recurrence: q, k, g [B,H,K]; v [B,H,V]; beta [B,H]; state [B,H,K,V].
+
+    Returns (o [B,H,V], new_state). Computes in the state's dtype (float32 or float64).
+    """
+    dt = state.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
+    state = state * g.exp()[..., None]                                  # Diag(alpha) S
+    predicted = torch.einsum("bhk,bhkv->bhv", k, state)                 # S^T k
+    state = state + torch.einsum("bhk,bhv->bhkv", k, beta[..., None] * (v - predicted))
+    o = torch.einsum("bhk,bhkv->bhv", q * scale, state)
+    return o, state
+
+
+def _new_state(q, v, initial_state):
+    B, _, H, K = q.shape
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if initial_state is None:
+        return q.new_zeros(B, H, K, v.shape[-1], dtype=dt)
+    return initial_state.to(dt)
+
+
+def kda_recurrent(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+    """Reference KDA: the recurrence one token at a time. Slow, obviously correct."""
+    check_kda_inputs(q, k, v, g, beta, initial_state)
+    state = _new_state(q, v, initial_state)
+    outs = []
+    for t in range(q.shape[1]):
+        o, state = kda_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, scale)
+        outs.append(o)
+    o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape)
+    return o.to(v.dtype), (state if output_final_state else None)
+
+
+def _exact_sub_block_scores(qb, kb, Gb):
+    """(KK, QK) inside each sub-block, one exact K-vector exp(G_r - G_s) per pair: [..., n, c, c]."""
+    c = kb.shape[-2]
+    tri = torch.ones(c, c, dtype=torch.bool, device=kb.device).tril()
+    diff = (Gb[..., :, None, :] - Gb[..., None, :, :]).masked_fill(~tri[..., None], float("-inf"))
+    decayed_k = diff.exp() * kb[..., None, :, :]                                  # [..., n, c, c, K]
+    diag_qk = (qb[..., :, None, :] @ decayed_k.transpose(-1, -2)).squeeze(-2)
+    diag_kk = (kb[..., :, None, :] @ decayed_k.transpose(-1, -2)).squeeze(-2).tril(-1)
+    return diag_kk, diag_qk
+
+
+def intra_chunk_scores(q, k, G, sub_block: int = SUB_BLOCK):
+    """Decayed key-key and query-key scores inside each chunk.
+
+    Returns (KK, QK), both [..., C, C], with, for D_rs = exp(G_r - G_s) (elementwise over K):
+    KK[r, s] = sum_k k_r D_rs k_s for s < r, and QK[r, s] = sum_k q_r D_rs k_s for s <= r.
+
+    exp(G_r - G_s) cannot be factored as exp(G_r) * exp(-G_s) without overflow, so the chunk
+    is split into sub-blocks of ``sub_block`` tokens. For r in sub-block i and s in an earlier
+    sub-block j, factor through the block boundaries, exp(G_r - R_i) exp(R_i - E_j) exp(E_j - G_s),
+    with R_i the last G before block i and E_j the last G of block j: each factor is <= 1, and the
+    sum over K is a matmul. Pairs inside one sub-block are computed exactly, one K-vector each.
+    """
+    C, K = k.shape[-2:]
+    c = sub_block if C % sub_block == 0 else C
+    n = C // c
+    lead = k.shape[:-2]
+    qb, kb, Gb = (t.reshape(*lead, n, c, K) for t in (q, k, G))
+    end = Gb[..., -1, :]                                                          # E_j: [..., n, K]
+    start = torch.cat([torch.zeros_like(end[..., :1, :]), end[..., :-1, :]], dim=-2)  # R_i
+    to_start = (Gb - start[..., None, :]).exp()                                   # [..., n, c, K], <= 1
+    if bool((start - end).max() <= SAFE_SPAN[k.dtype]):
+        # Fast: exp(G_r - G_s) = exp(G_r - R) exp(R - G_s) cannot overflow when the sub-block's
+        # decay span is small, so the sub-block is one matmul.
+        from_start = kb * (start[..., None, :] - Gb).exp()
+        diag_qk = ((qb * to_start) @ from_start.transpose(-1, -2)).tril()
+        diag_kk = ((kb * to_start) @ from_start.transpose(-1, -2)).tril(-1)
+    else:
+        diag_kk, diag_qk = _exact_sub_block_scores(qb, kb, Gb)
+    if n == 1:
+        return diag_kk.reshape(*lead, C, C), diag_qk.reshape(*lead, C, C)
+
+    below = torch.ones(n, n, dtype=torch.bool, device=k.device).tril(-1)
+    mid = (start[..., :, None, :] - end[..., None, :, :]).masked_fill(~below[..., None], float("-inf"))
+    right = (kb * (end[..., None, :] - Gb).exp())[..., None, :, :, :] * mid.exp()[..., :, :, None, :]
+    right = right.reshape(*lead, n, C, K)                                         # [..., i, (j s), K]
+    eye = torch.eye(n, dtype=k.dtype, device=k.device)
+
+    def assemble(xb, diag):
+        off = (xb * to_start) @ right.transpose(-1, -2)                           # [..., i, c, (j s)]
+        full = off.reshape(*lead, n, c, n, c) + diag[..., :, :, None, :] * eye[:, None, :, None]
+        return full.reshape(*lead, C, C)
+
+    return assemble(kb, diag_kk), assemble(qb, diag_qk)
+
+
+def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                chunk_size: int = 64):
+    """Chunkwise-parallel KDA in pure PyTorch (differentiable, any T). See the module docstring."""
+    check_kda_inputs(q, k, v, g, beta, initial_state)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    scale = K ** -0.5 if scale is None else scale
+    state = _new_state(q, v, initial_state)
+    dt = state.dtype
+    pad = (-T) % C
+    N = (T + pad) // C
+
+    def chunks(x):  # [B, T, H, ...] -> [B, H, N, C, ...]; padding has k = beta = g = 0: a no-op step
+        x = x.to(dt).transpose(1, 2)
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad))
+        return x.reshape(B, H, N, C, *x.shape[3:])
+
+    q, k, v, g, beta = chunks(q * scale), chunks(k), chunks(v), chunks(g), chunks(beta)
+    G = g.cumsum(-2)
+    eG = G.exp()
+    KK, P = intra_chunk_scores(q, k, G)
+    A = KK * beta[..., None]
+    rhs = beta[..., None] * torch.cat([k * eG, v], dim=-1)
+    eye = torch.eye(C, dtype=dt, device=q.device)
+    wu = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
+    W, U = wu[..., :K], wu[..., K:]                                     # U = U~ - W S_0
+    last = G[..., -1:, :]                                               # [B, H, N, 1, K]
+    k_to_end = k * (last - G).exp()
+    M = torch.diag_embed(last.squeeze(-2).exp()) - k_to_end.transpose(-1, -2) @ W  # [B,H,N,K,K]
+    b = k_to_end.transpose(-1, -2) @ U                                   # [B,H,N,K,V]
+
+    starts = []
+    for M_n, b_n in zip(M.unbind(2), b.unbind(2)):  # the only sequential part: S_{n+1} = M_n S_n + b_n
+        starts.append(state)
+        state = torch.baddbmm(b_n.flatten(0, 1), M_n.flatten(0, 1), state.flatten(0, 1)).view_as(b_n)
+    S = torch.stack(starts, dim=2)                                      # [B,H,N,K,V]
+    o = P @ U + (q * eG - P @ W) @ S
+    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
+    return o.to(v.dtype), (state if output_final_state else None)
+
+
+def _fla_chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state):
+    from fla.ops.kda import chunk_kda
+
+    return chunk_kda(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+                     output_final_state=output_final_state)
+
+
+def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+        chunk_size: int = 64, backend: str = "auto"):
+    """KDA with the fastest available implementation.
+
+    backend: ``auto`` (fla's ``chunk_kda`` for CUDA tensors when fla is installed, the single-step
+    update for one token, else :func:`kda_chunked`), or one of ``fla``, ``chunked``, ``recurrent``.
+    """
+    if backend == "auto":
+        if q.is_cuda and fla_available():
+            backend = "fla"
+        elif q.shape[1] == 1:
+            backend = "recurrent"
+        else:
+            backend = "chunked"
+    if backend == "fla":
+        check_kda_inputs(q, k, v, g, beta, initial_state, max_head_dim=FLA_MAX_HEAD_DIM)
+        return _fla_chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state)
+    if backend == "recurrent":
+        return kda_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
+    if backend == "chunked":
+        return kda_chunked(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
+    raise ValueError(f"kda: backend must be auto, fla, chunked or recurrent, got {backend!r}")

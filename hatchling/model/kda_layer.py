@@ -1,0 +1,108 @@
+"""The KDA token mixer in the style of Kimi Linear.
+
+x -> q, k, v projections -> short causal depthwise conv + SiLU -> L2-normalised q, k;
+per-channel decay g = -exp(A_log) * softplus(f(x) + dt_bias) from a low-rank projection;
+beta = sigmoid(b(x)); KDA; per-head RMSNorm gated by sigmoid of a low-rank projection; output proj.
+
+Decoding keeps a constant-size cache per layer: the last ``conv_size - 1`` inputs of each conv
+and the [H, K, V] KDA state, whatever the context length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hatchling.model.config import ModelConfig
+from hatchling.model.kda import kda
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise conv over time that sees only the past: left padding of kernel-1, never symmetric.
+
+    With a cache (a dict) the last kernel-1 inputs are carried between calls, so feeding a
+    sequence in pieces gives exactly the output of feeding it whole.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None, key: str = "conv") -> torch.Tensor:
+        """x: [B, T, C] -> SiLU(conv(x)): [B, T, C]."""
+        x = x.transpose(1, 2)                                               # [B, C, T]
+        keep = self.kernel_size - 1
+        if cache is not None and key in cache:
+            past = cache[key]
+        else:
+            past = x.new_zeros(x.shape[0], x.shape[1], keep)
+        x = torch.cat([past.to(x.dtype), x], dim=-1)
+        if cache is not None:
+            cache[key] = x[..., x.shape[-1] - keep:].detach()
+        y = F.conv1d(x, self.weight.to(x.dtype), groups=x.shape[1])
+        return F.silu(y).transpose(1, 2)
+
+
+class GatedHeadNorm(nn.Module):
+    """RMSNorm over each head's output, times sigmoid(gate): [B, T, H, D]."""
+
+    def __init__(self, head_dim: int, eps: float):
+        super().__init__()
+        self.norm = nn.RMSNorm(head_dim, eps=eps)
+
+    def forward(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        return self.norm(o) * torch.sigmoid(gate)
+
+
+class KDALayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, D, d = cfg.n_heads, cfg.head_dim, cfg.d_model
+        self.n_heads, self.head_dim = H, D
+        self.chunk_size, self.backend = cfg.chunk_size, cfg.kda_backend
+        self.q_proj = nn.Linear(d, H * D, bias=False)
+        self.k_proj = nn.Linear(d, H * D, bias=False)
+        self.v_proj = nn.Linear(d, H * D, bias=False)
+        self.q_conv = CausalConv1d(H * D, cfg.conv_size)
+        self.k_conv = CausalConv1d(H * D, cfg.conv_size)
+        self.v_conv = CausalConv1d(H * D, cfg.conv_size)
+        self.f_proj = nn.Sequential(nn.Linear(d, D, bias=False), nn.Linear(D, H * D, bias=False))
+        self.b_proj = nn.Linear(d, H, bias=False)
+        self.g_proj = nn.Sequential(nn.Linear(d, D, bias=False), nn.Linear(D, H * D, bias=True))
+        self.o_norm = GatedHeadNorm(D, cfg.norm_eps)
+        self.o_proj = nn.Linear(H * D, d, bias=False)
+        # Decay rates: A in [1, 16] per head, dt in [1e-3, 0.1] per channel (as in Mamba / Kimi Linear).
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
+        dt = torch.exp(torch.rand(H * D) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))      # softplus^-1(dt)
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+
+    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g [B,T,H,D] log-decay <= 0, beta [B,T,H] in (0, 1)) from the layer input."""
+        B, T, _ = x.shape
+        dt = torch.promote_types(x.dtype, torch.float32)                   # gates never below fp32
+        f = (self.f_proj(x) + self.dt_bias).to(dt)
+        g = -self.A_log.exp().to(dt)[:, None] * F.softplus(f).view(B, T, self.n_heads, self.head_dim)
+        return g, torch.sigmoid(self.b_proj(x).to(dt))
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        q = self.q_conv(self.q_proj(x), cache, "q_conv").view(B, T, H, D)
+        k = self.k_conv(self.k_proj(x), cache, "k_conv").view(B, T, H, D)
+        v = self.v_conv(self.v_proj(x), cache, "v_conv").view(B, T, H, D)
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        g, beta = self.gates(x)
+        state = cache.get("state") if cache is not None else None
+        o, state = kda(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
+                       chunk_size=self.chunk_size, backend=self.backend)
+        if cache is not None:
+            cache["state"] = state.detach()
+        o = self.o_norm(o.to(x.dtype), self.g_proj(x).view(B, T, H, D))
+        return self.o_proj(o.reshape(B, T, H * D))

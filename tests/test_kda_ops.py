@@ -1,0 +1,133 @@
+"""KDA operators: the chunked form and the dispatcher agree with the token-by-token reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hatchling.model.kda import (SAFE_SPAN, check_kda_inputs, intra_chunk_scores, kda, kda_chunked,
+                                 kda_recurrent, kda_step)
+
+TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
+
+
+def make_inputs(T, dtype, B=2, H=2, K=16, V=12, gate_scale=1.0, seed=0, with_state=False):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, K, generator=gen, dtype=dtype)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=dtype), dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
+    g = F.logsigmoid(torch.randn(B, T, H, K, generator=gen, dtype=dtype) * 2) * gate_scale
+    beta = torch.rand(B, T, H, generator=gen, dtype=dtype)
+    s0 = torch.randn(B, H, K, V, generator=gen, dtype=dtype) if with_state else None
+    return [q, k, v, g, beta], s0
+
+
+def rel_err(a, b):
+    """Relative error, with an absolute floor of 1 for quantities that are exactly zero (dg at T=1)."""
+    return ((a - b).norm() / b.norm().clamp_min(1.0)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T", [1, 63, 64, 100, 257])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_chunked_matches_recurrent_outputs_state_and_grads(dtype, T, with_state):
+    xs, s0 = make_inputs(T, dtype, with_state=with_state, seed=T)
+    results = []
+    for fn in (kda_recurrent, kda_chunked):
+        leaves = [x.clone().requires_grad_() for x in xs]
+        o, s = fn(*leaves, initial_state=s0, output_final_state=True)
+        w = torch.linspace(-1, 1, o.numel(), dtype=dtype).view_as(o)  # a loss that weighs every output
+        ((o * w).sum() + s.sum()).backward()
+        results.append((o, s, [x.grad for x in leaves]))
+    (o_ref, s_ref, g_ref), (o, s, grads) = results
+    tol = TOL[dtype]
+    assert rel_err(o, o_ref) < tol
+    assert rel_err(s, s_ref) < tol
+    for name, a, b in zip("q k v g beta".split(), grads, g_ref):
+        assert rel_err(a, b) < tol, name
+
+
+@pytest.mark.parametrize("gate_scale", [0.05, 30.0])
+def test_both_intra_chunk_regimes_match_reference(gate_scale):
+    """Mild gates take the factored sub-block matmul; strong ones (span > SAFE_SPAN) the exact path."""
+    xs, s0 = make_inputs(130, torch.float32, gate_scale=gate_scale, with_state=True)
+    span = -xs[3][:, :16].sum(1).min().item()
+    assert (span > SAFE_SPAN[torch.float32]) == (gate_scale > 1)
+    o_ref, s_ref = kda_recurrent(*xs, initial_state=s0, output_final_state=True)
+    o, s = kda_chunked(*xs, initial_state=s0, output_final_state=True)
+    assert rel_err(o, o_ref) < 1e-4 and rel_err(s, s_ref) < 1e-4
+
+
+def test_intra_chunk_scores_against_pairwise_definition():
+    gen = torch.Generator().manual_seed(1)
+    C, K = 64, 8
+    q, k = torch.randn(3, C, K, generator=gen, dtype=torch.float64), torch.randn(3, C, K, generator=gen, dtype=torch.float64)
+    G = F.logsigmoid(torch.randn(3, C, K, generator=gen, dtype=torch.float64)).cumsum(1)
+    D = (G[:, :, None, :] - G[:, None, :, :]).clamp(max=0).exp()
+    qk_ref = torch.einsum("brk,brsk,bsk->brs", q, D, k).tril()
+    kk_ref = torch.einsum("brk,brsk,bsk->brs", k, D, k).tril(-1)
+    kk, qk = intra_chunk_scores(q, k, G)
+    torch.testing.assert_close(qk, qk_ref)
+    torch.testing.assert_close(kk, kk_ref)
+
+
+def test_step_is_the_defining_recurrence():
+    xs, s0 = make_inputs(1, torch.float64, with_state=True)
+    q, k, v, g, beta = (x[:, 0] for x in xs)
+    o, s = kda_step(q, k, v, g, beta, s0)
+    # S_t = (I - b k k^T) Diag(alpha) S + b k v^T, written with explicit matrices
+    eye = torch.eye(k.shape[-1], dtype=k.dtype)
+    proj = eye - beta[..., None, None] * k[..., :, None] * k[..., None, :]
+    s_ref = proj @ (g.exp()[..., None] * s0) + beta[..., None, None] * k[..., :, None] * v[..., None, :]
+    o_ref = torch.einsum("bhkv,bhk->bhv", s_ref, q * k.shape[-1] ** -0.5)
+    torch.testing.assert_close(s, s_ref)
+    torch.testing.assert_close(o, o_ref)
+
+
+def test_chunk_size_does_not_change_result():
+    xs, s0 = make_inputs(77, torch.float64, with_state=True)
+    ref = kda_chunked(*xs, initial_state=s0, chunk_size=64)[0]
+    for cs in (8, 16, 32, 128):
+        assert rel_err(kda_chunked(*xs, initial_state=s0, chunk_size=cs)[0], ref) < 1e-10
+
+
+def test_dispatch_on_cpu_uses_chunked_and_single_step():
+    xs, s0 = make_inputs(40, torch.float64, with_state=True)
+    o, s = kda(*xs, initial_state=s0, output_final_state=True)
+    o_ref, s_ref = kda_recurrent(*xs, initial_state=s0, output_final_state=True)
+    assert rel_err(o, o_ref) < 1e-10 and rel_err(s, s_ref) < 1e-10
+    one = [x[:, :1] for x in xs]
+    torch.testing.assert_close(kda(*one, initial_state=s0)[0], kda_recurrent(*one, initial_state=s0)[0])
+    with pytest.raises(ValueError, match="backend"):
+        kda(*xs, backend="triton")
+
+
+def test_streaming_state_equals_full_pass():
+    """Feeding a sequence in pieces, carrying the state, gives the full pass exactly."""
+    xs, _ = make_inputs(150, torch.float64)
+    o_full, s_full = kda_chunked(*xs, output_final_state=True)
+    state, outs = None, []
+    for lo, hi in ((0, 1), (1, 70), (70, 71), (71, 150)):
+        o, state = kda_chunked(*(x[:, lo:hi] for x in xs), initial_state=state, output_final_state=True)
+        outs.append(o)
+    assert rel_err(torch.cat(outs, 1), o_full) < 1e-10 and rel_err(state, s_full) < 1e-10
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (lambda xs: (xs[0][0],) + tuple(xs[1:]), r"q has shape \(5, 2, 16\), expected rank 4"),
+    (lambda xs: (xs[0], xs[1][..., :8]) + tuple(xs[2:]), r"k has shape \(2, 5, 2, 8\), expected \(2, 5, 2, 16\)"),
+    (lambda xs: tuple(xs[:4]) + (xs[4][..., :1],), r"beta has shape \(2, 5, 1\), expected \(2, 5, 2\)"),
+    (lambda xs: tuple(xs[:3]) + (xs[3].abs(),) + (xs[4],), r"g must be a log-decay \(<= 0\)"),
+])
+def test_bad_input_names_the_tensor(bad, pattern):
+    xs, _ = make_inputs(5, torch.float32)
+    with pytest.raises(ValueError, match=pattern):
+        kda_chunked(*bad(xs))
+
+
+def test_bad_initial_state_and_fla_head_dim_limit():
+    xs, _ = make_inputs(5, torch.float32)
+    with pytest.raises(ValueError, match=r"initial_state has shape \(2, 2, 16\), expected \(2, 2, 16, 12\)"):
+        kda_recurrent(*xs, initial_state=torch.zeros(2, 2, 16))
+    big, _ = make_inputs(2, torch.float32, K=300, V=4)
+    with pytest.raises(ValueError, match="head dim <= 256 on the fla path"):
+        check_kda_inputs(*big, max_head_dim=256)

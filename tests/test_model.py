@@ -1,0 +1,127 @@
+"""The hybrid LM: causality, streaming decode = full pass, sampling, sizes and config errors."""
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from hatchling.model import ModelConfig, build_model
+from hatchling.model.generate import sample_next
+from hatchling.model.kda_layer import CausalConv1d, KDALayer
+
+SMALL = dict(size="toddler", vocab_size=97, d_model=32, n_heads=2, head_dim=16, mlp_hidden=64,
+             n_layers=4, chunk_size=16)
+
+
+def small_model(**over):
+    torch.manual_seed(0)
+    return build_model({**SMALL, **over}).eval()
+
+
+def test_layer_pattern_is_three_kda_to_one_attention():
+    assert ModelConfig(n_layers=8).layer_kinds() == ["kda", "kda", "kda", "attn"] * 2
+    assert ModelConfig(n_layers=3, attn_every=0).layer_kinds() == ["kda"] * 3
+    model = small_model()
+    assert [b.kind for b in model.blocks] == ["kda", "kda", "kda", "attn"]
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_lm_head_is_tied_to_embedding():
+    model = small_model()
+    x = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        model.embed.weight[7].zero_()
+    assert torch.all(model(x)[..., 7] == 0)
+
+
+def test_causal_conv_never_sees_the_future():
+    conv = CausalConv1d(6, 4)
+    x = torch.randn(2, 20, 6)
+    y = conv(x)
+    x2 = x.clone()
+    x2[:, 11:] = torch.randn(2, 9, 6)
+    assert torch.equal(conv(x2)[:, :11], y[:, :11])
+    assert not torch.allclose(conv(x2)[:, 11:], y[:, 11:])
+
+
+@pytest.mark.parametrize("t", [0, 7, 31])
+def test_kda_layer_and_model_are_causal(t):
+    torch.manual_seed(1)
+    layer = KDALayer(ModelConfig(**SMALL)).double()
+    x = torch.randn(2, 40, 32, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, t + 1:] += torch.randn_like(x2[:, t + 1:])
+    assert torch.allclose(layer(x)[:, :t + 1], layer(x2)[:, :t + 1], atol=1e-12, rtol=0)
+
+    model = small_model().double()
+    ids = torch.randint(0, 97, (2, 40))
+    ids2 = ids.clone()
+    ids2[:, t + 1:] = torch.randint(0, 97, (2, 39 - t))
+    a, b = model(ids), model(ids2)
+    assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-12, rtol=0)
+    assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+@pytest.mark.parametrize("prompt_len", [5, 16, 40])
+def test_streaming_decode_equals_full_forward(prompt_len):
+    """Prefill a prompt (shorter or longer than a 16-token chunk), then one token at a time."""
+    model = small_model()
+    ids = torch.randint(0, 97, (2, prompt_len + 30))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_cache()
+        parts = [model(ids[:, :prompt_len], cache)]
+        parts += [model(ids[:, t:t + 1], cache) for t in range(prompt_len, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_kda_cache_is_constant_size_and_kv_cache_grows():
+    model = small_model()
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 10)), cache)
+        sizes = [sum(t.numel() for t in c.values()) for c in cache]
+        model(torch.randint(0, 97, (1, 50)), cache)
+        sizes2 = [sum(t.numel() for t in c.values()) for c in cache]
+    assert sizes[:3] == sizes2[:3]                     # KDA layers: conv + recurrent state
+    assert sizes2[3] == sizes[3] * 6                   # attention: KV for 60 tokens vs 10
+    assert cache[3]["k"].shape[1] == 1                 # one KV head (multi-query)
+
+
+def test_generate_greedy_matches_argmax_of_full_pass_and_seeds_repeat():
+    model = small_model()
+    prompt = torch.randint(0, 97, (2, 9))
+    out = model.generate(prompt, 12)
+    assert out.shape == (2, 21) and torch.equal(out[:, :9], prompt)
+    with torch.no_grad():
+        logits = model(out[:, :-1])
+    assert torch.equal(logits[:, 8:].argmax(-1), out[:, 9:])
+    a = model.generate(prompt, 12, temperature=1.0, top_k=20, top_p=0.9, seed=5)
+    b = model.generate(prompt, 12, temperature=1.0, top_k=20, top_p=0.9, seed=5)
+    c = model.generate(prompt, 12, temperature=1.0, top_k=20, top_p=0.9, seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    streamed = torch.stack(list(model.stream(prompt, 12)), 1)
+    assert torch.equal(streamed, out[:, 9:])
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    gen = torch.Generator().manual_seed(0)
+    seen_k = {int(sample_next(logits, 1.0, 2, None, gen)) for _ in range(200)}
+    seen_p = {int(sample_next(logits, 1.0, None, 0.75, gen)) for _ in range(200)}
+    assert seen_k == {0, 1} and seen_p == {0, 1}
+    assert int(sample_next(logits, 0.0, None, None, gen)) == 0
+
+
+def test_named_sizes_and_overrides():
+    assert ModelConfig(size="xs").d_model == 512
+    assert ModelConfig(size="xs", n_layers=6).n_layers == 6
+    n_xs = build_model({"size": "xs", "vocab_size": 32768}).num_params()
+    assert 35e6 < n_xs < 45e6
+
+
+@pytest.mark.parametrize("bad, field", [({"n_heads": 3, "n_kv_heads": 2}, "n_kv_heads"),
+                                        ({"d_model": 0}, "d_model"), ({"widht": 3}, "widht"),
+                                        ({"size": "huge"}, "size")])
+def test_bad_model_config_is_rejected(bad, field):
+    with pytest.raises(ValidationError, match=field):
+        ModelConfig(**bad)
