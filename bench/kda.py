@@ -43,7 +43,8 @@ def inputs(B, T, H, D, device, dtype):
     v = torch.randn(B, T, H, D, generator=gen)
     g = F.logsigmoid(torch.randn(B, T, H, D, generator=gen) * 3)
     beta = torch.rand(B, T, H, generator=gen)
-    return [x.to(device=device, dtype=dtype if x is not g else torch.float32).requires_grad_() for x in (q, k, v, g, beta)]
+    cast = [x.to(device=device, dtype=dtype) for x in (q, k, v)] + [x.to(device) for x in (g, beta)]
+    return [x.requires_grad_() for x in cast]
 
 
 def time_fwd_bwd(fn, xs, repeats: int, device: str) -> float:

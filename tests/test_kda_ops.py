@@ -4,8 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hatchling.model.kda import (SAFE_SPAN, check_kda_inputs, intra_chunk_scores, kda, kda_chunked,
-                                 kda_recurrent, kda_step)
+from hatchling.model.kda import (
+    SAFE_SPAN,
+    check_kda_inputs,
+    intra_chunk_scores,
+    kda,
+    kda_chunked,
+    kda_recurrent,
+    kda_step,
+)
 
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 
@@ -42,7 +49,7 @@ def test_chunked_matches_recurrent_outputs_state_and_grads(dtype, T, with_state)
     tol = TOL[dtype]
     assert rel_err(o, o_ref) < tol
     assert rel_err(s, s_ref) < tol
-    for name, a, b in zip("q k v g beta".split(), grads, g_ref):
+    for name, a, b in zip("q k v g beta".split(), grads, g_ref, strict=False):
         assert rel_err(a, b) < tol, name
 
 
@@ -60,7 +67,7 @@ def test_both_intra_chunk_regimes_match_reference(gate_scale):
 def test_intra_chunk_scores_against_pairwise_definition():
     gen = torch.Generator().manual_seed(1)
     C, K = 64, 8
-    q, k = torch.randn(3, C, K, generator=gen, dtype=torch.float64), torch.randn(3, C, K, generator=gen, dtype=torch.float64)
+    q, k = (torch.randn(3, C, K, generator=gen, dtype=torch.float64) for _ in range(2))
     G = F.logsigmoid(torch.randn(3, C, K, generator=gen, dtype=torch.float64)).cumsum(1)
     D = (G[:, :, None, :] - G[:, None, :, :]).clamp(max=0).exp()
     qk_ref = torch.einsum("brk,brsk,bsk->brs", q, D, k).tril()

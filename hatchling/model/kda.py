@@ -205,7 +205,7 @@ def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_s
     b = k_to_end.transpose(-1, -2) @ U                                   # [B,H,N,K,V]
 
     starts = []
-    for M_n, b_n in zip(M.unbind(2), b.unbind(2)):  # the only sequential part: S_{n+1} = M_n S_n + b_n
+    for M_n, b_n in zip(M.unbind(2), b.unbind(2), strict=False):  # the only sequential part: S_{n+1} = M_n S_n + b_n
         starts.append(state)
         state = torch.baddbmm(b_n.flatten(0, 1), M_n.flatten(0, 1), state.flatten(0, 1)).view_as(b_n)
     S = torch.stack(starts, dim=2)                                      # [B,H,N,K,V]

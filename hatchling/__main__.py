@@ -1,0 +1,5 @@
+import sys
+
+from hatchling.cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""`hatchling` command line: run a stage, list stages, keep dvc.yaml in step with the registry.
+
+    hatchling run STAGE [--params params.yaml] [--set a.b=value ...]
+    hatchling run pretrain --overfit-one-batch
+    hatchling stages
+    hatchling dvc-yaml [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hatchling.config import ConfigError, load_params
+from hatchling.stages import STAGES, StageError, dvc_yaml_text, run_stage, upstream
+
+
+def _run(args) -> int:
+    params = load_params(args.params, args.set)           # bad params fail here, before any work
+    if args.overfit_one_batch:
+        if args.stage != "pretrain":
+            raise StageError("--overfit-one-batch applies to the pretrain stage only")
+        return _overfit(params, args.overfit_steps)
+    metrics = run_stage(args.stage, params, Path("."))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _overfit(params, steps: int) -> int:
+    """The smoke check: the loss on one frozen batch must fall below a bound."""
+    import torch
+
+    from hatchling.data.packed import load_split
+    from hatchling.model import build_model
+    from hatchling.train.loop import overfit_one_batch, sample_batch
+
+    data = load_split("data/tokenized", "train")
+    meta = json.loads(Path("data/tokenized/meta.json").read_text())
+    torch.manual_seed(params.pretrain.seed)
+    model = build_model(params.model.model_copy(update={"vocab_size": meta["vocab_size"]}))
+    batch = sample_batch(data, min(params.pretrain.batch_size, 4), min(params.pretrain.seq_len, 64), 0, "cpu")
+    losses = overfit_one_batch(model, batch, steps, lr=3e-3)
+    bound = 0.5
+    print(f"overfit one batch: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {steps} steps (bound {bound})")
+    return 0 if losses[-1] < bound else 1
+
+
+def _stages(args) -> int:
+    for s in STAGES:
+        ups = ", ".join(upstream(s)) or "-"
+        print(f"{s.name:10} after: {ups:10} params: {', '.join(s.params):16} outs: {', '.join(s.outs)}")
+    return 0
+
+
+def _dvc_yaml(args) -> int:
+    text = dvc_yaml_text()
+    path = Path(args.path)
+    if args.check:
+        if not path.is_file() or path.read_text() != text:
+            print(f"{path} is out of date with hatchling/stages.py: run `hatchling dvc-yaml`", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(text)
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hatchling", description="Baby-Hatchling: tiny hybrid LM pipeline")
+    sub = ap.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one pipeline stage")
+    run.add_argument("stage", choices=[s.name for s in STAGES])
+    run.add_argument("--params", default="params.yaml")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a param, e.g. --set pretrain.lr=3e-4 (repeatable)")
+    run.add_argument("--overfit-one-batch", action="store_true", help="smoke check: fit one frozen batch")
+    run.add_argument("--overfit-steps", type=int, default=150)
+    run.set_defaults(func=_run)
+    sub.add_parser("stages", help="list the stages").set_defaults(func=_stages)
+    dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage registry")
+    dvc.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is not current")
+    dvc.add_argument("--path", default="dvc.yaml")
+    dvc.set_defaults(func=_dvc_yaml)
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, StageError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

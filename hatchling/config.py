@@ -1,0 +1,139 @@
+"""params.yaml: one validated config for every stage.
+
+``load_params(path, overrides)`` reads the YAML, applies ``a.b=value`` overrides (the syntax of
+``dvc exp run -S``; values are parsed as YAML) and validates the result against :class:`Params`.
+Anything wrong - an unknown key, a wrong type, a value out of range - raises one
+:class:`ConfigError` naming the dotted key, the value and what was expected, before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hatchling.model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not fit the schema."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusParams(Section):
+    """Interim offline corpus: plain-text pydoc pages of standard-library modules (PSF-licensed)."""
+
+    modules: list[str] = Field(min_length=1)
+    docs_per_shard: int = Field(64, ge=1)
+
+
+class TokenizeParams(Section):
+    input: str = Field("data/corpus", description="a directory or glob of JSONL shards / .txt files")
+    vocab_size: int = Field(4096, ge=300, le=1 << 20)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    min_frequency: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class PretrainParams(Section):
+    seed: int = 1337
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    lr: float = Field(3e-3, gt=0, le=1)
+    muon_lr: float = Field(0.02, gt=0, le=1, description="lr of the Muon matrices (muon only)")
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = Field(20, ge=0)
+    max_steps: int = Field(300, ge=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    seq_len: int = Field(128, ge=2)
+    seq_len_curriculum: list[tuple[int, int]] = Field(
+        default_factory=list, description="[[step, seq_len], ...]: from that step on, train at that length")
+    grad_clip: float = Field(1.0, ge=0)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    early_stopping_patience: int = Field(0, ge=0, description="evals without val improvement; 0 = off")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check_curriculum(self):
+        steps = [s for s, _ in self.seq_len_curriculum]
+        if steps != sorted(steps) or any(length < 2 for _, length in self.seq_len_curriculum):
+            raise ValueError("seq_len_curriculum must be [[step, seq_len>=2], ...] with increasing steps")
+        return self
+
+
+class Params(Section):
+    corpus: CorpusParams
+    tokenize: TokenizeParams = TokenizeParams()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainParams = PretrainParams()
+
+    def section(self, name: str) -> dict:
+        return getattr(self, name).model_dump(mode="json")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        if not isinstance(node.get(key, {}), dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(keys[:i + 1])} is not a section")
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", parsed value); the value is read as YAML (so 3e-4, true, [1, 2])."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. pretrain.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse {raw!r} as a value ({e.problem})") from None
+    return key.strip(), value
+
+
+def _describe(error: dict, source: str) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    value = error.get("input")
+    if error["type"] == "extra_forbidden":
+        return f"{source}: {key} = {value!r}: unknown key"
+    if error["type"] == "missing":
+        return f"{source}: {key}: required key is missing"
+    return f"{source}: {key} = {value!r}: {error['msg']}"
+
+
+def validate_params(tree: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        message = _describe(errors[0], source)
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more: " + "; ".join(_describe(x, source) for x in errors[1:]) + ")"
+        raise ConfigError(message) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
+    path = Path(path)
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such params file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    return validate_params(tree, source=str(path))

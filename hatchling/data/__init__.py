@@ -1,0 +1,1 @@
+"""Data tools: corpora, tokenizer, packed token files."""

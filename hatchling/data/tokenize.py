@@ -1,0 +1,62 @@
+"""Stage `tokenize`: train the BPE on the training documents and pack train/val token files.
+
+The split is by document (a document's hash decides, so adding documents never moves old ones)
+and the tokenizer sees only training documents, so validation text is never leaked into merges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from hatchling.data.corpus import iter_documents
+from hatchling.data.packed import pack, token_dtype
+from hatchling.data.tokenizer import EOT, train_tokenizer
+from hatchling.io import atomic_path
+
+OUT_DIR = Path("data/tokenized")
+
+
+def is_validation(doc_key: str, fraction: float, seed: int) -> bool:
+    digest = hashlib.sha256(f"{seed}:{doc_key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def split_documents(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    train, val = [], []
+    for text in texts:
+        (val if is_validation(hashlib.sha1(text.encode()).hexdigest(), fraction, seed) else train).append(text)
+    if not val or not train:                         # tiny corpora: still one document on each side
+        if len(texts) < 2:
+            raise ValueError(f"need at least 2 documents to split train/val, got {len(texts)}")
+        train, val = texts[:-1], texts[-1:]
+    return train, val
+
+
+def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
+    p = params.tokenize
+    t0 = time.perf_counter()
+    spec = p.input if Path(p.input).is_absolute() else root / p.input
+    texts = [d["text"] for d in iter_documents(spec) if d["text"].strip()]
+    train, val = split_documents(texts, p.val_fraction, p.seed)
+    tok = train_tokenizer(train, p.vocab_size, p.min_frequency)
+    eot = tok.token_to_id(EOT)
+    dtype = token_dtype(tok.get_vocab_size())
+    meta = {"dtype": dtype.__name__, "vocab_size": tok.get_vocab_size(), "eot_id": eot}
+    with atomic_path(root / OUT_DIR) as tmp:
+        tmp.mkdir()
+        tok.save(str(tmp / "tokenizer.json"))
+        meta["tokenizer_sha256"] = hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()
+        for split, docs in (("train", train), ("val", val)):
+            ids = pack([e.ids for e in tok.encode_batch(docs)], eot, dtype)
+            ids.tofile(tmp / f"{split}.bin")
+            meta[split] = {"documents": len(docs), "tokens": int(ids.size),
+                           "bytes": sum(len(d.encode("utf-8")) for d in docs)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
+    return {"vocab_size": meta["vocab_size"], "documents": len(texts),
+            "train_tokens": meta["train"]["tokens"], "val_tokens": meta["val"]["tokens"],
+            "bytes_per_token": round((meta["train"]["bytes"] + meta["val"]["bytes"]) / tokens, 4),
+            "seconds": round(time.perf_counter() - t0, 3)}

@@ -1,0 +1,147 @@
+"""The pipeline's stages, declared once.
+
+Each :class:`Stage` names its function, the params.yaml sections it reads, the data it reads
+(upstream stages' outputs), the code whose change invalidates it, its outputs, metrics file and
+plots. ``dvc.yaml`` is generated from this list (``hatchling dvc-yaml``; a test checks the file
+in the repo is current) and ``flows/pipeline.py`` builds the Prefect flow from it, so a stage
+added here shows up in both orchestrators and in MLflow with no second edit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from hatchling.config import Params, load_params
+from hatchling.io import atomic_write_json, hash_paths
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    entry: str                      # "module:function" with signature run(params, root, log) -> metrics
+    params: tuple[str, ...]         # params.yaml sections it reads
+    deps: tuple[str, ...]           # data it reads
+    code: tuple[str, ...]           # source whose change reruns it
+    outs: tuple[str, ...]
+    persist: tuple[str, ...] = ()   # outputs kept across reruns (resume checkpoints), not cached
+    plots: tuple[str, ...] = ()     # CSV logs with a `step` column
+    network: bool = False           # retried by the Prefect flow
+    description: str = ""
+
+    @property
+    def metrics(self) -> str:
+        return f"reports/{self.name}.json"
+
+    def function(self):
+        module, func = self.entry.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("corpus", "hatchling.data.corpus:run", params=("corpus",), deps=(),
+          code=("hatchling/data/corpus.py", "hatchling/io.py"), outs=("data/corpus",),
+          description="offline default corpus: pydoc pages of standard-library modules"),
+    Stage("tokenize", "hatchling.data.tokenize:run", params=("tokenize",), deps=("data/corpus",),
+          code=("hatchling/data",), outs=("data/tokenized",),
+          description="train byte-level BPE, pack train/val token files"),
+    Stage("pretrain", "hatchling.train.pretrain:run", params=("model", "pretrain"), deps=("data/tokenized",),
+          code=("hatchling/model", "hatchling/train"), outs=("checkpoints/pretrain",),
+          persist=("checkpoints/pretrain-run",), plots=("logs/pretrain.csv",),
+          description="next-token pretraining of the hybrid LM"),
+)
+
+
+class StageError(RuntimeError):
+    """A stage that cannot run (unknown name, missing inputs)."""
+
+
+def get_stage(name: str) -> Stage:
+    for stage in STAGES:
+        if stage.name == name:
+            return stage
+    raise StageError(f"unknown stage {name!r}; stages are: {', '.join(s.name for s in STAGES)}")
+
+
+def upstream(stage: Stage) -> list[str]:
+    """Names of the stages whose outputs this stage reads."""
+    return [s.name for s in STAGES if set(s.outs) & set(stage.deps)]
+
+
+def topological_order() -> list[Stage]:
+    done: list[Stage] = []
+    pending = list(STAGES)
+    while pending:
+        ready = [s for s in pending if all(u in {d.name for d in done} for u in upstream(s))]
+        if not ready:
+            raise StageError("stage graph has a cycle: " + ", ".join(s.name for s in pending))
+        done += ready
+        pending = [s for s in pending if s not in ready]
+    return done
+
+
+def dvc_yaml() -> dict:
+    """The dvc.yaml document for the registry."""
+    stages = {}
+    for s in STAGES:
+        entry: dict = {"cmd": f"hatchling run {s.name}", "deps": [*s.deps, *s.code], "params": list(s.params),
+                       "outs": [*s.outs, *({p: {"persist": True, "cache": False}} for p in s.persist)],
+                       "metrics": [{s.metrics: {"cache": False}}]}
+        if s.plots:
+            entry["plots"] = [{p: {"cache": False}} for p in s.plots]
+        if s.description:
+            entry["desc"] = s.description
+        stages[s.name] = entry
+    plots = [{p: {"x": "step", "y": ["train_loss", "val_loss"]}} for s in STAGES for p in s.plots]
+    return {"stages": stages, "plots": plots}
+
+
+def dvc_yaml_text() -> str:
+    header = "# Generated from hatchling/stages.py by `hatchling dvc-yaml`: edit the registry, not this file.\n"
+    return header + yaml.safe_dump(dvc_yaml(), sort_keys=False)
+
+
+def input_hash(stage: Stage, root: Path) -> str:
+    return hash_paths(root / d for d in stage.deps)
+
+
+def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
+              params_path: str | Path = "params.yaml", overrides: list[str] = ()) -> dict:
+    """Run one stage: validate params and inputs first, track it in MLflow, write its report."""
+    from hatchling.tracking import StageRun
+
+    stage = get_stage(name)
+    root = Path(root)
+    if params is None:
+        params = load_params(root / params_path if not Path(params_path).is_absolute() else params_path, overrides)
+    for dep in stage.deps:
+        if not (root / dep).exists():
+            producer = next((s.name for s in STAGES if dep in s.outs), None)
+            hint = f" (output of stage {producer}: run `hatchling run {producer}` first)" if producer else ""
+            raise StageError(f"stage {name} needs {dep}{hint}")
+    fn = stage.function()
+    sections = {sec: params.section(sec) for sec in stage.params}
+    run = StageRun(name, sections, {"hatchling.input_hash": input_hash(stage, root)}, root)
+    try:
+        metrics = fn(params, root, run.log_metrics)
+    except BaseException:
+        run.end("FAILED")
+        raise
+    atomic_write_json(root / stage.metrics, metrics)
+    run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                    step=int(metrics.get("steps", 0) or 0))
+    for path in (stage.metrics, *stage.plots):
+        run.log_artifact(root / path)
+    for out in stage.outs:
+        sidecar = root / out / "model.json"
+        run.log_artifact(sidecar)
+    run.end()
+    return metrics
+
+
+def report(name: str, root: Path = Path(".")) -> dict:
+    return json.loads((Path(root) / get_stage(name).metrics).read_text())

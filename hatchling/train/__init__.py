@@ -1,0 +1,1 @@
+"""Training: the shared loop (pretrain, and later SFT and RL), checkpoints, optimizers."""

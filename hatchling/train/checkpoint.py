@@ -1,0 +1,59 @@
+"""Checkpoints: safetensors weights + a JSON sidecar (model config, tokenizer hash, step, data hash).
+
+A model checkpoint loads in a fresh process with nothing but these two files. The training
+checkpoint adds optimizer and RNG state (trainer.pt) so a killed run resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hatchling.io import atomic_path
+from hatchling.model import HatchlingLM, build_model
+
+WEIGHTS, SIDECAR, TRAINER = "model.safetensors", "model.json", "trainer.pt"
+
+
+def _state_dict(model: torch.nn.Module) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_model(model: HatchlingLM, directory: str | Path, sidecar: dict, trainer_state: dict | None = None) -> None:
+    """Write weights, sidecar (and trainer state) into `directory`, replacing it atomically."""
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        save_file(_state_dict(model), str(tmp / WEIGHTS))
+        meta = {"model_config": model.config.model_dump(mode="json"), **sidecar}
+        (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER)
+
+
+def read_sidecar(directory: str | Path) -> dict:
+    path = Path(directory) / SIDECAR
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {directory} (missing {SIDECAR})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"corrupted checkpoint sidecar {path}: {e.msg}") from None
+
+
+def load_model(directory: str | Path, device: str = "cpu") -> tuple[HatchlingLM, dict]:
+    """(model, sidecar) from a checkpoint directory; clear errors for a missing or corrupted one."""
+    meta = read_sidecar(directory)
+    model = build_model(meta["model_config"])
+    try:
+        weights = load_file(str(Path(directory) / WEIGHTS), device=device)
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"corrupted checkpoint weights in {directory}: {e}") from None
+    model.load_state_dict(weights)
+    return model.to(device), meta
+
+
+def load_trainer_state(directory: str | Path) -> dict:
+    return torch.load(Path(directory) / TRAINER, weights_only=True)

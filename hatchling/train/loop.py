@@ -1,0 +1,207 @@
+"""The shared training loop: next-token loss on packed tokens, with everything a run needs.
+
+Determinism is by construction: the batch of step s is drawn from a generator seeded with
+(seed, s), the LR is a pure function of s, and a checkpoint holds weights, optimizer and RNG
+state. So a run killed at any moment and resumed from its last checkpoint ends with exactly the
+weights of an uninterrupted run (on CPU, where kernels are deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hatchling.io import atomic_write_text
+from hatchling.train.checkpoint import load_trainer_state, read_sidecar, save_model
+from hatchling.train.optim import build_optimizers, lr_multiplier, set_lr
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def seq_len_at(step: int, base: int, curriculum: list[tuple[int, int]]) -> int:
+    length = base
+    for start, value in curriculum:
+        if step >= start:
+            length = value
+    return length
+
+
+def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, device):
+    """(inputs, targets) [B, seq_len] from random windows; the same seed always gives the same batch."""
+    if len(data) < seq_len + 2:
+        raise ValueError(f"token file has {len(data)} tokens, fewer than seq_len+2 = {seq_len + 2}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen).tolist()
+    window = torch.from_numpy(np.stack([np.asarray(data[s:s + seq_len + 1], dtype=np.int64) for s in starts]))
+    return window[:, :-1].to(device), window[:, 1:].to(device)
+
+
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(x)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+class Trainer:
+    """Trains `model` on packed token arrays; checkpoints to `run_dir`, final weights to `out_dir`."""
+
+    def __init__(self, model, params, train_data: np.ndarray, val_data: np.ndarray, *,
+                 run_dir: Path, out_dir: Path, sidecar: dict, val_tokens_per_byte: float,
+                 log: Callable[[dict, int], None] = lambda metrics, step: None,
+                 csv_path: Path | None = None, fingerprint: str = ""):
+        self.p = params
+        self.device = resolve_device(params.device)
+        self.model = model.to(self.device)
+        self.train_data, self.val_data = train_data, val_data
+        self.run_dir, self.out_dir, self.csv_path = Path(run_dir), Path(out_dir), csv_path
+        self.sidecar, self.fingerprint = sidecar, fingerprint
+        self.val_tokens_per_byte = val_tokens_per_byte
+        self.log = log
+        self.optimizers = build_optimizers(self.model, params)
+        self.step = 0
+        self.best_val = math.inf
+        self.stale_evals = 0
+        self.history: list[dict] = []
+        self.tokens_seen = 0
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "best_val": self.best_val, "stale_evals": self.stale_evals,
+                "history": self.history, "tokens_seen": self.tokens_seen, "fingerprint": self.fingerprint,
+                "optimizers": [opt.state_dict() for opt in self.optimizers],
+                "torch_rng": torch.get_rng_state()}
+
+    def save_checkpoint(self) -> None:
+        save_model(self.model, self.run_dir, {**self.sidecar, "step": self.step}, self._trainer_state())
+
+    def try_resume(self) -> bool:
+        """Continue from run_dir if it holds a checkpoint of this very run (same fingerprint)."""
+        try:
+            state = load_trainer_state(self.run_dir)
+            read_sidecar(self.run_dir)
+        except (FileNotFoundError, RuntimeError, ValueError):
+            return False
+        if state.get("fingerprint") != self.fingerprint:
+            return False
+        from safetensors.torch import load_file
+
+        self.model.load_state_dict(load_file(str(self.run_dir / "model.safetensors"), device=str(self.device)))
+        for opt, sd in zip(self.optimizers, state["optimizers"], strict=False):
+            opt.load_state_dict(sd)
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.best_val = state["step"], state["best_val"]
+        self.stale_evals, self.history = state["stale_evals"], state["history"]
+        self.tokens_seen = state["tokens_seen"]
+        return True
+
+    # -- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        losses = []
+        length = min(self.p.seq_len, len(self.val_data) - 2)
+        for i in range(self.p.eval_batches):
+            x, y = sample_batch(self.val_data, self.p.batch_size, length, 10**9 + i, self.device)
+            with self.autocast or contextlib.nullcontext():
+                losses.append(lm_loss(self.model, x, y).item())
+        self.model.train()
+        val_loss = float(np.mean(losses))
+        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * self.val_tokens_per_byte}
+
+    def _write_csv(self) -> None:
+        if self.csv_path is None or not self.history:
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(self.history[-1]))
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.csv_path, buf.getvalue())
+
+    # -- training -----------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float]:
+        p = self.p
+        mult = lr_multiplier(self.step, p.warmup_steps, p.max_steps, p.min_lr_ratio)
+        set_lr(self.optimizers, mult)
+        length = seq_len_at(self.step, p.seq_len, p.seq_len_curriculum)
+        total = 0.0
+        for micro in range(p.grad_accum):
+            x, y = sample_batch(self.train_data, p.batch_size, length,
+                                (p.seed * 1_000_003 + self.step) * 64 + micro, self.device)
+            with self.autocast or contextlib.nullcontext():
+                loss = lm_loss(self.model, x, y) / p.grad_accum
+            loss.backward()
+            total += loss.item()
+            self.tokens_seen += y.numel()
+        if p.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.grad_clip)
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return total, p.lr * mult
+
+    def fit(self) -> dict:
+        p = self.p
+        resumed_from = self.step if self.try_resume() else None
+        self.model.train()
+        t0 = time.perf_counter()
+        bar = tqdm(total=p.max_steps, initial=self.step, disable=not p.progress, desc="train", unit="step",
+                   mininterval=1.0 if sys.stderr.isatty() else 15.0)
+        stopped_early = False
+        train_loss = float("nan")
+        while self.step < p.max_steps and not stopped_early:
+            train_loss, lr = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{train_loss:.3f}")
+            length = seq_len_at(self.step - 1, p.seq_len, p.seq_len_curriculum)
+            self.log({"train_loss": train_loss, "lr": lr, "seq_len": length}, self.step)
+            if self.step % p.eval_every == 0 or self.step == p.max_steps:
+                metrics = self.evaluate()
+                row = {"step": self.step, "train_loss": round(train_loss, 5), "lr": lr, "seq_len": length,
+                       "val_loss": round(metrics["val_loss"], 5), "val_bpb": round(metrics["val_bpb"], 5),
+                       "tokens": self.tokens_seen}
+                self.history.append(row)
+                self.log(metrics, self.step)
+                self._write_csv()
+                if metrics["val_loss"] < self.best_val - 1e-6:
+                    self.best_val, self.stale_evals = metrics["val_loss"], 0
+                else:
+                    self.stale_evals += 1
+                    stopped_early = 0 < p.early_stopping_patience <= self.stale_evals
+            if self.step % p.checkpoint_every == 0 or self.step == p.max_steps or stopped_early:
+                self.save_checkpoint()
+        bar.close()
+        final = self.history[-1] if self.history else self.evaluate()
+        save_model(self.model, self.out_dir, {**self.sidecar, "step": self.step})
+        return {"steps": self.step, "final_train_loss": train_loss, "val_loss": final["val_loss"],
+                "val_bpb": final["val_bpb"], "best_val_loss": self.best_val, "stopped_early": stopped_early,
+                "resumed_from_step": resumed_from, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def overfit_one_batch(model, batch: tuple[torch.Tensor, torch.Tensor], steps: int, lr: float) -> list[float]:
+    """Train on one frozen batch; a correctly wired model drives the loss towards zero."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = lm_loss(model, *batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses

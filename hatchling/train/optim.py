@@ -1,0 +1,49 @@
+"""Optimizers and the learning-rate schedule.
+
+AdamW decays only matrices (not norms, biases or the KDA decay parameters). Muon orthogonalises
+the updates of the blocks' weight matrices; embeddings and everything 1-D stay on AdamW.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    return p.dim() < 2 or getattr(p, "_no_weight_decay", False)
+
+
+def build_optimizers(model: torch.nn.Module, p) -> list[torch.optim.Optimizer]:
+    """p: PretrainParams-like (optimizer, lr, muon_lr, weight_decay, betas). Returns 1 or 2 optimizers."""
+    named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+    fused = all(q.is_cuda for _, q in named)
+    muon = []
+    if p.optimizer == "muon":
+        muon = [q for n, q in named if q.dim() == 2 and n.startswith("blocks.")]
+    muon_ids = {id(q) for q in muon}
+    rest = [(n, q) for n, q in named if id(q) not in muon_ids]
+    groups = [{"params": [q for n, q in rest if not _no_decay(n, q)], "weight_decay": p.weight_decay},
+              {"params": [q for n, q in rest if _no_decay(n, q)], "weight_decay": 0.0}]
+    opts = [torch.optim.AdamW(groups, lr=p.lr, betas=tuple(p.betas), fused=fused or None)]
+    if muon:
+        opts.append(torch.optim.Muon(muon, lr=p.muon_lr, weight_decay=p.weight_decay))
+    for opt in opts:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return opts
+
+
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine decay to min_ratio at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * multiplier

@@ -1,0 +1,73 @@
+"""params.yaml validation: each kind of bad value gets one clear error, before any work."""
+
+import pytest
+import yaml
+
+from hatchling.config import ConfigError, load_params, parse_override
+from tests.conftest import REPO, TINY_PARAMS, hatchling_cmd, run_cmd, write_params
+
+
+def test_repo_params_are_valid_and_are_the_toddler_run():
+    p = load_params(REPO / "params.yaml")
+    assert p.model.size == "toddler" and p.model.attn_every == 4
+    assert p.pretrain.optimizer in ("adamw", "muon")
+
+
+def test_overrides_use_dvc_syntax_and_yaml_values(tmp_path):
+    write_params(tmp_path, TINY_PARAMS)
+    p = load_params(tmp_path / "params.yaml", ["pretrain.lr=3e-4", "model.n_layers=8",
+                                               "pretrain.seq_len_curriculum=[[0, 16], [4, 32]]"])
+    assert p.pretrain.lr == 3e-4 and p.model.n_layers == 8
+    assert p.pretrain.seq_len_curriculum == [(0, 16), (4, 32)]
+    assert parse_override("a.b=true") == ("a.b", True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pretrain.lrr=0.1", "pretrain.lrr = 0.1: unknown key"),
+    ("pretrain.lr=fast", "pretrain.lr = 'fast': Input should be a valid number"),
+    ("pretrain.lr=-1", "pretrain.lr = -1: Input should be greater than 0"),
+    ("pretrain.batch_size=2.5", "pretrain.batch_size = 2.5: Input should be a valid integer"),
+    ("model.size=huge", "model.size = 'huge': Input should be 'toddler', 'xs' or 's'"),
+    ("tokenize.vocab_size=100", "tokenize.vocab_size = 100: Input should be greater than or equal to 300"),
+    ("pretrain.optimizer=sgd", "pretrain.optimizer = 'sgd': Input should be 'adamw' or 'muon'"),
+    ("bogus.section=1", "bogus = {'section': 1}: unknown key"),
+])
+def test_bad_values_name_key_value_and_expectation(tmp_path, override, message):
+    write_params(tmp_path, TINY_PARAMS)
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml", [override])
+    assert message in str(err.value)
+    assert str(err.value).startswith(str(tmp_path / "params.yaml"))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("pretrain: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override("pretrain.lr")
+
+
+def test_cli_rejects_bad_params_before_work_and_leaves_outputs(tokenized_project):
+    """A bad value stops `hatchling run` with exit 2 and one line, and no output changes."""
+    before = {p: p.read_bytes() for p in (tokenized_project / "data").rglob("*") if p.is_file()}
+    reports = sorted((tokenized_project / "reports").glob("*.json"))
+    report_bytes = [r.read_bytes() for r in reports]
+    proc = run_cmd(hatchling_cmd("run", "tokenize", "--set", "tokenize.vocab_size=ten"), tokenized_project,
+                   check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: params.yaml: tokenize.vocab_size = 'ten': "
+        "Input should be a valid integer, unable to parse string as an integer"]
+    after = {p: p.read_bytes() for p in (tokenized_project / "data").rglob("*") if p.is_file()}
+    assert after == before
+    assert [r.read_bytes() for r in reports] == report_bytes
+    assert not (tokenized_project / "checkpoints").exists()
+
+
+def test_params_file_in_repo_matches_schema_keys():
+    """Every section in params.yaml is one the schema knows (and none is missing)."""
+    tree = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert set(tree) == {"corpus", "tokenize", "model", "pretrain"}
