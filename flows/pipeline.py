@@ -34,9 +34,14 @@ def stage_cache_key(stage: Stage, params, root: Path) -> str:
     return f"{stage.name}-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def outputs_hash(stage: Stage, root: Path) -> str:
+    return hash_paths(root / o for o in stage.outs)
+
+
 def make_task(stage: Stage):
     def body(params_path: str, overrides: list[str], root: str, cache_key: str) -> dict:
-        return run_stage(stage.name, root=Path(root), params_path=params_path, overrides=overrides)
+        metrics = run_stage(stage.name, root=Path(root), params_path=params_path, overrides=overrides)
+        return {"metrics": metrics, "outputs": outputs_hash(stage, Path(root))}
 
     return task(body, name=stage.name, cache_key_fn=lambda ctx, args: args["cache_key"],
                 persist_result=True, retries=3 if stage.network else 0,
@@ -60,14 +65,19 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     results, status = {}, "FAILED"
     try:
         for stage in topological_order():
-            missing = [o for o in stage.outs if not (root_path / o).exists()]
             key = stage_cache_key(stage, params, root_path)
-            job = TASKS[stage.name].with_options(refresh_cache=bool(missing))
-            state = job(params_file, overrides, str(root_path), key, return_state=True)
-            results[stage.name] = state.result()           # raises if the stage failed
+            args = (params_file, overrides, str(root_path), key)
+            state = TASKS[stage.name](*args, return_state=True)
+            result = state.result()                          # raises if the stage failed
+            if state.name == "Cached" and result["outputs"] != outputs_hash(stage, root_path):
+                # served from cache, but its outputs were since changed or deleted: rebuild them
+                state = TASKS[stage.name].with_options(refresh_cache=True)(*args, return_state=True)
+                result = state.result()
             if state.name == "Cached":
                 tracking.record_cached(stage.name, root_path)
                 results[stage.name] = "cached"
+            else:
+                results[stage.name] = result["metrics"]
         status = "FINISHED"
     finally:
         mlf.set_terminated(parent, status)

@@ -197,19 +197,19 @@ def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_s
     A = KK * beta[..., None]
     rhs = beta[..., None] * torch.cat([k * eG, v], dim=-1)
     eye = torch.eye(C, dtype=dt, device=q.device)
-    wu = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)
-    W, U = wu[..., :K], wu[..., K:]                                     # U = U~ - W S_0
+    wu = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)  # [W | U~]
     last = G[..., -1:, :]                                               # [B, H, N, 1, K]
-    k_to_end = k * (last - G).exp()
-    M = torch.diag_embed(last.squeeze(-2).exp()) - k_to_end.transpose(-1, -2) @ W  # [B,H,N,K,K]
-    b = k_to_end.transpose(-1, -2) @ U                                   # [B,H,N,K,V]
+    k_to_end = (k * (last - G).exp()).transpose(-1, -2)
+    kw, b = (k_to_end @ wu).split([K, V], dim=-1)                       # [W | U~] share one matmul
+    M = torch.diag_embed(last.squeeze(-2).exp()) - kw                   # [B,H,N,K,K]
+    PW, PU = (P @ wu).split([K, V], dim=-1)
 
     starts = []
-    for M_n, b_n in zip(M.unbind(2), b.unbind(2), strict=False):  # the only sequential part: S_{n+1} = M_n S_n + b_n
+    for M_n, b_n in zip(M.unbind(2), b.unbind(2), strict=True):  # the sequential part: S_{n+1} = M_n S_n + b_n
         starts.append(state)
         state = torch.baddbmm(b_n.flatten(0, 1), M_n.flatten(0, 1), state.flatten(0, 1)).view_as(b_n)
     S = torch.stack(starts, dim=2)                                      # [B,H,N,K,V]
-    o = P @ U + (q * eG - P @ W) @ S
+    o = PU + (q * eG - PW) @ S                                          # P (U~ - W S) + (Q e^G) S
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
     return o.to(v.dtype), (state if output_final_state else None)
 

@@ -167,7 +167,7 @@ class Trainer:
         while self.step < p.max_steps and not stopped_early:
             train_loss, lr = self.train_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}")
+            bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
             length = seq_len_at(self.step - 1, p.seq_len, p.seq_len_curriculum)
             self.log({"train_loss": train_loss, "lr": lr, "seq_len": length}, self.step)
             if self.step % p.eval_every == 0 or self.step == p.max_steps:

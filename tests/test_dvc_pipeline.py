@@ -1,0 +1,105 @@
+"""The pipeline under real DVC (git repo, dvc repro / exp run / metrics / plots) and MLflow."""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from mlflow.tracking import MlflowClient
+
+from hatchling.stages import STAGES, dvc_yaml, topological_order, upstream
+from tests.conftest import REPO, TINY_PARAMS, hatchling_cmd, run_cmd, write_params
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def test_dvc_yaml_in_repo_is_generated_from_the_registry():
+    run_cmd(hatchling_cmd("dvc-yaml", "--check"), REPO)
+    on_disk = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert on_disk == dvc_yaml()
+    assert list(on_disk["stages"]) == [s.name for s in STAGES]
+    for s in STAGES:
+        entry = on_disk["stages"][s.name]
+        assert entry["cmd"] == f"hatchling run {s.name}" and entry["params"] == list(s.params)
+        for up in upstream(s):                       # every upstream output is a declared dep
+            assert set(next(x for x in STAGES if x.name == up).outs) <= set(entry["deps"])
+    assert [s.name for s in topological_order()] == ["corpus", "tokenize", "pretrain"]
+
+
+def test_dvc_yaml_check_fails_when_stale(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    proc = run_cmd(hatchling_cmd("dvc-yaml", "--check", "--path", str(tmp_path / "dvc.yaml")), tmp_path, check=False)
+    assert proc.returncode == 1 and "out of date" in proc.stderr
+
+
+def _mtimes(project: Path) -> dict:
+    return {s.name: (project / s.metrics).stat().st_mtime_ns for s in STAGES}
+
+
+def _runs(project: Path):
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hatchling")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
+    run_cmd(["git", "init", "-q"], project)
+    run_cmd(DVC + ["init", "-q"], project)
+    run_cmd(["git", "add", "-A"], project)
+    run_cmd(["git", "commit", "-qm", "init"], project)
+
+    run_cmd(DVC + ["repro"], project, timeout=600)
+    for s in STAGES:
+        assert (project / s.metrics).is_file(), s.name
+    assert (project / "checkpoints/pretrain/model.safetensors").is_file()
+
+    # MLflow: one parent run for this `dvc repro`, one child per stage, per-step metrics
+    client, runs = _runs(project)
+    parents = [r for r in runs if r.data.tags.get("hatchling.kind") == "pipeline"]
+    assert len(parents) == 1 and parents[0].data.tags["hatchling.pipeline_key"].startswith("dvc:")
+    children = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    assert set(children) == {s.name for s in STAGES}
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children.values())
+    pre = children["pretrain"]
+    history = client.get_metric_history(pre.info.run_id, "train_loss")
+    assert [m.step for m in history] == list(range(1, TINY_PARAMS["pretrain"]["max_steps"] + 1))
+    assert pre.data.params["pretrain.lr"] == "0.003" and pre.data.params["model.d_model"] == "32"
+    assert len(pre.data.tags["hatchling.input_hash"]) == 64 and pre.data.tags["hatchling.git_commit"] != "unknown"
+    artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)}
+    assert {"pretrain.json", "pretrain.csv", "model.json"} <= artifacts
+
+    # nothing changed: a no-op that runs no stage
+    before = _mtimes(project)
+    t0 = time.perf_counter()
+    proc = run_cmd(DVC + ["repro"], project)
+    noop_seconds = time.perf_counter() - t0
+    assert _mtimes(project) == before and "didn't change" in proc.stdout + proc.stderr
+    print(f"dvc repro no-op: {noop_seconds:.2f}s")
+
+    # one pretrain param changed: only pretrain reruns
+    params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "lr": 0.002}}
+    write_params(project, params)
+    run_cmd(DVC + ["repro"], project, timeout=600)
+    after = _mtimes(project)
+    assert after["corpus"] == before["corpus"] and after["tokenize"] == before["tokenize"]
+    assert after["pretrain"] != before["pretrain"]
+
+    metrics = json.loads(run_cmd(DVC + ["metrics", "show", "--json"], project).stdout)
+    flat = json.dumps(metrics)
+    assert "val_loss" in flat and "bytes_per_token" in flat
+    run_cmd(DVC + ["plots", "show", "-o", "plots_out"], project)
+    html = (project / "plots_out" / "index.html").read_text()
+    assert "train_loss" in html and "val_loss" in html
+
+    # an ablation as a DVC experiment
+    run_cmd(["git", "add", "-A"], project)
+    run_cmd(["git", "commit", "-qm", "baseline"], project)
+    run_cmd(DVC + ["exp", "run", "-S", "pretrain.max_steps=4"], project, timeout=600)
+    report = json.loads((project / "reports/pretrain.json").read_text())
+    assert report["steps"] == 4
+    shown = json.loads(run_cmd(DVC + ["exp", "show", "--json"], project).stdout)
+    baseline = next(r for r in shown if r["rev"] != "workspace")
+    exp = baseline["experiments"][0]["revs"][0]["data"]
+    assert exp["params"]["params.yaml"]["data"]["pretrain"]["max_steps"] == 4
+    assert exp["metrics"]["reports/pretrain.json"]["data"]["steps"] == 4
