@@ -4,6 +4,8 @@
     hatchling run pretrain --overfit-one-batch
     hatchling stages
     hatchling dvc-yaml [--check]
+    hatchling generate --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
+    hatchling chat --checkpoint DIR [same sampling options]
 """
 
 from __future__ import annotations
@@ -67,6 +69,12 @@ def _dvc_yaml(args) -> int:
     return 0
 
 
+def _inference(args) -> int:
+    from hatchling.inference import chat_cli, generate_cli
+
+    return generate_cli(args) if args.command == "generate" else chat_cli(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hatchling", description="Baby-Hatchling: tiny hybrid LM pipeline")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -83,6 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     dvc.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is not current")
     dvc.add_argument("--path", default="dvc.yaml")
     dvc.set_defaults(func=_dvc_yaml)
+    for name, help_text in (("generate", "stream a continuation of --prompt"), ("chat", "multi-turn chat")):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--checkpoint", required=True, help="a checkpoint directory (training or export)")
+        if name == "generate":
+            cmd.add_argument("--prompt", required=True)
+        else:
+            cmd.add_argument("--system", default="", help="an optional system message")
+        cmd.add_argument("--max-new-tokens", type=int, default=128)
+        cmd.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+        cmd.add_argument("--top-k", type=int, default=50)
+        cmd.add_argument("--top-p", type=float, default=0.95)
+        cmd.add_argument("--seed", type=int, default=None)
+        cmd.add_argument("--compute", choices=["fp32", "int8"], default="fp32",
+                         help="int8: keep an INT8 export's Linear weights int8 in memory")
+        cmd.set_defaults(func=_inference)
     args = ap.parse_args(argv)
     try:
         return args.func(args)

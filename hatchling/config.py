@@ -71,11 +71,23 @@ class PretrainParams(Section):
         return self
 
 
+class ExportParams(Section):
+    source: Literal["pretrain"] = Field("pretrain", description="the stage whose checkpoint is exported")
+    prompts: int = Field(8, ge=1, description="held-out prompts for greedy agreement")
+    prompt_len: int = Field(64, ge=1)
+    new_tokens: int = Field(32, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(128, ge=2)
+    latency_repeats: int = Field(3, ge=1)
+
+
 class Params(Section):
     corpus: CorpusParams
     tokenize: TokenizeParams = TokenizeParams()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainParams = PretrainParams()
+    export: ExportParams = ExportParams()
 
     def section(self, name: str) -> dict:
         return getattr(self, name).model_dump(mode="json")

@@ -53,6 +53,9 @@ STAGES: tuple[Stage, ...] = (
           code=("hatchling/model", "hatchling/train"), outs=("checkpoints/pretrain",),
           persist=("checkpoints/pretrain-run",), plots=("logs/pretrain.csv",),
           description="next-token pretraining of the hybrid LM"),
+    Stage("export", "hatchling.export.stage:run", params=("export",), deps=("checkpoints/pretrain", "data/tokenized"),
+          code=("hatchling/export", "hatchling/inference.py"), outs=("checkpoints/export",),
+          description="INT8 and bf16 artifacts, measured against fp32"),
 )
 
 

@@ -21,6 +21,8 @@ TINY_PARAMS = {
     "pretrain": {"seed": 7, "lr": 0.003, "warmup_steps": 2, "max_steps": 6, "batch_size": 2, "seq_len": 32,
                  "seq_len_curriculum": [], "eval_every": 3, "eval_batches": 2, "checkpoint_every": 2,
                  "progress": False},
+    "export": {"source": "pretrain", "prompts": 4, "prompt_len": 16, "new_tokens": 8, "eval_batches": 2,
+               "batch_size": 4, "seq_len": 32, "latency_repeats": 1},
 }
 
 

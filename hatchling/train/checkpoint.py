@@ -7,6 +7,7 @@ checkpoint adds optimizer and RNG state (trainer.pt) so a killed run resumes bit
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,13 +23,17 @@ def _state_dict(model: torch.nn.Module) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
-def save_model(model: HatchlingLM, directory: str | Path, sidecar: dict, trainer_state: dict | None = None) -> None:
-    """Write weights, sidecar (and trainer state) into `directory`, replacing it atomically."""
+def save_model(model: HatchlingLM, directory: str | Path, sidecar: dict, trainer_state: dict | None = None,
+               files: dict[str, Path] | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write weights, sidecar, extra files (name -> source path) and trainer state into `directory`,
+    replacing it atomically. `weights` overrides the model's own state dict (exports)."""
     with atomic_path(directory) as tmp:
         tmp.mkdir()
-        save_file(_state_dict(model), str(tmp / WEIGHTS))
-        meta = {"model_config": model.config.model_dump(mode="json"), **sidecar}
+        save_file(weights if weights is not None else _state_dict(model), str(tmp / WEIGHTS))
+        meta = {"format": "fp32", "model_config": model.config.model_dump(mode="json"), **sidecar}
         (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, tmp / name)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER)
 

@@ -56,19 +56,33 @@ def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
+@torch.no_grad()
+def validation_loss(model, data: np.ndarray, batches: int, batch_size: int, seq_len: int, device="cpu",
+                    autocast=None) -> float:
+    """Mean next-token loss (nats) over fixed, seeded windows of `data`: the same for every call."""
+    model.eval()
+    length = min(seq_len, len(data) - 2)
+    losses = []
+    for i in range(batches):
+        x, y = sample_batch(data, batch_size, length, 10**9 + i, device)
+        with autocast or contextlib.nullcontext():
+            losses.append(lm_loss(model, x, y).item())
+    return float(np.mean(losses))
+
+
 class Trainer:
     """Trains `model` on packed token arrays; checkpoints to `run_dir`, final weights to `out_dir`."""
 
     def __init__(self, model, params, train_data: np.ndarray, val_data: np.ndarray, *,
                  run_dir: Path, out_dir: Path, sidecar: dict, val_tokens_per_byte: float,
                  log: Callable[[dict, int], None] = lambda metrics, step: None,
-                 csv_path: Path | None = None, fingerprint: str = ""):
+                 csv_path: Path | None = None, fingerprint: str = "", files: dict[str, Path] | None = None):
         self.p = params
         self.device = resolve_device(params.device)
         self.model = model.to(self.device)
         self.train_data, self.val_data = train_data, val_data
         self.run_dir, self.out_dir, self.csv_path = Path(run_dir), Path(out_dir), csv_path
-        self.sidecar, self.fingerprint = sidecar, fingerprint
+        self.sidecar, self.fingerprint, self.files = sidecar, fingerprint, files or {}
         self.val_tokens_per_byte = val_tokens_per_byte
         self.log = log
         self.optimizers = build_optimizers(self.model, params)
@@ -87,7 +101,7 @@ class Trainer:
                 "torch_rng": torch.get_rng_state()}
 
     def save_checkpoint(self) -> None:
-        save_model(self.model, self.run_dir, {**self.sidecar, "step": self.step}, self._trainer_state())
+        save_model(self.model, self.run_dir, {**self.sidecar, "step": self.step}, self._trainer_state(), self.files)
 
     def try_resume(self) -> bool:
         """Continue from run_dir if it holds a checkpoint of this very run (same fingerprint)."""
@@ -110,17 +124,10 @@ class Trainer:
         return True
 
     # -- evaluation ---------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        self.model.eval()
-        losses = []
-        length = min(self.p.seq_len, len(self.val_data) - 2)
-        for i in range(self.p.eval_batches):
-            x, y = sample_batch(self.val_data, self.p.batch_size, length, 10**9 + i, self.device)
-            with self.autocast or contextlib.nullcontext():
-                losses.append(lm_loss(self.model, x, y).item())
+        val_loss = validation_loss(self.model, self.val_data, self.p.eval_batches, self.p.batch_size,
+                                   self.p.seq_len, self.device, self.autocast)
         self.model.train()
-        val_loss = float(np.mean(losses))
         return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * self.val_tokens_per_byte}
 
     def _write_csv(self) -> None:
@@ -187,7 +194,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         final = self.history[-1] if self.history else self.evaluate()
-        save_model(self.model, self.out_dir, {**self.sidecar, "step": self.step})
+        save_model(self.model, self.out_dir, {**self.sidecar, "step": self.step}, files=self.files)
         return {"steps": self.step, "final_train_loss": train_loss, "val_loss": final["val_loss"],
                 "val_bpb": final["val_bpb"], "best_val_loss": self.best_val, "stopped_early": stopped_early,
                 "resumed_from_step": resumed_from, "seconds": round(time.perf_counter() - t0, 3)}

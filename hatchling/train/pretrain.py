@@ -39,7 +39,8 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     trainer = Trainer(model, params.pretrain, load_split(root / DATA, "train"), load_split(root / DATA, "val"),
                       run_dir=root / RUN, out_dir=root / OUT, sidecar=sidecar,
                       val_tokens_per_byte=meta["val"]["tokens"] / meta["val"]["bytes"],
-                      log=log, csv_path=root / LOG, fingerprint=fingerprint)
+                      log=log, csv_path=root / LOG, fingerprint=fingerprint,
+                      files={"tokenizer.json": root / DATA / "tokenizer.json"})
     metrics = trainer.fit()
     metrics["num_params"] = model.num_params()
     return metrics

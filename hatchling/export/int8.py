@@ -1,0 +1,93 @@
+"""INT8 weights: symmetric per-output-channel quantization of every Linear layer and the embedding.
+
+For a weight row w (one output channel), scale = max|w| / 127 and q = round(w / scale) in
+[-127, 127], so |w - q * scale| <= scale / 2. Norms, biases, convs and the KDA decay parameters
+stay in float32 (they are a few percent of the weights). The embedding is quantized per row,
+which is also per output channel of the tied LM head.
+
+An INT8 artifact can be loaded two ways: ``compute="fp32"`` dequantizes once at load (the speed of
+the float model, a quarter of its file size); ``compute="int8"`` keeps Linear weights int8 in
+memory and runs them through PyTorch's weight-only int8 matmul kernel (a quarter of the memory;
+its speed depends on the CPU's kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+QMAX = 127
+
+
+def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] float -> (q int8 [out, in], scale float32 [out])."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / QMAX).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale[:, None]
+
+
+def quantized_names(model: nn.Module) -> list[str]:
+    """Parameter names stored as int8: every Linear weight and the embedding table."""
+    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return ["embed.weight", *names]
+
+
+def quantize_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with each quantized weight X replaced by X.int8 and X.scale."""
+    targets = set(quantized_names(model))
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if name in targets:
+            out[f"{name}.int8"], out[f"{name}.scale"] = quantize_per_channel(tensor)
+        else:
+            out[name] = tensor.detach().float().contiguous()
+    return out
+
+
+def dequantize_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, tensor in sd.items():
+        if name.endswith(".int8"):
+            base = name[: -len(".int8")]
+            out[base] = dequantize(tensor, sd[f"{base}.scale"])
+        elif not name.endswith(".scale"):
+            out[name] = tensor
+    return out
+
+
+class Int8Linear(nn.Module):
+    """A Linear whose weight stays int8; y = x W^T via the weight-only int8 kernel (+ bias)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("weight_scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).float(), self.weight_int8,
+                                               self.weight_scale)
+        y = y.reshape(*shape[:-1], -1).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def use_int8_linears(model: nn.Module, sd: dict[str, torch.Tensor]) -> nn.Module:
+    """Swap each nn.Linear of `model` for an Int8Linear holding the stored int8 weight."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and f"{full}.weight.int8" in sd:
+                bias = child.bias.detach() if child.bias is not None else None
+                setattr(module, child_name, Int8Linear(sd[f"{full}.weight.int8"], sd[f"{full}.weight.scale"], bias))
+    return model
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (F.pairwise_distance(a.flatten()[None], b.flatten()[None]) / b.norm().clamp_min(1e-12)).item()

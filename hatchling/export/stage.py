@@ -1,0 +1,97 @@
+"""Stage `export`: INT8 and bf16 artifacts of the trained model, measured against fp32.
+
+Writes checkpoints/export/int8 and checkpoints/export/bf16 (each safetensors + model.json +
+tokenizer.json, loadable by :func:`hatchling.inference.load_for_inference` in a fresh process) and
+reports file sizes, CPU prefill and per-token decode latency, validation loss / bits per byte and
+greedy-generation agreement of each against the fp32 source.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from hatchling.data.packed import load_split
+from hatchling.export.int8 import quantize_state_dict
+from hatchling.inference import TOKENIZER, load_for_inference
+from hatchling.train.checkpoint import WEIGHTS, save_model
+from hatchling.train.loop import sample_batch, validation_loss
+
+DATA = Path("data/tokenized")
+OUT = Path("checkpoints/export")
+
+
+@torch.no_grad()
+def latency(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """(prefill ms for the prompt, mean ms per decoded token), best of `repeats`, batch 1."""
+    best_prefill = best_decode = math.inf
+    for _ in range(repeats):
+        cache = model.new_cache()
+        t0 = time.perf_counter()
+        logits = model(prompt, cache)[:, -1]
+        t1 = time.perf_counter()
+        for _ in range(new_tokens):
+            logits = model(logits.argmax(-1, keepdim=True), cache)[:, -1]
+        t2 = time.perf_counter()
+        best_prefill = min(best_prefill, (t1 - t0) * 1e3)
+        best_decode = min(best_decode, (t2 - t1) * 1e3 / new_tokens)
+    return best_prefill, best_decode
+
+
+def greedy_agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
+    """Fraction of generated positions where the candidate picked the reference's token."""
+    same = sum(int((a == b).sum()) for a, b in zip(reference, candidate, strict=True))
+    return same / sum(a.numel() for a in reference)
+
+
+def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
+    p = params.export
+    root = Path(root)
+    source = root / "checkpoints" / p.source
+    model, _, meta = load_for_inference(source)
+    sidecar = {"provenance": {"source": str(Path("checkpoints") / p.source), "source_step": meta.get("step"),
+                              "data_sha256": meta.get("data_sha256")},
+               "tokenizer_sha256": meta.get("tokenizer_sha256"), "stage": "export"}
+    files = {TOKENIZER: source / TOKENIZER}
+    save_model(model, root / OUT / "int8", {**sidecar, "format": "int8",
+                                             "quantization": "symmetric per-output-channel int8 (Linear, embedding)"},
+               files=files, weights=quantize_state_dict(model))
+    bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    save_model(model, root / OUT / "bf16", {**sidecar, "format": "bf16"}, files=files, weights=bf16)
+
+    tok_meta = json.loads((root / DATA / "meta.json").read_text())
+    val = load_split(root / DATA, "val")
+    tokens_per_byte = tok_meta["val"]["tokens"] / tok_meta["val"]["bytes"]
+    prompts = sample_batch(val, p.prompts, p.prompt_len, seed=2024, device="cpu")[0]
+    variants = {"fp32": model,
+                "int8": load_for_inference(root / OUT / "int8")[0],
+                "int8_kernel": load_for_inference(root / OUT / "int8", compute="int8")[0],
+                "bf16": load_for_inference(root / OUT / "bf16")[0]}
+    fp32_size = (source / WEIGHTS).stat().st_size
+    report: dict = {"source": sidecar["provenance"]["source"], "fp32_bytes": fp32_size}
+    reference = [model.generate(prompts[i:i + 1], p.new_tokens)[0, p.prompt_len:] for i in range(p.prompts)]
+    for name, m in variants.items():
+        loss = validation_loss(m, val, p.eval_batches, p.batch_size, p.seq_len)
+        prefill, decode = latency(m, prompts[:1], p.new_tokens, p.latency_repeats)
+        report[f"{name}_val_loss"] = round(loss, 5)
+        report[f"{name}_val_bpb"] = round(loss / math.log(2) * tokens_per_byte, 5)
+        report[f"{name}_prefill_ms"] = round(prefill, 3)
+        report[f"{name}_decode_ms_per_token"] = round(decode, 3)
+        if name != "fp32":
+            outs = [m.generate(prompts[i:i + 1], p.new_tokens)[0, p.prompt_len:] for i in range(p.prompts)]
+            report[f"{name}_greedy_agreement"] = round(greedy_agreement(reference, outs), 4)
+            report[f"{name}_val_loss_delta_pct"] = round(100 * (loss / report["fp32_val_loss"] - 1), 3)
+            report[f"{name}_decode_latency_ratio"] = round(decode / report["fp32_decode_ms_per_token"], 3)
+    for fmt in ("int8", "bf16"):
+        size = (root / OUT / fmt / WEIGHTS).stat().st_size
+        report[f"{fmt}_bytes"] = size
+        report[f"{fmt}_size_ratio"] = round(size / fp32_size, 4)
+    report["goals"] = {"int8_size_ratio<=0.35": report["int8_size_ratio"] <= 0.35,
+                       "int8_val_loss_delta<=2%": report["int8_val_loss_delta_pct"] <= 2.0,
+                       "int8_decode_latency_ratio<=0.6": min(report["int8_decode_latency_ratio"],
+                                                            report["int8_kernel_decode_latency_ratio"]) <= 0.6}
+    return report
