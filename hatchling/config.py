@@ -32,8 +32,22 @@ class CorpusParams(Section):
     docs_per_shard: int = Field(64, ge=1)
 
 
+class ContaminationParams(Section):
+    ngram: int = Field(13, ge=1, description="word n-gram length of the eval-item index")
+    threshold: float = Field(0.5, gt=0, le=1, description="containment: share of an item's n-grams in a doc")
+    action: Literal["report", "drop", "redact"] = "drop"
+
+
+class DedupParams(Section):
+    num_perm: int = Field(128, ge=16, le=1024)
+    threshold: float = Field(0.8, gt=0, lt=1, description="MinHash Jaccard for near duplicates")
+    shingle: int = Field(5, ge=1, description="word n-gram shingles")
+    workers: int = Field(0, ge=0, description="processes for signatures; 0 = all cores")
+    contamination: ContaminationParams = ContaminationParams()
+
+
 class TokenizeParams(Section):
-    input: str = Field("data/corpus", description="a directory or glob of JSONL shards / .txt files")
+    input: str = Field("data/dedup", description="a directory or glob of JSONL shards / .txt files")
     vocab_size: int = Field(4096, ge=300, le=1 << 20)
     val_fraction: float = Field(0.05, gt=0, lt=1)
     min_frequency: int = Field(2, ge=1)
@@ -84,13 +98,25 @@ class ExportParams(Section):
 
 class Params(Section):
     corpus: CorpusParams
+    dedup: DedupParams = DedupParams()
+    benchmarks: dict[str, str] = Field(default_factory=dict, description="eval set name -> local file")
     tokenize: TokenizeParams = TokenizeParams()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainParams = PretrainParams()
     export: ExportParams = ExportParams()
 
-    def section(self, name: str) -> dict:
-        return getattr(self, name).model_dump(mode="json")
+    @model_validator(mode="after")
+    def _known_benchmarks(self):
+        from hatchling.eval.datasets import SCHEMAS
+
+        unknown = sorted(set(self.benchmarks) - set(SCHEMAS))
+        if unknown:
+            raise ValueError(f"benchmarks: unknown name(s) {unknown}; known: {sorted(SCHEMAS)}")
+        return self
+
+    def section(self, name: str):
+        value = getattr(self, name)
+        return dict(value) if isinstance(value, dict) else value.model_dump(mode="json")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -30,6 +30,7 @@ class Stage:
     outs: tuple[str, ...]
     persist: tuple[str, ...] = ()   # outputs kept across reruns (resume checkpoints), not cached
     plots: tuple[str, ...] = ()     # CSV logs with a `step` column
+    reports: tuple[str, ...] = ()   # further human-readable reports (not cached by DVC)
     network: bool = False           # retried by the Prefect flow
     description: str = ""
 
@@ -46,7 +47,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("corpus", "hatchling.data.corpus:run", params=("corpus",), deps=(),
           code=("hatchling/data/corpus.py", "hatchling/io.py"), outs=("data/corpus",),
           description="offline default corpus: pydoc pages of standard-library modules"),
-    Stage("tokenize", "hatchling.data.tokenize:run", params=("tokenize",), deps=("data/corpus",),
+    Stage("dedup", "hatchling.data.dedup_stage:run", params=("dedup", "benchmarks"), deps=("data/corpus",),
+          code=("hatchling/data/dedup.py", "hatchling/data/decontam.py", "hatchling/data/dedup_stage.py",
+                "hatchling/data/textnorm.py", "hatchling/eval/datasets.py"),
+          outs=("data/dedup",), reports=("reports/dedup.md", "reports/contamination.json"),
+          description="exact + MinHash-LSH near-duplicate removal, benchmark-contamination check"),
+    Stage("tokenize", "hatchling.data.tokenize:run", params=("tokenize",), deps=("data/dedup",),
           code=("hatchling/data",), outs=("data/tokenized",),
           description="train byte-level BPE, pack train/val token files"),
     Stage("pretrain", "hatchling.train.pretrain:run", params=("model", "pretrain"), deps=("data/tokenized",),
@@ -92,7 +98,8 @@ def dvc_yaml() -> dict:
     stages = {}
     for s in STAGES:
         entry: dict = {"cmd": f"hatchling run {s.name}", "deps": [*s.deps, *s.code], "params": list(s.params),
-                       "outs": [*s.outs, *({p: {"persist": True, "cache": False}} for p in s.persist)],
+                       "outs": [*s.outs, *({p: {"persist": True, "cache": False}} for p in s.persist),
+                                *({r: {"cache": False}} for r in s.reports)],
                        "metrics": [{s.metrics: {"cache": False}}]}
         if s.plots:
             entry["plots"] = [{p: {"cache": False}} for p in s.plots]
@@ -137,7 +144,7 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
     atomic_write_json(root / stage.metrics, metrics)
     run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
                     step=int(metrics.get("steps", 0) or 0))
-    for path in (stage.metrics, *stage.plots):
+    for path in (stage.metrics, *stage.plots, *stage.reports):
         run.log_artifact(root / path)
     for out in stage.outs:
         sidecar = root / out / "model.json"

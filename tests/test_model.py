@@ -125,3 +125,11 @@ def test_named_sizes_and_overrides():
 def test_bad_model_config_is_rejected(bad, field):
     with pytest.raises(ValidationError, match=field):
         ModelConfig(**bad)
+
+
+def test_causal_conv_step_by_step_equals_full_sequence():
+    conv = CausalConv1d(6, 4)
+    x = torch.randn(2, 9, 6)
+    cache = {}
+    steps = torch.cat([conv(x[:, t:t + 1], cache) for t in range(9)], dim=1)
+    torch.testing.assert_close(steps, conv(x))

@@ -38,7 +38,7 @@ def test_tokenize_outputs(tokenized_project):
 
 def test_tokenize_is_deterministic(tokenized_project, tmp_path):
     other = make_project(tmp_path / "again")
-    shutil.copytree(tokenized_project / "data/corpus", other / "data/corpus")
+    shutil.copytree(tokenized_project / "data/dedup", other / "data/dedup")
     run_cmd(hatchling_cmd("run", "tokenize"), other)
     for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):
         ours, theirs = other / "data/tokenized" / name, tokenized_project / "data/tokenized" / name

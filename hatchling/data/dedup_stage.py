@@ -1,0 +1,103 @@
+"""Stage `dedup`: exact + near-duplicate removal, then the benchmark-contamination check.
+
+Reads the corpus shards, writes cleaned shards (same names, same schema) to data/dedup, and
+reports to reports/dedup.json (metrics), reports/dedup.md (largest clusters, quoted overlaps)
+and reports/contamination.json (per benchmark: items found, documents affected, action).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from hatchling.data.corpus import corpus_files
+from hatchling.data.decontam import ContaminationIndex, redact
+from hatchling.data.dedup import all_signatures, deduplicate
+from hatchling.eval.datasets import load_benchmark
+from hatchling.io import atomic_path, atomic_write_json, atomic_write_text, read_jsonl, sha1_text, write_jsonl
+
+IN = Path("data/corpus")
+OUT = Path("data/dedup")
+
+
+def load_benchmarks(paths: dict[str, str], root: Path) -> tuple[dict[str, list], dict[str, str]]:
+    loaded, status = {}, {}
+    for name, path in paths.items():
+        items, status[name] = load_benchmark(name, path, root)
+        if items is not None:
+            loaded[name] = items
+    return loaded, status
+
+
+def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
+    p = params.dedup
+    root = Path(root)
+    t0 = time.perf_counter()
+    shards = [f for f in corpus_files(root / IN) if f.suffix == ".jsonl"]
+    if not shards:
+        raise FileNotFoundError(f"no JSONL shards in {root / IN}")
+    workers = p.workers or os.cpu_count() or 1
+    sigs = all_signatures(shards, p.shingle, p.num_perm, workers)
+    if not sigs:
+        raise ValueError(f"the shards in {root / IN} hold no documents")
+    result = deduplicate(sigs, p.threshold, p.num_perm)
+    t_dedup = time.perf_counter() - t0
+
+    benchmarks, status = load_benchmarks(params.benchmarks, root)
+    index = ContaminationIndex(benchmarks, p.contamination.ngram)
+    c = p.contamination
+    per_bench = {name: {"status": s, "items": len(benchmarks.get(name, [])), "items_found": set(),
+                        "documents_affected": 0, "action": c.action} for name, s in status.items()}
+    quotes, kept_docs, dropped, redacted = [], 0, 0, 0
+    with atomic_path(root / OUT) as tmp:
+        tmp.mkdir()
+        for shard in shards:
+            out = []
+            for line, doc in enumerate(read_jsonl(shard)):
+                if (str(shard), line) not in result.keep:
+                    continue
+                hits = index.scan(doc["text"], c.threshold) if index.items else []
+                for bench in {h.benchmark for h in hits}:
+                    per_bench[bench]["documents_affected"] += 1
+                for h in hits:
+                    per_bench[h.benchmark]["items_found"].add(h.item_id)
+                    quotes.append((doc.get("id", "?"), h, doc["text"][h.spans[0][0]:h.spans[0][1]]))
+                if hits and c.action == "drop":
+                    dropped += 1
+                    continue
+                if hits and c.action == "redact":
+                    text = redact(doc["text"], [s for h in hits for s in h.spans])
+                    doc = {**doc, "text": text, "sha1": sha1_text(text)}
+                    redacted += 1
+                out.append(doc)
+            kept_docs += len(out)
+            write_jsonl(tmp / shard.name, out)
+
+    for info in per_bench.values():
+        info["items_found"] = len(info["items_found"])
+    seconds = time.perf_counter() - t0
+    metrics = {"docs_in": len(sigs), "exact_dups": result.exact_dups, "near_dups": result.near_dups,
+               "clusters": len(result.clusters), "kept": kept_docs, "contaminated_dropped": dropped,
+               "contaminated_redacted": redacted, "dedup_seconds": round(t_dedup, 3), "seconds": round(seconds, 3),
+               "docs_per_s": round(len(sigs) / max(t_dedup, 1e-9), 1), "workers": workers}
+    atomic_write_json(root / "reports/contamination.json", per_bench)
+    atomic_write_text(root / "reports/dedup.md", markdown_report(metrics, result.clusters, per_bench, quotes))
+    return metrics
+
+
+def markdown_report(metrics: dict, clusters: dict, per_bench: dict, quotes: list, top: int = 10) -> str:
+    lines = ["# Dedup and contamination report", "",
+             "| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in metrics.items()), "",
+             f"## Largest duplicate clusters (top {top})", ""]
+    largest = sorted(clusters.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top]
+    lines += [f"- `{kept}` kept; {len(dups)} removed: " + ", ".join(f"`{d}`" for d in dups[:8])
+              + (" …" if len(dups) > 8 else "") for kept, dups in largest] or ["(none)"]
+    lines += ["", "## Contamination", "", "| benchmark | status | items | items found | documents | action |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {b} | {i['status']} | {i['items']} | {i['items_found']} | {i['documents_affected']} | {i['action']} |"
+              for b, i in per_bench.items()]
+    lines += ["", "### Overlapping spans", ""]
+    lines += [f"- `{doc}` ⟷ {h.benchmark} `{h.item_id}` (containment {h.containment}): “{quote[:300]}”"
+              for doc, h, quote in quotes[:50]] or ["(none)"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,47 @@
+"""Text normalization and word n-grams shared by dedup and the contamination check.
+
+Normalization is NFKC, lower case, punctuation removed, whitespace collapsed. ``normalize`` does
+it for a whole text at C speed (one NFKC pass, one ``str.translate``); ``words_with_spans`` does it
+word by word so each normalized word keeps the character span it came from (needed to redact).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import unicodedata
+
+_WORD = re.compile(r"\S+")
+
+
+@functools.lru_cache(maxsize=1)
+def _punctuation_table() -> dict[int, None]:
+    """str.translate table deleting every Unicode punctuation character (categories P*)."""
+    return {cp: None for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)).startswith("P")}
+
+
+def normalize_word(word: str) -> str:
+    return unicodedata.normalize("NFKC", word).lower().translate(_punctuation_table())
+
+
+def normalize(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).lower().translate(_punctuation_table()).split())
+
+
+def words_with_spans(text: str) -> tuple[list[str], list[tuple[int, int]]]:
+    """Normalized words of `text` and the (start, end) character span of each in the original."""
+    words, spans = [], []
+    for m in _WORD.finditer(text):
+        w = normalize_word(m.group())
+        if w:
+            words.append(w)
+            spans.append(m.span())
+    return words, spans
+
+
+def ngrams(words: list[str], n: int) -> list[str]:
+    """Word n-grams; a text shorter than n words is one gram (so short items still match)."""
+    if len(words) < n:
+        return [" ".join(words)] if words else []
+    return [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]

