@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from hatchling.data.decontam import ContaminationIndex
-from hatchling.data.dedup import all_signatures, deduplicate, shingle_bytes
-from hatchling.data.textnorm import normalize
+from hatchling.data.dedup import all_signatures, deduplicate
+from hatchling.data.textnorm import ngrams, normalize
 from hatchling.io import write_jsonl
 
 WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ve", "zo", "ri", "pu") for b in range(400)]
@@ -67,7 +67,8 @@ class Corpus:
 
 
 def jaccard(a: str, b: str, n: int = 5) -> float:
-    x, y = set(shingle_bytes(normalize(a), n)), set(shingle_bytes(normalize(b), n))
+    """True word-n-gram Jaccard on the strings themselves (the ground truth, no hashing)."""
+    x, y = set(ngrams(normalize(a).split(), n)), set(ngrams(normalize(b).split(), n))
     return len(x & y) / max(1, len(x | y))
 
 

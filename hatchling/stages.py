@@ -10,7 +10,6 @@ added here shows up in both orchestrators and in MLflow with no second edit.
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +151,3 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
     run.end()
     return metrics
 
-
-def report(name: str, root: Path = Path(".")) -> dict:
-    return json.loads((Path(root) / get_stage(name).metrics).read_text())

@@ -66,6 +66,22 @@ def test_planted_duplicates_are_removed_and_distinct_docs_kept(planted):
     assert again.keep == result.keep and again.clusters == result.clusters      # deterministic, any workers
 
 
+def test_shingle_hash_jaccard_equals_string_jaccard():
+    """The fast path (mixed word hashes) against the definition (sets of n-gram strings)."""
+    from hatchling.data.dedup import exact_jaccard, shingle_hashes
+    from hatchling.data.textnorm import ngrams
+
+    rng = random.Random(5)
+    for _ in range(20):
+        a = doc_text(rng, rng.randint(1, 120))
+        b = near_copy(rng, a, rng.random() * 0.3)
+        sa, sb = set(ngrams(a.split(), 5)), set(ngrams(b.split(), 5))
+        ha, hb = shingle_hashes(normalize(a), 5), shingle_hashes(normalize(b), 5)
+        assert len(ha) == len(sa) and len(hb) == len(sb)
+        assert exact_jaccard(ha, hb) == pytest.approx(len(sa & sb) / len(sa | sb))
+    assert shingle_hashes(normalize("one two"), 5).size == 1 and shingle_hashes("", 5).size == 0
+
+
 def test_keep_first_follows_shard_then_line_order(tmp_path):
     text = doc_text(random.Random(1))
     write_jsonl(tmp_path / "a.jsonl", [{"id": "first", "text": text}])

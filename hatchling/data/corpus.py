@@ -8,9 +8,9 @@ standard-library modules: real documentation, PSF-licensed, available offline on
 from __future__ import annotations
 
 import glob
-import importlib
-import pydoc
+import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -22,12 +22,25 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _FILE_SECTION = re.compile(r"\nFILE\n    .*?(?=\n\S|\Z)", re.S)
 
 
+_RENDER = ("import importlib, pydoc, sys; module = importlib.import_module(sys.argv[1]);"
+           "sys.stdout.write(pydoc.render_doc(module, renderer=pydoc.plaintext))")
+
+
+def render_pydoc(module_name: str) -> str:
+    """The plaintext pydoc page of one module, rendered in a fresh isolated interpreter: what else
+    is imported changes a page (e.g. subclasses shown), so each module gets a process of its own."""
+    proc = subprocess.run([sys.executable, "-I", "-c", _RENDER, module_name], capture_output=True, text=True,
+                          timeout=120, env={"LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "")})
+    if proc.returncode != 0 or not proc.stdout:
+        raise ValueError(f"corpus.modules: cannot document module {module_name!r}: "
+                         f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no output'}")
+    return proc.stdout
+
+
 def pydoc_document(module_name: str) -> dict:
     """One document: the plaintext pydoc page of a module (memory addresses and file paths removed,
     so the text is the same on every run)."""
-    module = importlib.import_module(module_name)
-    text = pydoc.render_doc(module, renderer=pydoc.plaintext)
-    text = _FILE_SECTION.sub("", _ADDRESS.sub("", text))
+    text = _FILE_SECTION.sub("", _ADDRESS.sub("", render_pydoc(module_name)))
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     return {
         "id": f"pydoc:{module_name}",

@@ -23,7 +23,7 @@ import numpy as np
 import xxhash
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
-from hatchling.data.textnorm import ngrams, normalize
+from hatchling.data.textnorm import normalize
 from hatchling.io import read_jsonl
 
 SCHEME = "affine32"   # datasketch's permutation scheme; 32-bit inputs from xxh32
@@ -47,13 +47,29 @@ class DedupResult:
     clusters: dict[str, list[str]] = field(default_factory=dict)  # kept doc id -> its duplicates' ids
 
 
-def shingle_bytes(normalized: str, n: int) -> list[bytes]:
-    return [g.encode("utf-8") for g in set(ngrams(normalized.split(), n))]
+_MIX = np.random.default_rng(20261123).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
+_word_hashes: dict[str, int] = {}
 
 
-def shingle_hashes(shingles: list[bytes]) -> np.ndarray:
-    """Sorted unique 32-bit hashes of the shingles: the set for the exact Jaccard check."""
-    return np.unique(np.fromiter((xxhash.xxh32_intdigest(s) for s in shingles), dtype=np.uint32, count=len(shingles)))
+def shingle_hashes(normalized: str, n: int) -> np.ndarray:
+    """Sorted unique 32-bit hashes of the word n-gram shingles of a normalized text.
+
+    Each distinct word is hashed once (xxh64, cached per process); a shingle's hash mixes its n
+    word hashes with fixed odd multipliers (position-dependent, so word order counts) in uint64
+    arithmetic, vectorized over the document, and keeps the high 32 bits.
+    """
+    words = normalized.split()
+    if not words:
+        return np.zeros(0, dtype=np.uint32)
+    cache = _word_hashes
+    for w in set(words).difference(cache):
+        cache[w] = xxhash.xxh64_intdigest(w.encode())
+    wh = np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
+    m = min(n, len(words))                       # a text shorter than n words is one shingle
+    h = np.zeros(len(words) - m + 1, dtype=np.uint64)
+    for j in range(m):
+        h += wh[j:j + len(h)] * _MIX[j]          # wraps mod 2^64 by design
+    return np.unique((h >> np.uint64(32)).astype(np.uint32))
 
 
 def exact_jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -68,7 +84,7 @@ def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1) ->
         if not isinstance(doc.get("text"), str):
             raise ValueError(f"{shard}:{i + 1}: document has no text field")
     normalized = [normalize(d["text"]) for d in docs]
-    hashed = [shingle_hashes(shingle_bytes(t, shingle)) for t in normalized]
+    hashed = [shingle_hashes(t, shingle) for t in normalized]
     # each shingle is hashed once (xxh32); datasketch applies its vectorized permutations to those ints
     mhs = MinHash.bulk([h.tolist() for h in hashed], num_perm=num_perm, seed=seed, hashfunc=int, scheme=SCHEME)
     return [DocSignature(str(shard), i, str(d.get("id", f"{Path(shard).name}:{i}")),
