@@ -1,0 +1,188 @@
+"""Running untrusted, model-written Python: hostile until proven otherwise.
+
+``run_python(code, tests, timeout_s, memory_mb)`` runs ``code`` followed by ``tests`` in a child
+process and never lets it hang or harm the harness. Layers, outermost first:
+
+1. **Namespaces** (bubblewrap, where the kernel allows it): a read-only root, a private /tmp,
+   home directories hidden, no network (a fresh network namespace), a private PID namespace, a
+   new session, a cleared environment, and the child dies with the harness.
+2. **Resource limits** (setrlimit): CPU seconds, address space, file size (which also caps
+   output: stdout and stderr go to files), open files, and for non-root users process count.
+3. **A guard** inside the interpreter (an audit hook, installed before the code runs and not
+   removable from Python): no process creation (fork, exec, spawn, system, subprocess), no
+   signals to other processes, no sockets, no ctypes, no writes outside the working directory.
+4. **The harness**: a wall-clock timeout, then the whole process group is killed.
+
+``Result.isolation`` says which outer layer was in force: ``"bwrap"`` or ``"guard"`` (limits,
+guard and timeout only, when bubblewrap is missing or refused).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+BLOCKED_MARK = "sandbox-blocked:"
+
+# Installed in the child before the untrusted code runs (the child runs `python -I guard.py`).
+GUARD = r'''
+import os, sys
+_ROOT = os.path.realpath(os.getcwd())
+_BLOCKED = {"os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.kill",
+            "os.killpg", "subprocess.Popen", "socket.__new__", "socket.connect", "socket.bind",
+            "socket.sendto", "ctypes.dlopen", "ctypes.dlsym", "ctypes.addressof", "ctypes.cdata",
+            "sys.addaudithook", "os.chdir", "os.putenv", "os.setuid", "os.setgid", "pty.spawn"}
+_WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def _inside(path):
+    real = os.path.realpath(path if isinstance(path, str) else os.fsdecode(path))
+    return real == _ROOT or real.startswith(_ROOT + os.sep)
+
+
+def _guard(event, args):
+    if event in _BLOCKED or (event == "import" and args[0] in ("ctypes", "_ctypes")):
+        raise PermissionError(f"MARK {event} is not allowed")
+    if event == "open" and args[0] is not None and not isinstance(args[0], int):
+        mode, flags = args[1] or "", args[2] or 0
+        if (any(c in mode for c in "wax+") or flags & _WRITE) and not _inside(args[0]):
+            raise PermissionError(f"MARK writing {args[0]} outside the sandbox is not allowed")
+    if event in ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "shutil.rmtree") and not _inside(args[0]):
+        raise PermissionError(f"MARK {event} outside the sandbox is not allowed")
+
+
+sys.addaudithook(_guard)
+del _guard
+import runpy
+runpy.run_path("program.py", run_name="__main__")
+'''.replace("MARK", BLOCKED_MARK)
+
+
+@dataclass
+class Result:
+    passed: bool
+    status: str        # passed | failed | blocked | timeout | cpu_limit | memory_limit | output_limit | error
+    stdout: str
+    stderr: str
+    seconds: float
+    isolation: str     # bwrap | guard
+
+
+@functools.lru_cache(maxsize=1)
+def bwrap_works() -> bool:
+    """True when bubblewrap is installed and allowed to make namespaces on this kernel."""
+    exe = shutil.which("bwrap")
+    if exe is None:
+        return False
+    try:
+        probe = subprocess.run([exe, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "true"],
+                               capture_output=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0
+
+
+def _interpreter() -> str:
+    """The base interpreter (not a venv's link into it): the child needs the standard library only."""
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def _bwrap_prefix(workdir: Path) -> list[str]:
+    hide = [arg for d in ("/root", "/home") if Path(d).is_dir() for arg in ("--tmpfs", d)]
+    # the interpreter may live under a hidden home (pyenv): show its installation again, read-only
+    prefix = os.path.realpath(sys.base_prefix)
+    show = ["--ro-bind", prefix, prefix] if prefix.startswith(("/root/", "/home/")) else []
+    return ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", *hide, *show,
+            "--bind", str(workdir), str(workdir), "--chdir", str(workdir), "--unshare-all", "--die-with-parent",
+            "--new-session", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", str(workdir),
+            "--"]
+
+
+def _limits(timeout_s: float, memory_mb: int, output_bytes: int):
+    def apply() -> None:
+        cpu = int(timeout_s) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (output_bytes, output_bytes))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        if os.getuid() != 0:                     # not enforced for root; the guard covers that case
+            resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
+    return apply
+
+
+def _status(code: int | None, stderr: str, timed_out: bool) -> str:
+    if timed_out:
+        return "timeout"
+    if code == 0:
+        return "passed"
+    if code is not None and code < 0:
+        sig = -code
+        if sig == signal.SIGXCPU:
+            return "cpu_limit"
+        if sig == signal.SIGXFSZ:
+            return "output_limit"
+        if sig == signal.SIGKILL:
+            return "cpu_limit"
+    if "MemoryError" in stderr:
+        return "memory_limit"
+    if "[Errno 27] File too large" in stderr:        # Python ignores SIGXFSZ: writes past the cap fail
+        return "output_limit"
+    if BLOCKED_MARK in stderr:
+        return "blocked"
+    return "failed"
+
+
+def _read(path: Path, limit: int) -> str:
+    with open(path, "rb") as f:
+        return f.read(limit).decode("utf-8", errors="replace")
+
+
+def run_python(code: str, tests: str = "", timeout_s: float = 5.0, memory_mb: int = 512,
+               output_bytes: int = 64_000, isolation: str = "auto") -> Result:
+    """Run `code` then `tests` (e.g. asserts) in a sandboxed child; passed means exit status 0."""
+    if isolation not in ("auto", "bwrap", "guard"):
+        raise ValueError(f"isolation must be auto, bwrap or guard, got {isolation!r}")
+    use_bwrap = isolation == "bwrap" or (isolation == "auto" and bwrap_works())
+    if isolation == "bwrap" and not bwrap_works():
+        raise RuntimeError("bubblewrap is not usable on this machine")
+    workdir = Path(tempfile.mkdtemp(prefix="hatchling-sandbox-"))
+    try:
+        (workdir / "program.py").write_text(f"{code}\n\n{tests}\n")
+        (workdir / "guard.py").write_text(GUARD)
+        cmd = [_interpreter(), "-I", "-B", "guard.py"]
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "LANG": "C.UTF-8"}
+        if use_bwrap:
+            cmd = _bwrap_prefix(workdir) + cmd
+        t0 = time.perf_counter()
+        with open(workdir / "stdout", "wb") as out, open(workdir / "stderr", "wb") as err:
+            proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                    start_new_session=True,
+                                    preexec_fn=_limits(timeout_s, memory_mb, output_bytes))
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)      # everything it started, whatever happened
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        seconds = time.perf_counter() - t0
+        stdout, stderr = _read(workdir / "stdout", output_bytes), _read(workdir / "stderr", output_bytes)
+        status = _status(proc.returncode, stderr, timed_out)
+        return Result(status == "passed", status, stdout, stderr, round(seconds, 3),
+                      "bwrap" if use_bwrap else "guard")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,112 @@
+"""The code sandbox: right answers pass, wrong ones fail, and every escape attempt is contained."""
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from hatchling.sandbox import bwrap_works, run_python
+
+MODES = ["guard"] + (["bwrap"] if bwrap_works() else [])
+
+
+@pytest.fixture(params=MODES)
+def isolation(request):
+    return request.param
+
+
+def test_solution_passes_and_wrong_solution_fails(isolation):
+    code = "def add(a, b):\n    return a + b\n"
+    ok = run_python(code, "assert add(2, 3) == 5\nprint('ok')", isolation=isolation)
+    assert ok.passed and ok.status == "passed" and ok.stdout == "ok\n" and ok.isolation == isolation
+    bad = run_python("def add(a, b):\n    return a - b\n", "assert add(2, 3) == 5", isolation=isolation)
+    assert not bad.passed and bad.status == "failed" and "AssertionError" in bad.stderr
+
+
+def test_infinite_loop_times_out_without_hanging(isolation):
+    t0 = time.perf_counter()
+    r = run_python("while True:\n    pass\n", timeout_s=1.0, isolation=isolation)
+    assert r.status == "timeout" and not r.passed and time.perf_counter() - t0 < 10
+
+
+def test_memory_bomb_is_stopped(isolation):
+    r = run_python("x = bytearray(2 * 1024 ** 3)", memory_mb=256, isolation=isolation)
+    assert r.status == "memory_limit" and not r.passed
+
+
+def test_fork_bomb_and_processes_are_blocked(isolation):
+    for attack in ("import os\nwhile True:\n    os.fork()",
+                   "import os\nos.system('echo pwned')",
+                   "import subprocess\nsubprocess.run(['echo', 'pwned'])",
+                   "import os\nos.execv('/bin/echo', ['echo', 'pwned'])"):
+        r = run_python(attack, timeout_s=3.0, isolation=isolation)
+        assert r.status == "blocked" and "pwned" not in r.stdout, attack
+
+
+def test_ctypes_is_blocked(isolation):
+    r = run_python("import ctypes\nctypes.CDLL(None).system(b'echo pwned')", isolation=isolation)
+    assert r.status == "blocked" and "pwned" not in r.stdout
+
+
+def test_network_is_unreachable(isolation):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(3)
+    port = listener.getsockname()[1]
+    accepted = []
+    thread = threading.Thread(target=lambda: _accept(listener, accepted), daemon=True)
+    thread.start()
+    r = run_python(f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\n"
+                   "s.sendall(b'leak')", isolation=isolation)
+    thread.join(5)
+    listener.close()
+    assert r.status == "blocked" and not accepted
+
+
+def _accept(listener, accepted):
+    try:
+        conn, _ = listener.accept()
+        accepted.append(conn.recv(10))
+    except OSError:
+        pass
+
+
+def test_writes_outside_the_sandbox_are_blocked(isolation, tmp_path):
+    target = tmp_path / "escaped.txt"
+    r = run_python(f"open({str(target)!r}, 'w').write('pwned')", isolation=isolation)
+    assert r.status == "blocked" and not target.exists()
+    inside = run_python("open('scratch.txt', 'w').write('fine')\nprint(open('scratch.txt').read())",
+                        isolation=isolation)
+    assert inside.passed and inside.stdout == "fine\n"
+
+
+def test_environment_secrets_are_not_visible(isolation, monkeypatch):
+    monkeypatch.setenv("HATCHLING_TEST_SECRET", "hunter2")
+    r = run_python("import os\nprint(sorted(os.environ.items()))", isolation=isolation)
+    assert r.passed and "hunter2" not in r.stdout and "HATCHLING_TEST_SECRET" not in r.stdout
+
+
+def test_signalling_the_parent_is_blocked_and_the_harness_survives(isolation):
+    r = run_python("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)", isolation=isolation)
+    assert r.status == "blocked"
+    r = run_python(f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)", isolation=isolation)
+    assert r.status == "blocked"          # we are still here to assert it
+
+
+def test_output_is_capped(isolation):
+    r = run_python("import sys\nwhile True:\n    sys.stdout.write('x' * 4096)", output_bytes=10_000,
+                   isolation=isolation)
+    assert r.status == "output_limit" and len(r.stdout) <= 10_000
+
+
+def test_stdin_is_closed(isolation):
+    r = run_python("import sys\nprint(repr(sys.stdin.read()))", isolation=isolation)
+    assert r.passed and r.stdout == "''\n"
+
+
+def test_bad_isolation_argument():
+    with pytest.raises(ValueError, match="isolation must be"):
+        run_python("pass", isolation="docker")
