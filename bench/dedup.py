@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from hatchling.data.decontam import ContaminationIndex
-from hatchling.data.dedup import all_signatures, deduplicate
+from hatchling.data.dedup import deduplicate, iter_signatures
 from hatchling.data.textnorm import ngrams, normalize
 from hatchling.io import write_jsonl
 
@@ -90,7 +90,7 @@ def main() -> None:
         timings = {}
         for workers in (1, 2):
             t0 = time.perf_counter()
-            result = deduplicate(all_signatures(shards, 5, args.num_perm, workers), args.threshold, args.num_perm)
+            result = deduplicate(iter_signatures(shards, 5, args.num_perm, workers), args.threshold, args.num_perm)
             timings[workers] = time.perf_counter() - t0
     near_clusters = [(kept, d) for kept, dups in result.clusters.items() for d in dups
                      if d not in corpus.exact_truth]

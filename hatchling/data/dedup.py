@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from multiprocessing import get_context
+from collections.abc import Iterable, Iterator
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ class DocSignature:
 
 @dataclass
 class DedupResult:
+    docs_in: int = 0
     keep: set[tuple[str, int]] = field(default_factory=set)   # (shard, line) of kept documents
     exact_dups: int = 0
     near_dups: int = 0
@@ -92,18 +94,29 @@ def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1) ->
             for i, (d, t, h, m) in enumerate(zip(docs, normalized, hashed, mhs, strict=True))]
 
 
-def all_signatures(shards: list[Path], shingle: int, num_perm: int, workers: int) -> list[DocSignature]:
-    """Signatures of all shards, in shard order, computed by `workers` processes."""
+def _signatures_of(args: tuple) -> list[DocSignature]:
+    return signatures(*args)
+
+
+def iter_signatures(shards: list[Path], shingle: int, num_perm: int, workers: int) -> Iterator[DocSignature]:
+    """Signatures of all shards in shard order, computed by `workers` processes. They arrive shard by
+    shard, so the ordered dedup pass consuming them overlaps with the workers still hashing."""
     args = [(str(s), shingle, num_perm) for s in shards]
     if workers <= 1 or len(shards) <= 1:
-        results = [signatures(*a) for a in args]
-    else:
-        with get_context("spawn").Pool(min(workers, len(shards))) as pool:
-            results = pool.starmap(signatures, args)
-    return [sig for shard in results for sig in shard]
+        for a in args:
+            yield from signatures(*a)
+        return
+    method = "fork" if "fork" in get_all_start_methods() else "spawn"   # fork: no re-import per worker
+    with get_context(method).Pool(min(workers, len(shards))) as pool:
+        for shard_sigs in pool.imap(_signatures_of, args):
+            yield from shard_sigs
 
 
-def deduplicate(sigs: list[DocSignature], threshold: float, num_perm: int) -> DedupResult:
+def all_signatures(shards: list[Path], shingle: int, num_perm: int, workers: int) -> list[DocSignature]:
+    return list(iter_signatures(shards, shingle, num_perm, workers))
+
+
+def deduplicate(sigs: Iterable[DocSignature], threshold: float, num_perm: int) -> DedupResult:
     """Keep-first exact and near-duplicate removal over signatures in their given order.
 
     LSH proposes candidates from the MinHash signatures; a candidate is a duplicate when the exact
@@ -116,6 +129,7 @@ def deduplicate(sigs: list[DocSignature], threshold: float, num_perm: int) -> De
     kept: dict[str, np.ndarray] = {}
     result = DedupResult()
     for sig in sigs:
+        result.docs_in += 1
         if sig.exact in seen_exact:
             result.exact_dups += 1
             result.clusters.setdefault(seen_exact[sig.exact], []).append(sig.doc_id)

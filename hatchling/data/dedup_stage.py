@@ -13,7 +13,7 @@ from pathlib import Path
 
 from hatchling.data.corpus import corpus_files
 from hatchling.data.decontam import ContaminationIndex, redact
-from hatchling.data.dedup import all_signatures, deduplicate
+from hatchling.data.dedup import deduplicate, iter_signatures
 from hatchling.eval.datasets import load_benchmark
 from hatchling.io import atomic_path, atomic_write_json, atomic_write_text, read_jsonl, sha1_text, write_jsonl
 
@@ -38,10 +38,9 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     if not shards:
         raise FileNotFoundError(f"no JSONL shards in {root / IN}")
     workers = p.workers or os.cpu_count() or 1
-    sigs = all_signatures(shards, p.shingle, p.num_perm, workers)
-    if not sigs:
+    result = deduplicate(iter_signatures(shards, p.shingle, p.num_perm, workers), p.threshold, p.num_perm)
+    if not result.docs_in:
         raise ValueError(f"the shards in {root / IN} hold no documents")
-    result = deduplicate(sigs, p.threshold, p.num_perm)
     t_dedup = time.perf_counter() - t0
 
     benchmarks, status = load_benchmarks(params.benchmarks, root)
@@ -77,10 +76,10 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     for info in per_bench.values():
         info["items_found"] = len(info["items_found"])
     seconds = time.perf_counter() - t0
-    metrics = {"docs_in": len(sigs), "exact_dups": result.exact_dups, "near_dups": result.near_dups,
+    metrics = {"docs_in": result.docs_in, "exact_dups": result.exact_dups, "near_dups": result.near_dups,
                "clusters": len(result.clusters), "kept": kept_docs, "contaminated_dropped": dropped,
                "contaminated_redacted": redacted, "dedup_seconds": round(t_dedup, 3), "seconds": round(seconds, 3),
-               "docs_per_s": round(len(sigs) / max(t_dedup, 1e-9), 1), "workers": workers}
+               "docs_per_s": round(result.docs_in / max(t_dedup, 1e-9), 1), "workers": workers}
     atomic_write_json(root / "reports/contamination.json", per_bench)
     atomic_write_text(root / "reports/dedup.md", markdown_report(metrics, result.clusters, per_bench, quotes))
     return metrics
