@@ -32,16 +32,12 @@ def _run(args) -> int:
 
 def _overfit(params, steps: int) -> int:
     """The smoke check: the loss on one frozen batch must fall below a bound."""
-    import torch
-
     from hatchling.data.packed import load_split
-    from hatchling.model import build_model
     from hatchling.train.loop import overfit_one_batch, sample_batch
+    from hatchling.train.pretrain import DATA, fresh_model
 
-    data = load_split("data/tokenized", "train")
-    meta = json.loads(Path("data/tokenized/meta.json").read_text())
-    torch.manual_seed(params.pretrain.seed)
-    model = build_model(params.model.model_copy(update={"vocab_size": meta["vocab_size"]}))
+    data = load_split(DATA, "train")
+    model, _ = fresh_model(params)
     batch = sample_batch(data, min(params.pretrain.batch_size, 4), min(params.pretrain.seq_len, 64), 0, "cpu")
     losses = overfit_one_batch(model, batch, steps, lr=3e-3)
     bound = 0.5

@@ -11,13 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from hatchling.export.int8 import dequantize_state_dict, use_int8_linears
 from hatchling.model import HatchlingLM, build_model
-from hatchling.train.checkpoint import WEIGHTS, read_sidecar
-
-TOKENIZER = "tokenizer.json"
+from hatchling.train.checkpoint import TOKENIZER, load_weights, read_sidecar
 
 
 def load_for_inference(directory: str | Path, compute: str = "fp32") -> tuple[HatchlingLM, object, dict]:
@@ -27,10 +24,7 @@ def load_for_inference(directory: str | Path, compute: str = "fp32") -> tuple[Ha
     directory = Path(directory)
     meta = read_sidecar(directory)
     fmt = meta.get("format", "fp32")
-    try:
-        sd = load_file(str(directory / WEIGHTS))
-    except Exception as e:  # safetensors has its own error types for truncated or garbled files
-        raise ValueError(f"corrupted checkpoint weights in {directory}: {e}") from None
+    sd = load_weights(directory)
     model = build_model(meta["model_config"])
     if fmt == "int8":
         model.load_state_dict(dequantize_state_dict(sd))

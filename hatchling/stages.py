@@ -126,7 +126,7 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
     stage = get_stage(name)
     root = Path(root)
     if params is None:
-        params = load_params(root / params_path if not Path(params_path).is_absolute() else params_path, overrides)
+        params = load_params(root / params_path, overrides)     # an absolute params_path stays as it is
     for dep in stage.deps:
         if not (root / dep).exists():
             producer = next((s.name for s in STAGES if dep in s.outs), None)

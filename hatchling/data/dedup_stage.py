@@ -51,7 +51,7 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     quotes, kept_docs, dropped, redacted = [], 0, 0, 0
     with atomic_path(root / OUT) as tmp:
         tmp.mkdir()
-        for shard in shards:
+        for shard in shards:     # read again here: workers return signatures only, never the texts
             out = []
             for line, doc in enumerate(read_jsonl(shard)):
                 if (str(shard), line) not in result.keep:

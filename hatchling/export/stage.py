@@ -17,8 +17,8 @@ import torch
 
 from hatchling.data.packed import load_split
 from hatchling.export.int8 import quantize_state_dict
-from hatchling.inference import TOKENIZER, load_for_inference
-from hatchling.train.checkpoint import WEIGHTS, save_model
+from hatchling.inference import load_for_inference
+from hatchling.train.checkpoint import TOKENIZER, WEIGHTS, save_model
 from hatchling.train.loop import sample_batch, validation_loss
 
 DATA = Path("data/tokenized")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from hatchling.io import atomic_path
 from hatchling.model import HatchlingLM, build_model
 
-WEIGHTS, SIDECAR, TRAINER = "model.safetensors", "model.json", "trainer.pt"
+WEIGHTS, SIDECAR, TRAINER, TOKENIZER = "model.safetensors", "model.json", "trainer.pt", "tokenizer.json"
 
 
 def _state_dict(model: torch.nn.Module) -> dict:
@@ -48,15 +48,19 @@ def read_sidecar(directory: str | Path) -> dict:
         raise ValueError(f"corrupted checkpoint sidecar {path}: {e.msg}") from None
 
 
+def load_weights(directory: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The stored tensors of a checkpoint, with one clear error for a truncated or garbled file."""
+    try:
+        return load_file(str(Path(directory) / WEIGHTS), device=device)
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise ValueError(f"corrupted checkpoint weights in {directory}: {e}") from None
+
+
 def load_model(directory: str | Path, device: str = "cpu") -> tuple[HatchlingLM, dict]:
     """(model, sidecar) from a checkpoint directory; clear errors for a missing or corrupted one."""
     meta = read_sidecar(directory)
     model = build_model(meta["model_config"])
-    try:
-        weights = load_file(str(Path(directory) / WEIGHTS), device=device)
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise ValueError(f"corrupted checkpoint weights in {directory}: {e}") from None
-    model.load_state_dict(weights)
+    model.load_state_dict(load_weights(directory, device))
     return model.to(device), meta
 
 

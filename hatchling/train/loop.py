@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hatchling.io import atomic_write_text
-from hatchling.train.checkpoint import load_trainer_state, read_sidecar, save_model
+from hatchling.train.checkpoint import load_trainer_state, load_weights, read_sidecar, save_model
 from hatchling.train.optim import build_optimizers, lr_multiplier, set_lr
 
 
@@ -112,10 +112,8 @@ class Trainer:
             return False
         if state.get("fingerprint") != self.fingerprint:
             return False
-        from safetensors.torch import load_file
-
-        self.model.load_state_dict(load_file(str(self.run_dir / "model.safetensors"), device=str(self.device)))
-        for opt, sd in zip(self.optimizers, state["optimizers"], strict=False):
+        self.model.load_state_dict(load_weights(self.run_dir, str(self.device)))
+        for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(sd)
         torch.set_rng_state(state["torch_rng"])
         self.step, self.best_val = state["step"], state["best_val"]
@@ -140,7 +138,8 @@ class Trainer:
         atomic_write_text(self.csv_path, buf.getvalue())
 
     # -- training -----------------------------------------------------------------------------
-    def train_step(self) -> tuple[float, float]:
+    def train_step(self) -> tuple[float, float, int]:
+        """One optimizer step; returns (loss, lr, seq_len) of that step."""
         p = self.p
         mult = lr_multiplier(self.step, p.warmup_steps, p.max_steps, p.min_lr_ratio)
         set_lr(self.optimizers, mult)
@@ -160,7 +159,7 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.step += 1
-        return total, p.lr * mult
+        return total, p.lr * mult, length
 
     def fit(self) -> dict:
         p = self.p
@@ -172,10 +171,9 @@ class Trainer:
         stopped_early = False
         train_loss = float("nan")
         while self.step < p.max_steps and not stopped_early:
-            train_loss, lr = self.train_step()
+            train_loss, lr, length = self.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
-            length = seq_len_at(self.step - 1, p.seq_len, p.seq_len_curriculum)
             self.log({"train_loss": train_loss, "lr": lr, "seq_len": length}, self.step)
             if self.step % p.eval_every == 0 or self.step == p.max_steps:
                 metrics = self.evaluate()

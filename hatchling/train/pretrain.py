@@ -16,6 +16,7 @@ import torch
 from hatchling.data.packed import load_split
 from hatchling.io import hash_paths
 from hatchling.model import build_model
+from hatchling.train.checkpoint import TOKENIZER
 from hatchling.train.loop import Trainer
 
 DATA = Path("data/tokenized")
@@ -24,12 +25,17 @@ RUN = Path("checkpoints/pretrain-run")
 LOG = Path("logs/pretrain.csv")
 
 
+def fresh_model(params, root: Path = Path(".")) -> tuple:
+    """(model seeded for pretraining, sized to the tokenizer's vocabulary; the tokenized meta)."""
+    meta = json.loads((Path(root) / DATA / "meta.json").read_text())
+    torch.manual_seed(params.pretrain.seed)
+    return build_model(params.model.model_copy(update={"vocab_size": meta["vocab_size"]})), meta
+
+
 def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     root = Path(root)
-    meta = json.loads((root / DATA / "meta.json").read_text())
-    model_cfg = params.model.model_copy(update={"vocab_size": meta["vocab_size"]})
-    torch.manual_seed(params.pretrain.seed)
-    model = build_model(model_cfg)
+    model, meta = fresh_model(params, root)
+    model_cfg = model.config
     data_hash = hash_paths([root / DATA])
     # what makes this run *this* run: a checkpoint from any other run is never resumed
     run_settings = {**params.pretrain.model_dump(mode="json", exclude={"progress", "device"}),
@@ -40,7 +46,7 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
                       run_dir=root / RUN, out_dir=root / OUT, sidecar=sidecar,
                       val_tokens_per_byte=meta["val"]["tokens"] / meta["val"]["bytes"],
                       log=log, csv_path=root / LOG, fingerprint=fingerprint,
-                      files={"tokenizer.json": root / DATA / "tokenizer.json"})
+                      files={TOKENIZER: root / DATA / TOKENIZER})
     metrics = trainer.fit()
     metrics["num_params"] = model.num_params()
     return metrics
