@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hatchling.model.config import ModelConfig
 
@@ -25,11 +26,71 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class CorpusParams(Section):
-    """Interim offline corpus: plain-text pydoc pages of standard-library modules (PSF-licensed)."""
+# Keyword (case-insensitive) found in a page's license statements -> the license label recorded.
+OPEN_LICENSES = {
+    "Python Software Foundation License": "PSF-2.0", "PSF-2.0": "PSF-2.0",
+    "creativecommons.org/licenses/by/": "CC-BY", "creativecommons.org/licenses/by-sa/": "CC-BY-SA",
+    "creativecommons.org/publicdomain/zero/": "CC0-1.0", "CC BY-SA": "CC-BY-SA", "CC0": "CC0-1.0",
+    "public domain": "public-domain", "MIT License": "MIT", "Apache License": "Apache-2.0", "BSD License": "BSD",
+}
+RESTRICTIVE_LICENSES = ["all rights reserved", "creativecommons.org/licenses/by-nc",
+                        "creativecommons.org/licenses/by-nd", "NonCommercial", "NoDerivatives", "CC BY-NC",
+                        "CC BY-ND", "proprietary"]
 
-    modules: list[str] = Field(min_length=1)
-    docs_per_shard: int = Field(64, ge=1)
+
+class LicenseParams(Section):
+    """Which pages may be kept, by what they say about their license (rel=license links, license
+    meta tags, sentences about licenses or copyright). Keywords match case-insensitively."""
+
+    allow: dict[str, str] = Field(default_factory=lambda: dict(OPEN_LICENSES),
+                                  description="keyword -> license label recorded")
+    deny: list[str] = Field(default_factory=lambda: list(RESTRICTIVE_LICENSES),
+                            description="a page stating any of these is dropped")
+    unknown: Literal["drop", "keep"] = Field("drop", description="pages that state no known license")
+
+
+class CrawlParams(Section):
+    """The crawl: seeds (or the local documentation mirror when there are none) and politeness."""
+
+    seeds: list[str] = Field(default_factory=list, description="start URLs; empty = crawl the local mirror")
+    allowed_domains: list[str] = Field(default_factory=list, description="hosts beyond the seeds' own")
+    mirror: str = Field("auto", description="auto | python3-doc | pydoc | a directory, served on 127.0.0.1")
+    mirror_start: str = "library/index.html"
+    pydoc_modules: list[str] = Field(default_factory=list, description="pages of the pydoc mirror")
+    user_agent: str = Field(min_length=8)
+    obey_robots: bool = True
+    download_delay: float = Field(1.0, ge=0, description="seconds between requests to a host (minimum)")
+    autothrottle: bool = True
+    max_depth: int = Field(3, ge=0)
+    max_pages: int = Field(200, ge=1)
+    max_seconds: float = Field(600, gt=0)
+    max_page_kb: int = Field(2048, ge=1)
+    timeout_s: float = Field(20, gt=0)
+    retries: int = Field(2, ge=0)
+    retry_backoff_s: float = Field(1.0, ge=0)
+    max_redirects: int = Field(5, ge=0)
+    languages: list[str] = Field(default_factory=lambda: ["en"], min_length=1)
+    min_lang_prob: float = Field(0.8, ge=0, le=1)
+    min_chars: int = Field(200, ge=0)
+    max_chars: int = Field(500_000, ge=1)
+    license: LicenseParams = LicenseParams()
+    docs_per_shard: int = Field(32, ge=1)
+    progress: bool = True
+
+    @field_validator("seeds")
+    @classmethod
+    def _http_urls(cls, seeds):
+        for i, url in enumerate(seeds):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"seeds[{i}] = {url!r} is not an http(s) URL with a host")
+        return seeds
+
+    @model_validator(mode="after")
+    def _pydoc_mirror_has_pages(self):
+        if not self.seeds and self.mirror in ("auto", "pydoc") and not self.pydoc_modules:
+            raise ValueError("mirror: auto/pydoc needs pydoc_modules (the pages of the fallback mirror)")
+        return self
 
 
 class ContaminationParams(Section):
@@ -97,7 +158,7 @@ class ExportParams(Section):
 
 
 class Params(Section):
-    corpus: CorpusParams
+    crawl: CrawlParams
     dedup: DedupParams = DedupParams()
     benchmarks: dict[str, str] = Field(default_factory=dict, description="eval set name -> local file")
     tokenize: TokenizeParams = TokenizeParams()

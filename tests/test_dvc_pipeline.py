@@ -24,7 +24,7 @@ def test_dvc_yaml_in_repo_is_generated_from_the_registry():
         assert entry["cmd"] == f"hatchling run {s.name}" and entry["params"] == list(s.params)
         for up in upstream(s):                       # every upstream output is a declared dep
             assert set(next(x for x in STAGES if x.name == up).outs) <= set(entry["deps"])
-    assert [s.name for s in topological_order()] == ["corpus", "dedup", "tokenize", "pretrain", "export"]
+    assert [s.name for s in topological_order()] == ["crawl", "dedup", "tokenize", "pretrain", "export"]
 
 
 def test_dvc_yaml_check_fails_when_stale(tmp_path):
@@ -82,7 +82,7 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     write_params(project, params)
     run_cmd(DVC + ["repro"], project, timeout=600)
     after = _mtimes(project)
-    assert after["corpus"] == before["corpus"] and after["tokenize"] == before["tokenize"]
+    assert after["crawl"] == before["crawl"] and after["tokenize"] == before["tokenize"]
     assert after["pretrain"] != before["pretrain"]
 
     metrics = json.loads(run_cmd(DVC + ["metrics", "show", "--json"], project).stdout)

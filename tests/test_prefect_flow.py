@@ -43,12 +43,12 @@ def test_flow_runs_then_completes_from_cache_and_reruns_only_what_changed(prefec
     # a changed pretrain param: upstream stages stay cached, pretrain runs again
     write_params(project, {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "max_steps": 4}})
     third = pipeline(root=str(project))
-    assert third["corpus"] == third["tokenize"] == "cached" and third["pretrain"]["steps"] == 4
+    assert third["crawl"] == third["tokenize"] == "cached" and third["pretrain"]["steps"] == 4
 
     # a deleted output is rebuilt even though its cache key is unchanged
     (project / "data/tokenized/meta.json").unlink()
     fourth = pipeline(root=str(project))
-    assert fourth["corpus"] == "cached" and isinstance(fourth["tokenize"], dict)
+    assert fourth["crawl"] == "cached" and isinstance(fourth["tokenize"], dict)
     assert json.loads((project / "data/tokenized/meta.json").read_text())["vocab_size"] <= 320
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")

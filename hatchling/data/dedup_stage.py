@@ -1,6 +1,6 @@
 """Stage `dedup`: exact + near-duplicate removal, then the benchmark-contamination check.
 
-Reads the corpus shards, writes cleaned shards (same names, same schema) to data/dedup, and
+Reads the crawl shards, writes cleaned shards (same names, same schema) to data/dedup, and
 reports to reports/dedup.json (metrics), reports/dedup.md (largest clusters, quoted overlaps)
 and reports/contamination.json (per benchmark: items found, documents affected, action).
 """
@@ -17,7 +17,7 @@ from hatchling.data.dedup import deduplicate, iter_signatures
 from hatchling.eval.datasets import load_benchmark
 from hatchling.io import atomic_path, atomic_write_json, atomic_write_text, read_jsonl, sha1_text, write_jsonl
 
-IN = Path("data/corpus")
+IN = Path("data/crawl")
 OUT = Path("data/dedup")
 
 

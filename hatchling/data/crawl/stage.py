@@ -1,0 +1,91 @@
+"""Stage `crawl`: crawl the seeds (or the local documentation mirror) into JSONL shards.
+
+Writes data/crawl/shard-*.jsonl in the shared schema and reports/crawl.json (pages requested,
+fetched, kept, dropped by reason, bytes, pages per second, duration). A crawl that keeps nothing,
+an unreachable seed or a malformed URL is an error with a non-zero exit, and the previous shards
+stay as they were: the new shards replace the old ones only after a successful crawl.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+from hatchling.data.corpus import write_shards
+from hatchling.data.crawl.mirror import resolve_mirror, serve_directory
+from hatchling.data.crawl.spider import DROP_REASONS
+from hatchling.stages import StageError
+
+OUT = Path("data/crawl")
+
+
+class CrawlError(StageError):
+    """A crawl that produced nothing usable."""
+
+
+def run_spider(config: dict, timeout_s: float) -> dict:
+    """Run the spider in a fresh process (Twisted's reactor cannot restart) and return its result."""
+    with tempfile.TemporaryDirectory(prefix="hatchling-crawl-") as tmp:
+        config_path, result_path = Path(tmp) / "config.json", Path(tmp) / "result.json"
+        config_path.write_text(json.dumps(config))
+        try:
+            proc = subprocess.run([sys.executable, "-m", "hatchling.data.crawl.spider", str(config_path),
+                                   str(result_path)], timeout=timeout_s, stderr=subprocess.PIPE, text=True)
+        except subprocess.TimeoutExpired:
+            raise CrawlError(f"crawl process did not finish within {timeout_s:.0f} s") from None
+        if proc.returncode != 0 or not result_path.exists():
+            tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+            raise CrawlError(f"crawl process failed (exit {proc.returncode}):\n{tail}")
+        return json.loads(result_path.read_text())
+
+
+def spider_config(p, seeds: list[str]) -> dict:
+    config = p.model_dump(mode="json")
+    config["seeds"] = seeds
+    config["fetched_at"] = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    return config
+
+
+def check_result(result: dict, seeds: list[str]) -> None:
+    if result["seed_errors"] and len(result["seed_errors"]) == len(seeds):
+        detail = "; ".join(f"{url}: {why}" for url, why in result["seed_errors"].items())
+        raise CrawlError(f"crawl: no seed could be fetched ({detail})")
+    if not result["docs"]:
+        dropped = {k: v for k, v in result["counts"].items() if v}
+        raise CrawlError(f"crawl: the seeds {seeds} yielded no documents to keep "
+                         f"({result['requested']} pages requested, {result['fetched']} fetched, dropped: {dropped})")
+
+
+def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
+    p = params.crawl
+    root = Path(root)
+    with tempfile.TemporaryDirectory(prefix="hatchling-mirror-") as scratch:
+        mirror_name = None
+        if p.seeds:
+            server, seeds = nullcontext(None), list(p.seeds)
+        else:
+            mirror_name, mirror_dir = resolve_mirror(p.mirror, p.pydoc_modules, Path(scratch))
+            server = serve_directory(mirror_dir)
+        with server as base:
+            if base is not None:
+                seeds = [base + p.mirror_start]
+            result = run_spider(spider_config(p, seeds), timeout_s=p.max_seconds + 120)
+    check_result(result, seeds)
+    docs = result["docs"]
+    if base is not None:      # the mirror's port changes per run: name its pages by the mirror instead
+        for doc in docs:
+            doc["url"] = f"mirror://{mirror_name}/" + doc["url"][len(base):]
+    shards = write_shards(docs, root / OUT, p.docs_per_shard)
+    dropped = {reason: result["counts"].get(reason, 0) for reason in DROP_REASONS}
+    seconds = result["seconds"]
+    return {"seeds": seeds if base is None else [f"mirror://{mirror_name}/{p.mirror_start}"],
+            "requested": result["requested"], "fetched": result["fetched"], "kept": len(docs),
+            "dropped": dropped, "offsite_links": result["offsite_links"], "retries": result["retries"], "bytes": result["bytes"],
+            "characters": sum(len(d["text"]) for d in docs), "shards": shards,
+            "pages_per_s": round(result["fetched"] / max(seconds, 1e-9), 2), "seconds": round(seconds, 3),
+            "finish_reason": result["finish_reason"]}

@@ -1,0 +1,257 @@
+"""The crawl stage against a real HTTP server on 127.0.0.1 that logs every request it gets."""
+
+from __future__ import annotations
+
+import copy
+import http.server
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from parsel import Selector
+
+from hatchling.config import ConfigError, validate_params
+from hatchling.data.crawl import stage as crawl_stage
+from hatchling.data.crawl.mirror import (
+    MIRROR_ROBOTS,
+    build_pydoc_mirror,
+    render_pydoc_html,
+    serve_directory,
+    serve_on_loopback,
+)
+from hatchling.data.crawl.page import classify_license, license_evidence, page_links, robots_directives
+from hatchling.io import read_jsonl, sha1_text
+from tests.conftest import TINY_PARAMS
+
+CRAWL_DELAY = 0.3
+TOPICS = ["gardens", "rivers", "bridges", "lanterns", "orchards", "harbors", "meadows", "libraries", "bicycles"]
+
+
+def english(topic: str) -> str:
+    return (f"This page is about {topic}. People who care for {topic} often write long notes about what they "
+            f"learned, and those notes help the next person who wants to understand {topic} well. The weather, the "
+            f"season and the tools at hand all change how the work goes, so every careful account of {topic} is "
+            f"worth reading twice before starting.")
+
+
+def html_page(body: str, head: str = "", footer: str = "This page is licensed under CC BY-SA 4.0.") -> bytes:
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>t</title>{head}</head>'
+            f"<body><main><article><p>{body}</p></article></main><footer>{footer}</footer></body></html>").encode()
+
+
+def link(href: str, rel: str = "") -> str:
+    return f'<a href="{href}"{f" rel={rel!r}" if rel else ""}>{href}</a> '
+
+
+class Site:
+    """A small site with one of every case the crawler must handle, and a log of what it served."""
+
+    def __init__(self):
+        self.log: list[tuple[float, str, str]] = []     # (monotonic time, path, Host header)
+        self.lock = threading.Lock()
+        self.flaky_calls = 0
+        self.base = ""
+
+    def pages(self) -> dict[str, tuple[int, str, bytes, dict]]:
+        offsite = self.base.replace("127.0.0.1", "localhost") + "offsite.html"
+        index_links = "".join(link(p) for p in (
+            "a.html", "private/secret.html", "noindex.html", "nofollow.html", "french.html", "denied.html",
+            "big.html", "flaky.html", "loop-a", "file.bin", "dup.html", "plain.txt", offsite))
+        page = lambda body, **kw: (200, "text/html; charset=utf-8", html_page(body, **kw), {})
+        return {
+            "/robots.txt": (200, "text/plain", f"User-agent: *\nDisallow: /private/\nCrawl-delay: {CRAWL_DELAY}\n"
+                            .encode(), {}),
+            "/index.html": page(english("gardens") + index_links),
+            "/a.html": page(english("rivers") + link("index.html")),
+            "/dup.html": page(english("rivers") + link("index.html")),
+            "/private/secret.html": page(english("bridges")),
+            "/noindex.html": page(english("lanterns") + link("from-noindex.html"),
+                                  head='<meta name="robots" content="noindex">'),
+            "/from-noindex.html": page(english("orchards")),
+            "/nofollow.html": page(english("harbors") + link("hidden.html"),
+                                   head='<meta name="robots" content="nofollow">'),
+            "/hidden.html": page(english("meadows")),
+            "/french.html": page("Cette page parle des jardins et des rivières. Les gens qui aiment les jardins "
+                                 "écrivent souvent de longues notes sur ce qu'ils ont appris, et ces notes aident la "
+                                 "personne suivante qui veut comprendre le jardinage. Le temps et la saison changent "
+                                 "la façon dont le travail se fait, alors chaque récit mérite d'être lu deux fois."),
+            "/denied.html": page(english("libraries"), footer="Copyright 2024 Example Corp. All rights reserved."),
+            "/big.html": page(english("bicycles") + "<!-- padding -->" * 8000),
+            "/loop-a": (302, "text/html", b"", {"Location": "/loop-b"}),
+            "/loop-b": (302, "text/html", b"", {"Location": "/loop-a"}),
+            "/file.bin": (200, "application/octet-stream", bytes(range(256)) * 64, {}),
+            "/plain.txt": (200, "text/plain; charset=utf-8",
+                           (english("kites") + " This text is licensed under CC0.").encode(), {}),
+        }
+
+    def handler(self):
+        site = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                with site.lock:
+                    site.log.append((time.monotonic(), self.path, self.headers.get("Host", "")))
+                if self.path == "/flaky.html":
+                    site.flaky_calls += 1
+                    status, ctype, body, extra = ((500, "text/plain", b"try again", {}) if site.flaky_calls == 1
+                                                  else (200, "text/html", html_page(english("harbors and kites")), {}))
+                else:
+                    status, ctype, body, extra = site.pages().get(self.path, (404, "text/plain", b"no", {}))
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in extra.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+    def requested(self, path: str) -> int:
+        return sum(1 for _, p, _ in self.log if p == path)
+
+
+def crawl_params(seeds: list[str], **crawl):
+    tree = copy.deepcopy(TINY_PARAMS)
+    tree["crawl"] = {**tree["crawl"], "seeds": seeds, "download_delay": 0.0, "max_page_kb": 64,
+                     "retry_backoff_s": 0.2, "max_redirects": 3, "timeout_s": 5, "max_seconds": 60,
+                     "progress": False, **crawl}
+    return validate_params(tree)
+
+
+@pytest.fixture(scope="module")
+def site_crawl(tmp_path_factory):
+    """Crawl the site twice (same server); the report, both shard sets and the server's log."""
+    site = Site()
+    with serve_on_loopback(site.handler()) as base:
+        site.base = base
+        runs = []
+        for i in range(2):
+            root = tmp_path_factory.mktemp(f"crawl{i}")
+            site.log.clear()
+            metrics = crawl_stage.run(crawl_params([base + "index.html"]), root)
+            runs.append((root, metrics, list(site.log)))
+    return site, runs
+
+
+def shard_docs(root: Path) -> list[dict]:
+    return [d for f in sorted((root / "data/crawl").glob("*.jsonl")) for d in read_jsonl(f)]
+
+
+def test_politeness_rules_are_honoured(site_crawl):
+    site, [(root, metrics, log), _] = site_crawl
+    site.log = log
+    paths = [p for _, p, _ in log]
+    assert "/private/secret.html" not in paths                      # robots.txt Disallow
+    assert "/hidden.html" not in paths                              # meta nofollow: its links not followed
+    assert "/from-noindex.html" in paths                            # noindex alone still lets links be followed
+    assert all(host.startswith("127.0.0.1") for _, _, host in log)  # off-domain link never fetched
+    assert site.requested("/flaky.html") == 2                       # 500 then 200: retried once
+    assert 1 <= site.requested("/loop-a") <= 3 and site.requested("/loop-b") <= 3   # redirect loop stopped
+    times = [t for t, p, _ in log if p != "/robots.txt"]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert min(gaps) >= CRAWL_DELAY - 0.02, gaps                    # Crawl-delay, measured by the server
+    urls = {d["url"].rsplit("/", 1)[-1] for d in shard_docs(root)}
+    assert urls == {"index.html", "a.html", "from-noindex.html", "nofollow.html", "flaky.html", "plain.txt"}
+    assert metrics["dropped"] == {"robots": 1, "meta-robots": 1, "language": 1, "license": 1, "size": 1,
+                                  "type": 1, "error": 1, "duplicate": 1}
+    assert metrics["offsite_links"] == 1 and metrics["retries"] >= 1 and metrics["kept"] == 6
+
+
+def test_shards_follow_the_schema_and_two_crawls_agree(site_crawl):
+    _, [(root1, m1, _), (root2, m2, _)] = site_crawl
+    docs = shard_docs(root1)
+    for doc in docs:
+        assert set(doc) >= {"id", "url", "text", "lang", "license", "fetched_at", "sha1"}
+        assert doc["sha1"] == sha1_text(doc["text"]) and doc["lang"] == "en" and len(doc["text"]) >= 200
+    assert {d["license"] for d in docs} == {"CC-BY-SA", "CC0-1.0"}
+    files1 = sorted(p.name for p in (root1 / "data/crawl").iterdir())
+    assert files1 == sorted(p.name for p in (root2 / "data/crawl").iterdir())
+    for name in files1:
+        assert (root1 / "data/crawl" / name).read_bytes() == (root2 / "data/crawl" / name).read_bytes()
+    assert m1["fetched"] == m2["fetched"] and m1["dropped"] == m2["dropped"] and m1["pages_per_s"] > 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def previous_shards(root: Path) -> Path:
+    shard = root / "data/crawl/shard-00000.jsonl"
+    shard.parent.mkdir(parents=True)
+    shard.write_text('{"id": "old", "text": "previous crawl"}\n')
+    return shard
+
+
+def test_unreachable_seed_is_an_error_and_keeps_previous_shards(tmp_path):
+    shard = previous_shards(tmp_path)
+    with pytest.raises(crawl_stage.CrawlError, match=r"no seed could be fetched .*127\.0\.0\.1"):
+        crawl_stage.run(crawl_params([f"http://127.0.0.1:{free_port()}/"], retries=0), tmp_path)
+    assert shard.read_text() == '{"id": "old", "text": "previous crawl"}\n'
+    assert sorted(p.name for p in shard.parent.iterdir()) == ["shard-00000.jsonl"]
+
+
+def test_a_crawl_that_keeps_nothing_is_an_error(tmp_path):
+    shard = previous_shards(tmp_path)
+    site = Site()
+    with serve_on_loopback(site.handler()) as base:
+        site.base = base
+        with pytest.raises(crawl_stage.CrawlError, match=r"yielded no documents.*language"):
+            crawl_stage.run(crawl_params([base + "french.html"]), tmp_path)
+    assert shard.read_text() == '{"id": "old", "text": "previous crawl"}\n'
+
+
+@pytest.mark.parametrize("url", ["htp://example.org/", "example.org/docs", "http:///nohost"])
+def test_malformed_seed_is_rejected_before_any_work(url):
+    with pytest.raises(ConfigError, match=r"crawl\.seeds.*is not an http\(s\) URL"):
+        crawl_params([url])
+
+
+def test_page_rules():
+    sel = Selector(text='<html><head><meta name="ROBOTS" content="NoIndex, follow">'
+                        '<meta name="babyhatchlingbot" content="nofollow"><link rel="license" '
+                        'href="https://creativecommons.org/licenses/by/4.0/"></head><body>'
+                        '<a href="b.html#x">b</a><a href="/c" rel="nofollow">c</a><a href="mailto:x@y">m</a>'
+                        '<a href="b.html">again</a><p>Copyright 2020 A. Licensed under CC BY-NC 4.0.</p></body></html>')
+    assert robots_directives(sel, "BabyHatchlingBot") == {"noindex", "follow", "nofollow"}
+    assert page_links(sel, "http://h/dir/a.html") == ["http://h/dir/b.html"]
+    evidence = license_evidence(sel)
+    assert evidence[0].startswith("https://creativecommons.org/licenses/by/4.0/")
+    allow = {"creativecommons.org/licenses/by/": "CC-BY"}
+    assert classify_license(evidence, allow, deny=["CC BY-NC"]) == (None, "CC BY-NC")   # deny wins
+    assert classify_license(evidence, allow, deny=[]) == ("CC-BY", None)
+    assert classify_license(["nothing here"], allow, deny=[]) == (None, None)
+
+
+def test_pydoc_mirror_is_served_with_robots_and_crawled(tmp_path):
+    mirror = build_pydoc_mirror(["json", "textwrap"], tmp_path / "mirror")
+    json_page = (mirror / "library/json.html").read_text()
+    assert "file:" not in json_page and " at 0x" not in json_page and 'content="PSF-2.0"' in json_page
+    assert 'href="textwrap.html"' in (mirror / "library/index.html").read_text()
+    import urllib.request
+
+    with serve_directory(mirror) as base:
+        assert urllib.request.urlopen(base + "robots.txt", timeout=5).read().decode() == MIRROR_ROBOTS
+    params = crawl_params([], mirror="pydoc", pydoc_modules=["json", "textwrap"])
+    metrics = crawl_stage.run(params, tmp_path)
+    docs = shard_docs(tmp_path)
+    assert metrics["seeds"] == ["mirror://pydoc/library/index.html"]
+    assert sorted(d["url"] for d in docs) == [f"mirror://pydoc/library/{m}.html" for m in ("json", "textwrap")]
+    assert {d["license"] for d in docs} == {"PSF-2.0"} and metrics["dropped"]["error"] == 0
+
+
+def test_pydoc_pages_do_not_depend_on_what_the_caller_imported():
+    """Each pydoc page is rendered in its own isolated interpreter (imports elsewhere change pages)."""
+    first = render_pydoc_html("collections")
+    import mlflow  # noqa: F401  (registers classes that would otherwise show up in the page)
+
+    assert render_pydoc_html("collections") == first
+    with pytest.raises(ValueError, match="cannot document module 'no_such_module'"):
+        render_pydoc_html("no_such_module")
