@@ -157,6 +157,38 @@ class ExportParams(Section):
     latency_repeats: int = Field(3, ge=1)
 
 
+class EvalParams(Section):
+    """The eval stage: which checkpoints, how many items, and the probes' lengths."""
+
+    checkpoints: list[Literal["pretrain"]] = Field(default_factory=lambda: ["pretrain"], min_length=1)
+    limit: int = Field(0, ge=0, description="items per benchmark (the first N); 0 = all")
+    batch_size: int = Field(16, ge=1)
+    max_len: int = Field(512, ge=16, description="tokens of context + continuation scored at most")
+    gsm8k_fewshot: int = Field(0, ge=0)
+    gsm8k_fewshot_path: str = Field("", description="GSM8K train file the few-shot examples come from")
+    gsm8k_max_new_tokens: int = Field(128, ge=1)
+    humaneval_max_new_tokens: int = Field(128, ge=1)
+    humaneval_samples: int = Field(0, ge=0, description="n samples per problem for pass@k; 0 = greedy only")
+    humaneval_k: list[int] = Field(default_factory=lambda: [1])
+    temperature: float = Field(0.8, gt=0)
+    sandbox_timeout_s: float = Field(5.0, gt=0)
+    probe_lengths: list[int] = Field(default_factory=lambda: [8, 32, 128], min_length=1)
+    probe_items: int = Field(32, ge=1)
+    needle_lengths: list[int] = Field(default_factory=lambda: [128, 512], min_length=1)
+    needle_items: int = Field(16, ge=1)
+    seed: int = 0
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.humaneval_samples and any(k > self.humaneval_samples or k < 1 for k in self.humaneval_k):
+            raise ValueError(f"humaneval_k {self.humaneval_k} must lie in 1..humaneval_samples "
+                             f"({self.humaneval_samples})")
+        if self.gsm8k_fewshot and not self.gsm8k_fewshot_path:
+            raise ValueError("gsm8k_fewshot needs gsm8k_fewshot_path (a GSM8K train file)")
+        return self
+
+
 class Params(Section):
     crawl: CrawlParams
     dedup: DedupParams = DedupParams()
@@ -164,6 +196,7 @@ class Params(Section):
     tokenize: TokenizeParams = TokenizeParams()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainParams = PretrainParams()
+    eval: EvalParams = EvalParams()
     export: ExportParams = ExportParams()
 
     @model_validator(mode="after")

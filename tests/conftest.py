@@ -26,6 +26,8 @@ TINY_PARAMS = {
     "pretrain": {"seed": 7, "lr": 0.003, "warmup_steps": 2, "max_steps": 6, "batch_size": 2, "seq_len": 32,
                  "seq_len_curriculum": [], "eval_every": 3, "eval_batches": 2, "checkpoint_every": 2,
                  "progress": False},
+    "eval": {"checkpoints": ["pretrain"], "limit": 2, "gsm8k_max_new_tokens": 6, "humaneval_max_new_tokens": 6,
+             "probe_lengths": [4, 8], "probe_items": 4, "needle_lengths": [64], "needle_items": 2, "progress": False},
     "export": {"source": "pretrain", "prompts": 4, "prompt_len": 16, "new_tokens": 8, "eval_batches": 2,
                "batch_size": 4, "seq_len": 32, "latency_repeats": 1},
 }
@@ -81,3 +83,21 @@ def tokenized_project(tmp_path_factory) -> Path:
     for stage in ("crawl", "dedup", "tokenize"):
         run_cmd(hatchling_cmd("run", stage), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def pretrained_project(tokenized_project, tmp_path_factory) -> Path:
+    """tokenized_project plus a pretrain checkpoint (shared, read-only for tests: copy what you change)."""
+    path = make_project(tmp_path_factory.mktemp("pre") / "proj")
+    shutil.copytree(tokenized_project / "data", path / "data")
+    run_cmd(hatchling_cmd("run", "pretrain"), path)
+    return path
+
+
+def copy_project(source: Path, dest: Path) -> Path:
+    """A fresh project with the data and checkpoints of `source`."""
+    proj = make_project(dest)
+    for name in ("data", "checkpoints"):
+        if (source / name).exists():
+            shutil.copytree(source / name, proj / name)
+    return proj

@@ -13,7 +13,7 @@ from hatchling.data.tokenizer import load_tokenizer
 from hatchling.export.int8 import Int8Linear, dequantize, quantize_per_channel, quantize_state_dict, use_int8_linears
 from hatchling.inference import load_for_inference, stream_text
 from hatchling.model import build_model
-from tests.conftest import TINY_PARAMS, hatchling_cmd, make_project, project_env, run_cmd
+from tests.conftest import TINY_PARAMS, copy_project, hatchling_cmd, project_env, run_cmd
 
 TINY_MODEL = {**TINY_PARAMS["model"], "vocab_size": 320}
 
@@ -65,10 +65,8 @@ def test_chat_template(tokenized_project):
 
 
 @pytest.fixture(scope="module")
-def exported(tokenized_project, tmp_path_factory):
-    proj = make_project(tmp_path_factory.mktemp("export") / "proj")
-    shutil.copytree(tokenized_project / "data", proj / "data")
-    run_cmd(hatchling_cmd("run", "pretrain"), proj)
+def exported(pretrained_project, tmp_path_factory):
+    proj = copy_project(pretrained_project, tmp_path_factory.mktemp("export") / "proj")
     run_cmd(hatchling_cmd("run", "export"), proj)
     return proj
 

