@@ -146,8 +146,48 @@ class PretrainParams(Section):
         return self
 
 
+class TasksParams(Section):
+    """The project's verifiable tasks (arithmetic, small Python functions) and docs QA chats."""
+
+    seed: int = 0
+    math_items: int = Field(2000, ge=10)
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    docs_qa: int = Field(200, ge=0, description="question/answer chats derived from crawled documents (at most)")
+
+
+class SFTParams(PretrainParams):
+    """Chat SFT: the pretrain trainer's knobs, plus the conversation files."""
+
+    data: list[str] = Field(default_factory=lambda: ["data/tasks/sft_train.jsonl"], min_length=1)
+    val_data: list[str] = Field(default_factory=lambda: ["data/tasks/sft_heldout.jsonl"], min_length=1)
+
+
+class RLVRParams(Section):
+    """PPO-lite RL with verifiable rewards from the SFT checkpoint (see hatchling/train/rl.py)."""
+
+    seed: int = 0
+    tasks: list[Literal["math", "code"]] = Field(default_factory=lambda: ["math"], min_length=1)
+    max_steps: int = Field(20, ge=1)
+    prompts_per_step: int = Field(8, ge=1)
+    k: int = Field(8, ge=2, description="completions sampled per prompt (the advantage group)")
+    max_new_tokens: int = Field(48, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    lr: float = Field(1e-4, gt=0, le=1)
+    ppo_epochs: int = Field(2, ge=1, description="updates per batch of samples")
+    epsilon_clip: float = Field(0.2, gt=0, lt=1)
+    rho_max: float = Field(2.0, ge=1, description="truncation of the behavior/trainer importance ratio")
+    kl_coef: float = Field(0.05, ge=0, description="initial KL coefficient")
+    kl_target: float = Field(0.1, gt=0)
+    kl_horizon: int = Field(10, ge=1, description="steps over which the KL coefficient adapts")
+    format_reward: float = Field(0.1, ge=0, description="bonus for a well-formed answer")
+    grad_clip: float = Field(1.0, ge=0)
+    eval_items: int = Field(20, ge=1, description="held-out items scored greedily before and after")
+    sandbox_timeout_s: float = Field(5.0, gt=0)
+    progress: bool = True
+
+
 class ExportParams(Section):
-    source: Literal["pretrain"] = Field("pretrain", description="the stage whose checkpoint is exported")
+    source: Literal["pretrain", "sft", "rlvr"] = Field("rlvr", description="the stage whose checkpoint is exported")
     prompts: int = Field(8, ge=1, description="held-out prompts for greedy agreement")
     prompt_len: int = Field(64, ge=1)
     new_tokens: int = Field(32, ge=1)
@@ -160,7 +200,8 @@ class ExportParams(Section):
 class EvalParams(Section):
     """The eval stage: which checkpoints, how many items, and the probes' lengths."""
 
-    checkpoints: list[Literal["pretrain"]] = Field(default_factory=lambda: ["pretrain"], min_length=1)
+    checkpoints: list[Literal["pretrain", "sft", "rlvr"]] = Field(
+        default_factory=lambda: ["pretrain", "sft", "rlvr"], min_length=1)
     limit: int = Field(0, ge=0, description="items per benchmark (the first N); 0 = all")
     batch_size: int = Field(16, ge=1)
     max_len: int = Field(512, ge=16, description="tokens of context + continuation scored at most")
@@ -196,6 +237,9 @@ class Params(Section):
     tokenize: TokenizeParams = TokenizeParams()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainParams = PretrainParams()
+    tasks: TasksParams = TasksParams()
+    sft: SFTParams = SFTParams()
+    rlvr: RLVRParams = RLVRParams()
     eval: EvalParams = EvalParams()
     export: ExportParams = ExportParams()
 

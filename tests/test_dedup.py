@@ -130,6 +130,7 @@ def _stage_project(tmp_path, action, docs):
               "benchmarks": {"gsm8k": "bench/gsm8k.jsonl", "winogrande": "bench/missing.jsonl"}}
     proj = make_project(tmp_path / action, params)
     (proj / "data/crawl").mkdir(parents=True)
+    (proj / "data/tasks").mkdir()               # a declared input of dedup (its held-out tasks are benchmarks)
     write_jsonl(proj / "data/crawl/shard-00000.jsonl", docs)
     (proj / "bench").mkdir()
     write_jsonl(proj / "bench/gsm8k.jsonl", [{"question": "Tom has 3 apples and buys 4 more apples at the "

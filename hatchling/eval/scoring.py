@@ -80,11 +80,14 @@ def token_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], ma
 @torch.no_grad()
 def generate_text(model, prompt_ids: list[int], max_new_tokens: int, decode: Callable[[list[int]], str],
                   stop: Sequence[str] = (), max_len: int | None = None, temperature: float = 0.0,
-                  seed: int | None = None) -> str:
-    """A continuation of a prompt as text (greedy at temperature 0), cut at the first stop string."""
+                  seed: int | None = None, stop_ids: tuple[int, ...] = ()) -> str:
+    """A continuation of a prompt as text (greedy at temperature 0), cut at the first stop string or
+    before the first stop token (e.g. the chat template's <|end|>)."""
     ids = prompt_ids[-max_len:] if max_len else prompt_ids
     new: list[int] = []
     for tok in model.stream(torch.tensor([ids]), max_new_tokens, temperature=temperature, seed=seed):
+        if int(tok[0]) in stop_ids:
+            break
         new.append(int(tok[0]))
         text = decode(new)
         if any(s in text for s in stop):

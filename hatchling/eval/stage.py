@@ -49,8 +49,8 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     rows: dict[tuple[str, str], dict] = {}
     probes = {}
     for ckpt in cfg.checkpoints:
-        model, tokenizer, _ = load_for_inference(root / "checkpoints" / ckpt)
-        ev = Evaluator(model, tokenizer, cfg)
+        model, tokenizer, meta = load_for_inference(root / "checkpoints" / ckpt)
+        ev = Evaluator(model, tokenizer, cfg, chat=meta.get("stage") in ("sft", "rlvr"))
         for name, records in data.items():
             for row in run_task(ev, name, records, shots):
                 entry = rows.setdefault((row.task, row.metric), {"task": row.task, "metric": row.metric, "n": row.n,

@@ -41,30 +41,41 @@ def seq_len_at(step: int, base: int, curriculum: list[tuple[int, int]]) -> int:
     return length
 
 
-def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, device):
-    """(inputs, targets) [B, seq_len] from random windows; the same seed always gives the same batch."""
+IGNORE = -100     # a target that carries no loss (SFT: every token that is not the assistant's)
+
+
+def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, device,
+                 labels: np.ndarray | None = None):
+    """(inputs, targets) [B, seq_len] from random windows; the same seed always gives the same batch.
+    Targets come from `labels` when given (same length as data, IGNORE where no loss is taken)."""
     if len(data) < seq_len + 2:
         raise ValueError(f"token file has {len(data)} tokens, fewer than seq_len+2 = {seq_len + 2}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen).tolist()
     window = torch.from_numpy(np.stack([np.asarray(data[s:s + seq_len + 1], dtype=np.int64) for s in starts]))
-    return window[:, :-1].to(device), window[:, 1:].to(device)
+    if labels is None:
+        return window[:, :-1].to(device), window[:, 1:].to(device)
+    targets = torch.from_numpy(np.stack([np.asarray(labels[s + 1:s + seq_len + 1], dtype=np.int64) for s in starts]))
+    return window[:, :-1].to(device), targets.to(device)
 
 
 def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the targets that are not IGNORE (0 when a batch has none)."""
     logits = model(x)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
+                            reduction="sum")
+    return total / (y != IGNORE).sum().clamp(min=1)
 
 
 @torch.no_grad()
 def validation_loss(model, data: np.ndarray, batches: int, batch_size: int, seq_len: int, device="cpu",
-                    autocast=None) -> float:
+                    autocast=None, labels: np.ndarray | None = None) -> float:
     """Mean next-token loss (nats) over fixed, seeded windows of `data`: the same for every call."""
     model.eval()
     length = min(seq_len, len(data) - 2)
     losses = []
     for i in range(batches):
-        x, y = sample_batch(data, batch_size, length, 10**9 + i, device)
+        x, y = sample_batch(data, batch_size, length, 10**9 + i, device, labels)
         with autocast or contextlib.nullcontext():
             losses.append(lm_loss(model, x, y).item())
     return float(np.mean(losses))
@@ -76,8 +87,10 @@ class Trainer:
     def __init__(self, model, params, train_data: np.ndarray, val_data: np.ndarray, *,
                  run_dir: Path, out_dir: Path, sidecar: dict, val_tokens_per_byte: float,
                  log: Callable[[dict, int], None] = lambda metrics, step: None,
-                 csv_path: Path | None = None, fingerprint: str = "", files: dict[str, Path] | None = None):
+                 csv_path: Path | None = None, fingerprint: str = "", files: dict[str, Path] | None = None,
+                 train_labels: np.ndarray | None = None, val_labels: np.ndarray | None = None):
         self.p = params
+        self.train_labels, self.val_labels = train_labels, val_labels
         self.device = resolve_device(params.device)
         self.model = model.to(self.device)
         self.train_data, self.val_data = train_data, val_data
@@ -124,7 +137,7 @@ class Trainer:
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict:
         val_loss = validation_loss(self.model, self.val_data, self.p.eval_batches, self.p.batch_size,
-                                   self.p.seq_len, self.device, self.autocast)
+                                   self.p.seq_len, self.device, self.autocast, self.val_labels)
         self.model.train()
         return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * self.val_tokens_per_byte}
 
@@ -147,12 +160,12 @@ class Trainer:
         total = 0.0
         for micro in range(p.grad_accum):
             x, y = sample_batch(self.train_data, p.batch_size, length,
-                                (p.seed * 1_000_003 + self.step) * 64 + micro, self.device)
+                                (p.seed * 1_000_003 + self.step) * 64 + micro, self.device, self.train_labels)
             with self.autocast or contextlib.nullcontext():
                 loss = lm_loss(self.model, x, y) / p.grad_accum
             loss.backward()
             total += loss.item()
-            self.tokens_seen += y.numel()
+            self.tokens_seen += int((y != IGNORE).sum())
         if p.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.grad_clip)
         for opt in self.optimizers:

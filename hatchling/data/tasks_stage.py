@@ -1,0 +1,63 @@
+"""Stage `tasks`: the verifiable tasks and chats that SFT, RLVR and eval use (data/tasks/).
+
+- math_{train,heldout}.jsonl: arithmetic word problems, GSM8K's schema
+- code_{train,heldout}.jsonl: small Python functions with tests, HumanEval's schema
+- sft_train.jsonl, sft_heldout.jsonl: the chat form ({"messages": [...]}) of the splits above, plus
+  question/answer chats derived from the crawled documents (train only)
+
+The held-out files are listed under `benchmarks:` (hatchling_math, hatchling_code), so the
+contamination check guards them and the eval stage scores them. The training items are checked
+against the other eval sets the same way the crawl is (word n-gram containment, params
+dedup.contamination): with action drop or redact a contaminated training item is dropped (a
+redacted worked solution would teach the wrong thing), with report it is only counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hatchling.data.corpus import iter_documents
+from hatchling.data.decontam import ContaminationIndex
+from hatchling.data.dedup_stage import load_benchmarks
+from hatchling.data.tasks import code_items, docs_qa, math_items, split_items, to_messages
+from hatchling.io import atomic_path, write_jsonl
+
+OUT = Path("data/tasks")
+
+
+def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
+    p, root = params.tasks, Path(root)
+    math_train, math_heldout = split_items(math_items(p.math_items, p.seed), p.heldout_fraction)
+    code_train, code_heldout = split_items(code_items(p.seed), p.heldout_fraction)
+    qa = docs_qa(list(iter_documents(root / "data/crawl")), p.docs_qa)
+    c = params.dedup.contamination
+    produced_here = {name for name, path in params.benchmarks.items() if Path(path).parts[:2] == OUT.parts}
+    benchmarks, _ = load_benchmarks({k: v for k, v in params.benchmarks.items() if k not in produced_here}, root)
+    index = ContaminationIndex(benchmarks, c.ngram)
+    contaminated: dict[str, int] = {}
+
+    def clean(items: list[dict], text) -> list[dict]:
+        kept = []
+        for item in items:
+            hits = index.scan(text(item), c.threshold) if index.items else []
+            for bench in {h.benchmark for h in hits}:
+                contaminated[bench] = contaminated.get(bench, 0) + 1
+            if not hits or c.action == "report":
+                kept.append(item)
+        return kept
+
+    math_train = clean(math_train, lambda x: f"{x['question']} {x['answer']}")
+    code_train = clean(code_train, lambda x: x["prompt"] + x["canonical_solution"])
+    qa = clean(qa, lambda x: " ".join(m["content"] for m in x["messages"]))
+    files = {
+        "math_train.jsonl": math_train, "math_heldout.jsonl": math_heldout,
+        "code_train.jsonl": code_train, "code_heldout.jsonl": code_heldout,
+        "sft_train.jsonl": [to_messages(x) for x in math_train + code_train] + qa,
+        "sft_heldout.jsonl": [to_messages(x) for x in math_heldout + code_heldout],
+    }
+    with atomic_path(root / OUT) as tmp:
+        tmp.mkdir()
+        for name, records in files.items():
+            write_jsonl(tmp / name, records)
+    return ({name.removesuffix(".jsonl"): len(records) for name, records in files.items()}
+            | {"docs_qa": len(qa), "contaminated_training_items": contaminated, "contamination_action": c.action})
