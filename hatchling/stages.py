@@ -10,6 +10,7 @@ added here shows up in both orchestrators and in MLflow with no second edit.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +152,8 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
             hint = f" (output of stage {producer}: run `hatchling run {producer}` first)" if producer else ""
             raise StageError(f"stage {name} needs {dep}{hint}")
     fn = stage.function()
+    if int(os.environ.get("RANK", "0")) != 0:     # torchrun: rank 0 alone tracks and reports
+        return fn(params, root, lambda metrics, step: None)
     sections = {sec: params.section(sec) for sec in stage.params}
     run = StageRun(name, sections, {"hatchling.input_hash": input_hash(stage, root)}, root)
     try:

@@ -255,3 +255,15 @@ def test_pydoc_pages_do_not_depend_on_what_the_caller_imported():
     assert render_pydoc_html("collections") == first
     with pytest.raises(ValueError, match="cannot document module 'no_such_module'"):
         render_pydoc_html("no_such_module")
+
+
+def test_depth_and_page_caps(tmp_path):
+    site = Site()
+    with serve_on_loopback(site.handler()) as base:
+        site.base = base
+        shallow = crawl_stage.run(crawl_params([base + "index.html"], max_depth=0), tmp_path / "depth")
+        capped = crawl_stage.run(crawl_params([base + "index.html"], max_pages=3), tmp_path / "pages")
+    assert shallow["requested"] == 1 and shallow["kept"] == 1 and shallow["offsite_links"] == 0
+    assert capped["requested"] == 3
+    # breadth-first in link order: the seed, then its first two on-site links
+    assert [d["url"].rsplit("/", 1)[-1] for d in shard_docs(tmp_path / "pages")] == ["index.html", "a.html"]

@@ -4,6 +4,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -153,3 +154,58 @@ def test_early_stopping(tokenized_project, tmp_path):
                           "--set", "pretrain.warmup_steps=0"), proj)
     report = json.loads((proj / "reports/pretrain.json").read_text())
     assert report["stopped_early"] and report["steps"] < 40
+
+
+def test_two_process_ddp_equals_one_process_with_the_global_batch(tokenized_project, tmp_path):
+    """torchrun with gloo, world size 2, each rank half of the global batch: the same weights as one
+    process with the whole batch (up to float summation order)."""
+    import socket
+
+    from tests.conftest import copy_project
+
+    single = copy_project(tokenized_project, tmp_path / "single")
+    ddp = copy_project(tokenized_project, tmp_path / "ddp")
+    overrides = ["--set", "pretrain.batch_size=4", "--set", "pretrain.max_steps=3", "--set", "pretrain.eval_every=3"]
+    run_cmd(hatchling_cmd("run", "pretrain", *overrides), single)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+             "--master_port", str(port), "-m", "hatchling", "run", "pretrain", *overrides], ddp, timeout=300)
+    a = load_file(single / "checkpoints/pretrain/model.safetensors")
+    b = load_file(ddp / "checkpoints/pretrain/model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    ra, rb = (json.loads((p / "reports/pretrain.json").read_text()) for p in (single, ddp))
+    assert ra["steps"] == rb["steps"] == 3
+    assert rb["final_train_loss"] == pytest.approx(ra["final_train_loss"], rel=1e-5)
+
+
+def test_rank_losses_average_to_the_global_mean_gradient_with_uneven_masks():
+    """Two ranks whose halves hold different numbers of trained (non-IGNORE) targets: averaging
+    their gradients (what DDP does) gives the single-process gradient of the global mean."""
+    from hatchling.train.distributed import World
+    from hatchling.train.loop import IGNORE, lm_loss, loss_sum
+
+    torch.manual_seed(0)
+    model = build_model({"size": "toddler", "vocab_size": 50, "d_model": 32, "n_layers": 2, "n_heads": 2,
+                         "head_dim": 16, "n_kv_heads": 1, "mlp_hidden": 64, "chunk_size": 16})
+    x = torch.randint(0, 50, (4, 12))
+    y = torch.randint(0, 50, (4, 12))
+    y[:2, :9] = IGNORE                                   # rank 0's rows train far fewer targets
+    lm_loss(model, x, y).backward()
+    full = [p.grad.clone() for p in model.parameters()]
+    count = (y != IGNORE).sum()
+    averaged = [torch.zeros_like(g) for g in full]
+    for rank in range(2):
+        world = World(rank, 2)
+        model.zero_grad()
+        local, _ = loss_sum(model, world.shard(x), world.shard(y))
+        (local * world.size / count).backward()
+        averaged = [a + p.grad / 2 for a, p in zip(averaged, model.parameters(), strict=True)]
+    for f, a in zip(full, averaged, strict=True):
+        torch.testing.assert_close(a, f, rtol=1e-5, atol=1e-7)
+    assert World(1, 2).shard(x).tolist() == x[2:].tolist()
+    with pytest.raises(ValueError, match="batch_size 4 does not divide across 3 processes"):
+        World(0, 3).shard(x)

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import io
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -20,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from hatchling.io import atomic_write_text
 from hatchling.train.checkpoint import load_trainer_state, load_weights, read_sidecar, save_model
+from hatchling.train.distributed import init_world
 from hatchling.train.optim import build_optimizers, lr_multiplier, set_lr
 
 
@@ -59,12 +62,18 @@ def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, dev
     return window[:, :-1].to(device), targets.to(device)
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss over the targets that are not IGNORE (0 when a batch has none)."""
+def loss_sum(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token losses over the targets that are not IGNORE, their count)."""
     logits = model(x)
     total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
                             reduction="sum")
-    return total / (y != IGNORE).sum().clamp(min=1)
+    return total, (y != IGNORE).sum()
+
+
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss over the targets that are not IGNORE (0 when a batch has none)."""
+    total, count = loss_sum(model, x, y)
+    return total / count.clamp(min=1)
 
 
 @torch.no_grad()
@@ -92,7 +101,12 @@ class Trainer:
         self.p = params
         self.train_labels, self.val_labels = train_labels, val_labels
         self.device = resolve_device(params.device)
+        if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
+            self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        self.world = init_world(self.device)
         self.model = model.to(self.device)
+        # the module that runs forward/backward: DDP all-reduces gradients across ranks
+        self.train_module = DistributedDataParallel(self.model) if self.world.size > 1 else self.model
         self.train_data, self.val_data = train_data, val_data
         self.run_dir, self.out_dir, self.csv_path = Path(run_dir), Path(out_dir), csv_path
         self.sidecar, self.fingerprint, self.files = sidecar, fingerprint, files or {}
@@ -114,6 +128,8 @@ class Trainer:
                 "torch_rng": torch.get_rng_state()}
 
     def save_checkpoint(self) -> None:
+        if not self.world.is_main:
+            return
         save_model(self.model, self.run_dir, {**self.sidecar, "step": self.step}, self._trainer_state(), self.files)
 
     def try_resume(self) -> bool:
@@ -142,7 +158,7 @@ class Trainer:
         return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * self.val_tokens_per_byte}
 
     def _write_csv(self) -> None:
-        if self.csv_path is None or not self.history:
+        if self.csv_path is None or not self.history or not self.world.is_main:
             return
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(self.history[-1]))
@@ -161,11 +177,14 @@ class Trainer:
         for micro in range(p.grad_accum):
             x, y = sample_batch(self.train_data, p.batch_size, length,
                                 (p.seed * 1_000_003 + self.step) * 64 + micro, self.device, self.train_labels)
+            count = (y != IGNORE).sum().clamp(min=1)          # the global batch's target count
+            x, y = self.world.shard(x), self.world.shard(y)
             with self.autocast or contextlib.nullcontext():
-                loss = lm_loss(self.model, x, y) / p.grad_accum
+                local_sum, _ = loss_sum(self.train_module, x, y)
+                loss = local_sum * self.world.size / count / p.grad_accum   # DDP averages over ranks
             loss.backward()
-            total += loss.item()
-            self.tokens_seen += int((y != IGNORE).sum())
+            total += float(self.world.sum(local_sum.detach())) / float(count) / p.grad_accum
+            self.tokens_seen += int(count)
         if p.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.grad_clip)
         for opt in self.optimizers:
@@ -179,7 +198,8 @@ class Trainer:
         resumed_from = self.step if self.try_resume() else None
         self.model.train()
         t0 = time.perf_counter()
-        bar = tqdm(total=p.max_steps, initial=self.step, disable=not p.progress, desc="train", unit="step",
+        bar = tqdm(total=p.max_steps, initial=self.step, disable=not (p.progress and self.world.is_main),
+                   desc="train", unit="step",
                    mininterval=1.0 if sys.stderr.isatty() else 15.0)
         stopped_early = False
         train_loss = float("nan")
@@ -205,7 +225,8 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         final = self.history[-1] if self.history else self.evaluate()
-        save_model(self.model, self.out_dir, {**self.sidecar, "step": self.step}, files=self.files)
+        if self.world.is_main:
+            save_model(self.model, self.out_dir, {**self.sidecar, "step": self.step}, files=self.files)
         return {"steps": self.step, "final_train_loss": train_loss, "val_loss": final["val_loss"],
                 "val_bpb": final["val_bpb"], "best_val_loss": self.best_val, "stopped_early": stopped_early,
                 "resumed_from_step": resumed_from, "seconds": round(time.perf_counter() - t0, 3)}
