@@ -21,10 +21,12 @@ SIZES: dict[str, dict] = {
 
 
 class ModelConfig(BaseModel):
-    """Architecture of the hybrid LM (KDA blocks with a NoPE attention block every few layers)."""
+    """Architecture: the hybrid LM (KDA blocks with a NoPE attention block every few layers), or
+    BDH-GPU with ``arch: bdh`` (which uses d_model, n_layers, n_heads and the bdh_* fields)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    arch: Literal["hybrid", "bdh"] = Field("hybrid", description="hybrid KDA + NoPE, or BDH-GPU (model/bdh.py)")
     size: Literal["toddler", "xs", "s"] = "toddler"
     vocab_size: int = Field(4096, ge=2, le=1 << 20, description="set from the tokenizer by pretrain")
     d_model: int = Field(128, ge=8)
@@ -37,6 +39,9 @@ class ModelConfig(BaseModel):
     conv_size: int = Field(4, ge=1, description="causal depthwise conv kernel on q/k/v")
     chunk_size: int = Field(64, ge=1, description="KDA chunk length for the chunked kernel")
     kda_backend: Literal["auto", "fla", "chunked", "recurrent"] = "auto"
+    bdh_neurons: int = Field(512, ge=2, description="BDH: neurons per head (the sparse space)")
+    bdh_per_layer: bool = Field(True, description="BDH: each layer its own encoder/decoder (else shared)")
+    rope_theta: float = Field(65536.0, gt=1, description="BDH: RoPE base over the neuron dimension")
     norm_eps: float = Field(1e-6, gt=0)
     init_std: float = Field(0.02, gt=0)
 

@@ -87,7 +87,11 @@ class HatchlingLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(model_params: dict | ModelConfig) -> HatchlingLM:
-    """The model for a params.yaml ``model`` section (a dict) or a ModelConfig."""
+def build_model(model_params: dict | ModelConfig) -> nn.Module:
+    """The model for a params.yaml ``model`` section (a dict) or a ModelConfig, by ``arch``."""
     cfg = model_params if isinstance(model_params, ModelConfig) else ModelConfig(**model_params)
+    if cfg.arch == "bdh":
+        from hatchling.model.bdh import BDHLM
+
+        return BDHLM(cfg)
     return HatchlingLM(cfg)

@@ -155,7 +155,10 @@ class Trainer:
         val_loss = validation_loss(self.model, self.val_data, self.p.eval_batches, self.p.batch_size,
                                    self.p.seq_len, self.device, self.autocast, self.val_labels)
         self.model.train()
-        return {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * self.val_tokens_per_byte}
+        metrics = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * self.val_tokens_per_byte}
+        if hasattr(self.model, "active_fraction"):        # BDH: share of neurons firing on validation text
+            metrics["active_fraction"] = self.model.active_fraction
+        return metrics
 
     def _write_csv(self) -> None:
         if self.csv_path is None or not self.history or not self.world.is_main:
@@ -212,7 +215,8 @@ class Trainer:
                 metrics = self.evaluate()
                 row = {"step": self.step, "train_loss": round(train_loss, 5), "lr": lr, "seq_len": length,
                        "val_loss": round(metrics["val_loss"], 5), "val_bpb": round(metrics["val_bpb"], 5),
-                       "tokens": self.tokens_seen}
+                       "tokens": self.tokens_seen,
+                       **{k: round(v, 5) for k, v in metrics.items() if k not in ("val_loss", "val_bpb")}}
                 self.history.append(row)
                 self.log(metrics, self.step)
                 self._write_csv()
