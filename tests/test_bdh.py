@@ -88,19 +88,3 @@ def test_bdh_learns_one_batch():
     losses = overfit_one_batch(model, (x[:, :-1], x[:, 1:]), steps=60, lr=3e-3)
     assert losses[-1] < 0.5 * losses[0]
 
-
-def test_every_stage_after_tokenize_runs_with_bdh(tokenized_project, tmp_path):
-    """`model.arch=bdh` flows through pretrain, SFT, RLVR, eval and export unchanged."""
-    import json
-
-    from tests.conftest import copy_project, hatchling_cmd, run_cmd
-
-    proj = copy_project(tokenized_project, tmp_path / "bdh")
-    arch = ["--set", "model.arch=bdh", "--set", "model.bdh_neurons=32"]
-    for stage in ("pretrain", "sft", "rlvr", "eval", "export"):
-        run_cmd(hatchling_cmd("run", stage, *arch), proj)
-    sidecar = json.loads((proj / "checkpoints/rlvr/model.json").read_text())
-    assert sidecar["model_config"]["arch"] == "bdh"
-    history = (proj / "logs/pretrain.csv").read_text().splitlines()
-    assert history[0].endswith("active_fraction") and 0 < float(history[-1].rsplit(",", 1)[1]) < 1
-    assert json.loads((proj / "reports/export.json").read_text())["int8_greedy_agreement"] >= 0.5

@@ -26,7 +26,8 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    arch: Literal["hybrid", "bdh"] = Field("hybrid", description="hybrid KDA + NoPE, or BDH-GPU (model/bdh.py)")
+    arch: Literal["hybrid", "bdh", "hope"] = Field(
+        "hybrid", description="hybrid KDA + NoPE, BDH-GPU (model/bdh.py) or HOPE / Titans memory (model/titans.py)")
     size: Literal["toddler", "xs", "s"] = "toddler"
     vocab_size: int = Field(4096, ge=2, le=1 << 20, description="set from the tokenizer by pretrain")
     d_model: int = Field(128, ge=8)
@@ -42,6 +43,9 @@ class ModelConfig(BaseModel):
     bdh_neurons: int = Field(512, ge=2, description="BDH: neurons per head (the sparse space)")
     bdh_per_layer: bool = Field(True, description="BDH: each layer its own encoder/decoder (else shared)")
     rope_theta: float = Field(65536.0, gt=1, description="BDH: RoPE base over the neuron dimension")
+    hope_hidden: int = Field(64, ge=2, description="HOPE: hidden width of each memory MLP")
+    hope_levels: int = Field(1, ge=0, description="HOPE: continuum-memory levels after the Titans memory")
+    hope_chunk: int = Field(16, ge=1, description="HOPE: tokens per memory update (level l: chunk * 4^l)")
     norm_eps: float = Field(1e-6, gt=0)
     init_std: float = Field(0.02, gt=0)
 

@@ -94,4 +94,8 @@ def build_model(model_params: dict | ModelConfig) -> nn.Module:
         from hatchling.model.bdh import BDHLM
 
         return BDHLM(cfg)
+    if cfg.arch == "hope":
+        from hatchling.model.titans import HOPELM
+
+        return HOPELM(cfg)
     return HatchlingLM(cfg)
