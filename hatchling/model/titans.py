@@ -86,11 +86,20 @@ def memory_update(state: tuple, k, v, theta, eta, alpha) -> tuple:
 class NeuralMemory(nn.Module):
     """A token mixer: reads the test-time-trained memory, writes each chunk into it."""
 
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, hidden: int, chunk: int, max_lr: float = 0.5):
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, hidden: int, chunk: int, max_lr: float = 0.05,
+                 max_momentum: float = 0.8):
         super().__init__()
-        self.h, self.d, self.chunk, self.max_lr = n_heads, head_dim, chunk, max_lr
+        # Bounds that keep the inner descent stable however the gates learn to open. Gradients in a
+        # chunk are all taken at its starting memory, so momentum keeps pushing along them for the
+        # whole chunk: the step is per chunk (θ ≤ max_lr / chunk per token, the chunk's mean
+        # gradient). Unbounded gates (θ up to 0.5 per token) diverged to NaN within 100 steps of
+        # pretraining; these bounds stay finite over 2,048 tokens with every gate wide open (test).
+        self.h, self.d, self.chunk = n_heads, head_dim, chunk
+        self.max_lr, self.max_momentum = max_lr, max_momentum
         self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=False)
-        self.gates = nn.Linear(d_model, 3 * n_heads)
+        self.gates = nn.Linear(d_model, 3 * n_heads)          # θ, η, α per head
+        with torch.no_grad():                                   # start remembering: α ≈ 0.02 per token
+            self.gates.bias[2 * n_heads:] = -4.0
         self.w1 = nn.Parameter(torch.randn(n_heads, head_dim, hidden) * head_dim ** -0.5)
         self.w2 = nn.Parameter(torch.randn(n_heads, hidden, head_dim) * hidden ** -0.5)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
@@ -104,7 +113,7 @@ class NeuralMemory(nn.Module):
         q, k, v = self.qkv(x).view(b, t, 3, self.h, self.d).permute(2, 0, 3, 1, 4)     # each [B,H,T,d]
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         theta, eta, alpha = torch.sigmoid(self.gates(x)).view(b, t, 3, self.h).permute(2, 0, 3, 1)
-        theta = theta * self.max_lr
+        theta, eta = theta * (self.max_lr / self.chunk), eta * self.max_momentum
         state = cache.get("memory") if cache is not None else None
         pending = cache.get("pending", 0) if cache is not None else 0
         if state is None:
