@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hatchling.model.base import LanguageModel
 from hatchling.model.config import ModelConfig
-from hatchling.model.generate import generate, stream
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -45,7 +45,7 @@ class BDHLayerParams(nn.Module):
         self.decoder = nn.Parameter(torch.randn(h * n, d) * cfg.init_std)
 
 
-class BDHLM(nn.Module):
+class BDHLM(LanguageModel):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.bdh_neurons % 2:
@@ -93,14 +93,3 @@ class BDHLM(nn.Module):
                 cache[i]["pos"] = start + t
         self.active_fraction = float(torch.stack(active).mean())
         return x[:, 0] @ self.lm_head
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_ids: tuple[int, ...] = ()) -> torch.Tensor:
-        return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
-
-    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling):
-        return stream(self, input_ids, max_new_tokens, **sampling)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())

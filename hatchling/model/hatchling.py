@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hatchling.model.attention import NoPEAttention
+from hatchling.model.base import BlockStackLM
 from hatchling.model.config import ModelConfig
-from hatchling.model.generate import generate, stream
 from hatchling.model.kda_layer import KDALayer
 
 
@@ -43,7 +43,9 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class HatchlingLM(nn.Module):
+class HatchlingLM(BlockStackLM):
+    """Decoding cache per block: KDA layers keep conv + recurrent state, attention its KV."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -61,30 +63,6 @@ class HatchlingLM(nn.Module):
             nn.init.normal_(module.weight, std=self.config.init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-
-    def new_cache(self) -> list[dict]:
-        """Empty per-layer decoding cache: KDA layers keep conv + recurrent state, attention its KV."""
-        return [{} for _ in self.blocks]
-
-    def forward(self, input_ids: torch.Tensor, cache: list[dict] | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab]. A cache, if given, is read and updated in place."""
-        x = self.embed(input_ids)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache[i])
-        return F.linear(self.norm(x), self.embed.weight)
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_ids: tuple[int, ...] = ()) -> torch.Tensor:
-        """Prompt [B, T] -> prompt + up to max_new_tokens tokens (greedy when temperature is 0)."""
-        return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
-
-    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling):
-        """Yield next-token ids [B] as they are sampled (see hatchling.model.generate.stream)."""
-        return stream(self, input_ids, max_new_tokens, **sampling)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def build_model(model_params: dict | ModelConfig) -> nn.Module:

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hatchling.model.base import BlockStackLM
+
 
 def memory_read(w1: torch.Tensor, w2: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """M(q) = silu(q W1) W2; w1 [B,H,d,h], w2 [B,H,h,d], q [B,H,C,d]."""
@@ -167,7 +169,7 @@ class HOPEBlock(nn.Module):
         return x
 
 
-class HOPELM(nn.Module):
+class HOPELM(BlockStackLM):
     """``model.arch: hope``: embeddings, HOPE blocks, a final norm and the tied output head."""
 
     def __init__(self, cfg):
@@ -177,25 +179,3 @@ class HOPELM(nn.Module):
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
         self.blocks = nn.ModuleList(HOPEBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-
-    def new_cache(self) -> list[dict]:
-        return [{} for _ in self.blocks]
-
-    def forward(self, input_ids: torch.Tensor, cache: list[dict] | None = None) -> torch.Tensor:
-        x = self.embed(input_ids)
-        for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache[i])
-        return F.linear(self.norm(x), self.embed.weight)
-
-    def generate(self, input_ids, max_new_tokens, temperature=0.0, top_k=None, top_p=None, seed=None, stop_ids=()):
-        from hatchling.model.generate import generate
-
-        return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids)
-
-    def stream(self, input_ids, max_new_tokens, **sampling):
-        from hatchling.model.generate import stream
-
-        return stream(self, input_ids, max_new_tokens, **sampling)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
