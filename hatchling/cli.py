@@ -6,6 +6,7 @@
     hatchling dvc-yaml [--check]
     hatchling generate --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     hatchling chat --checkpoint DIR [same sampling options]
+    hatchling gridworld [--size 4 --iterations 150 --out logs/gridworld.csv]
 """
 
 from __future__ import annotations
@@ -71,6 +72,19 @@ def _inference(args) -> int:
     return generate_cli(args) if args.command == "generate" else chat_cli(args)
 
 
+def _gridworld(args) -> int:
+    from hatchling.research.gridworld import GridWorld, greedy_episode, train
+
+    world = GridWorld(args.size)
+    model, rows = train(world, args.iterations, curiosity_coef=args.curiosity_coef, seed=args.seed,
+                        csv_path=Path(args.out))
+    reached, steps = greedy_episode(model, world)
+    print(f"{args.out}: {len(rows)} iterations; last reached_fraction {rows[-1]['reached_fraction']}, "
+          f"curiosity_bonus {rows[-1]['curiosity_bonus']}; greedy policy "
+          + (f"reaches the goal in {steps} steps (shortest: {2 * (args.size - 1)})" if reached else "fails"))
+    return 0 if reached else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hatchling", description="Baby-Hatchling: tiny hybrid LM pipeline")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -102,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--compute", choices=["fp32", "int8"], default="fp32",
                          help="int8: keep an INT8 export's Linear weights int8 in memory")
         cmd.set_defaults(func=_inference)
+    grid = sub.add_parser("gridworld", help="train the LM as a policy in the curiosity gridworld (Stage-D)")
+    grid.add_argument("--size", type=int, default=4)
+    grid.add_argument("--iterations", type=int, default=150)
+    grid.add_argument("--curiosity-coef", type=float, default=0.1)
+    grid.add_argument("--seed", type=int, default=0)
+    grid.add_argument("--out", default="logs/gridworld.csv", help="the summary CSV")
+    grid.set_defaults(func=_gridworld)
     args = ap.parse_args(argv)
     try:
         return args.func(args)

@@ -115,9 +115,24 @@ class TokenizeParams(Section):
     seed: int = 0
 
 
+class SparsityParams(Section):
+    """Mixed-sparsity training (hatchling/train/sparsity.py): targets of 0 switch it off."""
+
+    mlp: float = Field(0.0, ge=0, lt=1, description="target share of zero weights in the MLP matrices")
+    mixer: float = Field(0.0, ge=0, lt=1, description="... in the KDA / attention projections")
+    every: int = Field(25, ge=1, description="steps between prune-and-regrow updates")
+    regrow: float = Field(0.1, ge=0, lt=1, description="share of kept weights re-chosen by gradient per update")
+    start_step: int = Field(0, ge=0)
+    end_fraction: float = Field(0.75, gt=0, le=1, description="target reached at this share of max_steps")
+
+
 class PretrainParams(Section):
     seed: int = 1337
-    optimizer: Literal["adamw", "muon"] = "adamw"
+    optimizer: Literal["adamw", "muon", "adapm"] = Field(
+        "adamw", description="adapm: AdamW with per-output-channel momentum (hatchling/train/adapm.py)")
+    adapm_beta_range: tuple[float, float] = Field((0.5, 0.98), description="AdaPM: bounds of each channel's beta1")
+    adapm_rate: float = Field(0.05, ge=0, description="AdaPM: beta1 change per unit of gradient agreement")
+    sparsity: SparsityParams = Field(default_factory=SparsityParams)
     lr: float = Field(3e-3, gt=0, le=1)
     muon_lr: float = Field(0.02, gt=0, le=1, description="lr of the Muon matrices (muon only)")
     weight_decay: float = Field(0.1, ge=0)
@@ -180,6 +195,9 @@ class RLVRParams(Section):
     kl_target: float = Field(0.1, gt=0)
     kl_horizon: int = Field(10, ge=1, description="steps over which the KL coefficient adapts")
     format_reward: float = Field(0.1, ge=0, description="bonus for a well-formed answer")
+    use_curiosity_bonus: bool = Field(False, description="add the predictive head's curiosity to the reward "
+                                                         "(needs model.use_predictive_coding)")
+    curiosity_coef: float = Field(0.1, ge=0, description="weight of the curiosity bonus")
     grad_clip: float = Field(1.0, ge=0)
     eval_items: int = Field(20, ge=1, description="held-out items scored greedily before and after")
     sandbox_timeout_s: float = Field(5.0, gt=0)

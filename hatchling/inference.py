@@ -34,6 +34,8 @@ def load_for_inference(directory: str | Path, compute: str = "fp32") -> tuple[Ha
         model.load_state_dict({k: v.float() for k, v in sd.items()})
     else:
         raise ValueError(f"{directory}: unknown checkpoint format {fmt!r}")
+    if hasattr(model, "load_state_files"):
+        model.load_state_files(directory)
     tokenizer = load_tokenizer(directory / TOKENIZER)
     return model.eval(), tokenizer, meta
 

@@ -29,7 +29,7 @@ def test_overrides_use_dvc_syntax_and_yaml_values(tmp_path):
     ("pretrain.batch_size=2.5", "pretrain.batch_size = 2.5: Input should be a valid integer"),
     ("model.size=huge", "model.size = 'huge': Input should be 'toddler', 'xs' or 's'"),
     ("tokenize.vocab_size=100", "tokenize.vocab_size = 100: Input should be greater than or equal to 300"),
-    ("pretrain.optimizer=sgd", "pretrain.optimizer = 'sgd': Input should be 'adamw' or 'muon'"),
+    ("pretrain.optimizer=sgd", "pretrain.optimizer = 'sgd': Input should be 'adamw', 'muon' or 'adapm'"),
     ("bogus.section=1", "bogus = {'section': 1}: unknown key"),
 ])
 def test_bad_values_name_key_value_and_expectation(tmp_path, override, message):

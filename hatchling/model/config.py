@@ -20,6 +20,9 @@ SIZES: dict[str, dict] = {
 }
 
 
+RESEARCH_SWITCHES = ("use_predictive_coding", "use_episodic_memory", "spike", "token_drop", "checkpoint_attention")
+
+
 class ModelConfig(BaseModel):
     """Architecture: the hybrid LM (KDA blocks with a NoPE attention block every few layers), or
     BDH-GPU with ``arch: bdh`` (which uses d_model, n_layers, n_heads and the bdh_* fields)."""
@@ -46,6 +49,22 @@ class ModelConfig(BaseModel):
     hope_hidden: int = Field(64, ge=2, description="HOPE: hidden width of each memory MLP")
     hope_levels: int = Field(1, ge=0, description="HOPE: continuum-memory levels after the Titans memory")
     hope_chunk: int = Field(16, ge=1, description="HOPE: tokens per memory update (level l: chunk * 4^l)")
+    # Research switches (hybrid only; all off = exactly the plain model). See docs/ablations.md.
+    use_predictive_coding: bool = Field(False, description="next-state head; curiosity = its per-token error")
+    predictive_weight: float = Field(0.1, ge=0, description="loss weight of the next-state prediction")
+    use_episodic_memory: bool = Field(False, description="SQLite + FAISS memory read on uncertain tokens")
+    memory_capacity: int = Field(4096, ge=1, description="entries kept; the oldest are evicted beyond it")
+    memory_topk: int = Field(4, ge=1, description="entries read per uncertain token")
+    memory_write_fraction: float = Field(0.02, gt=0, le=1, description="most surprising share of tokens written")
+    memory_budget: float = Field(0.25, gt=0, le=1, description="share of tokens that may read before a penalty")
+    memory_penalty: float = Field(1.0, ge=0, description="weight of the access-budget penalty")
+    memory_path: str | None = Field(None, description="SQLite file of the memory; None = in memory until saved")
+    spike: bool = Field(False, description="LIF neurons per KDA head gate the state update (Spike-KDA)")
+    spike_threshold: float = Field(1.0, gt=0)
+    spike_decay: float = Field(0.5, ge=0, lt=1, description="membrane leak per token")
+    token_drop: float = Field(0.0, ge=0, lt=1, description="share of tokens mid-stack KDA blocks skip (ScTD-lite)")
+    token_drop_weight: float = Field(0.01, ge=0, description="weight of the keep-rate loss of the routers")
+    checkpoint_attention: bool = Field(False, description="recompute global-attention blocks in backward")
     norm_eps: float = Field(1e-6, gt=0)
     init_std: float = Field(0.02, gt=0)
 
@@ -62,7 +81,15 @@ class ModelConfig(BaseModel):
     def _check_heads(self):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.arch != "hybrid":
+            on = [k for k in RESEARCH_SWITCHES if getattr(self, k)]
+            if on:
+                raise ValueError(f"{', '.join(on)} need arch 'hybrid' (got arch {self.arch!r})")
         return self
+
+    def drops_tokens(self, layer: int) -> bool:
+        """Token dropping applies to KDA blocks strictly inside the stack (never the first or last)."""
+        return self.token_drop > 0 and 0 < layer < self.n_layers - 1 and not self.is_attention(layer)
 
     def is_attention(self, layer: int) -> bool:
         """Layer pattern: with attn_every=4 the layers go KDA, KDA, KDA, attention, KDA, ..."""

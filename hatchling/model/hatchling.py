@@ -11,11 +11,16 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from hatchling.model.attention import NoPEAttention
 from hatchling.model.base import BlockStackLM
 from hatchling.model.config import ModelConfig
 from hatchling.model.kda_layer import KDALayer
+from hatchling.model.memory import EpisodicMemory
+from hatchling.model.predictive import NextStateHead
+from hatchling.model.spike import LIFGate
+from hatchling.model.token_drop import TokenRouter
 
 
 class SwiGLU(nn.Module):
@@ -30,33 +35,98 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, kind: str):
+    def __init__(self, cfg: ModelConfig, kind: str, drops_tokens: bool = False):
         super().__init__()
         self.kind = kind
         self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mixer = NoPEAttention(cfg) if kind == "attn" else KDALayer(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
+        self.router = TokenRouter(cfg.d_model, cfg.token_drop, cfg.token_drop_weight) if drops_tokens else None
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        if self.router is not None:
+            return self.router(x, self.transform, cache)
+        return self.transform(x, cache)
+
+    def transform(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         x = x + self.mixer(self.mixer_norm(x), cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class HatchlingLM(BlockStackLM):
-    """Decoding cache per block: KDA layers keep conv + recurrent state, attention its KV."""
+    """Decoding cache per block: KDA layers keep conv + recurrent state, attention its KV.
+
+    The research switches (docs/ablations.md) add modules only when on, so with all of them off
+    this is exactly the plain model: same parameters, same outputs.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds())
+        self.blocks = nn.ModuleList(Block(cfg, kind, cfg.drops_tokens(i)) for i, kind in enumerate(cfg.layer_kinds()))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.predictor = NextStateHead(cfg.d_model, cfg.predictive_weight, cfg.norm_eps) \
+            if cfg.use_predictive_coding else None
+        self.memory = EpisodicMemory(cfg.d_model, cfg.memory_capacity, cfg.memory_topk, cfg.memory_write_fraction,
+                                     cfg.memory_budget, cfg.memory_penalty, cfg.memory_path) \
+            if cfg.use_episodic_memory else None
         self.apply(self._init_weights)
+        for module in self.modules():          # routers, spike drives, memory access keep their own init
+            if isinstance(module, (TokenRouter, LIFGate)):
+                module.reset_parameters()
+        if self.memory is not None:
+            nn.init.constant_(self.memory.access.bias, 0.5)
         # Residual-branch outputs shrink with depth (GPT-2) so the stream's variance stays put.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down.weight")):
                 nn.init.normal_(p, std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+
+    def new_cache(self) -> list[dict]:
+        return super().new_cache() + ([{}] if self.memory is not None else [])      # last: the memory's
+
+    def forward(self, input_ids: torch.Tensor, cache: list[dict] | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab]; auxiliary losses of this pass in aux_losses()."""
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.blocks):
+            if block.kind == "attn" and self.config.checkpoint_attention and self.training and cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, None if cache is None else cache[i])
+        if self.predictor is not None:
+            self.predictor.observe(x)
+        logits = F.linear(self.norm(x), self.embed.weight)
+        if self.memory is None:
+            return logits
+        x = self.memory(x, input_ids, logits.detach(), self.embed.weight, None if cache is None else cache[-1])
+        return F.linear(self.norm(x), self.embed.weight)
+
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """The switches' training losses of the last forward pass (predictive, memory budget, router)."""
+        losses: dict[str, torch.Tensor] = {}
+        for module in self.modules():
+            for name, value in getattr(module, "last_aux", {}).items():
+                losses[name] = losses[name] + value if name in losses else value
+        return losses
+
+    def research_stats(self) -> dict[str, float]:
+        """Per-pass statistics of the switches (spike rate, skipped heads, kept tokens, memory use),
+        averaged over the layers that report them."""
+        sums: dict[str, list[float]] = {}
+        for module in self.modules():
+            for name, value in getattr(module, "last_stats", {}).items():
+                sums.setdefault(name, []).append(value)
+        return {name: sum(v) / len(v) for name, v in sums.items()}
+
+    def save_state_files(self, directory) -> None:
+        """Files that belong with the weights (the episodic memory) into a checkpoint directory."""
+        if self.memory is not None:
+            self.memory.store.save(directory)
+
+    def load_state_files(self, directory) -> None:
+        if self.memory is not None:
+            self.memory.store.load(directory)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):

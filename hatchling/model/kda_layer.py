@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from hatchling.model.config import ModelConfig
 from hatchling.model.kda import kda
+from hatchling.model.spike import LIFGate, kda_skipping_silent
 
 
 class CausalConv1d(nn.Module):
@@ -83,6 +84,8 @@ class KDALayer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(H).uniform_(1, 16).log())
         dt = torch.exp(torch.rand(H * D) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))      # softplus^-1(dt)
+        self.spike = LIFGate(d, H, cfg.spike_threshold, cfg.spike_decay) if cfg.spike else None
+        self.last_stats: dict[str, float] = {}
         self.A_log._no_weight_decay = True
         self.dt_bias._no_weight_decay = True
 
@@ -103,8 +106,15 @@ class KDALayer(nn.Module):
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         g, beta = self.gates(x)
         state = cache.get("state") if cache is not None else None
-        o, state = kda(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
-                       chunk_size=self.chunk_size, backend=self.backend)
+        if self.spike is None:
+            o, state = kda(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
+                           chunk_size=self.chunk_size, backend=self.backend)
+        else:
+            spikes = self.spike(x, cache)
+            o, state, skipped = kda_skipping_silent(q, k, v, g, beta, spikes, initial_state=state,
+                                                    output_final_state=cache is not None,
+                                                    chunk_size=self.chunk_size, backend=self.backend)
+            self.last_stats = {"spike_rate": float(spikes.detach().mean()), "silent_heads_skipped": skipped}
         if cache is not None:
             cache["state"] = state.detach()
         o = self.o_norm(o.to(x.dtype), self.g_proj(x).view(B, T, H, D))

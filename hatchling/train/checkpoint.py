@@ -36,6 +36,8 @@ def save_model(model: HatchlingLM, directory: str | Path, sidecar: dict, trainer
             shutil.copyfile(source, tmp / name)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / TRAINER)
+        if hasattr(model, "save_state_files"):            # e.g. the episodic memory's store
+            model.save_state_files(tmp)
 
 
 def read_sidecar(directory: str | Path) -> dict:
@@ -61,6 +63,8 @@ def load_model(directory: str | Path, device: str = "cpu") -> tuple[HatchlingLM,
     meta = read_sidecar(directory)
     model = build_model(meta["model_config"])
     model.load_state_dict(load_weights(directory, device))
+    if hasattr(model, "load_state_files"):
+        model.load_state_files(directory)
     return model.to(device), meta
 
 

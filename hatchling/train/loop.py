@@ -25,9 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from hatchling.io import atomic_write_text
+from hatchling.train.adapm import AdaPM
 from hatchling.train.checkpoint import load_trainer_state, load_weights, read_sidecar, save_model
 from hatchling.train.distributed import init_world
 from hatchling.train.optim import build_optimizers, lr_multiplier, set_lr
+from hatchling.train.sparsity import SparsityController
 
 
 def resolve_device(name: str) -> torch.device:
@@ -113,11 +115,15 @@ class Trainer:
         self.val_tokens_per_byte = val_tokens_per_byte
         self.log = log
         self.optimizers = build_optimizers(self.model, params)
+        sp = params.sparsity
+        self.sparsity = SparsityController(self.model, sp.mlp, sp.mixer, sp.every, sp.regrow, sp.start_step,
+                                           round(sp.end_fraction * params.max_steps)) if sp.mlp or sp.mixer else None
         self.step = 0
         self.best_val = math.inf
         self.stale_evals = 0
         self.history: list[dict] = []
         self.tokens_seen = 0
+        self.step_stats: dict[str, float] = {}
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -125,6 +131,7 @@ class Trainer:
         return {"step": self.step, "best_val": self.best_val, "stale_evals": self.stale_evals,
                 "history": self.history, "tokens_seen": self.tokens_seen, "fingerprint": self.fingerprint,
                 "optimizers": [opt.state_dict() for opt in self.optimizers],
+                "sparsity": self.sparsity.state_dict() if self.sparsity else None,
                 "torch_rng": torch.get_rng_state()}
 
     def save_checkpoint(self) -> None:
@@ -142,9 +149,13 @@ class Trainer:
         if state.get("fingerprint") != self.fingerprint:
             return False
         self.model.load_state_dict(load_weights(self.run_dir, str(self.device)))
+        if hasattr(self.model, "load_state_files"):
+            self.model.load_state_files(self.run_dir)
         for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
             opt.load_state_dict(sd)
         torch.set_rng_state(state["torch_rng"])
+        if self.sparsity:
+            self.sparsity.load_state_dict(state["sparsity"])
         self.step, self.best_val = state["step"], state["best_val"]
         self.stale_evals, self.history = state["stale_evals"], state["history"]
         self.tokens_seen = state["tokens_seen"]
@@ -158,6 +169,8 @@ class Trainer:
         metrics = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * self.val_tokens_per_byte}
         if hasattr(self.model, "active_fraction"):        # BDH: share of neurons firing on validation text
             metrics["active_fraction"] = self.model.active_fraction
+        if hasattr(self.model, "research_stats"):         # switches' statistics on the last validation batch
+            metrics.update({f"val_{k}": v for k, v in self.model.research_stats().items()})
         return metrics
 
     def _write_csv(self) -> None:
@@ -177,6 +190,9 @@ class Trainer:
         set_lr(self.optimizers, mult)
         length = seq_len_at(self.step, p.seq_len, p.seq_len_curriculum)
         total = 0.0
+        self.step_stats = {}
+        if getattr(self.model, "memory", None) is not None:
+            self.model.memory.step = self.step                              # recorded with each entry
         for micro in range(p.grad_accum):
             x, y = sample_batch(self.train_data, p.batch_size, length,
                                 (p.seed * 1_000_003 + self.step) * 64 + micro, self.device, self.train_labels)
@@ -185,15 +201,28 @@ class Trainer:
             with self.autocast or contextlib.nullcontext():
                 local_sum, _ = loss_sum(self.train_module, x, y)
                 loss = local_sum * self.world.size / count / p.grad_accum   # DDP averages over ranks
+                aux = self.model.aux_losses() if hasattr(self.model, "aux_losses") else {}
+                for value in aux.values():                                  # research switches' own losses
+                    loss = loss + value / p.grad_accum
             loss.backward()
+            for name, value in aux.items():
+                self.step_stats[name] = self.step_stats.get(name, 0.0) + float(value.detach()) / p.grad_accum
             total += float(self.world.sum(local_sum.detach())) / float(count) / p.grad_accum
             self.tokens_seen += int(count)
+        if hasattr(self.model, "research_stats"):
+            self.step_stats.update(self.model.research_stats())
         if p.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.grad_clip)
         for opt in self.optimizers:
             opt.step()
-            opt.zero_grad(set_to_none=True)
         self.step += 1
+        if self.sparsity:
+            self.sparsity.update(self.step)                 # uses this step's gradients to regrow
+            self.step_stats["sparsity"] = self.sparsity.sparsity()
+        if isinstance(self.optimizers[0], AdaPM):
+            self.step_stats["adapm_beta1"] = self.optimizers[0].channel_momentum()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
         return total, p.lr * mult, length
 
     def fit(self) -> dict:
@@ -210,7 +239,7 @@ class Trainer:
             train_loss, lr, length = self.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
-            self.log({"train_loss": train_loss, "lr": lr, "seq_len": length}, self.step)
+            self.log({"train_loss": train_loss, "lr": lr, "seq_len": length, **self.step_stats}, self.step)
             if self.step % p.eval_every == 0 or self.step == p.max_steps:
                 metrics = self.evaluate()
                 row = {"step": self.step, "train_loss": round(train_loss, 5), "lr": lr, "seq_len": length,

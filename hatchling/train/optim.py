@@ -1,7 +1,8 @@
 """Optimizers and the learning-rate schedule.
 
 AdamW decays only matrices (not norms, biases or the KDA decay parameters). Muon orthogonalises
-the updates of the blocks' weight matrices; embeddings and everything 1-D stay on AdamW.
+the updates of the blocks' weight matrices; embeddings and everything 1-D stay on AdamW. AdaPM is
+AdamW with a momentum coefficient per output channel (hatchling/train/adapm.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from hatchling.train.adapm import AdaPM
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -26,7 +29,10 @@ def build_optimizers(model: torch.nn.Module, p) -> list[torch.optim.Optimizer]:
     rest = [(n, q) for n, q in named if id(q) not in muon_ids]
     groups = [{"params": [q for n, q in rest if not _no_decay(n, q)], "weight_decay": p.weight_decay},
               {"params": [q for n, q in rest if _no_decay(n, q)], "weight_decay": 0.0}]
-    opts = [torch.optim.AdamW(groups, lr=p.lr, betas=tuple(p.betas), fused=fused or None)]
+    if p.optimizer == "adapm":
+        opts = [AdaPM(groups, lr=p.lr, betas=tuple(p.betas), beta_range=tuple(p.adapm_beta_range), rate=p.adapm_rate)]
+    else:
+        opts = [torch.optim.AdamW(groups, lr=p.lr, betas=tuple(p.betas), fused=fused or None)]
     if muon:
         opts.append(torch.optim.Muon(muon, lr=p.muon_lr, weight_decay=p.weight_decay))
     for opt in opts:

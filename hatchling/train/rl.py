@@ -68,6 +68,17 @@ def completion_logprobs(model, samples: Samples, temperature: float) -> torch.Te
     return F.log_softmax(logits, dim=-1).gather(-1, samples.tokens[..., None]).squeeze(-1)
 
 
+def completion_curiosity(model, samples: Samples) -> torch.Tensor:
+    """Mean curiosity [N*k] over each completion's tokens, from the pass just made on `samples`
+    (the predictive-coding head's normalised error in forecasting the state at each token)."""
+    curiosity = getattr(getattr(model, "predictor", None), "curiosity", None)
+    if curiosity is None:
+        raise ValueError("a curiosity bonus needs a model with model.use_predictive_coding: true")
+    c = curiosity[:, samples.prompts.shape[1] - 1:]           # forecasts of the completion's states
+    m = samples.mask.float()
+    return (c * m).sum(1) / m.sum(1).clamp(min=1)
+
+
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """(r - mean) / (std + eps) within each group (row); a group with equal rewards gets zeros."""
     return (rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, unbiased=False, keepdim=True) + eps)
@@ -118,6 +129,7 @@ class RLConfig:
     epsilon_clip: float
     rho_max: float
     ppo_epochs: int
+    curiosity_coef: float = 0.0     # intrinsic reward: coef x the completion's mean curiosity
 
 
 def rl_step(policy, ref, optimizer, prompts: list[list[int]], reward: Callable[[int, list[int]], float],
@@ -130,16 +142,20 @@ def rl_step(policy, ref, optimizer, prompts: list[list[int]], reward: Callable[[
         by_length.setdefault(len(p), []).append(i)
     buckets = [(idx, sample_groups(policy, [prompts[i] for i in idx], cfg.k, cfg.max_new_tokens, cfg.temperature,
                                    stop_ids, generator)) for idx in by_length.values()]
+    policy.eval()
+    with torch.no_grad():
+        old, bonus = [], []
+        for _, s in buckets:
+            old.append(completion_logprobs(policy, s, cfg.temperature))
+            bonus.append(cfg.curiosity_coef * completion_curiosity(policy, s) if cfg.curiosity_coef
+                         else torch.zeros(len(s.tokens)))
+        refs = [completion_logprobs(ref, s, cfg.temperature) for _, s in buckets]
     rewards, advantages = [], []
-    for idx, s in buckets:
+    for (idx, s), b in zip(buckets, bonus, strict=True):
         r = torch.tensor([reward(idx[row // cfg.k], s.tokens[row][s.mask[row]].tolist())
                           for row in range(len(s.tokens))]).view(len(idx), cfg.k)
         rewards.append(r)
-        advantages.append(group_advantages(r).flatten())
-    policy.eval()
-    with torch.no_grad():
-        old = [completion_logprobs(policy, s, cfg.temperature) for _, s in buckets]
-        refs = [completion_logprobs(ref, s, cfg.temperature) for _, s in buckets]
+        advantages.append(group_advantages(r + b.view(len(idx), cfg.k)).flatten())
     policy.train()
     total_tokens = max(sum(int(s.mask.sum()) for _, s in buckets), 1)
     for _ in range(cfg.ppo_epochs):
@@ -159,6 +175,7 @@ def rl_step(policy, ref, optimizer, prompts: list[list[int]], reward: Callable[[
         optimizer.step()
     all_rewards = torch.cat([r.flatten() for r in rewards])
     stats = {"reward_mean": float(all_rewards.mean()), "pass_rate": float((all_rewards > 0.5).float().mean()),
+             "curiosity_bonus": float(torch.cat(bonus).mean()),
              "kl": kl_sum / total_tokens, "kl_coef": kl.value, "clip_fraction": clip_tokens / total_tokens,
              "entropy": entropy_sum / total_tokens, "response_length": total_tokens / len(all_rewards)}
     kl.update(stats["kl"])

@@ -27,8 +27,7 @@ from hatchling.data.tokenizer import load_tokenizer
 from hatchling.eval.generation import extract_answer, gsm8k_correct, humaneval_passes
 from hatchling.eval.scoring import generate_text
 from hatchling.io import atomic_write_text, read_jsonl
-from hatchling.model import build_model
-from hatchling.train.checkpoint import TOKENIZER, load_weights, read_sidecar, save_model
+from hatchling.train.checkpoint import TOKENIZER, load_model, read_sidecar, save_model
 from hatchling.train.rl import KLController, RLConfig, rl_step
 
 INIT = Path("checkpoints/sft")
@@ -85,8 +84,10 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     init = read_sidecar(root / INIT)
     tokenizer = load_tokenizer(root / INIT / TOKENIZER)
     torch.manual_seed(p.seed)
-    policy = build_model(init["model_config"])
-    policy.load_state_dict(load_weights(root / INIT))
+    policy, _ = load_model(root / INIT)
+    if p.use_curiosity_bonus and not init["model_config"].get("use_predictive_coding"):
+        raise ValueError(f"rlvr.use_curiosity_bonus: the model in {root / INIT} has no predictive-coding head "
+                         "(train it with model.use_predictive_coding: true)")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     train, heldout = load_items(root, p.tasks, "train"), load_items(root, p.tasks, "heldout")[:p.eval_items]
     prompts = [render_chat(tokenizer, [{"role": "user", "content": question(x)}], add_generation_prompt=True)
@@ -94,7 +95,8 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     before = heldout_reward(policy, tokenizer, heldout, p.max_new_tokens, p.sandbox_timeout_s)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.0)
     kl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
-    cfg = RLConfig(p.k, p.max_new_tokens, p.temperature, p.epsilon_clip, p.rho_max, p.ppo_epochs)
+    cfg = RLConfig(p.k, p.max_new_tokens, p.temperature, p.epsilon_clip, p.rho_max, p.ppo_epochs,
+                   curiosity_coef=p.curiosity_coef if p.use_curiosity_bonus else 0.0)
     rng, generator = random.Random(p.seed), torch.Generator().manual_seed(p.seed)
     history = []
     for step in tqdm(range(1, p.max_steps + 1), desc="rlvr", disable=not p.progress, unit="step"):

@@ -17,8 +17,7 @@ import numpy as np
 from hatchling.data.chat import render_chat_with_mask
 from hatchling.data.tokenizer import EOT, load_tokenizer
 from hatchling.io import hash_paths, read_jsonl
-from hatchling.model import build_model
-from hatchling.train.checkpoint import TOKENIZER, load_weights, read_sidecar
+from hatchling.train.checkpoint import TOKENIZER, load_model, read_sidecar
 from hatchling.train.loop import IGNORE, Trainer
 
 INIT = Path("checkpoints/pretrain")
@@ -66,8 +65,7 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     chats = read_chats(train_files)
     train_ids, train_labels, _ = pack_chats(tokenizer, chats)
     val_ids, val_labels, val_bytes = pack_chats(tokenizer, read_chats(val_files))
-    model = build_model(init["model_config"])
-    model.load_state_dict(load_weights(root / INIT))
+    model, _ = load_model(root / INIT)
     data_hash = hash_paths([*train_files, *val_files, root / INIT])
     run_settings = {**p.model_dump(mode="json", exclude={"progress", "device"}), "data": data_hash}
     fingerprint = hashlib.sha256(json.dumps(run_settings, sort_keys=True).encode()).hexdigest()
