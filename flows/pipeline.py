@@ -1,6 +1,6 @@
 """The pipeline as a Prefect 3 flow, built from the stage registry (hatchling/stages.py).
 
-    python flows/pipeline.py [--params params.yaml] [--set key=value ...]
+    python flows/pipeline.py [--params params.yaml] [--set key=value ...] [--stage NAME ...]
 
 Each stage is a task cached on the content hash of its inputs, its params sections and its
 code, so a second run with nothing changed completes from cache (and says so in MLflow).
@@ -22,7 +22,7 @@ import hatchling
 from hatchling import tracking
 from hatchling.config import load_params
 from hatchling.io import hash_paths
-from hatchling.stages import Stage, input_hash, run_stage, topological_order
+from hatchling.stages import STAGES, Stage, input_hash, run_stage, topological_order, with_upstream
 
 
 def stage_cache_key(stage: Stage, params, root: Path) -> str:
@@ -52,9 +52,12 @@ TASKS = {s.name: make_task(s) for s in topological_order()}
 
 
 @flow(name="hatchling-pipeline", log_prints=True)
-def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".") -> dict:
-    """Run every stage in dependency order; returns {stage: metrics or "cached"}."""
+def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = None, root: str = ".",
+             stages: list[str] | None = None) -> dict:
+    """Run every stage in dependency order, or only `stages` and what they need (like
+    `dvc repro STAGE`); returns {stage: metrics or "cached"}."""
     overrides = list(overrides or [])
+    wanted = with_upstream(stages) if stages else {s.name for s in STAGES}
     root_path = Path(root).resolve()
     params_file = params_path if Path(params_path).is_absolute() else str(root_path / params_path)
     params = load_params(params_file, overrides)           # bad params fail before any stage
@@ -64,7 +67,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     os.environ[tracking.PARENT_ENV] = parent
     results, status = {}, "FAILED"
     try:
-        for stage in topological_order():
+        for stage in (s for s in topological_order() if s.name in wanted):
             key = stage_cache_key(stage, params, root_path)
             args = (params_file, overrides, str(root_path), key)
             state = TASKS[stage.name](*args, return_state=True)
@@ -93,8 +96,9 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--root", default=".")
+    ap.add_argument("--stage", action="append", default=[], help="run only this stage and its upstream (repeatable)")
     args = ap.parse_args()
-    print(json.dumps(pipeline(args.params, args.set, args.root), indent=2, default=str))
+    print(json.dumps(pipeline(args.params, args.set, args.root, args.stage or None), indent=2, default=str))
 
 
 if __name__ == "__main__":

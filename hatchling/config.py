@@ -99,11 +99,21 @@ class ContaminationParams(Section):
     action: Literal["report", "drop", "redact"] = "drop"
 
 
+class ScaleParams(Section):
+    """Where per-shard work runs (hatchling/data/shard_map.py)."""
+
+    runner: Literal["local", "dask", "ray"] = Field(
+        "local", description="local processes, or a Prefect task runner on a Dask / Ray cluster")
+    address: str | None = Field(None, description="a running cluster (tcp://host:8786, ray://host:10001); "
+                                                  "None: start a local one")
+
+
 class DedupParams(Section):
     num_perm: int = Field(128, ge=16, le=1024)
     threshold: float = Field(0.8, gt=0, lt=1, description="MinHash Jaccard for near duplicates")
     shingle: int = Field(5, ge=1, description="word n-gram shingles")
     workers: int = Field(0, ge=0, description="processes for signatures; 0 = all cores")
+    scale: ScaleParams = Field(default_factory=ScaleParams)
     contamination: ContaminationParams = ContaminationParams()
 
 
@@ -113,6 +123,10 @@ class TokenizeParams(Section):
     val_fraction: float = Field(0.05, gt=0, lt=1)
     min_frequency: int = Field(2, ge=1)
     seed: int = 0
+    workers: int = Field(0, ge=0, description="cluster workers when scale.runner starts a local cluster; 0 = cores")
+    scale: ScaleParams = Field(default_factory=ScaleParams,
+                               description="local: one process (the tokenizer threads itself); else encode "
+                                           "document batches on a cluster")
 
 
 class SparsityParams(Section):

@@ -99,6 +99,17 @@ def upstream(stage: Stage) -> list[str]:
     return [s.name for s in STAGES if set(s.outs) & set(stage.deps)]
 
 
+def with_upstream(names: list[str]) -> set[str]:
+    """The named stages and every stage they depend on, transitively (what `dvc repro NAME` runs)."""
+    wanted, frontier = set(), [get_stage(n).name for n in names]
+    while frontier:
+        name = frontier.pop()
+        if name not in wanted:
+            wanted.add(name)
+            frontier += upstream(get_stage(name))
+    return wanted
+
+
 def topological_order() -> list[Stage]:
     done: list[Stage] = []
     pending = list(STAGES)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -85,3 +86,38 @@ def test_deployment_file_points_at_the_flow():
     flow_obj = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
     assert flow_obj.name == "hatchling-pipeline"
     assert set(deployment["parameters"]) <= set(flow_obj.parameters.properties)
+
+
+def test_dedup_and_tokenize_on_a_dask_cluster_equal_the_local_run(prefect_env, tokenized_project, tmp_path,
+                                                                   monkeypatch):
+    """Shards mapped through Prefect's DaskTaskRunner on a real local Dask cluster (two worker
+    processes) give byte-identical outputs to the local run."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    from hatchling.config import validate_params
+    from hatchling.data import dedup_stage, tokenize
+    from tests.conftest import copy_project
+
+    proj = copy_project(tokenized_project, tmp_path / "dask")
+    shutil.rmtree(proj / "data/dedup")
+    shutil.rmtree(proj / "data/tokenized")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster:
+        scale = {"runner": "dask", "address": cluster.scheduler_address}
+        tree = {**TINY_PARAMS, "dedup": {**TINY_PARAMS["dedup"], "scale": scale},
+                "tokenize": {**TINY_PARAMS["tokenize"], "scale": scale}}
+        params = validate_params(tree)
+        monkeypatch.setattr(tokenize, "BATCH_DOCS", 2)     # several tasks even on the tiny corpus
+        with Client(cluster.scheduler_address) as client, get_task_stream(client) as stream:
+            dedup_stage.run(params, proj)
+            tokenize.run(params, proj)
+        ran = {t["key"].split("-")[0] for t in stream.data}
+        shards = len(list((tokenized_project / "data/crawl").glob("*.jsonl")))
+        assert len(stream.data) >= shards and {"_signatures_of", "_encode_batch"} <= ran, ran
+    ours = sorted((proj / "data/dedup").glob("*.jsonl"))
+    assert [p.name for p in ours] == [p.name for p in sorted((tokenized_project / "data/dedup").glob("*.jsonl"))]
+    for p in ours:
+        assert p.read_bytes() == (tokenized_project / "data/dedup" / p.name).read_bytes()
+    for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):
+        ours, local = proj / "data/tokenized" / name, tokenized_project / "data/tokenized" / name
+        assert ours.read_bytes() == local.read_bytes()

@@ -198,6 +198,12 @@ def test_memory_reads_on_uncertain_tokens_within_budget_and_stays_causal():
         steps = torch.cat([model(ids[:, :12], cache)] + [model(ids[:, t:t + 1], cache) for t in range(12, 30)], 1)
         assert torch.allclose(steps, model(ids), atol=1e-5)
     assert len(model.memory.store) == size                                       # eval never writes
+    model.memory.write_in_eval = True                    # generation may store what surprises it
+    model.memory.surprise_threshold.fill_(0.0)           # ... here: everything
+    model.generate(ids, max_new_tokens=5)
+    # 29 prompt tokens have a context; then 4 of the 5 sampled tokens are fed back, each with the
+    # previous call's last state as its context (the 5th is never fed)
+    assert len(model.memory.store) == size + 29 + 4
 
 
 # -- Spike-KDA --------------------------------------------------------------------------------------

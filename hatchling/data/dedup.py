@@ -15,15 +15,15 @@ Work splits in two, so it scales past one machine:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
 from collections.abc import Iterable, Iterator
-from multiprocessing import get_all_start_methods, get_context
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import xxhash
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
+from hatchling.data.shard_map import map_ordered
 from hatchling.data.textnorm import normalize
 from hatchling.io import read_jsonl
 
@@ -98,18 +98,14 @@ def _signatures_of(args: tuple) -> list[DocSignature]:
     return signatures(*args)
 
 
-def iter_signatures(shards: list[Path], shingle: int, num_perm: int, workers: int) -> Iterator[DocSignature]:
-    """Signatures of all shards in shard order, computed by `workers` processes. They arrive shard by
-    shard, so the ordered dedup pass consuming them overlaps with the workers still hashing."""
+def iter_signatures(shards: list[Path], shingle: int, num_perm: int, workers: int, runner: str = "local",
+                    address: str | None = None) -> Iterator[DocSignature]:
+    """Signatures of all shards in shard order, computed by `workers` processes (or on a cluster:
+    hatchling/data/shard_map.py). Locally they arrive shard by shard, so the ordered dedup pass
+    consuming them overlaps with the workers still hashing."""
     args = [(str(s), shingle, num_perm) for s in shards]
-    if workers <= 1 or len(shards) <= 1:
-        for a in args:
-            yield from signatures(*a)
-        return
-    method = "fork" if "fork" in get_all_start_methods() else "spawn"   # fork: no re-import per worker
-    with get_context(method).Pool(min(workers, len(shards))) as pool:
-        for shard_sigs in pool.imap(_signatures_of, args):
-            yield from shard_sigs
+    for shard_sigs in map_ordered(_signatures_of, args, workers, runner, address):
+        yield from shard_sigs
 
 
 def all_signatures(shards: list[Path], shingle: int, num_perm: int, workers: int) -> list[DocSignature]:

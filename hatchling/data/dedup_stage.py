@@ -38,7 +38,8 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     if not shards:
         raise FileNotFoundError(f"no JSONL shards in {root / IN}")
     workers = p.workers or os.cpu_count() or 1
-    result = deduplicate(iter_signatures(shards, p.shingle, p.num_perm, workers), p.threshold, p.num_perm)
+    sigs = iter_signatures(shards, p.shingle, p.num_perm, workers, p.scale.runner, p.scale.address)
+    result = deduplicate(sigs, p.threshold, p.num_perm)
     if not result.docs_in:
         raise ValueError(f"the shards in {root / IN} hold no documents")
     t_dedup = time.perf_counter() - t0

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from hatchling.data.corpus import iter_documents
 from hatchling.data.packed import pack, token_dtype
+from hatchling.data.shard_map import map_ordered
 from hatchling.data.tokenizer import EOT, train_tokenizer
 from hatchling.io import atomic_path
 
@@ -35,6 +39,25 @@ def split_documents(texts: list[str], fraction: float, seed: int) -> tuple[list[
     return train, val
 
 
+BATCH_DOCS = 256          # documents per task when encoding on a cluster
+
+
+def _encode_batch(args: tuple[str, list[str]]) -> list[list[int]]:
+    """(tokenizer JSON, documents) -> token ids per document: one cluster task."""
+    tokenizer_json, docs = args
+    return [e.ids for e in Tokenizer.from_str(tokenizer_json).encode_batch(docs)]
+
+
+def encode_documents(tok: Tokenizer, docs: list[str], scale, workers: int) -> list[list[int]]:
+    """Token ids per document: here (the tokenizer's own threads), or batches mapped on a cluster."""
+    if scale.runner == "local":
+        return [e.ids for e in tok.encode_batch(docs)]
+    spec = tok.to_str()
+    batches = [(spec, docs[i:i + BATCH_DOCS]) for i in range(0, len(docs), BATCH_DOCS)]
+    return [ids for part in map_ordered(_encode_batch, batches, workers, scale.runner, scale.address)
+            for ids in part]
+
+
 def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     p = params.tokenize
     t0 = time.perf_counter()
@@ -50,7 +73,7 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
         tok.save(str(tmp / "tokenizer.json"))
         meta["tokenizer_sha256"] = hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()
         for split, docs in (("train", train), ("val", val)):
-            ids = pack([e.ids for e in tok.encode_batch(docs)], eot, dtype)
+            ids = pack(encode_documents(tok, docs, p.scale, p.workers or os.cpu_count() or 1), eot, dtype)
             ids.tofile(tmp / f"{split}.bin")
             meta[split] = {"documents": len(docs), "tokens": int(ids.size),
                            "bytes": sum(len(d.encode("utf-8")) for d in docs)}

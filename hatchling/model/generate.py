@@ -35,12 +35,13 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
     cache = model.new_cache()
     logits = model(input_ids, cache)[:, -1]
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         yield nxt
         if stop_ids and bool(torch.isin(nxt, torch.tensor(stop_ids, device=nxt.device)).all()):
             return
-        logits = model(nxt[:, None], cache)[:, -1]
+        if i + 1 < max_new_tokens:                      # the last token needs no forward pass
+            logits = model(nxt[:, None], cache)[:, -1]
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,

@@ -48,14 +48,14 @@ def sample_groups(model, prompts: list[list[int]], k: int, max_new_tokens: int, 
     tokens, logps, masks = [], [], []
     alive = torch.ones(len(batch), dtype=torch.bool)
     stops = torch.tensor(list(stop_ids), dtype=torch.long)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         logp = F.log_softmax(logits.float() / temperature, dim=-1)
         nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
         tokens.append(torch.where(alive, nxt, 0))
         logps.append(torch.where(alive, logp.gather(-1, nxt[:, None]).squeeze(-1), 0.0))
         masks.append(alive.clone())
         alive &= ~torch.isin(nxt, stops)
-        if not alive.any():
+        if not alive.any() or i + 1 == max_new_tokens:       # the last token needs no forward pass
             break
         logits = model(nxt[:, None], cache)[:, -1]
     return Samples(batch, torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logps, 1))

@@ -247,7 +247,8 @@ def crawl(config: dict) -> dict:
     crawler.spider.progress.close()
     spider, stats = crawler.spider, crawler.stats.get_stats()
     return {"docs": docs, "counts": dict(spider.counts), "seed_errors": spider.seed_errors,
-            "requested": spider.requested, "offsite_links": spider.offsite_links, "fetched": spider.fetched, "bytes": spider.bytes,
+            "requested": spider.requested, "offsite_links": spider.offsite_links, "fetched": spider.fetched,
+            "bytes": spider.bytes,
             "retries": stats.get("retry/count", 0), "finish_reason": stats.get("finish_reason", ""),
             "seconds": seconds}
 

@@ -85,7 +85,8 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     seconds = result["seconds"]
     return {"seeds": seeds if base is None else [f"mirror://{mirror_name}/{p.mirror_start}"],
             "requested": result["requested"], "fetched": result["fetched"], "kept": len(docs),
-            "dropped": dropped, "offsite_links": result["offsite_links"], "retries": result["retries"], "bytes": result["bytes"],
+            "dropped": dropped, "offsite_links": result["offsite_links"], "retries": result["retries"],
+            "bytes": result["bytes"],
             "characters": sum(len(d["text"]) for d in docs), "shards": shards,
             "pages_per_s": round(result["fetched"] / max(seconds, 1e-9), 2), "seconds": round(seconds, 3),
             "finish_reason": result["finish_reason"]}
