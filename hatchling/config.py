@@ -147,6 +147,8 @@ class PretrainParams(Section):
     adapm_beta_range: tuple[float, float] = Field((0.5, 0.98), description="AdaPM: bounds of each channel's beta1")
     adapm_rate: float = Field(0.05, ge=0, description="AdaPM: beta1 change per unit of gradient agreement")
     sparsity: SparsityParams = Field(default_factory=SparsityParams)
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: replicate the model (DDP) or shard it (FSDP2); one process: unused")
     lr: float = Field(3e-3, gt=0, le=1)
     muon_lr: float = Field(0.02, gt=0, le=1, description="lr of the Muon matrices (muon only)")
     weight_decay: float = Field(0.1, ge=0)
@@ -166,6 +168,13 @@ class PretrainParams(Section):
     early_stopping_patience: int = Field(0, ge=0, description="evals without val improvement; 0 = off")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _check_fsdp(self):
+        if self.parallel == "fsdp" and (self.optimizer != "adamw" or self.sparsity.mlp or self.sparsity.mixer):
+            raise ValueError("parallel 'fsdp' supports optimizer 'adamw' without sparsity (Muon, AdaPM and the "
+                             "sparsity masks work on whole matrices)")
+        return self
 
     @model_validator(mode="after")
     def _check_curriculum(self):

@@ -156,30 +156,38 @@ def test_early_stopping(tokenized_project, tmp_path):
     assert report["stopped_early"] and report["steps"] < 40
 
 
-def test_two_process_ddp_equals_one_process_with_the_global_batch(tokenized_project, tmp_path):
-    """torchrun with gloo, world size 2, each rank half of the global batch: the same weights as one
-    process with the whole batch (up to float summation order)."""
+def test_two_process_ddp_and_fsdp_equal_one_process_with_the_global_batch(tokenized_project, tmp_path):
+    """torchrun with gloo, world size 2, each rank half of the global batch, DDP and FSDP: the same
+    weights as one process with the whole batch (up to float summation order)."""
     import socket
 
     from tests.conftest import copy_project
 
     single = copy_project(tokenized_project, tmp_path / "single")
-    ddp = copy_project(tokenized_project, tmp_path / "ddp")
     overrides = ["--set", "pretrain.batch_size=4", "--set", "pretrain.max_steps=3", "--set", "pretrain.eval_every=3"]
     run_cmd(hatchling_cmd("run", "pretrain", *overrides), single)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-             "--master_port", str(port), "-m", "hatchling", "run", "pretrain", *overrides], ddp, timeout=300)
     a = load_file(single / "checkpoints/pretrain/model.safetensors")
-    b = load_file(ddp / "checkpoints/pretrain/model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
-    ra, rb = (json.loads((p / "reports/pretrain.json").read_text()) for p in (single, ddp))
-    assert ra["steps"] == rb["steps"] == 3
-    assert rb["final_train_loss"] == pytest.approx(ra["final_train_loss"], rel=1e-5)
+    ra = json.loads((single / "reports/pretrain.json").read_text())
+    for strategy in ("ddp", "fsdp"):      # FSDP2 shards the model; the update must not change
+        multi = copy_project(tokenized_project, tmp_path / strategy)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                 "127.0.0.1", "--master_port", str(port), "-m", "hatchling", "run", "pretrain", *overrides,
+                 "--set", f"pretrain.parallel={strategy}"], multi, timeout=300)
+        b = load_file(multi / "checkpoints/pretrain/model.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"{strategy}: {key}")
+        rb = json.loads((multi / "reports/pretrain.json").read_text())
+        assert ra["steps"] == rb["steps"] == 3
+        assert rb["final_train_loss"] == pytest.approx(ra["final_train_loss"], rel=1e-5)
+        if strategy == "fsdp":            # the training checkpoint holds the whole (gathered) state
+            state = torch.load(multi / "checkpoints/pretrain-run/trainer.pt", weights_only=True)
+            exp_avg = state["optimizers"][0]["state"]
+            assert len(exp_avg) == len(a) and all(v["exp_avg"].shape == a[k].shape
+                                                  for k, v in exp_avg.items()), "optimizer state not whole"
 
 
 def test_rank_losses_average_to_the_global_mean_gradient_with_uneven_masks():

@@ -8,6 +8,12 @@ its sum over target tokens divided by the *global* token count and scaled by the
 the averaged gradient is exactly the gradient of the global mean — the same update as a single
 process with the whole batch, whatever the split of masked (SFT) targets between ranks. Rank 0
 alone writes checkpoints, logs and reports. Backend: NCCL on CUDA, gloo on CPU.
+
+`pretrain.parallel: fsdp` shards parameters, gradients and optimizer state across the ranks
+instead (FSDP2 `fully_shard` per block, then the whole model): the same gradient averaging, so
+the same update, with each rank holding 1/world of the state. Checkpoints stay whole: the full
+weights and optimizer state are gathered (a collective: every rank takes part) and rank 0 writes
+them, so a checkpoint trained sharded loads anywhere.
 """
 
 from __future__ import annotations
@@ -17,6 +23,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -54,3 +69,42 @@ def init_world(device: torch.device) -> World:
 
 def current_world() -> World:
     return World(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else World()
+
+
+def wrap_for_training(model: torch.nn.Module, world: World, strategy: str) -> torch.nn.Module:
+    """The module that runs forward/backward: `model` itself (one process, or FSDP, which shards it
+    in place) or a DistributedDataParallel wrapper. Build optimizers after this (FSDP swaps the
+    parameters for sharded ones)."""
+    if world.size == 1:
+        return model
+    if strategy == "fsdp":
+        for block in model.blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    return DistributedDataParallel(model)
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model: torch.nn.Module, optimizers: list, strategy: str) -> tuple[dict, list[dict]]:
+    """(whole weights on CPU, whole optimizer states). Collective under FSDP: call on every rank."""
+    if strategy == "fsdp" and dist.is_initialized():
+        return (get_model_state_dict(model, options=FULL),
+                [get_optimizer_state_dict(model, opt, options=FULL) for opt in optimizers])
+    return ({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+            [opt.state_dict() for opt in optimizers])
+
+
+def load_full_state(model: torch.nn.Module, optimizers: list, weights: dict, opt_states: list[dict] | None,
+                    strategy: str) -> None:
+    """Inverse of full_state: every rank loads the same whole state, FSDP keeps its own shard."""
+    if strategy == "fsdp" and dist.is_initialized():
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+        for opt, sd in zip(optimizers, opt_states or [], strict=False):
+            set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
+        return
+    model.load_state_dict(weights)
+    for opt, sd in zip(optimizers, opt_states or [], strict=False):
+        opt.load_state_dict(sd)

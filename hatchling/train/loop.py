@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from hatchling.io import atomic_write_text
 from hatchling.train.adapm import AdaPM
 from hatchling.train.checkpoint import load_trainer_state, load_weights, read_sidecar, save_model
-from hatchling.train.distributed import init_world
+from hatchling.train.distributed import full_state, init_world, load_full_state, wrap_for_training
 from hatchling.train.optim import build_optimizers, lr_multiplier, set_lr
 from hatchling.train.sparsity import SparsityController
 
@@ -107,8 +106,8 @@ class Trainer:
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         self.world = init_world(self.device)
         self.model = model.to(self.device)
-        # the module that runs forward/backward: DDP all-reduces gradients across ranks
-        self.train_module = DistributedDataParallel(self.model) if self.world.size > 1 else self.model
+        self.strategy = params.parallel
+        self.train_module = wrap_for_training(self.model, self.world, self.strategy)
         self.train_data, self.val_data = train_data, val_data
         self.run_dir, self.out_dir, self.csv_path = Path(run_dir), Path(out_dir), csv_path
         self.sidecar, self.fingerprint, self.files = sidecar, fingerprint, files or {}
@@ -127,17 +126,15 @@ class Trainer:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _trainer_state(self) -> dict:
-        return {"step": self.step, "best_val": self.best_val, "stale_evals": self.stale_evals,
-                "history": self.history, "tokens_seen": self.tokens_seen, "fingerprint": self.fingerprint,
-                "optimizers": [opt.state_dict() for opt in self.optimizers],
-                "sparsity": self.sparsity.state_dict() if self.sparsity else None,
-                "torch_rng": torch.get_rng_state()}
-
     def save_checkpoint(self) -> None:
+        weights, opt_states = full_state(self.model, self.optimizers, self.strategy)   # every rank: collective
         if not self.world.is_main:
             return
-        save_model(self.model, self.run_dir, {**self.sidecar, "step": self.step}, self._trainer_state(), self.files)
+        state = {"step": self.step, "best_val": self.best_val, "stale_evals": self.stale_evals,
+                 "history": self.history, "tokens_seen": self.tokens_seen, "fingerprint": self.fingerprint,
+                 "optimizers": opt_states, "sparsity": self.sparsity.state_dict() if self.sparsity else None,
+                 "torch_rng": torch.get_rng_state()}
+        save_model(self.model, self.run_dir, {**self.sidecar, "step": self.step}, state, self.files, weights=weights)
 
     def try_resume(self) -> bool:
         """Continue from run_dir if it holds a checkpoint of this very run (same fingerprint)."""
@@ -148,11 +145,10 @@ class Trainer:
             return False
         if state.get("fingerprint") != self.fingerprint:
             return False
-        self.model.load_state_dict(load_weights(self.run_dir, str(self.device)))
+        load_full_state(self.model, self.optimizers, load_weights(self.run_dir, str(self.device)),
+                        state["optimizers"], self.strategy)
         if hasattr(self.model, "load_state_files"):
             self.model.load_state_files(self.run_dir)
-        for opt, sd in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(sd)
         torch.set_rng_state(state["torch_rng"])
         if self.sparsity:
             self.sparsity.load_state_dict(state["sparsity"])
@@ -258,8 +254,10 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         final = self.history[-1] if self.history else self.evaluate()
+        weights, _ = full_state(self.model, [], self.strategy)
         if self.world.is_main:
-            save_model(self.model, self.out_dir, {**self.sidecar, "step": self.step}, files=self.files)
+            save_model(self.model, self.out_dir, {**self.sidecar, "step": self.step}, files=self.files,
+                       weights=weights)
         return {"steps": self.step, "final_train_loss": train_loss, "val_loss": final["val_loss"],
                 "val_bpb": final["val_bpb"], "best_val_loss": self.best_val, "stopped_early": stopped_early,
                 "resumed_from_step": resumed_from, "seconds": round(time.perf_counter() - t0, 3)}
