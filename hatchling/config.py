@@ -258,6 +258,14 @@ class EvalParams(Section):
     probe_items: int = Field(32, ge=1)
     needle_lengths: list[int] = Field(default_factory=lambda: [128, 512], min_length=1)
     needle_items: int = Field(16, ge=1)
+    memorize_steps: int = Field(0, ge=0, description="test-time memorization: SGD steps on each multiple-choice "
+                                                     "item's context before scoring it (rows *_ttm); 0 = off")
+    memorize_lr: float = Field(1e-3, gt=0)
+    memorize_reset: bool = Field(True, description="restore the checkpoint before every item (else drift on)")
+    forgetting_segments: int = Field(0, ge=0, description="continual-learning eval: train on this many segments "
+                                                          "of the training text in turn; 0 = off")
+    forgetting_steps: int = Field(20, ge=1, description="training steps per segment")
+    forgetting_lr: float = Field(1e-3, gt=0)
     seed: int = 0
     progress: bool = True
 
@@ -266,6 +274,8 @@ class EvalParams(Section):
         if self.humaneval_samples and any(k > self.humaneval_samples or k < 1 for k in self.humaneval_k):
             raise ValueError(f"humaneval_k {self.humaneval_k} must lie in 1..humaneval_samples "
                              f"({self.humaneval_samples})")
+        if self.forgetting_segments == 1:
+            raise ValueError("forgetting_segments must be 0 (off) or at least 2")
         if self.gsm8k_fewshot and not self.gsm8k_fewshot_path:
             raise ValueError("gsm8k_fewshot needs gsm8k_fewshot_path (a GSM8K train file)")
         return self

@@ -226,16 +226,22 @@ def test_eval_stage_report_card(evaluated):
     assert report["not_run"] == {"hellaswag": "not run: no data at data/benchmarks/missing.jsonl"}
     table = {(r["task"], r["metric"]): r for r in report["rows"]}
     assert set(table) == {("arc_easy", "acc"), ("arc_easy", "acc_norm"), ("winogrande", "acc"),
+                          ("arc_easy", "acc_ttm"), ("arc_easy", "acc_norm_ttm"), ("winogrande", "acc_ttm"),
                           ("gsm8k", "exact_match"), ("humaneval", "pass@1_greedy")}
     assert table["arc_easy", "acc"]["n"] == 2 and table["arc_easy", "acc"]["chance"] == 0.25
     for row in report["rows"]:
         assert all(0.0 <= row[c]["value"] <= 1.0 for c in report["checkpoints"])
     probes = report["probes"]["pretrain"]
-    assert set(probes) == {"palindrome", "mqar", "stack", "needle", "chance"}
+    assert set(probes) == {"palindrome", "mqar", "stack", "needle", "needle_ttm", "chance"}
+    for ckpt, f in report["forgetting"].items():        # 2 segments: a 2 x 2 matrix per checkpoint
+        assert ckpt in report["checkpoints"] and len(f["loss_after"]) == 2 and len(f["forgetting_per_segment"]) == 1
+        assert f["forgetting"] == pytest.approx(f["loss_after"][1][0] - min(f["loss_after"][0][0],
+                                                                            f["loss_after"][1][0]))
     assert set(probes["mqar"]) == {"4", "8"} and set(probes["needle"]) == {"64"}
     md = (evaluated / "reports/eval.md").read_text()
     assert "| task | metric | n | chance | pretrain | sft | rlvr |" in md
     assert "| arc_easy | acc | 2 | 0.250 |" in md and "hellaswag: not run: no data at" in md
+    assert "| arc_easy | acc_ttm | 2 | 0.250 |" in md and "## Forgetting across training segments" in md
     assert (evaluated / "reports/eval_probes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

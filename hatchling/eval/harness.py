@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from hatchling.data.chat import render_chat, stop_ids
 from hatchling.data.tasks import CODE_INSTRUCTION
+from hatchling.eval.continual import Memorizer
 from hatchling.eval.datasets import SCHEMAS
 from hatchling.eval.generation import (
     GSM8K_STOP,
@@ -69,11 +70,23 @@ class Evaluator:
         return generate_text(self.model, [self.bos, *self.encode(prompt)], max_new_tokens, self.decode, stop,
                              self.cfg.max_len, temperature, seed)
 
-    def multiple_choice(self, task: MultipleChoice, records: list[dict]) -> list[Row]:
+    def multiple_choice(self, task: MultipleChoice, records: list[dict], memorizer: Memorizer | None = None,
+                        suffix: str = "") -> list[Row]:
+        """acc (and acc_norm) rows; with a memorizer, each item's context is memorized before its
+        choices are scored (one item at a time) and the metrics get `suffix`."""
         per_doc = [task.requests(d) for d in records]
-        flat = [r for reqs in per_doc for r in reqs]
-        scores = iter(loglikelihoods(self.model, self.encode, flat, self.cfg.max_len, self.cfg.batch_size,
-                                     self.bos, self.cfg.progress))
+        if memorizer is None:
+            flat = [r for reqs in per_doc for r in reqs]
+            scores = iter(loglikelihoods(self.model, self.encode, flat, self.cfg.max_len, self.cfg.batch_size,
+                                         self.bos, self.cfg.progress))
+        else:
+            scored = []
+            for reqs in per_doc:
+                memorizer([self.bos, *self.encode(reqs[0][0])])
+                scored += loglikelihoods(self.model, self.encode, reqs, self.cfg.max_len, self.cfg.batch_size,
+                                         self.bos)
+            memorizer.restore()
+            scores = iter(scored)
         acc, acc_norm, chances = [], [], []
         for d, reqs in zip(records, per_doc, strict=True):
             s = [next(scores) for _ in reqs]
@@ -84,9 +97,9 @@ class Evaluator:
             acc_norm.append(float(int(np.argmax([x.logprob / n for x, n in zip(s, lengths, strict=True)])) == gold))
             chances.append(1 / len(reqs))
         chance_level = float(np.mean(chances))
-        rows = [mean_row(task.name, "acc", acc, chance_level)]
+        rows = [mean_row(task.name, "acc" + suffix, acc, chance_level)]
         if task.norm:
-            rows.append(mean_row(task.name, "acc_norm", acc_norm, chance_level))
+            rows.append(mean_row(task.name, "acc_norm" + suffix, acc_norm, chance_level))
         return rows
 
     def gsm8k(self, records: list[dict], shots: list[dict], name: str = "gsm8k") -> list[Row]:
@@ -124,16 +137,26 @@ class Evaluator:
             out[name] = {str(n): probe_accuracy(self.model, make_items(name, n, c.probe_items, c.seed, alphabet),
                                                 c.batch_size) for n in c.probe_lengths}
         rng = random.Random(f"needle:{c.seed}")
-        out["needle"] = {str(n): probe_accuracy(self.model, [needle(rng, self.tokenizer, haystack, n)
-                                                             for _ in range(c.needle_items)], c.batch_size)
-                         for n in c.needle_lengths}
+        needles = {n: [needle(rng, self.tokenizer, haystack, n) for _ in range(c.needle_items)]
+                   for n in c.needle_lengths}
+        out["needle"] = {str(n): probe_accuracy(self.model, items, c.batch_size) for n, items in needles.items()}
+        if c.memorize_steps:            # the same needles, each haystack memorized before the question
+            memorizer = Memorizer(self.model, c.memorize_steps, c.memorize_lr, c.memorize_reset)
+            out["needle_ttm"] = {str(n): probe_accuracy(self.model, items, c.batch_size, memorizer)
+                                 for n, items in needles.items()}
         out["chance"] = {name: chance(name, alphabet) for name in PROBES}   # the needle's has no one value
         return out
 
 
 def run_task(ev: Evaluator, name: str, records: list[dict], shots: list[dict]) -> list[Row]:
     if name in MULTIPLE_CHOICE:
-        return ev.multiple_choice(MULTIPLE_CHOICE[name], records)
+        rows = ev.multiple_choice(MULTIPLE_CHOICE[name], records)
+        c = ev.cfg
+        if c.memorize_steps:              # test-time memorization, reported beside the plain score
+            rows += ev.multiple_choice(MULTIPLE_CHOICE[name], records,
+                                       Memorizer(ev.model, c.memorize_steps, c.memorize_lr, c.memorize_reset),
+                                       suffix="_ttm")
+        return rows
     if SCHEMAS.get(name) == "gsm8k":
         return ev.gsm8k(records, shots, name)
     if SCHEMAS.get(name) == "humaneval":

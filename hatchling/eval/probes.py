@@ -111,8 +111,16 @@ def chance(name: str, alphabet: Alphabet) -> float:
 
 
 @torch.no_grad()
-def probe_accuracy(model, items: list[ProbeItem], batch_size: int = 16) -> float:
-    """Fraction of target tokens predicted exactly (argmax, teacher-forced)."""
+def probe_accuracy(model, items: list[ProbeItem], batch_size: int = 16, memorizer=None) -> float:
+    """Fraction of target tokens predicted exactly (argmax, teacher-forced). With a memorizer
+    (hatchling/eval/continual.py) each item's tokens before its first target are memorized first."""
+    if memorizer is not None:
+        hits = []
+        for it in items:
+            memorizer(it.tokens[:min(it.targets)])
+            hits.append(probe_accuracy(model, [it]) * len(it.targets))
+        memorizer.restore()
+        return sum(hits) / max(sum(len(it.targets) for it in items), 1)
     correct = total = 0
     model.eval()
     for b in range(0, len(items), batch_size):

@@ -34,6 +34,18 @@ def markdown(report: dict) -> str:
         for length in by_length:
             lines.append(f"| {probe} | {length} | {'—' if level is None else f'{level:.3f}'} | "
                          + " | ".join(f"{report['probes'][c][probe][length]:.3f}" for c in ckpts) + " |")
+    if report.get("forgetting"):
+        lines += ["", "## Forgetting across training segments (held-out loss, nats/token)", ""]
+        for ckpt, f in report["forgetting"].items():
+            n = f["segments"]
+            lines += [f"**{ckpt}**: {f['steps_per_segment']} steps per segment; mean forgetting "
+                      f"{f['forgetting']:.4f} (loss regained on earlier segments), learned per segment "
+                      + ", ".join(f"{x:.3f}" for x in f["learned"]), "",
+                      "| after | " + " | ".join(f"seg {j}" for j in range(n)) + " |", "|---|" + "---|" * n,
+                      "| (start) | " + " | ".join(f"{x:.3f}" for x in f["loss_before"]) + " |"]
+            lines += [f"| seg {i} | " + " | ".join(f"{x:.3f}" for x in row) + " |"
+                      for i, row in enumerate(f["loss_after"])]
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,7 @@
 """Stage `eval`: every benchmark in params.benchmarks and the long-range probes, for each checkpoint
-in params.eval.checkpoints; reports/eval.json, reports/eval.md and reports/eval_probes.png.
+in params.eval.checkpoints, plus (when switched on) test-time memorization beside the plain
+multiple-choice scores and the forgetting eval; reports/eval.json, reports/eval.md and
+reports/eval_probes.png.
 
 A benchmark whose file is absent is reported as "not run: no data at PATH", never dropped and
 never scored on made-up items.
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hatchling.data.packed import load_split
+from hatchling.eval.continual import forgetting
 from hatchling.eval.datasets import load_records
 from hatchling.eval.harness import Evaluator, run_task
 from hatchling.eval.report import markdown, plot_probes
@@ -47,7 +51,7 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
             data[name] = records[:cfg.limit] if cfg.limit else records
     shots, haystack = fewshot(cfg, root), haystack_tokens(root)
     rows: dict[tuple[str, str], dict] = {}
-    probes = {}
+    probes, forgot = {}, {}
     for ckpt in cfg.checkpoints:
         model, tokenizer, meta = load_for_inference(root / "checkpoints" / ckpt)
         ev = Evaluator(model, tokenizer, cfg, chat=meta.get("stage") in ("sft", "rlvr"))
@@ -58,12 +62,17 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
                 entry[ckpt] = {"value": row.value, "stderr": None if math.isnan(row.stderr) else row.stderr}
                 log({f"{ckpt}.{row.task}.{row.metric}".replace("@", "_at_"): row.value}, 0)   # MLflow: no "@"
         probes[ckpt] = ev.probes(haystack)
+        if cfg.forgetting_segments:
+            forgot[ckpt] = forgetting(model, load_split(root / "data/tokenized", "train"), cfg.forgetting_segments,
+                                      cfg.forgetting_steps, cfg.forgetting_lr, cfg.batch_size,
+                                      min(cfg.max_len, 128), seed=cfg.seed)
+            log({f"{ckpt}.forgetting": forgot[ckpt]["forgetting"]}, 0)
         for probe, by_length in probes[ckpt].items():
             if probe != "chance":
                 for length, acc in by_length.items():
                     log({f"{ckpt}.probe.{probe}": acc}, int(length))
     report = {"checkpoints": list(cfg.checkpoints), "rows": list(rows.values()), "not_run": not_run,
-              "probes": probes, "seconds": round(time.perf_counter() - t0, 2)}
+              "probes": probes, "forgetting": forgot, "seconds": round(time.perf_counter() - t0, 2)}
     atomic_write_text(root / "reports/eval.md", markdown(report))
     plot_probes(report, root / "reports/eval_probes.png")
     return report
