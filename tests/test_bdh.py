@@ -88,3 +88,61 @@ def test_bdh_learns_one_batch():
     losses = overfit_one_batch(model, (x[:, :-1], x[:, 1:]), steps=60, lr=3e-3)
     assert losses[-1] < 0.5 * losses[0]
 
+
+
+OPTIONS = [{"bdh_window": 6}, {"bdh_forget": True, "bdh_chunk": 8}, {"bdh_differential": True},
+           {"bdh_differential": True, "bdh_forget": True, "bdh_chunk": 5}]
+
+
+def test_chunked_forget_attention_equals_the_full_matrix_and_carries_state():
+    from hatchling.model.bdh import chunked_forget_attention, decayed_attention
+
+    torch.manual_seed(0)
+    k, v = torch.randn(2, 3, 23, 8, dtype=torch.float64), torch.randn(2, 1, 23, 5, dtype=torch.float64)
+    log_gamma = torch.log(torch.tensor([0.5, 0.9, 1.0], dtype=torch.float64))
+    ref = decayed_attention(k, v, log_gamma)
+    by_hand = torch.zeros_like(ref)                    # y_t = sum_{j<t} gamma^(t-1-j) (k_t . k_j) v_j
+    for t in range(23):
+        for j in range(t):
+            by_hand[:, :, t] += (log_gamma * (t - 1 - j)).exp()[None, :, None] * \
+                (k[:, :, t] * k[:, :, j]).sum(-1, keepdim=True) * v[:, 0, j][:, None]
+    torch.testing.assert_close(ref, by_hand)
+    for chunk in (1, 4, 7, 23, 64):
+        y, state = chunked_forget_attention(k, v, log_gamma, chunk)
+        torch.testing.assert_close(y, ref)
+        first, s = chunked_forget_attention(k[:, :, :10], v[:, :, :10], log_gamma, chunk)
+        second, s = chunked_forget_attention(k[:, :, 10:], v[:, :, 10:], log_gamma, chunk, s)
+        torch.testing.assert_close(torch.cat([first, second], 2), ref)
+        torch.testing.assert_close(s, state)
+    windowed = decayed_attention(k, v, torch.zeros(3, dtype=torch.float64), window=4)
+    t = 15
+    expect = sum((k[:, :, t] * k[:, :, j]).sum(-1, keepdim=True) * v[:, 0, j][:, None] for j in range(t - 4, t))
+    torch.testing.assert_close(windowed[:, :, t], expect)
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_bdh_options_are_causal_stream_like_the_full_pass_and_learn(options):
+    torch.manual_seed(0)
+    model = build_model({**CFG, **options}).eval()
+    ids = torch.randint(0, 61, (2, 30))
+    changed = ids.clone()
+    changed[:, 17:] = torch.randint(0, 61, (2, 13))
+    with torch.no_grad():
+        full = model(ids)
+        torch.testing.assert_close(model(changed)[:, :17], full[:, :17], rtol=1e-5, atol=1e-5)
+        cache = model.new_cache()
+        parts = [model(ids[:, :11], cache)] + [model(ids[:, t:t + 1], cache) for t in range(11, 30)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+    plain = build_model(CFG)
+    assert not torch.allclose(plain.eval()(ids), full)       # the option changes the computation
+    model.train()
+    x = torch.randint(0, 61, (4, 24))
+    losses = overfit_one_batch(model, (x[:, :-1], x[:, 1:]), steps=40, lr=3e-3)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_bdh_option_errors():
+    with pytest.raises(ValueError, match="choose one"):
+        build_model({**CFG, "bdh_window": 4, "bdh_forget": True})
+    with pytest.raises(ValueError, match="multiple of 4 with bdh_differential"):
+        build_model({**CFG, "bdh_neurons": 66, "bdh_differential": True})

@@ -365,3 +365,17 @@ def test_gridworld_greedy_policy_reaches_the_goal(tmp_path):
     header = (tmp_path / "grid.csv").read_text().splitlines()[0].split(",")
     assert "curiosity_bonus" in header and len(rows) == 40
     assert rows[0]["reached_fraction"] < rows[-1]["reached_fraction"]
+
+
+def test_lif_fast_backward_equals_the_autograd_reference():
+    from hatchling.model.spike import LIFFunction, lif_reference
+
+    drive = torch.randn(3, 40, 4, dtype=torch.float64, requires_grad=True)
+    u0 = torch.rand(3, 4, dtype=torch.float64)
+    spikes, u = LIFFunction.apply(drive, u0, 1.0, 0.7)
+    ref_spikes, ref_u = lif_reference(drive, u0, 1.0, 0.7)
+    assert torch.equal(spikes, ref_spikes) and torch.allclose(u, ref_u) and 0 < spikes.mean() < 1
+    g = torch.randn_like(spikes)
+    fast, = torch.autograd.grad((spikes * g).sum(), drive)
+    slow, = torch.autograd.grad((ref_spikes * g).sum(), drive)
+    torch.testing.assert_close(fast, slow)

@@ -5,6 +5,11 @@ For a weight row w (one output channel), scale = max|w| / 127 and q = round(w / 
 stay in float32 (they are a few percent of the weights). The embedding is quantized per row,
 which is also per output channel of the tied LM head.
 
+Architectures that multiply by raw parameter matrices (BDH's encoders, decoder and head; the
+Titans memory's initial weights) list them in a module attribute ``INT8_MATRICES``; those are used
+as ``x @ W``, so their output channels are the *last* dimension, and their scales are stored with
+W's number of dimensions (broadcasting over it) — a 1-D scale means per row, as for Linear.
+
 An INT8 artifact can be loaded two ways: ``compute="fp32"`` dequantizes once at load (the speed of
 the float model, a quarter of its file size); ``compute="int8"`` keeps Linear weights int8 in
 memory and runs them through PyTorch's weight-only int8 matmul kernel (a quarter of the memory;
@@ -20,31 +25,39 @@ import torch.nn.functional as F
 QMAX = 127
 
 
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] float -> (q int8 [out, in], scale float32 [out])."""
+def quantize_per_channel(w: torch.Tensor, last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] float -> (q int8 [out, in], scale float32 [out]). With `last`, the output channels
+    are w's last dimension (x @ W) and the scale keeps w's rank ([1, ..., 1, out])."""
     w = w.detach().float()
+    if last:
+        dims = tuple(range(w.dim() - 1))
+        scale = (w.abs().amax(dim=dims, keepdim=True) / QMAX).clamp_min(1e-12)
+        return torch.round(w / scale).clamp(-QMAX, QMAX).to(torch.int8), scale
     scale = (w.abs().amax(dim=1) / QMAX).clamp_min(1e-12)
     q = torch.round(w / scale[:, None]).clamp(-QMAX, QMAX).to(torch.int8)
     return q, scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale[:, None]
+    return q.float() * (scale if scale.dim() == q.dim() else scale[:, None])
 
 
-def quantized_names(model: nn.Module) -> list[str]:
-    """Parameter names stored as int8: every Linear weight and the embedding table."""
-    names = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return ["embed.weight", *names]
+def quantized_names(model: nn.Module) -> dict[str, bool]:
+    """{parameter name stored as int8: output channels last?}: every Linear weight, the embedding
+    table, and the raw matrices modules declare in INT8_MATRICES."""
+    names = {f"{n}.weight": False for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for n, m in model.named_modules():
+        names |= {f"{n}.{attr}" if n else attr: True for attr in getattr(m, "INT8_MATRICES", ())}
+    return {"embed.weight": False, **names}
 
 
 def quantize_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """State dict with each quantized weight X replaced by X.int8 and X.scale."""
-    targets = set(quantized_names(model))
+    targets = quantized_names(model)
     out = {}
     for name, tensor in model.state_dict().items():
         if name in targets:
-            out[f"{name}.int8"], out[f"{name}.scale"] = quantize_per_channel(tensor)
+            out[f"{name}.int8"], out[f"{name}.scale"] = quantize_per_channel(tensor, last=targets[name])
         else:
             out[name] = tensor.detach().float().contiguous()
     return out

@@ -10,6 +10,17 @@ its own encoder/decoder (the BDH seed's largest quality gain) instead of one set
 Linear attention has a recurrent form: with k_s = RoPE_s(x_sparse_s) the state
 S_t = S_{t-1} + k_t v_tᵀ (N × d_model per head) turns decoding into a constant-size update, so
 `forward` with a cache matches the full pass token for token.
+
+Options from the BDH seed, each off by default:
+
+- ``bdh_window: W`` — each token reads only the W tokens before it (decoding keeps those W keys
+  and values instead of the state);
+- ``bdh_forget: true`` — a learned forget gate per head, S_t = γ S_{t-1} + k_t v_tᵀ, computed in
+  chunks of ``bdh_chunk`` tokens with the state carried between chunks (memory O(T·chunk), not
+  O(T²)); `decayed_attention` is its full-matrix reference;
+- ``bdh_differential: true`` — differential attention: the neurons split into two halves, each
+  attends on its own, and the second's read-out is subtracted with a learned weight λ per head,
+  cancelling what both halves retrieve alike (Ye et al., 2024).
 """
 
 from __future__ import annotations
@@ -36,20 +47,66 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor
     return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
+def decayed_attention(k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """Reference: y_t = sum_{j<t, t-j<=window} gamma^(t-1-j) (k_t . k_j) v_j, as one T x T matrix.
+    k [B,H,T,N]; v [B,1,T,D]; log_gamma [H] (0 = no forgetting); window 0 = unlimited."""
+    t = k.shape[2]
+    i = torch.arange(t, device=k.device)[:, None]
+    j = torch.arange(t, device=k.device)[None]
+    mask = j < i
+    if window:
+        mask &= j >= i - window
+    decay = (log_gamma[:, None, None] * (i - 1 - j).clamp(min=0)).exp() * mask            # [H,T,T]
+    return ((k @ k.transpose(-1, -2)) * decay.to(k.dtype)) @ v
+
+
+def chunked_forget_attention(k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, chunk: int,
+                             state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """decayed_attention (no window) chunk by chunk, carrying S = sum_j gamma^(t-1-j) k_j v_j^T.
+    Returns (y [B,H,T,D], the state after the last token [B,H,N,D])."""
+    b, h, t, n = k.shape
+    if state is None:
+        state = k.new_zeros(b, h, n, v.shape[-1])
+    g = log_gamma.to(k.dtype)[:, None]                                               # [H,1]
+    outs = []
+    for c0 in range(0, t, chunk):
+        kc, vc = k[:, :, c0:c0 + chunk], v[:, :, c0:c0 + chunk]
+        c = kc.shape[2]
+        pos = torch.arange(c, device=k.device, dtype=k.dtype)
+        inside = decayed_attention(kc, vc, log_gamma)                                 # within the chunk
+        carried = (g * pos).exp()[None, :, :, None] * (kc @ state)                    # gamma^i k_t S_prev
+        outs.append(inside + carried)
+        # S_end = gamma^c S_prev + sum_i gamma^(c-1-i) k_i v_i^T
+        weights = (g * (c - 1 - pos)).exp()[None, :, :, None]                         # [1,H,c,1]
+        state = (g * c).exp()[None, :, :, None] * state + (kc * weights).transpose(-1, -2) @ vc
+    return torch.cat(outs, dim=2), state
+
+
 class BDHLayerParams(nn.Module):
+    INT8_MATRICES = ("encoder", "encoder_v", "decoder")      # used as x @ W (hatchling/export/int8.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, d, n = cfg.n_heads, cfg.d_model, cfg.bdh_neurons
         self.encoder = nn.Parameter(torch.randn(h, d, n) * cfg.init_std)
         self.encoder_v = nn.Parameter(torch.randn(h, d, n) * cfg.init_std)
         self.decoder = nn.Parameter(torch.randn(h * n, d) * cfg.init_std)
+        if cfg.bdh_forget:        # gamma = sigmoid(logit) ~ 0.95 at the start: a memory of ~20 tokens
+            self.forget_logit = nn.Parameter(torch.full((h,), 3.0))
+        if cfg.bdh_differential:
+            self.diff_lambda = nn.Parameter(torch.full((h,), 0.5))
 
 
 class BDHLM(LanguageModel):
+    INT8_MATRICES = ("lm_head",)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.bdh_neurons % 2:
-            raise ValueError(f"model.bdh_neurons must be even (RoPE rotates pairs), got {cfg.bdh_neurons}")
+        if cfg.bdh_neurons % (4 if cfg.bdh_differential else 2):
+            raise ValueError(f"model.bdh_neurons must be even (RoPE rotates pairs; a multiple of 4 with "
+                             f"bdh_differential), got {cfg.bdh_neurons}")
+        if cfg.bdh_window and cfg.bdh_forget:
+            raise ValueError("model.bdh_window and model.bdh_forget are alternatives: choose one")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
@@ -60,17 +117,42 @@ class BDHLM(LanguageModel):
     def new_cache(self) -> list[dict]:
         return [{} for _ in range(self.config.n_layers)]
 
-    def _attend(self, k: torch.Tensor, v: torch.Tensor, cache: dict | None) -> torch.Tensor:
+    def _attend(self, k: torch.Tensor, v: torch.Tensor, cache: dict | None, p: BDHLayerParams) -> torch.Tensor:
         """Strictly causal linear attention; k [B,H,T,N] (RoPE'd, also the query), v [B,1,T,D]."""
+        if self.config.bdh_differential:
+            half = k.shape[-1] // 2
+            first = self._attend_one(k[..., :half], v, cache, p, "a")
+            return first - p.diff_lambda[None, :, None, None] * self._attend_one(k[..., half:], v, cache, p, "b")
+        return self._attend_one(k, v, cache, p, "")
+
+    def _attend_one(self, k: torch.Tensor, v: torch.Tensor, cache: dict | None, p: BDHLayerParams,
+                    key: str) -> torch.Tensor:
+        cfg = self.config
+        if cfg.bdh_window:                 # attend over the cached last-W keys too; keep the newest W
+            past_k = cache.get("k" + key) if cache is not None else None
+            if past_k is not None:
+                k_all, v_all = torch.cat([past_k, k], 2), torch.cat([cache["v" + key], v], 2)
+            else:
+                k_all, v_all = k, v
+            if cache is not None:
+                cache["k" + key], cache["v" + key] = k_all[:, :, -cfg.bdh_window:], v_all[:, :, -cfg.bdh_window:]
+            zero = torch.zeros(k.shape[1], device=k.device)
+            return decayed_attention(k_all, v_all, zero, cfg.bdh_window)[:, :, k_all.shape[2] - k.shape[2]:]
+        if cfg.bdh_forget:
+            state = cache.get("state" + key) if cache is not None else None
+            y, state = chunked_forget_attention(k, v, F.logsigmoid(p.forget_logit), cfg.bdh_chunk, state)
+            if cache is not None:
+                cache["state" + key] = state
+            return y
         t = k.shape[2]
         mask = torch.ones(t, t, dtype=torch.bool, device=k.device).tril(diagonal=-1)
         y = (k @ k.transpose(-1, -2)).masked_fill(~mask, 0.0) @ v           # [B,H,T,D]
         if cache is not None:
-            state = cache.get("state")
+            state = cache.get("state" + key)
             if state is not None:
                 y = y + k @ state
             update = k.transpose(-1, -2) @ v                                  # [B,H,N,D]
-            cache["state"] = update if state is None else state + update
+            cache["state" + key] = update if state is None else state + update
         return y
 
     def forward(self, input_ids: torch.Tensor, cache: list[dict] | None = None) -> torch.Tensor:
@@ -84,7 +166,7 @@ class BDHLM(LanguageModel):
             p = self.layers[i if cfg.bdh_per_layer else 0]
             x_sparse = F.relu(x @ p.encoder)                                  # [B,H,T,N]
             k = rope(x_sparse, positions, cfg.rope_theta)
-            y = layer_norm(self._attend(k, x, None if cache is None else cache[i]))
+            y = layer_norm(self._attend(k, x, None if cache is None else cache[i], p))
             y_sparse = F.relu(y @ p.encoder_v)
             xy = (x_sparse * y_sparse).transpose(1, 2).reshape(b, 1, t, -1)   # [B,1,T,H*N]
             x = layer_norm(x + layer_norm(xy @ p.decoder))

@@ -37,6 +37,51 @@ class SpikeFunction(torch.autograd.Function):
         return grad * surrogate, None
 
 
+def lif_reference(drive: torch.Tensor, u: torch.Tensor, threshold: float, decay: float):
+    """The LIF recurrence token by token with autograd through SpikeFunction: the oracle for
+    `LIFFunction`. drive [B, T, H]; u [B, H] -> (spikes [B, T, H], final membrane [B, H])."""
+    spikes = []
+    for t in range(drive.shape[1]):
+        u = decay * u + drive[:, t]
+        s = SpikeFunction.apply(u, threshold)
+        spikes.append(s)
+        u = u - threshold * s.detach()                                  # soft reset, no gradient through it
+    return torch.stack(spikes, dim=1), u
+
+
+class LIFFunction(torch.autograd.Function):
+    """The same recurrence with one hand-written backward instead of a graph of T tiny steps.
+
+    With the reset detached, u_t = sum_{j<=t} decay^(t-j) drive_j + (constants), so
+    d loss / d drive_j = sum_{t>=j} decay^(t-j) g_t s'(u_t): one reverse scan, written as a
+    product with the [T, T] matrix of decay powers.
+    """
+
+    @staticmethod
+    def forward(ctx, drive: torch.Tensor, u: torch.Tensor, threshold: float, decay: float):
+        potentials, spikes = [], []
+        for t in range(drive.shape[1]):
+            u = decay * u + drive[:, t]
+            s = (u >= threshold).to(u.dtype)
+            potentials.append(u)
+            spikes.append(s)
+            u = u - threshold * s
+        ctx.save_for_backward(torch.stack(potentials, dim=1))
+        ctx.threshold, ctx.decay = threshold, decay
+        return torch.stack(spikes, dim=1), u
+
+    @staticmethod
+    def backward(ctx, grad_spikes: torch.Tensor, grad_u: torch.Tensor):
+        (potentials,) = ctx.saved_tensors
+        local = grad_spikes / (1.0 + SURROGATE_SHARPNESS * (potentials - ctx.threshold).abs()) ** 2   # [B,T,H]
+        T = potentials.shape[1]
+        lag = torch.arange(T, device=local.device)[:, None] - torch.arange(T, device=local.device)[None]
+        powers = torch.where(lag >= 0, torch.tensor(ctx.decay, dtype=local.dtype, device=local.device)
+                             ** lag.clamp(min=0).to(local.dtype), torch.zeros((), dtype=local.dtype,
+                                                                              device=local.device))   # [t, j]
+        return torch.einsum("bth,tj->bjh", local, powers), None, None, None
+
+
 class LIFGate(nn.Module):
     """x [B, T, d] -> spikes [B, T, H] in {0, 1}; the membrane potential is carried in the cache."""
 
@@ -56,15 +101,10 @@ class LIFGate(nn.Module):
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         drive = self.drive(x).float()                                      # [B, T, H]
         u = cache["membrane"] if cache is not None and "membrane" in cache else drive.new_zeros(drive[:, 0].shape)
-        spikes = []
-        for t in range(drive.shape[1]):
-            u = self.decay * u + drive[:, t]
-            s = SpikeFunction.apply(u, self.threshold)
-            spikes.append(s)
-            u = u - self.threshold * s.detach()                            # soft reset, no gradient through it
+        spikes, u = LIFFunction.apply(drive, u, self.threshold, self.decay)
         if cache is not None:
             cache["membrane"] = u.detach()
-        return torch.stack(spikes, dim=1)
+        return spikes
 
 
 def kda_skipping_silent(q, k, v, g, beta, spikes, initial_state=None, output_final_state=False, **kda_kwargs):

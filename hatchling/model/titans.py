@@ -88,6 +88,8 @@ def memory_update(state: tuple, k, v, theta, eta, alpha) -> tuple:
 class NeuralMemory(nn.Module):
     """A token mixer: reads the test-time-trained memory, writes each chunk into it."""
 
+    INT8_MATRICES = ("w1", "w2")        # the memory's initial weights, used as x @ W (export/int8.py)
+
     def __init__(self, d_model: int, n_heads: int, head_dim: int, hidden: int, chunk: int, max_lr: float = 0.05,
                  max_momentum: float = 0.8):
         super().__init__()
