@@ -33,8 +33,7 @@ TINY_PARAMS = {
              "progress": False},
     "eval": {"checkpoints": ["pretrain", "sft", "rlvr"], "limit": 2, "gsm8k_max_new_tokens": 6,
              "humaneval_max_new_tokens": 6, "probe_lengths": [4, 8], "probe_items": 4, "needle_lengths": [64],
-             "needle_items": 2, "memorize_steps": 1, "forgetting_segments": 2, "forgetting_steps": 2,
-             "progress": False},
+             "needle_items": 2, "progress": False},
     "export": {"source": "pretrain", "prompts": 4, "prompt_len": 16, "new_tokens": 8, "eval_batches": 2,
                "batch_size": 4, "seq_len": 32, "latency_repeats": 1},
 }

@@ -9,12 +9,13 @@ import pytest
 from tests.conftest import copy_project, hatchling_cmd, run_cmd
 
 ARCHS = {"bdh": ["model.bdh_neurons=32"], "hope": ["model.hope_hidden=16", "model.hope_chunk=8"]}
+EVAL_LAST = ["eval.checkpoints=[rlvr]"]           # eval is arch-agnostic: one column is enough here
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_every_stage_after_tokenize_runs(arch, tokenized_project, tmp_path):
     proj = copy_project(tokenized_project, tmp_path / arch)
-    overrides = [x for kv in [f"model.arch={arch}", *ARCHS[arch]] for x in ("--set", kv)]
+    overrides = [x for kv in [f"model.arch={arch}", *ARCHS[arch], *EVAL_LAST] for x in ("--set", kv)]
     for stage in ("pretrain", "sft", "rlvr", "eval", "export"):
         run_cmd(hatchling_cmd("run", stage, *overrides), proj)
     assert json.loads((proj / "checkpoints/rlvr/model.json").read_text())["model_config"]["arch"] == arch

