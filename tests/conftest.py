@@ -77,6 +77,19 @@ def hatchling_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "hatchling", *args]
 
 
+def hatchling_here(project: Path, *args: str) -> int:
+    """`hatchling ARGS` inside this process, in `project`: the CLI's exit code and its messages,
+    without the few seconds of interpreter, torch and MLflow start-up a subprocess pays."""
+    from hatchling.cli import main
+
+    previous = os.getcwd()
+    os.chdir(project)
+    try:
+        return main(list(args))
+    finally:
+        os.chdir(previous)
+
+
 @pytest.fixture
 def project(tmp_path) -> Path:
     return make_project(tmp_path / "proj")

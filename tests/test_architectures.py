@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import copy_project, hatchling_cmd, run_cmd
+from tests.conftest import copy_project, hatchling_here
 
 ARCHS = {"bdh": ["model.bdh_neurons=32"], "hope": ["model.hope_hidden=16", "model.hope_chunk=8"]}
 EVAL_LAST = ["eval.checkpoints=[rlvr]"]           # eval is arch-agnostic: one column is enough here
@@ -17,7 +17,7 @@ def test_every_stage_after_tokenize_runs(arch, tokenized_project, tmp_path):
     proj = copy_project(tokenized_project, tmp_path / arch)
     overrides = [x for kv in [f"model.arch={arch}", *ARCHS[arch], *EVAL_LAST] for x in ("--set", kv)]
     for stage in ("pretrain", "sft", "rlvr", "eval", "export"):
-        run_cmd(hatchling_cmd("run", stage, *overrides), proj)
+        assert hatchling_here(proj, "run", stage, *overrides) == 0, stage
     assert json.loads((proj / "checkpoints/rlvr/model.json").read_text())["model_config"]["arch"] == arch
     export = json.loads((proj / "reports/export.json").read_text())
     assert export["int8_greedy_agreement"] >= 0.5 and export["int8_size_ratio"] < 0.4      # raw matrices too

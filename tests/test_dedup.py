@@ -12,7 +12,7 @@ from hatchling.data.dedup import all_signatures, deduplicate
 from hatchling.data.textnorm import normalize, words_with_spans
 from hatchling.eval.datasets import load_benchmark
 from hatchling.io import read_jsonl, write_jsonl
-from tests.conftest import TINY_PARAMS, hatchling_cmd, make_project, run_cmd
+from tests.conftest import TINY_PARAMS, hatchling_cmd, hatchling_here, make_project, run_cmd
 
 VOCAB = [f"w{i}" for i in range(5000)]
 
@@ -163,21 +163,20 @@ def test_dedup_stage_actions_and_reports(tmp_path, action):
     assert "Tom has 3 apples" in md and "`a` kept; 1 removed: `b`" in md
 
 
-def test_empty_or_malformed_input_fails_and_keeps_previous_output(tmp_path):
+def test_empty_or_malformed_input_fails_and_keeps_previous_output(tmp_path, capsys):
     rng = random.Random(4)
     proj = _stage_project(tmp_path, "drop", [{"id": "a", "text": doc_text(rng)}])
-    run_cmd(hatchling_cmd("run", "dedup"), proj)
+    assert hatchling_here(proj, "run", "dedup") == 0
     before = (proj / "data/dedup/shard-00000.jsonl").read_bytes()
     (proj / "data/crawl/shard-00000.jsonl").write_text('{"id": "x", "text": "ok"}\n{"id": broken\n')
-    proc = run_cmd(hatchling_cmd("run", "dedup"), proj, check=False)
-    assert proc.returncode == 2 and "shard-00000.jsonl:2: not valid JSON" in proc.stderr
+    capsys.readouterr()
+    assert hatchling_here(proj, "run", "dedup") == 2
+    assert "shard-00000.jsonl:2: not valid JSON" in capsys.readouterr().err
     (proj / "data/crawl/shard-00000.jsonl").write_text("")
-    proc = run_cmd(hatchling_cmd("run", "dedup"), proj, check=False)
-    assert proc.returncode == 2 and "hold no documents" in proc.stderr
+    assert hatchling_here(proj, "run", "dedup") == 2 and "hold no documents" in capsys.readouterr().err
     shutil.rmtree(proj / "data/crawl")
     (proj / "data/crawl").mkdir()
-    proc = run_cmd(hatchling_cmd("run", "dedup"), proj, check=False)
-    assert proc.returncode == 2 and "no JSONL shards" in proc.stderr
+    assert hatchling_here(proj, "run", "dedup") == 2 and "no JSONL shards" in capsys.readouterr().err
     assert (proj / "data/dedup/shard-00000.jsonl").read_bytes() == before
 
 
