@@ -4,12 +4,13 @@ import json
 import random
 import shutil
 
+import numpy as np
 import pytest
 
 from hatchling.config import validate_params
 from hatchling.data.decontam import ContaminationIndex, redact
 from hatchling.data.dedup import all_signatures, deduplicate
-from hatchling.data.textnorm import normalize, words_with_spans
+from hatchling.data.textnorm import normalize, normalized_words, words_with_spans
 from hatchling.eval.datasets import load_benchmark
 from hatchling.io import read_jsonl, write_jsonl
 from tests.conftest import TINY_PARAMS, hatchling_cmd, hatchling_here, make_project, run_cmd
@@ -76,10 +77,48 @@ def test_shingle_hash_jaccard_equals_string_jaccard():
         a = doc_text(rng, rng.randint(1, 120))
         b = near_copy(rng, a, rng.random() * 0.3)
         sa, sb = set(ngrams(a.split(), 5)), set(ngrams(b.split(), 5))
-        ha, hb = shingle_hashes(normalize(a), 5), shingle_hashes(normalize(b), 5)
+        ha, hb = shingle_hashes(normalized_words(a), 5), shingle_hashes(normalized_words(b), 5)
         assert len(ha) == len(sa) and len(hb) == len(sb)
         assert exact_jaccard(ha, hb) == pytest.approx(len(sa & sb) / len(sa | sb))
-    assert shingle_hashes(normalize("one two"), 5).size == 1 and shingle_hashes("", 5).size == 0
+    assert shingle_hashes(["one", "two"], 5).size == 1 and shingle_hashes([], 5).size == 0
+
+
+def test_shard_minhash_equals_datasketch():
+    """The shard-wide signatures against datasketch's MinHash.bulk (affine32), with empty sets and
+    documents larger than one block."""
+    from datasketch import MinHash
+
+    from hatchling.data.dedup import minhash_signatures
+
+    rng = np.random.default_rng(0)
+    sets = [np.unique(rng.integers(0, 2**32, size=n, dtype=np.uint64).astype(np.uint32))
+            for n in (300, 0, 1, 9000, 250, 0, 40)]
+    ours = minhash_signatures(sets, num_perm=64, seed=3, block=512)
+    reference = MinHash.bulk([s.tolist() for s in sets], num_perm=64, seed=3, hashfunc=int, scheme="affine32")
+    assert all(np.array_equal(row, m.hashvalues) for row, m in zip(ours, reference, strict=True))
+
+
+def test_band_index_equals_datasketch_lsh():
+    """BandIndex proposes exactly the candidates datasketch's MinHashLSH proposes."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    from hatchling.data.dedup import BandIndex
+
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2**32, size=(20, 128), dtype=np.uint64).astype(np.uint32)
+    sigs = np.concatenate([base, base[rng.integers(0, 20, 60)]])          # copies with some values changed
+    sigs[20:][rng.random((60, 128)) < 0.15] = 7
+    ours, reference = BandIndex(0.7, 128, (0.2, 0.8)), MinHashLSH(threshold=0.7, num_perm=128, weights=(0.2, 0.8))
+    assert (ours.bands, ours.rows) == (reference.b, reference.r)
+    hits = 0
+    for key, sig in enumerate(sigs):
+        mh = LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")
+        found = ours.query(ours.band_keys(sig))
+        assert found == sorted(reference.query(mh))
+        hits += bool(found)
+        ours.insert(key, ours.band_keys(sig))
+        reference.insert(key, mh)
+    assert 20 <= hits < 60                       # the copies meet their sources, but not all of them
 
 
 def test_keep_first_follows_shard_then_line_order(tmp_path):

@@ -25,8 +25,12 @@ def normalize_word(word: str) -> str:
     return unicodedata.normalize("NFKC", word).lower().translate(_punctuation_table())
 
 
+def normalized_words(text: str) -> list[str]:
+    return unicodedata.normalize("NFKC", text).lower().translate(_punctuation_table()).split()
+
+
 def normalize(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFKC", text).lower().translate(_punctuation_table()).split())
+    return " ".join(normalized_words(text))
 
 
 def words_with_spans(text: str) -> tuple[list[str], list[tuple[int, int]]]:
