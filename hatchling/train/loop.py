@@ -126,10 +126,19 @@ class Trainer:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
 
     # -- checkpoints -------------------------------------------------------------------------
+    def _gathered_state(self, optimizers: list) -> tuple[dict, list[dict]] | None:
+        """Whole weights and optimizer states on the main rank, None on the others. Under FSDP every
+        rank must call this (the gather is collective); under DDP the other ranks skip the copy."""
+        if self.strategy != "fsdp" and not self.world.is_main:
+            return None
+        state = full_state(self.model, optimizers, self.strategy)
+        return state if self.world.is_main else None
+
     def save_checkpoint(self) -> None:
-        weights, opt_states = full_state(self.model, self.optimizers, self.strategy)   # every rank: collective
-        if not self.world.is_main:
+        gathered = self._gathered_state(self.optimizers)
+        if gathered is None:
             return
+        weights, opt_states = gathered
         state = {"step": self.step, "best_val": self.best_val, "stale_evals": self.stale_evals,
                  "history": self.history, "tokens_seen": self.tokens_seen, "fingerprint": self.fingerprint,
                  "optimizers": opt_states, "sparsity": self.sparsity.state_dict() if self.sparsity else None,
@@ -254,10 +263,10 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         final = self.history[-1] if self.history else self.evaluate()
-        weights, _ = full_state(self.model, [], self.strategy)
-        if self.world.is_main:
+        gathered = self._gathered_state([])
+        if gathered is not None:
             save_model(self.model, self.out_dir, {**self.sidecar, "step": self.step}, files=self.files,
-                       weights=weights)
+                       weights=gathered[0])
         return {"steps": self.step, "final_train_loss": train_loss, "val_loss": final["val_loss"],
                 "val_bpb": final["val_bpb"], "best_val_loss": self.best_val, "stopped_early": stopped_early,
                 "resumed_from_step": resumed_from, "seconds": round(time.perf_counter() - t0, 3)}
