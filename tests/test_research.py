@@ -208,6 +208,21 @@ def test_memory_reads_on_uncertain_tokens_within_budget_and_stays_causal():
 
 # -- Spike-KDA --------------------------------------------------------------------------------------
 
+def test_rl_stores_each_sample_once_however_many_ppo_epochs():
+    """PPO's later epochs revisit the first epoch's samples: the memory must not store them again."""
+    stored = {}
+    for epochs in (1, 3):
+        policy = model_with(use_episodic_memory=True, memory_capacity=10_000)
+        ref = copy.deepcopy(policy).eval()
+        opt = torch.optim.SGD(policy.parameters(), lr=0.0)          # weights fixed: same samples, same surprises
+        cfg = RLConfig(k=4, max_new_tokens=6, temperature=1.0, epsilon_clip=0.2, rho_max=2.0, ppo_epochs=epochs)
+        rl_step(policy, ref, opt, [[1, 2, 3], [4, 5, 6]], lambda i, c: float(len(c)), cfg, KLController(0.05, 0.1, 10),
+                stop_ids=[0], generator=torch.Generator().manual_seed(0))
+        stored[epochs] = (len(policy.memory.store), float(policy.memory.surprise_threshold))
+        assert not policy.memory.writes_paused
+    assert stored[1][0] > 0 and stored[3] == stored[1]
+
+
 def test_lif_fires_by_its_dynamics_and_has_a_surrogate_gradient():
     gate = LIFGate(4, 2, threshold=1.0, decay=0.5)
     torch.nn.init.zeros_(gate.drive.weight)

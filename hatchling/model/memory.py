@@ -22,9 +22,11 @@ touch the memory (the trainer draws batches in the main process). Under DDP each
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import faiss
@@ -152,6 +154,7 @@ class EpisodicMemory(nn.Module):
         # the write threshold in nats: the running top-write_fraction quantile of training surprise
         self.register_buffer("surprise_threshold", torch.tensor(math.inf))
         self.write_in_eval = False                     # let generation store its surprises too
+        self.writes_paused = False                     # see paused_writes
         self.step = 0                                  # the trainer's step, recorded with each entry
         self.last_aux: dict[str, torch.Tensor] = {}
         self.last_stats: dict[str, float] = {}
@@ -168,7 +171,7 @@ class EpisodicMemory(nn.Module):
                            "memory_access_mean": float(a.detach().mean())}
         out = h + self._read(h, reads, a, embedding) if bool(reads.any()) else h
         self.last_aux = {"memory_penalty": self.penalty * F.relu(a.mean() - self.budget) ** 2} if self.training else {}
-        if self.training or self.write_in_eval:
+        if (self.training or self.write_in_eval) and not self.writes_paused:
             self._write(h.detach(), input_ids, logp.detach(), cache)
         self.last_stats["memory_size"] = float(len(self.store))
         return out
@@ -214,3 +217,21 @@ class EpisodicMemory(nn.Module):
         self.store.write(F.normalize(ctx_h[b, t].float(), dim=-1).cpu().numpy(), tokens[b, t].cpu().numpy(),
                          surprise[b, t].cpu().numpy(), spans, self.step)
         self.last_stats["memory_writes"] = float(len(b))
+
+
+@contextlib.contextmanager
+def paused_writes(model: nn.Module, paused: bool = True) -> Iterator[None]:
+    """No episodic memory in `model` stores anything (nor moves its write threshold) inside the block.
+
+    For passes that revisit text already stored: RL's second and later PPO epochs train on the very
+    samples the first epoch wrote, and would otherwise store each episode once per epoch.
+    """
+    memories = [m for m in model.modules() if isinstance(m, EpisodicMemory)]
+    before = [m.writes_paused for m in memories]
+    for m in memories:
+        m.writes_paused = paused
+    try:
+        yield
+    finally:
+        for m, was in zip(memories, before, strict=True):
+            m.writes_paused = was

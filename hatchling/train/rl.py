@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hatchling.model.memory import paused_writes
+
 
 @dataclass
 class Samples:
@@ -158,11 +160,12 @@ def rl_step(policy, ref, optimizer, prompts: list[list[int]], reward: Callable[[
         advantages.append(group_advantages(r + b.view(len(idx), cfg.k)).flatten())
     policy.train()
     total_tokens = max(sum(int(s.mask.sum()) for _, s in buckets), 1)
-    for _ in range(cfg.ppo_epochs):
+    for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         clip_tokens = kl_sum = entropy_sum = 0.0
         for (_, s), adv, old_logp, ref_logp in zip(buckets, advantages, old, refs, strict=True):
-            logp = completion_logprobs(policy, s, cfg.temperature)
+            with paused_writes(policy, epoch > 0):     # an episodic memory stores each sample once
+                logp = completion_logprobs(policy, s, cfg.temperature)
             pg, st = ppo_loss(logp, old_logp, s.behavior_logp, adv, s.mask, cfg.epsilon_clip, cfg.rho_max)
             kl_tok = (kl_k3(logp, ref_logp) * s.mask).sum()
             n = int(s.mask.sum())
