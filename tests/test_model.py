@@ -61,10 +61,11 @@ def test_kda_layer_and_model_are_causal(t):
     assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])
 
 
+@pytest.mark.parametrize("arch", ["hybrid", "gpt"])
 @pytest.mark.parametrize("prompt_len", [5, 16, 40])
-def test_streaming_decode_equals_full_forward(prompt_len):
+def test_streaming_decode_equals_full_forward(prompt_len, arch):
     """Prefill a prompt (shorter or longer than a 16-token chunk), then one token at a time."""
-    model = small_model()
+    model = small_model(arch=arch)
     ids = torch.randint(0, 97, (2, prompt_len + 30))
     with torch.no_grad():
         full = model(ids)
@@ -72,6 +73,34 @@ def test_streaming_decode_equals_full_forward(prompt_len):
         parts = [model(ids[:, :prompt_len], cache)]
         parts += [model(ids[:, t:t + 1], cache) for t in range(prompt_len, ids.shape[1])]
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_gpt_baseline_is_causal_rope_attention_in_every_layer():
+    from hatchling.model.attention import RoPEAttention
+
+    model = small_model(arch="gpt").double()
+    assert all(b.kind == "attn" and isinstance(b.mixer, RoPEAttention) for b in model.blocks)
+    ids = torch.randint(0, 97, (2, 30))
+    ids2 = ids.clone()
+    ids2[:, 12:] = torch.randint(0, 97, (2, 18))
+    a, b = model(ids), model(ids2)
+    assert torch.allclose(a[:, :12], b[:, :12], atol=1e-12, rtol=0) and not torch.allclose(a[:, 12:], b[:, 12:])
+    # it is the all-NoPE-attention stack plus rotations: same weights, same first position, then not
+    nope = small_model(attn_every=1).double()
+    nope.load_state_dict(model.state_dict())
+    c = nope(ids)
+    assert torch.allclose(c[:, 0], a[:, 0], atol=1e-12) and not torch.allclose(c[:, 1:], a[:, 1:])
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    from hatchling.model.rope import rope
+
+    q, k = torch.randn(1, 2, 6, 16, dtype=torch.float64), torch.randn(1, 2, 6, 16, dtype=torch.float64)
+    pos = torch.arange(6)
+    scores = rope(q, pos, 100.0) @ rope(k, pos, 100.0).transpose(-1, -2)
+    shifted = rope(q, pos + 37, 100.0) @ rope(k, pos + 37, 100.0).transpose(-1, -2)
+    torch.testing.assert_close(shifted, scores, atol=1e-5, rtol=0)      # angles are computed in fp32
+    assert torch.allclose(rope(q, pos * 0, 100.0), q)                     # position 0 is the identity
 
 
 def test_kda_cache_is_constant_size_and_kv_cache_grows():

@@ -2,6 +2,8 @@
 
 Position comes from the causal mask and from the KDA layers around it. Grouped-query KV
 (``n_kv_heads`` < ``n_heads``; 1 = multi-query) keeps the decoding KV cache small.
+``RoPEAttention`` is the same layer with rotary positions: every layer of the GPT baseline
+(``arch: gpt``) that the hybrid is measured against.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hatchling.model.config import ModelConfig
+from hatchling.model.rope import rope
 
 
 class NoPEAttention(nn.Module):
@@ -26,10 +29,10 @@ class NoPEAttention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        past = 0
+        past = cache["k"].shape[2] if cache is not None and "k" in cache else 0
+        q, k = self.encode_positions(q, k, past)
         if cache is not None:
-            if "k" in cache:
-                past = cache["k"].shape[2]
+            if past:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k.detach(), v.detach()
         if past == 0:
@@ -42,3 +45,19 @@ class NoPEAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def encode_positions(self, q: torch.Tensor, k: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """NoPE: none. q [B, H, T, D], k [B, Hkv, T, D] of tokens at positions past, past+1, ..."""
+        return q, k
+
+
+class RoPEAttention(NoPEAttention):
+    """Causal GQA attention with rotary positions (cached keys are stored already rotated)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.rope_theta = cfg.rope_theta
+
+    def encode_positions(self, q: torch.Tensor, k: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(past, past + q.shape[2], device=q.device)
+        return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)

@@ -31,20 +31,11 @@ from torch import nn
 
 from hatchling.model.base import LanguageModel
 from hatchling.model.config import ModelConfig
+from hatchling.model.rope import rope
 
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:])
-
-
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate consecutive pairs of the last dim of x [..., T, N] by angle position · theta^(-2i/N)."""
-    n = x.shape[-1]
-    freqs = theta ** (-torch.arange(0, n, 2, device=x.device, dtype=torch.float32) / n)
-    angles = positions.to(torch.float32)[:, None] * freqs                  # [T, N/2]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-    even, odd = x[..., 0::2], x[..., 1::2]
-    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
 
 
 def decayed_attention(k: torch.Tensor, v: torch.Tensor, log_gamma: torch.Tensor, window: int = 0) -> torch.Tensor:

@@ -24,13 +24,16 @@ RESEARCH_SWITCHES = ("use_predictive_coding", "use_episodic_memory", "spike", "t
 
 
 class ModelConfig(BaseModel):
-    """Architecture: the hybrid LM (KDA blocks with a NoPE attention block every few layers), or
-    BDH-GPU with ``arch: bdh`` (which uses d_model, n_layers, n_heads and the bdh_* fields)."""
+    """Architecture: the hybrid LM (KDA blocks with a NoPE attention block every few layers),
+    BDH-GPU with ``arch: bdh`` (which uses d_model, n_layers, n_heads and the bdh_* fields), HOPE
+    with ``arch: hope``, or ``arch: gpt``: the same stack with RoPE attention in every layer, the
+    same-size baseline the hybrid is measured against (bench/train_throughput.py, ablations)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    arch: Literal["hybrid", "bdh", "hope"] = Field(
-        "hybrid", description="hybrid KDA + NoPE, BDH-GPU (model/bdh.py) or HOPE / Titans memory (model/titans.py)")
+    arch: Literal["hybrid", "bdh", "hope", "gpt"] = Field(
+        "hybrid", description="hybrid KDA + NoPE, BDH-GPU (model/bdh.py), HOPE / Titans memory (model/titans.py) "
+                              "or a GPT baseline (RoPE attention in every layer)")
     size: Literal["toddler", "xs", "s"] = "toddler"
     vocab_size: int = Field(4096, ge=2, le=1 << 20, description="set from the tokenizer by pretrain")
     d_model: int = Field(128, ge=8)
@@ -45,7 +48,7 @@ class ModelConfig(BaseModel):
     kda_backend: Literal["auto", "fla", "chunked", "recurrent"] = "auto"
     bdh_neurons: int = Field(512, ge=2, description="BDH: neurons per head (the sparse space)")
     bdh_per_layer: bool = Field(True, description="BDH: each layer its own encoder/decoder (else shared)")
-    rope_theta: float = Field(65536.0, gt=1, description="BDH: RoPE base over the neuron dimension")
+    rope_theta: float = Field(65536.0, gt=1, description="RoPE base: BDH over the neuron dimension, GPT per head")
     bdh_window: int = Field(0, ge=0, description="BDH: attend to the last W tokens only; 0 = all")
     bdh_forget: bool = Field(False, description="BDH: forget-gated state, computed chunk by chunk")
     bdh_chunk: int = Field(64, ge=1, description="BDH: chunk length of the forget-gated attention")
@@ -96,8 +99,8 @@ class ModelConfig(BaseModel):
         return self.token_drop > 0 and 0 < layer < self.n_layers - 1 and not self.is_attention(layer)
 
     def is_attention(self, layer: int) -> bool:
-        """Layer pattern: with attn_every=4 the layers go KDA, KDA, KDA, attention, KDA, ..."""
-        return self.attn_every > 0 and (layer + 1) % self.attn_every == 0
+        """Layer pattern: with attn_every=4 the layers go KDA, KDA, KDA, attention, KDA, ... (gpt: all attention)"""
+        return self.arch == "gpt" or self.attn_every > 0 and (layer + 1) % self.attn_every == 0
 
     def layer_kinds(self) -> list[str]:
         return ["attn" if self.is_attention(i) else "kda" for i in range(self.n_layers)]

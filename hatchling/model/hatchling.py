@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hatchling.model.attention import NoPEAttention
+from hatchling.model.attention import NoPEAttention, RoPEAttention
 from hatchling.model.base import BlockStackLM
 from hatchling.model.config import ModelConfig
 from hatchling.model.kda_layer import KDALayer
@@ -39,7 +39,8 @@ class Block(nn.Module):
         super().__init__()
         self.kind = kind
         self.mixer_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.mixer = NoPEAttention(cfg) if kind == "attn" else KDALayer(cfg)
+        attention = RoPEAttention if cfg.arch == "gpt" else NoPEAttention
+        self.mixer = attention(cfg) if kind == "attn" else KDALayer(cfg)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
         self.router = TokenRouter(cfg.d_model, cfg.token_drop, cfg.token_drop_weight) if drops_tokens else None
@@ -136,7 +137,8 @@ class HatchlingLM(BlockStackLM):
 
 
 def build_model(model_params: dict | ModelConfig) -> nn.Module:
-    """The model for a params.yaml ``model`` section (a dict) or a ModelConfig, by ``arch``."""
+    """The model for a params.yaml ``model`` section (a dict) or a ModelConfig, by ``arch``
+    (hybrid and gpt are both HatchlingLM: gpt's layers are all RoPE attention)."""
     cfg = model_params if isinstance(model_params, ModelConfig) else ModelConfig(**model_params)
     if cfg.arch == "bdh":
         from hatchling.model.bdh import BDHLM
