@@ -111,7 +111,7 @@ class ScaleParams(Section):
 class DedupParams(Section):
     num_perm: int = Field(128, ge=16, le=1024)
     threshold: float = Field(0.8, gt=0, lt=1, description="MinHash Jaccard for near duplicates")
-    shingle: int = Field(5, ge=1, description="word n-gram shingles")
+    shingle: int = Field(5, ge=1, le=1024, description="word n-gram shingles")
     workers: int = Field(0, ge=0, description="processes for signatures; 0 = all cores")
     scale: ScaleParams = Field(default_factory=ScaleParams)
     contamination: ContaminationParams = ContaminationParams()

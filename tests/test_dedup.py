@@ -55,8 +55,8 @@ def test_planted_duplicates_are_removed_and_distinct_docs_kept(planted):
     shards, truth = planted
     sigs = all_signatures(shards, shingle=5, num_perm=128, workers=2)
     result = deduplicate(sigs, threshold=0.8, num_perm=128)
-    kept_ids = {s.doc_id for s in sigs if (s.shard, s.line) in result.keep}
-    order = [s.doc_id for s in sigs]                                          # shard order, then line order
+    kept_ids = {d for s in sigs for line, d in enumerate(s.doc_ids) if (s.shard, line) in result.keep}
+    order = [d for s in sigs for d in s.doc_ids]                              # shard order, then line order
     first = {min((copy, orig), key=order.index) for copy, orig in truth.items()}
     distinct = {f"orig{i}" for i in range(20, 40)}
     assert kept_ids == distinct | first                                       # one per planted set, keep-first
@@ -98,6 +98,20 @@ def test_shard_minhash_equals_datasketch():
     assert all(np.array_equal(row, m.hashvalues) for row, m in zip(ours, reference, strict=True))
 
 
+def test_shard_signatures_pack_each_document(tmp_path):
+    """A shard's arrays hold, per line, exactly that document's shingles, signature and hash."""
+    from hatchling.data.dedup import minhash_signatures, shingle_hashes, signatures
+
+    texts = ["One two three four five six", "", "seven eight", doc_text(random.Random(2), 50)]
+    write_jsonl(tmp_path / "s.jsonl", [{"id": f"t{i}", "text": t} for i, t in enumerate(texts)])
+    sigs = signatures(tmp_path / "s.jsonl", 5, 32)
+    hashed = [shingle_hashes(normalized_words(t), 5) for t in texts]
+    assert sigs.doc_ids == ["t0", "t1", "t2", "t3"] and len(sigs) == 4
+    assert all(np.array_equal(sigs.doc_shingles(i), h) for i, h in enumerate(hashed))
+    assert np.array_equal(sigs.hashvalues, minhash_signatures(hashed, 32))
+    assert len(set(sigs.exact)) == 4
+
+
 def test_band_index_equals_datasketch_lsh():
     """BandIndex proposes exactly the candidates datasketch's MinHashLSH proposes."""
     from datasketch import LeanMinHash, MinHashLSH
@@ -111,12 +125,12 @@ def test_band_index_equals_datasketch_lsh():
     ours, reference = BandIndex(0.7, 128, (0.2, 0.8)), MinHashLSH(threshold=0.7, num_perm=128, weights=(0.2, 0.8))
     assert (ours.bands, ours.rows) == (reference.b, reference.r)
     hits = 0
-    for key, sig in enumerate(sigs):
+    for key, (sig, bands) in enumerate(zip(sigs, ours.band_keys(sigs), strict=True)):
         mh = LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")
-        found = ours.query(ours.band_keys(sig))
+        found, buckets = ours.query(bands)
         assert found == sorted(reference.query(mh))
         hits += bool(found)
-        ours.insert(key, ours.band_keys(sig))
+        ours.insert(key, bands, buckets)
         reference.insert(key, mh)
     assert 20 <= hits < 60                       # the copies meet their sources, but not all of them
 

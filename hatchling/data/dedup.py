@@ -33,13 +33,22 @@ SCHEME = "affine32"   # datasketch's permutation scheme; 32-bit inputs from xxh3
 
 
 @dataclass
-class DocSignature:
+class ShardSignatures:
+    """What dedup needs of one shard's documents, as a few arrays: cheap to send between processes
+    (one shard's worth pickles as ~5 buffers, not two arrays and an object per document)."""
+
     shard: str
-    line: int
-    doc_id: str
-    exact: str                 # sha1 of the normalized text
-    hashvalues: np.ndarray     # MinHash signature
-    shingles: np.ndarray       # sorted unique shingle hashes
+    doc_ids: list[str]
+    exact: list[bytes]         # sha1 of each normalized text
+    hashvalues: np.ndarray     # (docs, num_perm) MinHash signatures
+    shingles: np.ndarray       # every document's sorted unique shingle hashes, concatenated
+    offsets: np.ndarray        # document i's shingles are shingles[offsets[i]:offsets[i + 1]]
+
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    def doc_shingles(self, i: int) -> np.ndarray:
+        return self.shingles[self.offsets[i]:self.offsets[i + 1]]
 
 
 @dataclass
@@ -51,7 +60,8 @@ class DedupResult:
     clusters: dict[str, list[str]] = field(default_factory=dict)  # kept doc id -> its duplicates' ids
 
 
-_MIX = np.random.default_rng(20261123).integers(1, 2**63, size=64, dtype=np.uint64) | np.uint64(1)
+# odd multipliers by position: of a word in a shingle, of a value in an LSH band (both <= 1024, the config's bound)
+_MIX = np.random.default_rng(20261123).integers(1, 2**63, size=1024, dtype=np.uint64) | np.uint64(1)
 _word_hashes: dict[str, int] = {}
 
 
@@ -125,7 +135,7 @@ def minhash_signatures(hashed: list[np.ndarray], num_perm: int, seed: int = 1, b
     return out
 
 
-def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1) -> list[DocSignature]:
+def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1) -> ShardSignatures:
     """MinHash signatures of every document in one JSONL shard (datasketch's affine32 scheme)."""
     docs = list(read_jsonl(shard))
     for i, doc in enumerate(docs):
@@ -134,28 +144,29 @@ def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1) ->
     words = [normalized_words(d["text"]) for d in docs]
     normalized = [" ".join(w) for w in words]
     hashed = [shingle_hashes(w, shingle) for w in words]
-    sigs = minhash_signatures(hashed, num_perm, seed)
     name = Path(shard).name
-    return [DocSignature(str(shard), i, str(d["id"]) if "id" in d else f"{name}:{i}",
-                         hashlib.sha1(t.encode()).hexdigest(), m, h)
-            for i, (d, t, h, m) in enumerate(zip(docs, normalized, hashed, sigs, strict=True))]
+    return ShardSignatures(
+        shard=str(shard), doc_ids=[str(d["id"]) if "id" in d else f"{name}:{i}" for i, d in enumerate(docs)],
+        exact=[hashlib.sha1(t.encode()).digest() for t in normalized],
+        hashvalues=minhash_signatures(hashed, num_perm, seed),
+        shingles=np.concatenate(hashed) if hashed else np.zeros(0, dtype=np.uint32),
+        offsets=np.cumsum([0] + [h.size for h in hashed]))
 
 
-def _signatures_of(args: tuple) -> list[DocSignature]:
+def _signatures_of(args: tuple) -> ShardSignatures:
     return signatures(*args)
 
 
 def iter_signatures(shards: list[Path], shingle: int, num_perm: int, workers: int, runner: str = "local",
-                    address: str | None = None) -> Iterator[DocSignature]:
+                    address: str | None = None) -> Iterator[ShardSignatures]:
     """Signatures of all shards in shard order, computed by `workers` processes (or on a cluster:
     hatchling/data/shard_map.py). Locally they arrive shard by shard, so the ordered dedup pass
     consuming them overlaps with the workers still hashing."""
     args = [(str(s), shingle, num_perm) for s in shards]
-    for shard_sigs in map_ordered(_signatures_of, args, workers, runner, address):
-        yield from shard_sigs
+    yield from map_ordered(_signatures_of, args, workers, runner, address)
 
 
-def all_signatures(shards: list[Path], shingle: int, num_perm: int, workers: int) -> list[DocSignature]:
+def all_signatures(shards: list[Path], shingle: int, num_perm: int, workers: int) -> list[ShardSignatures]:
     return list(iter_signatures(shards, shingle, num_perm, workers))
 
 
@@ -165,29 +176,42 @@ class BandIndex:
 
     The (bands, rows) split is the one datasketch's ``MinHashLSH`` picks for the threshold and the
     false positive / false negative weights, and ``query`` returns the keys ``MinHashLSH.query``
-    returns after the same inserts (the reference; tests/test_dedup.py), in insertion order.
+    returns after the same inserts (the reference; tests/test_dedup.py), in insertion order. A
+    band is keyed by a 64-bit hash of its values, computed for a whole shard in one numpy pass (two
+    different bands share a key with probability ~2^-64; a shared key only proposes a candidate,
+    which the caller verifies anyway).
     """
 
     def __init__(self, threshold: float, num_perm: int, weights: tuple[float, float] = (0.5, 0.5)):
         reference = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=weights)
         self.bands, self.rows = reference.b, reference.r
-        self.tables: list[dict[bytes, list[int]]] = [{} for _ in range(self.bands)]
+        self.tables: list[dict[int, list[int]]] = [{} for _ in range(self.bands)]
 
-    def band_keys(self, signature: np.ndarray) -> list[bytes]:
-        raw, width = signature.tobytes(), signature.itemsize * self.rows
-        return [raw[i:i + width] for i in range(0, self.bands * width, width)]
+    def band_keys(self, signatures: np.ndarray) -> list[list[int]]:
+        """(docs, num_perm) signatures -> each document's `bands` band keys."""
+        bands = signatures[:, : self.bands * self.rows].reshape(len(signatures), self.bands, self.rows)
+        keys = np.zeros(bands.shape[:2], dtype=np.uint64)
+        for j in range(self.rows):               # position-dependent odd multipliers, wrapping mod 2^64
+            keys += bands[..., j].astype(np.uint64) * _MIX[j]
+        return (keys ^ (keys >> np.uint64(29))).tolist()
 
-    def query(self, bands: list[bytes]) -> list[int]:
-        buckets = [bucket for table, band in zip(self.tables, bands, strict=True) if (bucket := table.get(band))]
-        return sorted(set().union(*buckets)) if buckets else []
+    def query(self, bands: list[int]) -> tuple[list[int], list[list[int] | None]]:
+        """(candidate keys in insertion order, each band's bucket: pass them to insert)."""
+        buckets = [table.get(band) for table, band in zip(self.tables, bands, strict=True)]
+        hits = [bucket for bucket in buckets if bucket]
+        return (sorted(set().union(*hits)) if hits else []), buckets
 
-    def insert(self, key: int, bands: list[bytes]) -> None:
-        for table, band in zip(self.tables, bands, strict=True):
-            table.setdefault(band, []).append(key)
+    def insert(self, key: int, bands: list[int], buckets: list[list[int] | None]) -> None:
+        """Add `key` under its bands, whose buckets the query of the same bands just returned."""
+        for table, band, bucket in zip(self.tables, bands, buckets, strict=True):
+            if bucket is None:
+                table[band] = [key]
+            else:
+                bucket.append(key)
 
 
-def deduplicate(sigs: Iterable[DocSignature], threshold: float, num_perm: int) -> DedupResult:
-    """Keep-first exact and near-duplicate removal over signatures in their given order.
+def deduplicate(shards: Iterable[ShardSignatures], threshold: float, num_perm: int) -> DedupResult:
+    """Keep-first exact and near-duplicate removal over documents in shard order, then line order.
 
     LSH proposes candidates from the MinHash signatures; a candidate is a duplicate when the exact
     Jaccard of the two shingle-hash sets reaches `threshold` (no estimation error at the border).
@@ -195,26 +219,28 @@ def deduplicate(sigs: Iterable[DocSignature], threshold: float, num_perm: int) -
     # LSH only proposes candidates: tune its bands for recall (a lower threshold, false negatives
     # weighted 4x), and let the exact Jaccard below decide, which restores precision.
     lsh = BandIndex(threshold=max(threshold - 0.1, 0.05), num_perm=num_perm, weights=(0.2, 0.8))
-    seen_exact: dict[str, str] = {}
+    seen_exact: dict[bytes, str] = {}
     kept: list[tuple[str, np.ndarray]] = []      # (doc id, shingles), in keep order = the LSH keys
     result = DedupResult()
-    for sig in sigs:
-        result.docs_in += 1
-        if sig.exact in seen_exact:
-            result.exact_dups += 1
-            result.clusters.setdefault(seen_exact[sig.exact], []).append(sig.doc_id)
-            continue
-        bands = lsh.band_keys(sig.hashvalues)
-        candidates = lsh.query(bands)             # earliest kept first: keep-first is deterministic
-        match = next((c for c in candidates if exact_jaccard(kept[c][1], sig.shingles) >= threshold), None)
-        if match is not None:
-            head = kept[match][0]
-            result.near_dups += 1
-            result.clusters.setdefault(head, []).append(sig.doc_id)
-            seen_exact.setdefault(sig.exact, head)   # later exact copies of this one join the cluster
-            continue
-        lsh.insert(len(kept), bands)
-        kept.append((sig.doc_id, sig.shingles))
-        seen_exact[sig.exact] = sig.doc_id
-        result.keep.add((sig.shard, sig.line))
+    for sigs in shards:
+        for line, (doc_id, exact, bands) in enumerate(zip(sigs.doc_ids, sigs.exact, lsh.band_keys(sigs.hashvalues),
+                                                          strict=True)):
+            result.docs_in += 1
+            if exact in seen_exact:
+                result.exact_dups += 1
+                result.clusters.setdefault(seen_exact[exact], []).append(doc_id)
+                continue
+            shingles = sigs.doc_shingles(line)
+            candidates, buckets = lsh.query(bands)  # earliest kept first: keep-first is deterministic
+            match = next((c for c in candidates if exact_jaccard(kept[c][1], shingles) >= threshold), None)
+            if match is not None:
+                head = kept[match][0]
+                result.near_dups += 1
+                result.clusters.setdefault(head, []).append(doc_id)
+                seen_exact.setdefault(exact, head)   # later exact copies of this one join the cluster
+                continue
+            lsh.insert(len(kept), bands, buckets)
+            kept.append((doc_id, shingles))
+            seen_exact[exact] = doc_id
+            result.keep.add((sigs.shard, line))
     return result
