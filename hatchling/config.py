@@ -351,7 +351,10 @@ def validate_params(tree: dict, source: str = "params") -> Params:
         raise ConfigError(message) from None
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
+def read_params_tree(path: str | Path, _seen: frozenset = frozenset()) -> dict:
+    """The mapping of a params file. A file with ``extends: OTHER`` (a path relative to it) is
+    OTHER's mapping with its own keys merged over it, key by key at every depth (lists replace), so
+    a profile such as params-gpu.yaml holds only what it changes and follows params.yaml otherwise."""
     path = Path(path)
     try:
         tree = yaml.safe_load(path.read_text()) or {}
@@ -361,6 +364,26 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> 
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must name a params file, got {base!r}")
+    here = path.resolve()
+    if (path.parent / base).resolve() in _seen | {here}:
+        raise ConfigError(f"{path}: extends {base!r} makes a cycle")
+    return _merged(read_params_tree(path.parent / base, _seen | {here}), tree)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return out
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
+    tree = read_params_tree(path)
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
     return validate_params(tree, source=str(path))

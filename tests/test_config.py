@@ -13,6 +13,42 @@ def test_repo_params_are_valid_and_are_the_toddler_run():
     assert p.pretrain.optimizer in ("adamw", "muon")
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    return {k: v for key, value in tree.items()
+            for k, v in (_leaves(value, f"{prefix}{key}.").items() if isinstance(value, dict)
+                         else [(f"{prefix}{key}", value)])}
+
+
+def test_gpu_profile_is_params_yaml_plus_what_it_lists():
+    base, gpu = load_params(REPO / "params.yaml"), load_params(REPO / "params-gpu.yaml")
+    listed = _leaves(yaml.safe_load((REPO / "params-gpu.yaml").read_text()))
+    assert gpu.model.size == "xs" and gpu.pretrain.device == "cuda" and gpu.sft.device == "cuda"
+    changed = {k for k, v in _leaves(gpu.model_dump()).items() if _leaves(base.model_dump()).get(k) != v}
+    # every difference is a key the profile names (model size also moves the preset's widths)
+    assert {k for k in changed if not k.startswith("model.")} <= set(listed)
+
+
+def test_extends_merges_key_by_key_and_refuses_cycles(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({**TINY_PARAMS, "pretrain": {
+        **TINY_PARAMS["pretrain"], "lr": 0.01, "seq_len_curriculum": [[0, 16]]}}))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/profile.yaml").write_text(
+        "extends: ../base.yaml\npretrain: {lr: 0.002, seq_len_curriculum: []}\n")
+    p = load_params(tmp_path / "sub/profile.yaml", ["pretrain.max_steps=7"])
+    assert (p.pretrain.lr, p.pretrain.seq_len_curriculum, p.pretrain.max_steps) == (0.002, [], 7)
+    assert p.pretrain.batch_size == TINY_PARAMS["pretrain"]["batch_size"]         # the rest from the base
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_params(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: no such params file"):
+        load_params(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="extends must name a params file"):
+        load_params(tmp_path / "d.yaml")
+
+
 def test_overrides_use_dvc_syntax_and_yaml_values(tmp_path):
     write_params(tmp_path, TINY_PARAMS)
     p = load_params(tmp_path / "params.yaml", ["pretrain.lr=3e-4", "model.n_layers=8",

@@ -3,6 +3,7 @@ created by `prefect deploy`, a run of it picked up and executed by a worker."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_project, project_env
+from tests.conftest import REPO, make_project, project_env
 
 
 def free_port() -> int:
@@ -39,6 +40,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
 def prefect_server(tmp_path):
     """(project dir, environment pointing at a fresh Prefect server on 127.0.0.1)."""
     project = make_project(tmp_path / "proj")
+    shutil.copy(REPO / "params-gpu.yaml", project)           # the deployment's profile, over the tiny params
     port = free_port()
     env = project_env(project)
     home = tmp_path / "prefect-home"
@@ -96,7 +98,7 @@ def test_deployment_runs_on_a_process_worker_of_the_work_pool(prefect_server):
         "asyncio.run(main())\n")], cwd=project, env=env, capture_output=True, text=True, check=True, timeout=60)
     info = json.loads(state.stdout.strip().splitlines()[-1])
     assert info["state"] == "COMPLETED", worker.stdout[-3000:] + worker.stderr[-3000:]
-    assert info["params"]["stages"] == ["crawl"]
+    assert info["params"]["stages"] == ["crawl"] and info["params"]["params_path"] == "params-gpu.yaml"
     shards = sorted((project / "data/crawl").glob("*.jsonl"))
     assert shards and json.loads(shards[0].read_text().splitlines()[0])["text"]
     assert json.loads((project / "reports/crawl.json").read_text())["kept"] > 0
