@@ -44,9 +44,6 @@ class ShardSignatures:
     shingles: np.ndarray       # every document's sorted unique shingle hashes, concatenated
     offsets: np.ndarray        # document i's shingles are shingles[offsets[i]:offsets[i + 1]]
 
-    def __len__(self) -> int:
-        return len(self.doc_ids)
-
     def doc_shingles(self, i: int) -> np.ndarray:
         return self.shingles[self.offsets[i]:self.offsets[i + 1]]
 
