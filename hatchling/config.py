@@ -167,6 +167,8 @@ class PretrainParams(Section):
     checkpoint_every: int = Field(50, ge=1)
     early_stopping_patience: int = Field(0, ge=0, description="evals without val improvement; 0 = off")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(False, description="torch.compile the training forward (inductor); the first step of "
+                                             "each new sequence length pays the compile")
     progress: bool = True
 
     @model_validator(mode="after")

@@ -20,7 +20,7 @@ from hatchling.model import build_model
 from hatchling.train.checkpoint import load_model
 from hatchling.train.loop import lm_loss, overfit_one_batch, sample_batch, seq_len_at
 from hatchling.train.optim import lr_multiplier
-from tests.conftest import TINY_PARAMS, hatchling_cmd, make_project, project_env, run_cmd, write_params
+from tests.conftest import TINY_PARAMS, hatchling_cmd, hatchling_here, make_project, project_env, run_cmd, write_params
 
 
 def test_tokenize_outputs(tokenized_project):
@@ -80,6 +80,26 @@ def test_overfit_one_batch_falls_below_bound():
 def test_overfit_mode_of_cli(tokenized_project):
     proc = run_cmd(hatchling_cmd("run", "pretrain", "--overfit-one-batch", "--overfit-steps", "120"), tokenized_project)
     assert "overfit one batch" in proc.stdout
+
+
+def test_compiled_training_equals_eager(tokenized_project, tmp_path):
+    """pretrain.compile: the same steps through torch.compile (inductor) give the eager weights."""
+    from torch._dynamo.utils import counters
+
+    weights, graphs = {}, {}
+    for compiled in (False, True):
+        proj = tmp_path / f"compile-{compiled}"
+        shutil.copytree(tokenized_project, proj)
+        params = {**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "arch": "gpt", "n_layers": 1},
+                  "pretrain": {**TINY_PARAMS["pretrain"], "max_steps": 4, "compile": compiled}}
+        write_params(proj, params)
+        counters.clear()
+        assert hatchling_here(proj, "run", "pretrain") == 0
+        weights[compiled], graphs[compiled] = _final_weights(proj), counters["stats"]["unique_graphs"]
+    assert graphs == {False: 0, True: graphs[True]} and graphs[True] > 0       # dynamo really traced the model
+    assert weights[True].keys() == weights[False].keys()
+    for name, value in weights[False].items():
+        torch.testing.assert_close(weights[True][name], value, atol=2e-5, rtol=1e-4, msg=name)
 
 
 def _final_weights(project):

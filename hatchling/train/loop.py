@@ -108,6 +108,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.strategy = params.parallel
         self.train_module = wrap_for_training(self.model, self.world, self.strategy)
+        if params.compile:          # forward/backward only: checkpoints and evaluation use the plain module
+            self.train_module = torch.compile(self.train_module)
         self.train_data, self.val_data = train_data, val_data
         self.run_dir, self.out_dir, self.csv_path = Path(run_dir), Path(out_dir), csv_path
         self.sidecar, self.fingerprint, self.files = sidecar, fingerprint, files or {}
