@@ -201,8 +201,7 @@ def main() -> None:
                          "decode_tokens_per_s_hybrid_vs_gpt":
                          round(pair["hybrid"]["tokens_per_s"] / pair["gpt"]["tokens_per_s"], 3)})
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device: {device_name}, torch {torch.__version__}, fla {'yes' if fla_available() else 'no'}, "
-          f"hybrid {build_model(hybrid).num_params():,} params, gpt {build_model(models['gpt']).num_params():,}")
+    print(f"device: {device_name}, torch {torch.__version__}, fla {'yes' if fla_available() else 'no'}")
     for row in rows:
         print("  ".join(f"{k}={v}" for k, v in row.items()))
     out = {"device": device_name, "torch": torch.__version__, "fla": fla_available(), "args": vars(args),

@@ -371,10 +371,10 @@ def read_params_tree(path: str | Path, _seen: frozenset = frozenset()) -> dict:
         return tree
     if not isinstance(base, str):
         raise ConfigError(f"{path}: extends must name a params file, got {base!r}")
-    here = path.resolve()
-    if (path.parent / base).resolve() in _seen | {here}:
+    here, base_path = path.resolve(), path.parent / base
+    if base_path.resolve() in _seen | {here}:
         raise ConfigError(f"{path}: extends {base!r} makes a cycle")
-    return _merged(read_params_tree(path.parent / base, _seen | {here}), tree)
+    return _merged(read_params_tree(base_path, _seen | {here}), tree)
 
 
 def _merged(base: dict, over: dict) -> dict:

@@ -29,7 +29,7 @@ from hatchling.data.shard_map import map_ordered
 from hatchling.data.textnorm import normalized_words
 from hatchling.io import read_jsonl
 
-SCHEME = "affine32"   # datasketch's permutation scheme; 32-bit inputs from xxh32
+SCHEME = "affine32"   # datasketch's permutation scheme for 32-bit inputs (our shingle hashes)
 
 
 @dataclass
