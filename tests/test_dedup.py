@@ -127,10 +127,10 @@ def test_band_index_equals_datasketch_lsh():
     hits = 0
     for key, (sig, bands) in enumerate(zip(sigs, ours.band_keys(sigs), strict=True)):
         mh = LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")
-        found, buckets = ours.query(bands)
+        found, present = ours.query(bands)
         assert found == sorted(reference.query(mh))
         hits += bool(found)
-        ours.insert(key, bands, buckets)
+        ours.insert(key, bands, present)
         reference.insert(key, mh)
     assert 20 <= hits < 60                       # the copies meet their sources, but not all of them
 
