@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,22 +133,38 @@ def minhash_signatures(hashed: list[np.ndarray], num_perm: int, seed: int = 1, b
     return out
 
 
-def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1) -> ShardSignatures:
-    """MinHash signatures of every document in one JSONL shard (datasketch's affine32 scheme)."""
-    docs = list(read_jsonl(shard))
-    for i, doc in enumerate(docs):
-        if not isinstance(doc.get("text"), str):
-            raise ValueError(f"{shard}:{i + 1}: document has no text field")
-    words = [normalized_words(d["text"]) for d in docs]
-    normalized = [" ".join(w) for w in words]
-    hashed = [shingle_hashes(w, shingle) for w in words]
+def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1, chunk: int = 128) -> ShardSignatures:
+    """MinHash signatures of every document in one JSONL shard (datasketch's affine32 scheme).
+
+    Documents stream through `chunk` at a time, so a worker holds the texts and word lists of one
+    chunk, not of its whole shard (~20 KB of small strings per 300-word page: 30 MB for 1,500
+    pages, growing with the shard), and its memory stays in the caches it shares with its
+    neighbours. Each chunk is done step by step over all its documents, which keeps each step's
+    setup off the per-document cost.
+    """
     name = Path(shard).name
+    doc_ids, exact, hashed = [], [], []
+    for first, docs in _chunks(read_jsonl(shard), chunk):
+        for i, doc in enumerate(docs, first):
+            if not isinstance(doc.get("text"), str):
+                raise ValueError(f"{shard}:{i + 1}: document has no text field")
+        words = [normalized_words(d["text"]) for d in docs]
+        doc_ids += [str(d["id"]) if "id" in d else f"{name}:{i}" for i, d in enumerate(docs, first)]
+        exact += [hashlib.sha1(" ".join(w).encode()).digest() for w in words]
+        hashed += [shingle_hashes(w, shingle) for w in words]
     return ShardSignatures(
-        shard=str(shard), doc_ids=[str(d["id"]) if "id" in d else f"{name}:{i}" for i, d in enumerate(docs)],
-        exact=[hashlib.sha1(t.encode()).digest() for t in normalized],
-        hashvalues=minhash_signatures(hashed, num_perm, seed),
+        shard=str(shard), doc_ids=doc_ids, exact=exact, hashvalues=minhash_signatures(hashed, num_perm, seed),
         shingles=np.concatenate(hashed) if hashed else np.zeros(0, dtype=np.uint32),
         offsets=np.cumsum([0] + [h.size for h in hashed]))
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[tuple[int, list]]:
+    """(index of the first, the next up to `size` items), over consecutive runs of `items`."""
+    it = iter(items)
+    first = 0
+    while batch := list(itertools.islice(it, size)):
+        yield first, batch
+        first += len(batch)
 
 
 def _signatures_of(args: tuple) -> ShardSignatures:

@@ -10,7 +10,11 @@ were processed (test: tests/test_prefect_flow.py, a local Dask cluster gives byt
 
 from __future__ import annotations
 
+import functools
 import gc
+import os
+import pickle
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing import get_all_start_methods, get_context
 
@@ -35,10 +39,33 @@ def _local_map(fn: Callable, items: Sequence, workers: int) -> Iterator:
     # objects ran 2.9-3.7 s unfrozen, 1.8-2.2 s frozen).
     gc.freeze()
     try:
-        with get_context(method).Pool(min(workers, len(items))) as pool:
-            yield from pool.imap(fn, items)
+        with tempfile.TemporaryDirectory(prefix="shard-map-") as spool, \
+                get_context(method).Pool(min(workers, len(items))) as pool:
+            for path in pool.imap(functools.partial(_spooled, fn, spool), items):
+                yield _unspooled(path)
     finally:
         gc.unfreeze()
+
+
+def _spooled(fn: Callable, spool: str, item) -> str:
+    """fn(item), pickled into a file under `spool`; returns the file's path.
+
+    Results do not come back through the pool's pipe: a pipe carries 64 KB at a time, and with
+    every core busy each piece waits for the parent to be scheduled, so a worker sat blocked for
+    40-90 ms handing over one shard's 2.6 MB of dedup signatures (8-20% of the shard's time). A
+    file write never waits for the reader.
+    """
+    fd, path = tempfile.mkstemp(dir=spool)
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump(fn(item), f, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
+def _unspooled(path: str):
+    with open(path, "rb") as f:
+        result = pickle.load(f)
+    os.unlink(path)
+    return result
 
 
 def task_runner(runner: str, workers: int, address: str | None):

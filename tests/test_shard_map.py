@@ -1,0 +1,50 @@
+"""The local process map: results in input order, equal to a plain map, with nothing left behind."""
+
+import tempfile
+
+import numpy as np
+import pytest
+
+from hatchling.data.shard_map import map_ordered
+
+
+def big_result(n: int) -> dict:
+    """Several MB per item: more than a pipe holds, as dedup's shard signatures are."""
+    rng = np.random.default_rng(n)
+    return {"n": n, "values": rng.integers(0, 2**32, size=600_000 + n, dtype=np.uint64).astype(np.uint32),
+            "ids": [f"doc{n}-{i}" for i in range(1000)]}
+
+
+def fails_on_three(n: int) -> int:
+    if n == 3:
+        raise ValueError(f"item {n} is bad")
+    return n
+
+
+def test_process_map_equals_plain_map_and_removes_its_spool(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    items = list(range(7))
+    got = list(map_ordered(big_result, items, workers=2))
+    want = [big_result(n) for n in items]
+    assert [g["n"] for g in got] == items
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g["values"], w["values"]) and g["ids"] == w["ids"]
+    assert list(tmp_path.iterdir()) == []                    # every spooled result read and deleted
+
+
+def test_a_failing_item_raises_its_error_and_leaves_no_spool(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    results = []
+    with pytest.raises(ValueError, match="item 3 is bad"):
+        for r in map_ordered(fails_on_three, range(6), workers=2):
+            results.append(r)
+    assert results == [0, 1, 2]                              # in order, up to the failing item
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_abandoned_map_leaves_no_spool(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    results = map_ordered(big_result, range(6), workers=2)
+    assert next(results)["n"] == 0
+    results.close()                                          # the consumer stops early
+    assert list(tmp_path.iterdir()) == []
