@@ -3,6 +3,8 @@
 import json
 import random
 import shutil
+import sys
+import unicodedata
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import pytest
 from hatchling.config import validate_params
 from hatchling.data.decontam import ContaminationIndex, redact
 from hatchling.data.dedup import all_signatures, deduplicate
-from hatchling.data.textnorm import normalize, normalized_words, words_with_spans
+from hatchling.data.textnorm import PUNCTUATION_PLANES, normalize, normalized_words, words_with_spans
 from hatchling.eval.datasets import load_benchmark
 from hatchling.io import read_jsonl, write_jsonl
 from tests.conftest import TINY_PARAMS, hatchling_cmd, hatchling_here, make_project, run_cmd
@@ -148,6 +150,13 @@ def test_normalization():
     assert normalize("  Ｈello,\tWORLD!  it's  fine. ") == "hello world its fine"
     words, spans = words_with_spans("Hi, there -- you!")
     assert words == ["hi", "there", "you"] and spans == [(0, 3), (4, 9), (13, 17)]
+
+
+def test_no_punctuation_beyond_the_planes_scanned():
+    """The punctuation table scans planes 0-1 only; the full code space has nothing more to delete."""
+    beyond = [cp for cp in range(PUNCTUATION_PLANES, sys.maxunicode + 1) if unicodedata.category(chr(cp))[0] == "P"]
+    assert beyond == []
+    assert normalize("a\u2e3bb \U0001e95ec \u00bfd?") == "ab c d"    # punctuation near the top of the planes
 
 
 def test_buried_item_is_found_by_containment_and_redacted():

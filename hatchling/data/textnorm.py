@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import functools
 import re
-import sys
 import unicodedata
 
 _WORD = re.compile(r"\S+")
 
 
+# Unicode assigns punctuation (categories P*) in planes 0 and 1 only; beyond them are ideographs,
+# tags, variation selectors and private use (tests/test_dedup.py checks this on the running Python).
+PUNCTUATION_PLANES = 0x20000
+
+
 @functools.lru_cache(maxsize=1)
 def _punctuation_table() -> dict[int, None]:
-    """str.translate table deleting every Unicode punctuation character (categories P*)."""
-    return {cp: None for cp in range(sys.maxunicode + 1) if unicodedata.category(chr(cp)).startswith("P")}
+    """str.translate table deleting every Unicode punctuation character (categories P*).
+
+    Built once per process; every forked shard worker that did not inherit it builds its own, so
+    it scans the two planes that hold punctuation (~40 ms), not all 1.1 M code points (~400 ms).
+    """
+    return {cp: None for cp in range(PUNCTUATION_PLANES) if unicodedata.category(chr(cp))[0] == "P"}
 
 
 def normalize_word(word: str) -> str:
