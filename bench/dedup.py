@@ -78,7 +78,7 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=4000)
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--num-perm", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3, help="runs per worker count, interleaved; the best counts")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per worker count, interleaved; the best counts")
     ap.add_argument("--out", default="reports/bench_dedup.json")
     args = ap.parse_args()
     corpus = Corpus(args.docs)

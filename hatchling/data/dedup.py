@@ -225,6 +225,8 @@ class BandIndex:
     def query(self, bands: list[int]) -> tuple[list[int], set[int]]:
         """(candidate keys in insertion order, the band keys already present: pass them to insert)."""
         present = self.table.keys() & bands      # iterates over the few `bands`, in C
+        if not present:
+            return [], present
         found: set[int] = set()
         for band in present:
             bucket = self.table[band]
@@ -258,9 +260,9 @@ def deduplicate(shards: Iterable[ShardSignatures], threshold: float, num_perm: i
     kept: list[tuple[str, np.ndarray]] = []      # (doc id, shingles), in keep order = the LSH keys
     result = DedupResult()
     for sigs in shards:
+        result.docs_in += len(sigs.doc_ids)
         for line, (doc_id, exact, bands) in enumerate(zip(sigs.doc_ids, sigs.exact, lsh.band_keys(sigs.hashvalues),
                                                           strict=True)):
-            result.docs_in += 1
             if exact in seen_exact:
                 result.exact_dups += 1
                 result.clusters.setdefault(seen_exact[exact], []).append(doc_id)
