@@ -57,7 +57,7 @@ def test_planted_duplicates_are_removed_and_distinct_docs_kept(planted):
     shards, truth = planted
     sigs = all_signatures(shards, shingle=5, num_perm=128, workers=2)
     result = deduplicate(sigs, threshold=0.8, num_perm=128)
-    kept_ids = {d for s in sigs for line, d in enumerate(s.doc_ids) if (s.shard, line) in result.keep}
+    kept_ids = {d for s in sigs for line, d in enumerate(s.doc_ids) if result.kept(s.shard, line)}
     order = [d for s in sigs for d in s.doc_ids]                              # shard order, then line order
     first = {min((copy, orig), key=order.index) for copy, orig in truth.items()}
     distinct = {f"orig{i}" for i in range(20, 40)}
@@ -66,7 +66,7 @@ def test_planted_duplicates_are_removed_and_distinct_docs_kept(planted):
     removed = {d for dups in result.clusters.values() for d in dups}
     assert removed == (set(truth) | {truth[c] for c in truth}) - first
     again = deduplicate(all_signatures(shards, 5, 128, workers=1), 0.8, 128)
-    assert again.keep == result.keep and again.clusters == result.clusters      # deterministic, any workers
+    assert again.removed == result.removed and again.clusters == result.clusters      # deterministic, any workers
 
 
 def test_shingle_hash_jaccard_equals_string_jaccard():
@@ -115,26 +115,88 @@ def test_shard_signatures_pack_each_document(tmp_path):
 
 
 def test_band_index_equals_datasketch_lsh():
-    """BandIndex proposes exactly the candidates datasketch's MinHashLSH proposes."""
+    """BandIndex, filled and queried a shard at a time, proposes exactly the candidates datasketch's
+    MinHashLSH proposes after the same inserts; pairs within a shard are exactly those sharing a band."""
     from datasketch import LeanMinHash, MinHashLSH
 
-    from hatchling.data.dedup import BandIndex
+    from hatchling.data.dedup import BandIndex, _shared_within
 
     rng = np.random.default_rng(1)
     base = rng.integers(0, 2**32, size=(20, 128), dtype=np.uint64).astype(np.uint32)
-    sigs = np.concatenate([base, base[rng.integers(0, 20, 60)]])          # copies with some values changed
-    sigs[20:][rng.random((60, 128)) < 0.15] = 7
+    sigs = np.concatenate([base, base[rng.integers(0, 20, 100)]])         # copies with some values changed
+    sigs[20:][rng.random((100, 128)) < 0.15] = 7
+    sigs[rng.integers(0, 120, 30)] = rng.integers(0, 2**32, size=(30, 128), dtype=np.uint64)   # and loners
     ours, reference = BandIndex(0.7, 128, (0.2, 0.8)), MinHashLSH(threshold=0.7, num_perm=128, weights=(0.2, 0.8))
     assert (ours.bands, ours.rows) == (reference.b, reference.r)
-    hits = 0
-    for key, (sig, bands) in enumerate(zip(sigs, ours.band_keys(sigs), strict=True)):
-        mh = LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")
-        found, present = ours.query(bands)
-        assert found == sorted(reference.query(mh))
-        hits += bool(found)
-        ours.insert(key, bands, present)
-        reference.insert(key, mh)
-    assert 20 <= hits < 60                       # the copies meet their sources, but not all of them
+    minhash = [LeanMinHash(seed=1, hashvalues=sig, scheme="affine32") for sig in sigs]
+    hits = within_hits = 0
+    for shard in np.split(np.arange(len(sigs)), [20, 30, 45, 47, 80, 100]):   # shards of uneven sizes: runs merge
+        band_keys = ours.band_keys(sigs[shard])
+        keys, rows = ours.sorted_keys(band_keys)
+        found_rows, found = ours.matches(keys, rows)
+        for row, doc in enumerate(shard):
+            expected = sorted(reference.query(minhash[doc]))
+            assert sorted(set(found[found_rows == row].tolist())) == expected
+            hits += bool(expected)
+        later, earlier = _shared_within(keys, rows)
+        brute = {(j, i) for j in range(len(shard)) for i in range(j)
+                 if np.any(band_keys[j] == band_keys[i])}
+        assert set(zip(later.tolist(), earlier.tolist(), strict=True)) == brute and (later > earlier).all()
+        within_hits += len(brute)
+        ours.add(keys, shard[rows])
+        for doc in shard:
+            reference.insert(int(doc), minhash[doc])
+    assert len(ours.runs) < 6                    # merged as they came
+    assert 20 <= hits < 110 and within_hits > 0  # copies meet their sources; the loners meet nobody
+
+
+def one_at_a_time(sigs: list, threshold: float, num_perm: int):
+    """The reference dedup: every document in order through datasketch's MinHashLSH (kept ones only)."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    from hatchling.data.dedup import exact_jaccard
+
+    lsh = MinHashLSH(threshold=max(threshold - 0.1, 0.05), num_perm=num_perm, weights=(0.2, 0.8))
+    seen, kept, removed, clusters = {}, {}, set(), {}
+    ordinal = 0
+    for s in sigs:
+        for line, (doc_id, exact) in enumerate(zip(s.doc_ids, s.exact, strict=True)):
+            ordinal += 1
+            head = seen.get(exact)
+            if head is None:
+                mh = LeanMinHash(seed=1, hashvalues=s.hashvalues[line], scheme="affine32")
+                shingles = s.doc_shingles(line)
+                match = next((c for c in sorted(lsh.query(mh)) if exact_jaccard(kept[c], shingles) >= threshold), None)
+                if match is None:
+                    lsh.insert(ordinal, mh)
+                    kept[ordinal] = shingles
+                    seen[exact] = doc_id
+                    continue
+                head = seen[exact] = [d for t in sigs for d in t.doc_ids][match - 1]
+            clusters.setdefault(head, []).append(doc_id)
+            removed.add((s.shard, line))
+    return removed, clusters
+
+
+def test_deduplicate_equals_one_document_at_a_time(tmp_path):
+    """Chains of near copies around the threshold, exact copies of removed documents, copies within
+    and across shards: the shard-at-a-time pass decides exactly as the one-at-a-time reference."""
+    rng = random.Random(5)
+    docs = [{"id": f"o{i}", "text": doc_text(rng, 200)} for i in range(60)]
+    for i in range(120):
+        src = rng.choice(docs)["text"]
+        text = src.upper() if i % 4 == 0 else near_copy(rng, src, rng.choice([0.005, 0.02, 0.04, 0.06, 0.1]))
+        docs.append({"id": f"c{i}", "text": text})
+    rng.shuffle(docs)
+    shards = []
+    for s, size in enumerate([7, 50, 3, 60, 40, 20]):
+        shards.append(tmp_path / f"s{s}.jsonl")
+        write_jsonl(shards[-1], docs[sum([7, 50, 3, 60, 40, 20][:s]):][:size])
+    sigs = all_signatures(shards, 5, 128, 1)
+    result = deduplicate(sigs, 0.8, 128)
+    removed, clusters = one_at_a_time(sigs, 0.8, 128)
+    assert result.removed == removed and result.clusters == clusters
+    assert result.exact_dups > 10 and result.near_dups > 20 and len(removed) < 180 - 20
 
 
 def test_keep_first_follows_shard_then_line_order(tmp_path):

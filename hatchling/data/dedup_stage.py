@@ -55,7 +55,7 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
         for shard in shards:     # read again here: workers return signatures only, never the texts
             out = []
             for line, doc in enumerate(read_jsonl(shard)):
-                if (str(shard), line) not in result.keep:
+                if not result.kept(str(shard), line):
                     continue
                 hits = index.scan(doc["text"], c.threshold) if index.items else []
                 for bench in {h.benchmark for h in hits}:
