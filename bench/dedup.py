@@ -6,8 +6,8 @@ Documents (~300 words drawn from a Zipf-distributed vocabulary, like running tex
 exact duplicates (case/punctuation changes) and near duplicates at known word-5-gram Jaccard,
 plus benchmark items (verbatim and partial) buried in long documents. Reports end-to-end docs/s
 (normalization, shingling, MinHash, LSH) with 1 and 2 worker processes (best of --repeats runs,
-interleaved), near-duplicate precision
-and recall against the planted pairs above the threshold, and contamination recall.
+interleaved; the 2-worker speedup is the median over the interleaved pairs), near-duplicate
+precision and recall against the planted pairs above the threshold, and contamination recall.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -96,7 +97,10 @@ def main() -> None:
                 result = deduplicate(iter_signatures(shards, 5, args.num_perm, workers), args.threshold,
                                      args.num_perm)
                 timings[workers].append(time.perf_counter() - t0)
-        timings = {w: min(t) for w, t in timings.items()}
+    # the speedup of each interleaved pair of runs, then their median: a slow spell on this shared
+    # VM hits one pair, not the statistic (best/best divides two runs taken at different times)
+    paired = statistics.median(one / two for one, two in zip(timings[1], timings[2], strict=True))
+    timings = {w: min(t) for w, t in timings.items()}
     near_clusters = [(kept, d) for kept, dups in result.clusters.items() for d in dups
                      if d not in corpus.exact_truth]
     # precision: a removed document is right when it really is above the threshold to the one kept
@@ -114,7 +118,8 @@ def main() -> None:
     scan_s = time.perf_counter() - t0
     n = len(corpus.docs)
     row = {"docs": n, "docs_per_s_1_worker": round(n / timings[1], 1), "docs_per_s_2_workers": round(n / timings[2], 1),
-           "speedup_2_workers": round(timings[1] / timings[2], 2), "near_dup_pairs_above_threshold": len(true_pairs),
+           "speedup_2_workers": round(paired, 2),
+           "speedup_best_of": round(timings[1] / timings[2], 2), "near_dup_pairs_above_threshold": len(true_pairs),
            "near_dup_precision": round(precision, 4), "near_dup_recall": round(recall, 4),
            "exact_dups_found": result.exact_dups, "exact_dups_planted": len(corpus.exact_truth),
            "contamination_recall": round(len(caught) / len(corpus.leaks), 4),
