@@ -6,7 +6,7 @@ Documents (~300 words drawn from a Zipf-distributed vocabulary, like running tex
 exact duplicates (case/punctuation changes) and near duplicates at known word-5-gram Jaccard,
 plus benchmark items (verbatim and partial) buried in long documents. Reports end-to-end docs/s
 (normalization, shingling, MinHash, LSH) with 1 and 2 worker processes (best of --repeats runs,
-interleaved; the 2-worker speedup is the median over the interleaved pairs), near-duplicate
+interleaved; the 2-worker speedup as best/best and as the median over the pairs), near-duplicate
 precision and recall against the planted pairs above the threshold, and contamination recall.
 """
 
