@@ -4,8 +4,9 @@
 
 Each stage is a task cached on the content hash of its inputs, its params sections and its
 code, so a second run with nothing changed completes from cache (and says so in MLflow).
-Stages that touch the network retry with backoff. flows/prefect.yaml deploys this flow to a
-process work pool on a GPU host (see the README).
+Stages that touch the network retry with backoff, unless the environment is broken (a retry
+would fail the same way). flows/prefect.yaml deploys this flow to a process work pool on a GPU
+host (see the README).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prefect import flow, task
 import hatchling
 from hatchling import tracking
 from hatchling.config import load_params
+from hatchling.errors import environment_fault
 from hatchling.io import hash_paths
 from hatchling.stages import STAGES, Stage, input_hash, run_stage, topological_order, with_upstream
 
@@ -38,6 +40,11 @@ def outputs_hash(stage: Stage, root: Path) -> str:
     return hash_paths(root / o for o in stage.outs)
 
 
+def worth_retrying(task, task_run, state) -> bool:
+    """Prefect's retry condition: a failure of the network may pass, a broken environment will not."""
+    return not environment_fault(state.result(raise_on_failure=False))
+
+
 def make_task(stage: Stage):
     def body(params_path: str, overrides: list[str], root: str, cache_key: str) -> dict:
         metrics = run_stage(stage.name, root=Path(root), params_path=params_path, overrides=overrides)
@@ -45,7 +52,7 @@ def make_task(stage: Stage):
 
     return task(body, name=stage.name, cache_key_fn=lambda ctx, args: args["cache_key"],
                 persist_result=True, retries=3 if stage.network else 0,
-                retry_delay_seconds=[5, 20, 60] if stage.network else 0)
+                retry_delay_seconds=[5, 20, 60] if stage.network else 0, retry_condition_fn=worth_retrying)
 
 
 TASKS = {s.name: make_task(s) for s in topological_order()}
@@ -65,7 +72,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     parent = tracking.start_parent(mlf, tracking.experiment_id(mlf), "prefect flow", root_path)
     previous = os.environ.get(tracking.PARENT_ENV)
     os.environ[tracking.PARENT_ENV] = parent
-    results, status = {}, "FAILED"
+    results = {}
     try:
         for stage in (s for s in topological_order() if s.name in wanted):
             key = stage_cache_key(stage, params, root_path)
@@ -81,13 +88,15 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
                 results[stage.name] = "cached"
             else:
                 results[stage.name] = result["metrics"]
-        status = "FINISHED"
+    except BaseException:
+        tracking.end_failed(lambda: mlf.set_terminated(parent, "FAILED"), "the pipeline run")
+        raise
     finally:
-        mlf.set_terminated(parent, status)
         if previous is None:
             os.environ.pop(tracking.PARENT_ENV, None)
         else:
             os.environ[tracking.PARENT_ENV] = previous
+    mlf.set_terminated(parent, "FINISHED")
     return results
 
 

@@ -7,6 +7,12 @@
     hatchling generate --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
     hatchling chat --checkpoint DIR [same sampling options]
     hatchling gridworld [--size 4 --iterations 150 --out logs/gridworld.csv]
+    hatchling doctor [--params params.yaml]
+
+An expected failure (bad params, a missing or malformed input, a stage without a usable result)
+prints one line naming what was wrong and exits 2; any other exception is a bug or a fault of the
+environment and prints its traceback (exit 1), as does a broken environment found in a stage's own
+worker process (a package that fails to import there: its traceback comes with the message).
 """
 
 from __future__ import annotations
@@ -14,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
-from hatchling.config import ConfigError, load_params
-from hatchling.stages import STAGES, StageError, dvc_yaml_text, run_stage, upstream
+from hatchling.config import load_params
+from hatchling.errors import BrokenEnvironment, HatchlingError, StageError
+from hatchling.stages import STAGES, dvc_yaml_text, run_stage, upstream
 
 
 def _run(args) -> int:
@@ -85,6 +93,13 @@ def _gridworld(args) -> int:
     return 0 if reached else 1
 
 
+def _doctor(args) -> int:
+    from hatchling.doctor import doctor
+
+    rows = doctor(Path("."), args.params)
+    return 1 if any(r.status == "FAIL" for r in rows) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hatchling", description="Baby-Hatchling: tiny hybrid LM pipeline")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -123,12 +138,23 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--out", default="logs/gridworld.csv", help="the summary CSV")
     grid.set_defaults(func=_gridworld)
+    doc = sub.add_parser("doctor", help="check every component the stages use (exit 1 if one is broken)")
+    doc.add_argument("--params", default="params.yaml")
+    doc.set_defaults(func=_doctor)
     args = ap.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, StageError, FileNotFoundError, ValueError) as e:
+    except BrokenEnvironment as e:        # its message carries the failing process's own traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except HatchlingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        traceback.print_exc()
+        print(f"error: unexpected {type(e).__name__} (a bug or a fault of the environment; "
+              "the traceback above shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,11 +15,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hatchling.errors import ConfigError
 from hatchling.model.config import ModelConfig
-
-
-class ConfigError(ValueError):
-    """A params file or override that does not fit the schema."""
 
 
 class Section(BaseModel):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from hatchling.errors import InputError
 from hatchling.export.int8 import dequantize_state_dict, use_int8_linears
 from hatchling.model import HatchlingLM, build_model
 from hatchling.train.checkpoint import TOKENIZER, load_weights, read_sidecar
@@ -33,7 +34,7 @@ def load_for_inference(directory: str | Path, compute: str = "fp32") -> tuple[Ha
     elif fmt in ("fp32", "bf16"):
         model.load_state_dict({k: v.float() for k, v in sd.items()})
     else:
-        raise ValueError(f"{directory}: unknown checkpoint format {fmt!r}")
+        raise InputError(f"{directory}: unknown checkpoint format {fmt!r}")
     if hasattr(model, "load_state_files"):
         model.load_state_files(directory)
     tokenizer = load_tokenizer(directory / TOKENIZER)
@@ -62,7 +63,7 @@ def generate_cli(args) -> int:
     model, tokenizer, _ = load_for_inference(args.checkpoint, args.compute)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
-        raise ValueError("--prompt is empty after tokenization")
+        raise InputError("--prompt is empty after tokenization")
     sys.stdout.write(args.prompt)
     for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, (tokenizer.token_to_id(EOT),),
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):

@@ -14,12 +14,19 @@ process and never lets it hang or harm the harness. Layers, outermost first:
 4. **The harness**: a wall-clock timeout, then the whole process group is killed.
 
 ``Result.isolation`` says which outer layer was in force: ``"bwrap"`` or ``"guard"`` (limits,
-guard and timeout only, when bubblewrap is missing or refused).
+guard and timeout only, when bubblewrap is missing, or refused: that is logged once as a warning,
+with bwrap's own message).
+
+Code that fails is a result (``passed`` False, and why). A sandbox that fails is not: when the
+guard never got as far as running the code (bwrap could not set up, the interpreter could not
+start), ``run_python`` raises :class:`SandboxError` with the child's own message. The guard says
+it is in place on a pipe before the code runs, so nothing the code does can fake either case.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import resource
 import shutil
@@ -32,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BLOCKED_MARK = "sandbox-blocked:"
+
+logger = logging.getLogger(__name__)
 
 # Installed in the child before the untrusted code runs (the child runs `python -I guard.py`).
 GUARD = r'''
@@ -62,15 +71,22 @@ def _guard(event, args):
 
 sys.addaudithook(_guard)
 del _guard
+_ready = int(sys.argv.pop())        # the harness's pipe: one byte says the guard is in place
+os.write(_ready, b"1")
+os.close(_ready)
 import runpy
 runpy.run_path("program.py", run_name="__main__")
 '''.replace("MARK", BLOCKED_MARK)
 
 
+class SandboxError(RuntimeError):
+    """The sandbox could not run the code at all: a fault of the machine or the settings, not of the code."""
+
+
 @dataclass
 class Result:
     passed: bool
-    status: str        # passed | failed | blocked | timeout | cpu_limit | memory_limit | output_limit | error
+    status: str        # passed | failed | blocked | timeout | cpu_limit | memory_limit | output_limit
     stdout: str
     stderr: str
     seconds: float
@@ -78,17 +94,29 @@ class Result:
 
 
 @functools.lru_cache(maxsize=1)
-def bwrap_works() -> bool:
-    """True when bubblewrap is installed and allowed to make namespaces on this kernel."""
+def bwrap_path() -> str | None:
+    """bubblewrap's path when it is installed and allowed to make namespaces on this kernel, else
+    None. Installed but refused (e.g. user namespaces disabled) is logged as a warning, in bwrap's
+    own words."""
     exe = shutil.which("bwrap")
     if exe is None:
-        return False
+        return None
     try:
         probe = subprocess.run([exe, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "true"],
-                               capture_output=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return probe.returncode == 0
+                               capture_output=True, text=True, timeout=20)
+        refusal = (probe.stderr.strip() or f"exit status {probe.returncode}") if probe.returncode else None
+    except (OSError, subprocess.SubprocessError) as e:
+        refusal = f"{type(e).__name__}: {e}"
+    if refusal:
+        logger.warning("sandbox: %s cannot isolate here (%s); untrusted code runs under resource limits and the "
+                       "audit guard only", exe, refusal)
+        return None
+    return exe
+
+
+def bwrap_works() -> bool:
+    """True when bubblewrap is installed and allowed to make namespaces on this kernel."""
+    return bwrap_path() is not None
 
 
 def _interpreter() -> str:
@@ -101,7 +129,7 @@ def _bwrap_prefix(workdir: Path) -> list[str]:
     # the interpreter may live under a hidden home (pyenv): show its installation again, read-only
     prefix = os.path.realpath(sys.base_prefix)
     show = ["--ro-bind", prefix, prefix] if prefix.startswith(("/root/", "/home/")) else []
-    return ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", *hide, *show,
+    return [bwrap_path(), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", *hide, *show,
             "--bind", str(workdir), str(workdir), "--chdir", str(workdir), "--unshare-all", "--die-with-parent",
             "--new-session", "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", str(workdir),
             "--"]
@@ -142,6 +170,15 @@ def _status(code: int | None, stderr: str, timed_out: bool) -> str:
     return "failed"
 
 
+def _guard_started(ready: int) -> bool:
+    """Whether the guard sent its byte on the ready pipe (it does so before the code runs)."""
+    os.set_blocking(ready, False)
+    try:
+        return os.read(ready, 1) == b"1"
+    except BlockingIOError:
+        return False
+
+
 def _read(path: Path, limit: int) -> str:
     with open(path, "rb") as f:
         return f.read(limit).decode("utf-8", errors="replace")
@@ -154,20 +191,24 @@ def run_python(code: str, tests: str = "", timeout_s: float = 5.0, memory_mb: in
         raise ValueError(f"isolation must be auto, bwrap or guard, got {isolation!r}")
     use_bwrap = isolation == "bwrap" or (isolation == "auto" and bwrap_works())
     if isolation == "bwrap" and not bwrap_works():
-        raise RuntimeError("bubblewrap is not usable on this machine")
+        raise SandboxError("bubblewrap is not usable on this machine")
     workdir = Path(tempfile.mkdtemp(prefix="hatchling-sandbox-"))
+    ready, ready_w = os.pipe()
     try:
         (workdir / "program.py").write_text(f"{code}\n\n{tests}\n")
         (workdir / "guard.py").write_text(GUARD)
-        cmd = [_interpreter(), "-I", "-B", "guard.py"]
+        cmd = [_interpreter(), "-I", "-B", "guard.py", str(ready_w)]
         env = {"PATH": "/usr/bin:/bin", "HOME": str(workdir), "LANG": "C.UTF-8"}
         if use_bwrap:
             cmd = _bwrap_prefix(workdir) + cmd
         t0 = time.perf_counter()
         with open(workdir / "stdout", "wb") as out, open(workdir / "stderr", "wb") as err:
-            proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True,
-                                    preexec_fn=_limits(timeout_s, memory_mb, output_bytes))
+            try:
+                proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                        start_new_session=True, pass_fds=(ready_w,),
+                                        preexec_fn=_limits(timeout_s, memory_mb, output_bytes))
+            finally:
+                os.close(ready_w)
             timed_out = False
             try:
                 proc.wait(timeout=timeout_s)
@@ -181,8 +222,13 @@ def run_python(code: str, tests: str = "", timeout_s: float = 5.0, memory_mb: in
                 proc.wait()
         seconds = time.perf_counter() - t0
         stdout, stderr = _read(workdir / "stdout", output_bytes), _read(workdir / "stderr", output_bytes)
+        mode = "bwrap" if use_bwrap else "guard"
+        if not _guard_started(ready):
+            why = (f"within {timeout_s:g} s" if timed_out
+                   else f"(exit status {proc.returncode}): {stderr.strip()[-2000:] or 'no output'}")
+            raise SandboxError(f"the sandbox ({mode}) could not start the code {why}")
         status = _status(proc.returncode, stderr, timed_out)
-        return Result(status == "passed", status, stdout, stderr, round(seconds, 3),
-                      "bwrap" if use_bwrap else "guard")
+        return Result(status == "passed", status, stdout, stderr, round(seconds, 3), mode)
     finally:
+        os.close(ready)
         shutil.rmtree(workdir, ignore_errors=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from hatchling.config import Params, load_params
+from hatchling.errors import StageError
 from hatchling.io import atomic_write_json, hash_paths
 
 
@@ -83,10 +84,6 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-class StageError(RuntimeError):
-    """A stage that cannot run (unknown name, missing inputs)."""
-
-
 def get_stage(name: str) -> Stage:
     for stage in STAGES:
         if stage.name == name:
@@ -151,7 +148,7 @@ def input_hash(stage: Stage, root: Path) -> str:
 def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
               params_path: str | Path = "params.yaml", overrides: list[str] = ()) -> dict:
     """Run one stage: validate params and inputs first, track it in MLflow, write its report."""
-    from hatchling.tracking import StageRun
+    from hatchling.tracking import StageRun, end_failed
 
     stage = get_stage(name)
     root = Path(root)
@@ -170,7 +167,7 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
     try:
         metrics = fn(params, root, run.log_metrics)
     except BaseException:
-        run.end("FAILED")
+        end_failed(lambda: run.end("FAILED"), f"the run of stage {name}")
         raise
     atomic_write_json(root / stage.metrics, metrics)
     run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},

@@ -10,19 +10,28 @@ Who owns the parent run depends on who runs the pipeline:
 Runs are written with an explicit ``MlflowClient`` (no fluent global state), so stages running
 in threads of one process never mix their runs. The store defaults to ``sqlite:///mlflow.db``
 in the project (``MLFLOW_TRACKING_URI`` overrides).
+
+MLflow errors are not swallowed: a run that cannot be recorded fails its stage with MLflow's own
+error. The one exception is marking a run FAILED while the stage's error is on its way out: an
+MLflow error then is logged as a warning (see :func:`end_failed`), as raising it would hide why the
+stage failed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 EXPERIMENT = "hatchling"
 PARENT_ENV = "HATCHLING_PARENT_RUN_ID"
 PIPELINE_KEY_TAG = "hatchling.pipeline_key"
+
+logger = logging.getLogger(__name__)
 
 
 def tracking_uri(root: Path = Path(".")) -> str:
@@ -140,6 +149,15 @@ class StageRun:
         self.mlf.set_terminated(self.run_id, status)
         # keep the parent's end time current: it finishes when its last stage does
         self.mlf.set_terminated(self.parent_id, "FINISHED" if status == "FINISHED" else status)
+
+
+def end_failed(end: Callable[[], object], what: str) -> None:
+    """Call `end` to mark `what` FAILED while the error that failed it propagates; an MLflow error
+    here is logged as a warning, since raising it would replace the error the user needs to see."""
+    try:
+        end()
+    except Exception as e:
+        logger.warning("MLflow could not mark %s FAILED: %s: %s", what, type(e).__name__, e)
 
 
 def record_cached(stage: str, root: Path = Path("."), reason: str = "inputs, params and code unchanged") -> str:

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from hatchling.config import ConfigError, Params, load_params, parse_override
-from tests.conftest import REPO, TINY_PARAMS, hatchling_cmd, run_cmd, write_params
+from tests.conftest import REPO, TINY_PARAMS, hatchling_cmd, hatchling_here, run_cmd, write_params
 
 
 def test_repo_params_are_valid_and_are_the_toddler_run():
@@ -108,3 +108,27 @@ def test_params_file_in_repo_matches_schema_keys():
     """Every section in params.yaml is one the schema knows (and none is missing)."""
     tree = yaml.safe_load((REPO / "params.yaml").read_text())
     assert set(tree) == set(Params.model_fields)
+
+
+def test_cli_prints_the_traceback_of_an_unexpected_error(project, monkeypatch, capsys):
+    """A bug deep in a stage (here a shape error) is not dressed up as a bad param: exit 1, with
+    the traceback down to where it was raised; an expected error stays one line (exit 2)."""
+    from hatchling.data.crawl import stage as crawl_stage
+
+    def deep_in_training(params, root, log):
+        def mix(a, b):
+            raise ValueError(f"shapes {a} and {b} cannot be multiplied")
+        return mix([2, 3], [2, 3])
+
+    monkeypatch.setattr(crawl_stage, "run", deep_in_training)
+    assert hatchling_here(project, "run", "crawl") == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert 'in mix\n    raise ValueError(f"shapes {a} and {b} cannot be multiplied")' in err
+    assert "ValueError: shapes [2, 3] and [2, 3] cannot be multiplied" in err
+    assert err.strip().splitlines()[-1].startswith("error: unexpected ValueError")
+
+    assert hatchling_here(project, "run", "tokenize") == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "error: stage tokenize needs data/dedup (output of stage dedup: run `hatchling run dedup` first)"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import http.server
+import os
+import re
 import socket
 import threading
 import time
@@ -22,8 +24,9 @@ from hatchling.data.crawl.mirror import (
     serve_on_loopback,
 )
 from hatchling.data.crawl.page import classify_license, license_evidence, page_links, robots_directives
+from hatchling.errors import BrokenEnvironment
 from hatchling.io import read_jsonl, sha1_text
-from tests.conftest import TINY_PARAMS
+from tests.conftest import TINY_PARAMS, hatchling_here, write_params
 
 CRAWL_DELAY = 0.3
 TOPICS = ["gardens", "rivers", "bridges", "lanterns", "orchards", "harbors", "meadows", "libraries", "bicycles"]
@@ -255,6 +258,77 @@ def test_pydoc_pages_do_not_depend_on_what_the_caller_imported():
     assert render_pydoc_html("collections") == first
     with pytest.raises(ValueError, match="cannot document module 'no_such_module'"):
         render_pydoc_html("no_such_module")
+
+
+# What lxml 6 says when jusText, under trafilatura, imports lxml.html.clean without lxml_html_clean.
+IMPORT_ERROR = ("lxml.html.clean module is now a separate project lxml_html_clean.\n"
+                "Install lxml[html_clean] or lxml_html_clean directly.")
+BROKEN_INSTALL = f"raise ImportError({IMPORT_ERROR!r})\n"
+FLAKY_EXTRACTOR = """import re
+
+
+def extract(html, **options):
+    if "gardens" in html or "lanterns" in html:
+        raise ValueError("unbalanced <table> in the page")
+    return re.sub(r"<[^>]+>", " ", html)
+"""
+
+
+def fake_package(directory: Path, monkeypatch, source: str, name: str = "trafilatura") -> None:
+    """A package `name` with `source` as its body, first on the crawl process's import path."""
+    package = directory / "fake-site" / name
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(source)
+    path = os.pathsep.join(filter(None, (str(package.parent), os.environ.get("PYTHONPATH"))))
+    monkeypatch.setenv("PYTHONPATH", path)
+
+
+def test_a_page_that_fails_is_dropped_as_error_with_its_message_and_the_crawl_goes_on(tmp_path, monkeypatch,
+                                                                                     caplog):
+    fake_package(tmp_path, monkeypatch, FLAKY_EXTRACTOR)
+    error = "ValueError: unbalanced <table> in the page"
+    site = Site()
+    with serve_on_loopback(site.handler()) as base:
+        site.base = base
+        seeds = [base + page for page in ("index.html", "noindex.html", "a.html")]
+        metrics = crawl_stage.run(crawl_params(seeds, max_depth=0), tmp_path / "some")
+        # the original report said only "dropped: {}"; now the error itself is in the stage's error
+        with pytest.raises(crawl_stage.CrawlError, match=re.escape(
+                f"yielded no documents to keep (1 pages requested, 1 fetched, dropped: {{'error': 1}}; "
+                f"errors: 1 × {error} (first at {base}index.html))")):
+            crawl_stage.run(crawl_params([base + "index.html"]), tmp_path / "none")
+    assert metrics["errors"] == [{"error": error, "url": base + "index.html", "count": 2}]
+    assert metrics["dropped"]["error"] == 2 and metrics["kept"] == 1
+    assert [d["url"] for d in shard_docs(tmp_path / "some")] == [base + "a.html"]     # went on after the errors
+    assert f"crawl: pages dropped for errors (2): 2 × {error} (first at {base}index.html)" in caplog.text
+
+
+def test_a_broken_install_stops_the_crawl_at_once_and_fails_the_stage_with_its_error(project, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("HATCHLING_PARENT_RUN_ID", raising=False)
+    shard = previous_shards(project)
+    fake_package(project.parent, monkeypatch, BROKEN_INSTALL)
+    site = Site()
+    with serve_on_loopback(site.handler()) as base:
+        site.base = base
+        crawl = {**TINY_PARAMS["crawl"], "seeds": [base + "index.html", base + "a.html"]}
+        write_params(project, {**TINY_PARAMS, "crawl": crawl})
+        assert hatchling_here(project, "run", "crawl") == 1      # a fault of the environment, not of the input
+    err = capsys.readouterr().err
+    assert f"error: crawl: stopped at {base}index.html: ImportError: {IMPORT_ERROR}" in err
+    assert f'{project.parent}/fake-site/trafilatura/__init__.py", line 1, in <module>' in err   # its traceback
+    assert [path for _, path, _ in site.log if path != "/robots.txt"] == ["/index.html"]   # no page after it
+    assert shard.read_text() == '{"id": "old", "text": "previous crawl"}\n'
+    assert not (project / "reports/crawl.json").exists()
+
+
+def test_a_crawler_that_cannot_start_fails_with_its_error(tmp_path, monkeypatch):
+    """Scrapy itself broken (here its robots.txt parser): the crawl never starts, and says why."""
+    fake_package(tmp_path, monkeypatch, 'raise ImportError("protego is broken here on purpose")\n', name="protego")
+    with pytest.raises(BrokenEnvironment, match=r"crawl: could not start: ImportError: protego is broken here on "
+                                                r"purpose \(the environment is broken, not the site\)\n"
+                                                r"(?s:.*)fake-site/protego/__init__\.py"):
+        crawl_stage.run(crawl_params([f"http://127.0.0.1:{free_port()}/"]), tmp_path)
 
 
 def test_depth_and_page_caps(tmp_path):

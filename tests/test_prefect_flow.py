@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -74,6 +75,36 @@ def test_flow_rejects_bad_params_before_any_stage(prefect_env, project):
     assert not (project / "reports").exists() and not (project / "data").exists()
 
 
+def test_a_broken_install_fails_the_flow_at_once_with_its_error_even_when_mlflow_fails_too(
+        prefect_env, project, monkeypatch, caplog):
+    """The crawl (a network stage, retried on failure) is not retried when the environment is
+    broken, and the flow raises the stage's own error, not MLflow's failure to record it."""
+    from mlflow.exceptions import MlflowException
+
+    from flows.pipeline import pipeline
+    from hatchling.data.crawl.mirror import serve_on_loopback
+    from hatchling.errors import BrokenEnvironment
+    from tests.test_crawl import BROKEN_INSTALL, IMPORT_ERROR, Site, fake_package
+
+    def locked(self, run_id, status="FINISHED", end_time=None):
+        raise MlflowException("database is locked")
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("HATCHLING_PARENT_RUN_ID", raising=False)
+    fake_package(project.parent, monkeypatch, BROKEN_INSTALL)
+    site = Site()
+    with serve_on_loopback(site.handler()) as base:
+        site.base = base
+        write_params(project, {**TINY_PARAMS, "crawl": {**TINY_PARAMS["crawl"], "seeds": [base + "index.html"]}})
+        monkeypatch.setattr(MlflowClient, "set_terminated", locked)
+        with pytest.raises(BrokenEnvironment, match=re.escape(f"stopped at {base}index.html: ImportError: "
+                                                              f"{IMPORT_ERROR}")):
+            pipeline(root=str(project), stages=["crawl"])
+    assert site.requested("/index.html") == 1                   # tried once: a retry would fail alike
+    for run in ("the run of stage crawl", "the pipeline run"):
+        assert f"MLflow could not mark {run} FAILED: MlflowException: database is locked" in caplog.text
+
+
 def test_deployment_file_points_at_the_flow():
     import yaml
     from prefect.flows import load_flow_from_entrypoint
@@ -88,11 +119,29 @@ def test_deployment_file_points_at_the_flow():
     assert set(deployment["parameters"]) <= set(flow_obj.parameters.properties)
 
 
-def test_dedup_and_tokenize_on_a_dask_cluster_equal_the_local_run(prefect_env, tokenized_project, tmp_path,
-                                                                   monkeypatch):
+@pytest.fixture(scope="module")
+def dask_cluster():
+    """A real local Dask cluster of two worker processes."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                      host="127.0.0.1") as cluster:
+        yield cluster
+
+
+def test_a_failing_shard_on_a_dask_cluster_raises_its_own_error(prefect_env, dask_cluster):
+    from hatchling.data.shard_map import map_ordered
+    from tests.test_shard_map import fails_on_three
+
+    with pytest.raises(ValueError, match="item 3 is bad"):
+        list(map_ordered(fails_on_three, range(5), 2, "dask", dask_cluster.scheduler_address))
+
+
+def test_dedup_and_tokenize_on_a_dask_cluster_equal_the_local_run(prefect_env, dask_cluster, tokenized_project,
+                                                                   tmp_path, monkeypatch):
     """Shards mapped through Prefect's DaskTaskRunner on a real local Dask cluster (two worker
     processes) give byte-identical outputs to the local run."""
-    from distributed import Client, LocalCluster, get_task_stream
+    from distributed import Client, get_task_stream
 
     from hatchling.config import validate_params
     from hatchling.data import dedup_stage, tokenize
@@ -101,19 +150,17 @@ def test_dedup_and_tokenize_on_a_dask_cluster_equal_the_local_run(prefect_env, t
     proj = copy_project(tokenized_project, tmp_path / "dask")
     shutil.rmtree(proj / "data/dedup")
     shutil.rmtree(proj / "data/tokenized")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                      host="127.0.0.1") as cluster:
-        scale = {"runner": "dask", "address": cluster.scheduler_address}
-        tree = {**TINY_PARAMS, "dedup": {**TINY_PARAMS["dedup"], "scale": scale},
-                "tokenize": {**TINY_PARAMS["tokenize"], "scale": scale}}
-        params = validate_params(tree)
-        monkeypatch.setattr(tokenize, "BATCH_DOCS", 2)     # several tasks even on the tiny corpus
-        with Client(cluster.scheduler_address) as client, get_task_stream(client) as stream:
-            dedup_stage.run(params, proj)
-            tokenize.run(params, proj)
-        ran = {t["key"].split("-")[0] for t in stream.data}
-        shards = len(list((tokenized_project / "data/crawl").glob("*.jsonl")))
-        assert len(stream.data) >= shards and {"_signatures_of", "_encode_batch"} <= ran, ran
+    scale = {"runner": "dask", "address": dask_cluster.scheduler_address}
+    tree = {**TINY_PARAMS, "dedup": {**TINY_PARAMS["dedup"], "scale": scale},
+            "tokenize": {**TINY_PARAMS["tokenize"], "scale": scale}}
+    params = validate_params(tree)
+    monkeypatch.setattr(tokenize, "BATCH_DOCS", 2)     # several tasks even on the tiny corpus
+    with Client(dask_cluster.scheduler_address) as client, get_task_stream(client) as stream:
+        dedup_stage.run(params, proj)
+        tokenize.run(params, proj)
+    ran = {t["key"].split("-")[0] for t in stream.data}
+    shards = len(list((tokenized_project / "data/crawl").glob("*.jsonl")))
+    assert len(stream.data) >= shards and {"_signatures_of", "_encode_batch"} <= ran, ran
     ours = sorted((proj / "data/dedup").glob("*.jsonl"))
     assert [p.name for p in ours] == [p.name for p in sorted((tokenized_project / "data/dedup").glob("*.jsonl"))]
     for p in ours:

@@ -17,8 +17,8 @@ from hatchling.data.packed import load_split
 from hatchling.data.tokenize import split_documents
 from hatchling.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from hatchling.model import build_model
-from hatchling.train.checkpoint import load_model
-from hatchling.train.loop import lm_loss, overfit_one_batch, sample_batch, seq_len_at
+from hatchling.train.checkpoint import TRAINER, load_model
+from hatchling.train.loop import Trainer, lm_loss, overfit_one_batch, sample_batch, seq_len_at
 from hatchling.train.optim import lr_multiplier
 from tests.conftest import TINY_PARAMS, hatchling_cmd, hatchling_here, make_project, project_env, run_cmd, write_params
 
@@ -148,6 +148,21 @@ def test_changed_params_never_resume_a_foreign_checkpoint(tokenized_project, tmp
     write_params(proj, params)
     run_cmd(hatchling_cmd("run", "pretrain"), proj)
     assert json.loads((proj / "reports/pretrain.json").read_text())["resumed_from_step"] is None
+
+
+def test_an_unreadable_resume_checkpoint_is_not_resumed_and_says_why(tmp_path, caplog):
+    params = validate_params(TINY_PARAMS)
+    model = build_model(params.model.model_copy(update={"vocab_size": 64}))
+    tokens = np.zeros(256, dtype=np.uint16)
+    trainer = Trainer(model, params.pretrain, tokens, tokens, run_dir=tmp_path / "run", out_dir=tmp_path / "out",
+                      sidecar={}, val_tokens_per_byte=1.0)
+    assert not trainer.try_resume() and caplog.text == ""       # nothing to resume: nothing to say
+    trainer.save_checkpoint()
+    trained = (tmp_path / "run" / TRAINER).read_bytes()
+    (tmp_path / "run" / TRAINER).write_bytes(trained[:len(trained) // 2])    # a file cut short
+    assert not trainer.try_resume()
+    assert f"not resuming from {tmp_path / 'run'}: its checkpoint is unreadable (RuntimeError: PytorchStreamReader " \
+           "failed reading zip archive" in caplog.text and "training starts from step 0" in caplog.text
 
 
 def test_checkpoint_loads_and_bad_checkpoints_fail_clearly(tokenized_project, tmp_path):

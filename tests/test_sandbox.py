@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hatchling.sandbox import bwrap_works, run_python
+from hatchling.sandbox import SandboxError, bwrap_path, bwrap_works, run_python
 
 MODES = ["guard"] + (["bwrap"] if bwrap_works() else [])
 
@@ -110,3 +110,45 @@ def test_stdin_is_closed(isolation):
 def test_bad_isolation_argument():
     with pytest.raises(ValueError, match="isolation must be"):
         run_python("pass", isolation="docker")
+
+
+def test_failing_code_is_a_result_even_when_it_mimics_the_sandbox(isolation):
+    r = run_python("import sys\nsys.stderr.write('bwrap: Creating new namespace failed\\n')\nsys.exit(1)",
+                   isolation=isolation)
+    assert r.status == "failed" and not r.passed and "bwrap: Creating new namespace failed" in r.stderr
+
+
+def test_an_interpreter_that_cannot_start_is_a_sandbox_error_not_failed_code(isolation):
+    with pytest.raises(SandboxError, match=rf"the sandbox \({isolation}\) could not start the code \(exit status"):
+        run_python("print('never runs')", memory_mb=4, isolation=isolation)
+
+
+@pytest.fixture
+def fake_bwrap(tmp_path, monkeypatch):
+    """Put a `bwrap` first on PATH whose behaviour a test writes (a shell script body)."""
+    def install(body: str) -> str:
+        exe = tmp_path / "bwrap"
+        exe.write_text(f"#!/bin/sh\n{body}\n")
+        exe.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+        bwrap_path.cache_clear()
+        return str(exe)
+
+    yield install
+    bwrap_path.cache_clear()        # the next test probes the real bwrap again
+
+
+def test_bwrap_that_fails_to_start_the_code_is_a_sandbox_error(fake_bwrap):
+    fake_bwrap('for arg; do last=$arg; done\n[ "$last" = true ] && exit 0      # the probe passes\n'
+               'echo "bwrap: Can\'t mount proc on /newroot/proc: Operation not permitted" >&2\nexit 1')
+    with pytest.raises(SandboxError, match=r"\(bwrap\) could not start the code \(exit status 1\): "
+                                           r"bwrap: Can't mount proc on /newroot/proc: Operation not permitted"):
+        run_python("print('never runs')")
+
+
+def test_bwrap_that_refuses_namespaces_is_warned_with_its_reason(fake_bwrap, caplog):
+    exe = fake_bwrap('echo "bwrap: No permissions to create new namespace" >&2\nexit 1')
+    r = run_python("print('ok')")
+    assert r.passed and r.isolation == "guard"
+    assert f"{exe} cannot isolate here (bwrap: No permissions to create new namespace); untrusted code runs " \
+           "under resource limits" in caplog.text

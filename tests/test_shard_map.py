@@ -1,11 +1,15 @@
-"""The local process map: results in input order, equal to a plain map, with nothing left behind."""
+"""The local process map: results in input order, equal to a plain map, with nothing left behind;
+a failure reaches the caller as itself, with the worker's traceback."""
 
+import os
+import signal
 import tempfile
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import pytest
 
-from hatchling.data.shard_map import map_ordered
+from hatchling.data.shard_map import WorkerError, map_ordered
 
 
 def big_result(n: int) -> dict:
@@ -18,6 +22,21 @@ def big_result(n: int) -> dict:
 def fails_on_three(n: int) -> int:
     if n == 3:
         raise ValueError(f"item {n} is bad")
+    return n
+
+
+def fails_unpicklably(n: int) -> int:
+    if n == 2:
+        class PanicException(Exception):    # like pyo3's (tokenizers): its class cannot be imported, nor pickled
+            pass
+
+        raise PanicException("the tokenizer panicked on shard-00002.jsonl")
+    return n
+
+
+def dies_on_two(n: int) -> int:
+    if n == 2:
+        os.kill(os.getpid(), signal.SIGKILL)     # as the out-of-memory killer would
     return n
 
 
@@ -35,11 +54,26 @@ def test_process_map_equals_plain_map_and_removes_its_spool(tmp_path, monkeypatc
 def test_a_failing_item_raises_its_error_and_leaves_no_spool(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     results = []
-    with pytest.raises(ValueError, match="item 3 is bad"):
+    with pytest.raises(ValueError, match="item 3 is bad") as failure:
         for r in map_ordered(fails_on_three, range(6), workers=2):
             results.append(r)
     assert results == [0, 1, 2]                              # in order, up to the failing item
+    assert 'in fails_on_three\n    raise ValueError(f"item {n} is bad")' in str(failure.value.__cause__)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_error_that_cannot_cross_processes_arrives_as_text():
+    with pytest.raises(WorkerError) as failure:
+        list(map_ordered(fails_unpicklably, range(4), workers=2))
+    summary, traceback_text = str(failure.value).split("\n", 1)
+    assert summary.endswith("fails_unpicklably.<locals>.PanicException: the tokenizer panicked on shard-00002.jsonl")
+    assert 'in fails_unpicklably\n    raise PanicException("the tokenizer panicked on shard-00002.jsonl")' \
+        in traceback_text
+
+
+def test_a_worker_that_dies_fails_the_map_instead_of_hanging_it():
+    with pytest.raises(BrokenProcessPool, match="terminated abruptly"):
+        list(map_ordered(dies_on_two, range(4), workers=2))
 
 
 def test_an_abandoned_map_leaves_no_spool(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ generation stops at ``<|end|>`` (or end-of-text).
 from __future__ import annotations
 
 from hatchling.data.tokenizer import END_OF_TURN, EOT, ROLE_TOKENS
+from hatchling.errors import InputError
 
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
@@ -29,7 +30,7 @@ def render_chat_with_mask(tokenizer, messages: list[dict]) -> tuple[list[int], l
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ROLE_TOKENS:
-            raise ValueError(f"message {i}: role must be one of {sorted(ROLE_TOKENS)}, got {role!r}")
+            raise InputError(f"message {i}: role must be one of {sorted(ROLE_TOKENS)}, got {role!r}")
         content = tokenizer.encode(str(message.get("content", ""))).ids + [end]
         ids += [tokenizer.token_to_id(ROLE_TOKENS[role]), *content]
         trained += [False] + [role == "assistant"] * len(content)

@@ -11,6 +11,7 @@ import glob
 from collections.abc import Iterator
 from pathlib import Path
 
+from hatchling.errors import InputError, MissingInputError
 from hatchling.io import atomic_path, read_jsonl, sha1_text, write_jsonl
 
 
@@ -37,7 +38,7 @@ def iter_documents(spec: str | Path) -> Iterator[dict]:
     """Documents from JSONL shards (objects with a "text" field) or text files (one document each)."""
     files = corpus_files(spec)
     if not files:
-        raise FileNotFoundError(f"no corpus files (*.jsonl, *.txt) at {spec}")
+        raise MissingInputError(f"no corpus files (*.jsonl, *.txt) at {spec}")
     for f in files:
         if f.suffix == ".txt":
             text = f.read_text(encoding="utf-8")
@@ -45,5 +46,5 @@ def iter_documents(spec: str | Path) -> Iterator[dict]:
             continue
         for doc in read_jsonl(f):
             if not isinstance(doc.get("text"), str):
-                raise ValueError(f"{f}: document {doc.get('id', '?')!r} has no text field")
+                raise InputError(f"{f}: document {doc.get('id', '?')!r} has no text field")
             yield doc

@@ -31,6 +31,7 @@ from datasketch import MinHash, MinHashLSH
 
 from hatchling.data.shard_map import map_ordered
 from hatchling.data.textnorm import normalized_words
+from hatchling.errors import InputError
 from hatchling.io import read_jsonl
 
 SCHEME = "affine32"   # datasketch's permutation scheme for 32-bit inputs (our shingle hashes)
@@ -151,7 +152,7 @@ def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1, ch
     for first, docs in _chunks(read_jsonl(shard), chunk):
         for i, doc in enumerate(docs, first):
             if not isinstance(doc.get("text"), str):
-                raise ValueError(f"{shard}:{i + 1}: document has no text field")
+                raise InputError(f"{shard}:{i + 1}: document has no text field")
         words = [normalized_words(d["text"]) for d in docs]
         doc_ids += [str(d["id"]) if "id" in d else f"{name}:{i}" for i, d in enumerate(docs, first)]
         exact += [hashlib.sha1(" ".join(w).encode()).digest() for w in words]

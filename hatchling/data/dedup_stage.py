@@ -14,6 +14,7 @@ from pathlib import Path
 from hatchling.data.corpus import corpus_files
 from hatchling.data.decontam import ContaminationIndex, redact
 from hatchling.data.dedup import deduplicate, iter_signatures
+from hatchling.errors import InputError, MissingInputError
 from hatchling.eval.datasets import load_benchmark
 from hatchling.io import atomic_path, atomic_write_json, atomic_write_text, read_jsonl, sha1_text, write_jsonl
 
@@ -36,12 +37,12 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     t0 = time.perf_counter()
     shards = [f for f in corpus_files(root / IN) if f.suffix == ".jsonl"]
     if not shards:
-        raise FileNotFoundError(f"no JSONL shards in {root / IN}")
+        raise MissingInputError(f"no JSONL shards in {root / IN}")
     workers = p.workers or os.cpu_count() or 1
     sigs = iter_signatures(shards, p.shingle, p.num_perm, workers, p.scale.runner, p.scale.address)
     result = deduplicate(sigs, p.threshold, p.num_perm)
     if not result.docs_in:
-        raise ValueError(f"the shards in {root / IN} hold no documents")
+        raise InputError(f"the shards in {root / IN} hold no documents")
     t_dedup = time.perf_counter() - t0
 
     benchmarks, status = load_benchmarks(params.benchmarks, root)

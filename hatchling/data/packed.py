@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hatchling.errors import MissingInputError
+
 
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 1 << 16 else np.uint32
@@ -32,6 +34,6 @@ def load_split(directory: str | Path, split: str) -> np.ndarray:
     directory = Path(directory)
     meta_path = directory / "meta.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"no tokenized data at {directory} (run the tokenize stage first)")
+        raise MissingInputError(f"no tokenized data at {directory} (run the tokenize stage first)")
     meta = json.loads(meta_path.read_text())
     return np.memmap(directory / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")

@@ -18,6 +18,7 @@ from hatchling.data.corpus import iter_documents
 from hatchling.data.packed import pack, token_dtype
 from hatchling.data.shard_map import map_ordered
 from hatchling.data.tokenizer import EOT, train_tokenizer
+from hatchling.errors import InputError
 from hatchling.io import atomic_path
 
 OUT_DIR = Path("data/tokenized")
@@ -34,7 +35,7 @@ def split_documents(texts: list[str], fraction: float, seed: int) -> tuple[list[
         (val if is_validation(hashlib.sha1(text.encode()).hexdigest(), fraction, seed) else train).append(text)
     if not val or not train:                         # tiny corpora: still one document on each side
         if len(texts) < 2:
-            raise ValueError(f"need at least 2 documents to split train/val, got {len(texts)}")
+            raise InputError(f"need at least 2 documents to split train/val, got {len(texts)}")
         train, val = texts[:-1], texts[-1:]
     return train, val
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from hatchling.errors import MissingInputError
+
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -29,5 +31,5 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer at {path} (run the tokenize stage first)")
+        raise MissingInputError(f"no tokenizer at {path} (run the tokenize stage first)")
     return Tokenizer.from_file(str(path))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hatchling.errors import InputError
 from hatchling.train.loop import lm_loss, sample_batch, validation_loss
 
 
@@ -57,7 +58,7 @@ def forgetting(model, tokens: np.ndarray, segments: int, steps: int, lr: float, 
     size = len(tokens) // segments
     tail = max(seq_len + 2, size // 10)
     if size - tail < seq_len + 2:
-        raise ValueError(f"{len(tokens)} tokens are too few for {segments} segments of seq_len {seq_len}")
+        raise InputError(f"{len(tokens)} tokens are too few for {segments} segments of seq_len {seq_len}")
     parts = [tokens[i * size:(i + 1) * size] for i in range(segments)]
     train, heldout = [p[:-tail] for p in parts], [p[-tail:] for p in parts]
     initial = _snapshot(model)

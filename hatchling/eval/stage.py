@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from hatchling.data.packed import load_split
+from hatchling.errors import MissingInputError
 from hatchling.eval.continual import forgetting
 from hatchling.eval.datasets import load_records
 from hatchling.eval.harness import Evaluator, run_task
@@ -33,7 +34,7 @@ def fewshot(cfg, root: Path) -> list[dict]:
         return []
     records, status = load_records("gsm8k", cfg.gsm8k_fewshot_path, root)
     if records is None:
-        raise FileNotFoundError(f"eval.gsm8k_fewshot_path: {status}")
+        raise MissingInputError(f"eval.gsm8k_fewshot_path: {status}")
     return records[:cfg.gsm8k_fewshot]
 
 

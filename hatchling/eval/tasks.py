@@ -15,6 +15,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from hatchling.errors import InputError
+
 
 @dataclass(frozen=True)
 class MultipleChoice:
@@ -40,7 +42,7 @@ def _answer_key(d: dict) -> int:
     labels, _ = _labelled_choices(d)
     key = str(d["answerKey"]).strip()
     if key not in labels:
-        raise ValueError(f"answerKey {key!r} is not one of the labels {labels}")
+        raise InputError(f"answerKey {key!r} is not one of the labels {labels}")
     return labels.index(key)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from hatchling.errors import InputError, MissingInputError
 from hatchling.io import atomic_path
 from hatchling.model import HatchlingLM, build_model
 
@@ -43,11 +44,11 @@ def save_model(model: HatchlingLM, directory: str | Path, sidecar: dict, trainer
 def read_sidecar(directory: str | Path) -> dict:
     path = Path(directory) / SIDECAR
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {directory} (missing {SIDECAR})")
+        raise MissingInputError(f"no checkpoint at {directory} (missing {SIDECAR})")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"corrupted checkpoint sidecar {path}: {e.msg}") from None
+        raise InputError(f"corrupted checkpoint sidecar {path}: {e.msg}") from None
 
 
 def load_weights(directory: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
@@ -55,7 +56,7 @@ def load_weights(directory: str | Path, device: str = "cpu") -> dict[str, torch.
     try:
         return load_file(str(Path(directory) / WEIGHTS), device=device)
     except Exception as e:  # safetensors raises its own error types for truncated files
-        raise ValueError(f"corrupted checkpoint weights in {directory}: {e}") from None
+        raise InputError(f"corrupted checkpoint weights in {directory}: {e}") from None
 
 
 def load_model(directory: str | Path, device: str = "cpu") -> tuple[HatchlingLM, dict]:

@@ -33,6 +33,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from hatchling.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -46,7 +48,7 @@ class World:
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a global batch (the batch size must divide by the world size)."""
         if batch.shape[0] % self.size:
-            raise ValueError(f"batch_size {batch.shape[0]} does not divide across {self.size} processes")
+            raise ConfigError(f"batch_size {batch.shape[0]} does not divide across {self.size} processes")
         per = batch.shape[0] // self.size
         return batch[self.rank * per:(self.rank + 1) * per]
 

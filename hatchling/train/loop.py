@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import math
 import os
 import sys
@@ -23,12 +24,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hatchling.errors import InputError
 from hatchling.io import atomic_write_text
 from hatchling.train.adapm import AdaPM
 from hatchling.train.checkpoint import load_trainer_state, load_weights, read_sidecar, save_model
 from hatchling.train.distributed import full_state, init_world, load_full_state, wrap_for_training
 from hatchling.train.optim import build_optimizers, lr_multiplier, set_lr
 from hatchling.train.sparsity import SparsityController
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,7 +57,7 @@ def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, dev
     """(inputs, targets) [B, seq_len] from random windows; the same seed always gives the same batch.
     Targets come from `labels` when given (same length as data, IGNORE where no loss is taken)."""
     if len(data) < seq_len + 2:
-        raise ValueError(f"token file has {len(data)} tokens, fewer than seq_len+2 = {seq_len + 2}")
+        raise InputError(f"token file has {len(data)} tokens, fewer than seq_len+2 = {seq_len + 2}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen).tolist()
     window = torch.from_numpy(np.stack([np.asarray(data[s:s + seq_len + 1], dtype=np.int64) for s in starts]))
@@ -152,7 +156,11 @@ class Trainer:
         try:
             state = load_trainer_state(self.run_dir)
             read_sidecar(self.run_dir)
-        except (FileNotFoundError, RuntimeError, ValueError):
+        except FileNotFoundError:                   # no checkpoint yet
+            return False
+        except (RuntimeError, ValueError) as e:     # unreadable (torch's RuntimeError, or a bad sidecar)
+            logger.warning("not resuming from %s: its checkpoint is unreadable (%s: %s); training starts from step 0",
+                           self.run_dir, type(e).__name__, e)
             return False
         if state.get("fingerprint") != self.fingerprint:
             return False

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hatchling.errors import ConfigError
 from hatchling.model.memory import paused_writes
 
 
@@ -75,7 +76,7 @@ def completion_curiosity(model, samples: Samples) -> torch.Tensor:
     (the predictive-coding head's normalised error in forecasting the state at each token)."""
     curiosity = getattr(getattr(model, "predictor", None), "curiosity", None)
     if curiosity is None:
-        raise ValueError("a curiosity bonus needs a model with model.use_predictive_coding: true")
+        raise ConfigError("a curiosity bonus needs a model with model.use_predictive_coding: true")
     c = curiosity[:, samples.prompts.shape[1] - 1:]           # forecasts of the completion's states
     m = samples.mask.float()
     return (c * m).sum(1) / m.sum(1).clamp(min=1)

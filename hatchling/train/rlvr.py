@@ -24,6 +24,7 @@ from tqdm import tqdm
 from hatchling.data.chat import render_chat, stop_ids
 from hatchling.data.tasks import CODE_INSTRUCTION
 from hatchling.data.tokenizer import load_tokenizer
+from hatchling.errors import ConfigError, MissingInputError
 from hatchling.eval.generation import extract_answer, gsm8k_correct, humaneval_passes
 from hatchling.eval.scoring import generate_text
 from hatchling.io import atomic_write_text, read_jsonl
@@ -61,7 +62,7 @@ def load_items(root: Path, kinds: list[str], split: str) -> list[dict]:
     for kind in kinds:
         path = root / TASKS / f"{kind}_{split}.jsonl"
         if not path.is_file():
-            raise FileNotFoundError(f"rlvr: no {path} (run the tasks stage first)")
+            raise MissingInputError(f"rlvr: no {path} (run the tasks stage first)")
         items += [{**x, "kind": kind} for x in read_jsonl(path)]
     return items
 
@@ -86,7 +87,7 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     torch.manual_seed(p.seed)
     policy, _ = load_model(root / INIT)
     if p.use_curiosity_bonus and not init["model_config"].get("use_predictive_coding"):
-        raise ValueError(f"rlvr.use_curiosity_bonus: the model in {root / INIT} has no predictive-coding head "
+        raise ConfigError(f"rlvr.use_curiosity_bonus: the model in {root / INIT} has no predictive-coding head "
                          "(train it with model.use_predictive_coding: true)")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     train, heldout = load_items(root, p.tasks, "train"), load_items(root, p.tasks, "heldout")[:p.eval_items]

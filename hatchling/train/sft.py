@@ -16,6 +16,7 @@ import numpy as np
 
 from hatchling.data.chat import render_chat_with_mask
 from hatchling.data.tokenizer import EOT, load_tokenizer
+from hatchling.errors import InputError, MissingInputError
 from hatchling.io import hash_paths, read_jsonl
 from hatchling.train.checkpoint import TOKENIZER, load_model, read_sidecar
 from hatchling.train.loop import IGNORE, Trainer
@@ -30,15 +31,15 @@ def read_chats(paths: list[Path]) -> list[list[dict]]:
     chats = []
     for path in paths:
         if not path.is_file():
-            raise FileNotFoundError(f"sft data: no such file {path}")
+            raise MissingInputError(f"sft data: no such file {path}")
         for i, record in enumerate(read_jsonl(path), 1):
             messages = record.get("messages") if isinstance(record, dict) else None
             if not isinstance(messages, list) or not any(m.get("role") == "assistant" for m in messages
                                                          if isinstance(m, dict)):
-                raise ValueError(f"{path}:{i}: expected {{\"messages\": [...]}} with at least one assistant turn")
+                raise InputError(f"{path}:{i}: expected {{\"messages\": [...]}} with at least one assistant turn")
             chats.append(messages)
     if not chats:
-        raise ValueError(f"sft data: no conversations in {', '.join(map(str, paths))}")
+        raise InputError(f"sft data: no conversations in {', '.join(map(str, paths))}")
     return chats
 
 

@@ -23,6 +23,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from hatchling.errors import ConfigError
+
 PYTHON_DOC_DIR = Path("/usr/share/doc/python3/html")
 
 # What a documentation site keeps crawlers out of: build sources, assets and generated indexes.
@@ -49,7 +51,7 @@ def render_pydoc_html(module: str) -> str:
                           timeout=120, env={"LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "")})
     if proc.returncode != 0 or not proc.stdout:
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
-        raise ValueError(f"crawl.pydoc_modules: cannot document module {module!r}: {last}")
+        raise ConfigError(f"crawl.pydoc_modules: cannot document module {module!r}: {last}")
     page = _FILE_LINK.sub("", _ADDRESS.sub("", proc.stdout))
     # CPython's documentation is under the PSF license; say so the way a site would.
     return page.replace("<head>", '<head>\n<meta name="license" content="PSF-2.0">', 1)
@@ -82,14 +84,14 @@ def resolve_mirror(spec: str, modules: list[str], scratch: Path) -> tuple[str, P
         spec = "python3-doc" if (PYTHON_DOC_DIR / "index.html").is_file() else "pydoc"
     if spec == "python3-doc":
         if not (PYTHON_DOC_DIR / "index.html").is_file():
-            raise FileNotFoundError(f"crawl.mirror = python3-doc, but {PYTHON_DOC_DIR} holds no docs "
+            raise ConfigError(f"crawl.mirror = python3-doc, but {PYTHON_DOC_DIR} holds no docs "
                                     "(apt-get install python3-doc, or use mirror: auto)")
         return spec, PYTHON_DOC_DIR
     if spec == "pydoc":
         return spec, build_pydoc_mirror(modules, scratch)
     directory = Path(spec)
     if not directory.is_dir():
-        raise FileNotFoundError(f"crawl.mirror = {spec!r}: no such directory")
+        raise ConfigError(f"crawl.mirror = {spec!r}: no such directory")
     return directory.name, directory
 
 

@@ -20,6 +20,7 @@ import asyncio
 import json
 import sys
 import time
+import traceback
 from collections import Counter, deque
 from hashlib import sha1
 from urllib.parse import urlsplit
@@ -27,7 +28,7 @@ from urllib.parse import urlsplit
 import scrapy
 from scrapy import signals
 from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
-from scrapy.exceptions import DownloadCancelledError, IgnoreRequest, StopDownload
+from scrapy.exceptions import CloseSpider, DownloadCancelledError, IgnoreRequest, StopDownload
 from scrapy.http import TextResponse
 from scrapy.utils.httpobj import urlparse_cached
 from tqdm import tqdm
@@ -41,8 +42,23 @@ from hatchling.data.crawl.page import (
     detect_language,
     license_sentences,
 )
+from hatchling.errors import environment_fault
 
 DROP_REASONS = ("robots", "meta-robots", "language", "license", "size", "type", "error", "duplicate")
+LISTED_ERRORS = 5      # distinct errors the result lists, each with its first URL and a count (all are counted)
+
+
+def error_text(error: BaseException) -> str:
+    """'ExcClass: message' (the class alone when there is no message)."""
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def fatal(error: BaseException, url: str | None) -> dict:
+    """What stopped the crawl, for the stage's error: the error, the page (None: the crawl could not
+    start), whether the environment is at fault, and the traceback."""
+    return {"error": error_text(error), "url": url, "environment": environment_fault(error),
+            "traceback": "".join(traceback.format_exception(error))}
 
 
 class PoliteRobotsMiddleware(RobotsTxtMiddleware):
@@ -116,6 +132,8 @@ class PoliteSpider(scrapy.Spider):
         self.hashes: set[str] = set()
         self.counts: Counter = Counter()
         self.seed_errors: dict[str, str] = {}
+        self.errors: dict[str, dict] = {}     # error text -> {"error", "url" (the first), "count"}
+        self.fatal: dict | None = None        # what stopped the crawl (an error of the environment)
         self.progress = tqdm(total=config["max_pages"], desc="crawl", unit="page", file=sys.stdout,
                              disable=not config["progress"], mininterval=2)
         self.requested = self.fetched = self.bytes = self.offsite_links = 0
@@ -170,8 +188,24 @@ class PoliteSpider(scrapy.Spider):
         self.progress.update()
         self.fetched += 1
         self.bytes += len(response.body)
-        yield from self._keep_or_drop(response, depth)
+        try:
+            yield from self._keep_or_drop(response, depth)
+        except Exception as error:
+            self._error(response.url, error)
         yield from self._next()
+
+    def _error(self, url: str, error: BaseException) -> None:
+        """Count a page lost to `error` and list it. An error of the environment rather than of the
+        page (a package that fails to import) stops the crawl: every later page would fail alike."""
+        self.counts["error"] += 1
+        text = error_text(error)
+        if text in self.errors:
+            self.errors[text]["count"] += 1
+        elif len(self.errors) < LISTED_ERRORS:
+            self.errors[text] = {"error": text, "url": url, "count": 1}
+        if environment_fault(error):
+            self.fatal = fatal(error, url)
+            raise CloseSpider("broken-environment")
 
     def _keep_or_drop(self, response, depth: int):
         if not isinstance(response, TextResponse):
@@ -222,14 +256,18 @@ class PoliteSpider(scrapy.Spider):
             reason = "size"
         else:
             reason = "error"
-        self.counts[reason] += 1
-        if request.meta.get("seed") and reason == "error":
-            self.seed_errors[request.url] = f"{type(failure.value).__name__}: {failure.value}".strip()
+        if reason == "error":
+            if request.meta.get("seed"):
+                self.seed_errors[request.url] = error_text(failure.value)
+            self._error(request.url, failure.value)
+        else:
+            self.counts[reason] += 1
         yield from self._next()
 
 
 def crawl(config: dict) -> dict:
-    """Run one crawl in this process (once per process); return documents, counts and timings."""
+    """Run one crawl in this process (once per process); return documents, counts, errors and
+    timings, or only what stopped it (``fatal``) when it could not start."""
     from scrapy.crawler import CrawlerProcess
 
     process = CrawlerProcess(settings=crawl_settings(config), install_root_handler=False)
@@ -240,13 +278,17 @@ def crawl(config: dict) -> dict:
         docs.append(dict(item))
 
     crawler.signals.connect(collect, signal=signals.item_scraped, weak=False)
+    not_started: list = []      # Scrapy would only log why a crawl could not start (e.g. a middleware's import)
     t0 = time.perf_counter()
-    process.crawl(crawler, config=config)
+    process.crawl(crawler, config=config).addErrback(not_started.append)
     process.start()
+    if not_started:
+        return {"fatal": fatal(not_started[0].value, url=None)}
     seconds = time.perf_counter() - t0
     crawler.spider.progress.close()
     spider, stats = crawler.spider, crawler.stats.get_stats()
     return {"docs": docs, "counts": dict(spider.counts), "seed_errors": spider.seed_errors,
+            "errors": list(spider.errors.values()), "fatal": spider.fatal,
             "requested": spider.requested, "offsite_links": spider.offsite_links, "fetched": spider.fetched,
             "bytes": spider.bytes,
             "retries": stats.get("retry/count", 0), "finish_reason": stats.get("finish_reason", ""),

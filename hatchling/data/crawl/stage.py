@@ -1,15 +1,19 @@
 """Stage `crawl`: crawl the seeds (or the local documentation mirror) into JSONL shards.
 
 Writes data/crawl/shard-*.jsonl in the shared schema and reports/crawl.json (pages requested,
-fetched, kept, dropped by reason, bytes, pages per second, duration). A crawl that keeps nothing,
-an unreachable seed or a malformed URL is an error with a non-zero exit, and the previous shards
-stay as they were: the new shards replace the old ones only after a successful crawl.
+fetched, kept, dropped by reason, the first distinct errors, bytes, pages per second, duration).
+A page that fails to be processed is dropped as `error`, its error listed in the report and logged
+as a warning; an error of the environment (a package that fails to import) stops the crawl at
+once. That, a crawl that keeps nothing, an unreachable seed or a malformed URL is an error with a
+non-zero exit, and the previous shards stay as they were: the new shards replace the old ones only
+after a successful crawl.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -19,9 +23,11 @@ from pathlib import Path
 from hatchling.data.corpus import write_shards
 from hatchling.data.crawl.mirror import resolve_mirror, serve_directory
 from hatchling.data.crawl.spider import DROP_REASONS
-from hatchling.stages import StageError
+from hatchling.errors import BrokenEnvironment, StageError
 
 OUT = Path("data/crawl")
+
+logger = logging.getLogger(__name__)
 
 
 class CrawlError(StageError):
@@ -47,18 +53,31 @@ def run_spider(config: dict, timeout_s: float) -> dict:
 def spider_config(p, seeds: list[str]) -> dict:
     config = p.model_dump(mode="json")
     config["seeds"] = seeds
-    config["fetched_at"] = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    config["fetched_at"] = datetime.datetime.now(datetime.UTC).date().isoformat()
     return config
 
 
+def describe_errors(errors: list[dict]) -> str:
+    return "; ".join(f"{e['count']} × {e['error']} (first at {e['url']})" for e in errors)
+
+
 def check_result(result: dict, seeds: list[str]) -> None:
+    fatal = result["fatal"]
+    if fatal:
+        where = f"stopped at {fatal['url']}" if fatal["url"] else "could not start"
+        trace = f"the crawl process's traceback:\n{fatal['traceback']}"
+        if fatal["environment"]:
+            raise BrokenEnvironment(f"crawl: {where}: {fatal['error']} (the environment is broken, not the site)\n"
+                                    f"{trace}")
+        raise CrawlError(f"crawl: {where}: {fatal['error']}\n{trace}")
     if result["seed_errors"] and len(result["seed_errors"]) == len(seeds):
         detail = "; ".join(f"{url}: {why}" for url, why in result["seed_errors"].items())
         raise CrawlError(f"crawl: no seed could be fetched ({detail})")
     if not result["docs"]:
         dropped = {k: v for k, v in result["counts"].items() if v}
-        raise CrawlError(f"crawl: the seeds {seeds} yielded no documents to keep "
-                         f"({result['requested']} pages requested, {result['fetched']} fetched, dropped: {dropped})")
+        errors = f"; errors: {describe_errors(result['errors'])}" if result["errors"] else ""
+        raise CrawlError(f"crawl: the seeds {seeds} yielded no documents to keep ({result['requested']} pages "
+                         f"requested, {result['fetched']} fetched, dropped: {dropped}{errors})")
 
 
 def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
@@ -76,17 +95,19 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
                 seeds = [base + p.mirror_start]
             result = run_spider(spider_config(p, seeds), timeout_s=p.max_seconds + 120)
     check_result(result, seeds)
-    docs = result["docs"]
+    docs, errors = result["docs"], result["errors"]
     if base is not None:      # the mirror's port changes per run: name its pages by the mirror instead
-        for doc in docs:
-            doc["url"] = f"mirror://{mirror_name}/" + doc["url"][len(base):]
+        for page in (*docs, *errors):
+            page["url"] = f"mirror://{mirror_name}/" + page["url"][len(base):]
+    if errors:
+        logger.warning("crawl: pages dropped for errors (%d): %s", result["counts"]["error"], describe_errors(errors))
     shards = write_shards(docs, root / OUT, p.docs_per_shard)
     dropped = {reason: result["counts"].get(reason, 0) for reason in DROP_REASONS}
     seconds = result["seconds"]
     return {"seeds": seeds if base is None else [f"mirror://{mirror_name}/{p.mirror_start}"],
             "requested": result["requested"], "fetched": result["fetched"], "kept": len(docs),
-            "dropped": dropped, "offsite_links": result["offsite_links"], "retries": result["retries"],
-            "bytes": result["bytes"],
+            "dropped": dropped, "errors": errors, "offsite_links": result["offsite_links"],
+            "retries": result["retries"], "bytes": result["bytes"],
             "characters": sum(len(d["text"]) for d in docs), "shards": shards,
             "pages_per_s": round(result["fetched"] / max(seconds, 1e-9), 2), "seconds": round(seconds, 3),
             "finish_reason": result["finish_reason"]}
