@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hatchling.data.decontam import ContaminationIndex
+from hatchling.data.decontam import ContaminationIndex, Item
 from hatchling.data.dedup import deduplicate, iter_signatures
 from hatchling.data.textnorm import ngrams, normalize
 from hatchling.io import write_jsonl
@@ -112,9 +112,9 @@ def main() -> None:
                   if jaccard(by_id[c]["text"], by_id[o]["text"]) >= args.threshold]
     found = sum(cluster_of.get(c, c) == cluster_of.get(o, o) for c, o in true_pairs)
     recall = found / max(1, len(true_pairs))
-    index = ContaminationIndex({"bench": corpus.items}, n=13)
+    index = ContaminationIndex({"bench": [Item(i, (text,)) for i, text in corpus.items]}, n=13, threshold=0.5)
     t0 = time.perf_counter()
-    caught = {doc_id for doc_id in corpus.leaks if index.scan(by_id[doc_id]["text"], 0.5)}
+    caught = {doc_id for doc_id in corpus.leaks if index.scan(by_id[doc_id]["text"])}
     scan_s = time.perf_counter() - t0
     n = len(corpus.docs)
     row = {"docs": n, "docs_per_s_1_worker": round(n / timings[1], 1), "docs_per_s_2_workers": round(n / timings[2], 1),

@@ -91,8 +91,8 @@ class CrawlParams(Section):
 
 
 class ContaminationParams(Section):
-    ngram: int = Field(13, ge=1, description="word n-gram length of the eval-item index")
-    threshold: float = Field(0.5, gt=0, le=1, description="containment: share of an item's n-grams in a doc")
+    ngram: int = Field(13, ge=1, le=64, description="word n-gram length of the eval-item index")
+    threshold: float = Field(0.6, gt=0, le=1, description="share of a long field's n-grams found in a page")
     action: Literal["report", "drop", "redact"] = "drop"
 
 
@@ -242,11 +242,13 @@ class EvalParams(Section):
 
     checkpoints: list[Literal["pretrain", "sft", "rlvr"]] = Field(
         default_factory=lambda: ["pretrain", "sft", "rlvr"], min_length=1)
-    limit: int = Field(0, ge=0, description="items per benchmark (the first N); 0 = all")
+    limit: int | dict[str, int] = Field(0, description="items per benchmark (the first N; 0 = all): one number "
+                                                      "for every benchmark, or {benchmark: N, default: N}")
     batch_size: int = Field(16, ge=1)
     max_len: int = Field(512, ge=16, description="tokens of context + continuation scored at most")
     gsm8k_fewshot: int = Field(0, ge=0)
-    gsm8k_fewshot_path: str = Field("", description="GSM8K train file the few-shot examples come from")
+    gsm8k_fewshot_path: str = Field("data/benchmarks/gsm8k_train.jsonl.gz",
+                                    description="GSM8K train file the few-shot examples come from")
     gsm8k_max_new_tokens: int = Field(128, ge=1)
     humaneval_max_new_tokens: int = Field(128, ge=1)
     humaneval_samples: int = Field(0, ge=0, description="n samples per problem for pass@k; 0 = greedy only")
@@ -267,6 +269,20 @@ class EvalParams(Section):
     forgetting_lr: float = Field(1e-3, gt=0)
     seed: int = 0
     progress: bool = True
+
+    @field_validator("limit")
+    @classmethod
+    def _limits(cls, limit):
+        for name, n in (limit.items() if isinstance(limit, dict) else [("limit", limit)]):
+            if n < 0:
+                raise ValueError(f"{name} = {n}: a limit is a number of items, 0 = all")
+        return limit
+
+    def limit_for(self, benchmark: str) -> int:
+        """Items of `benchmark` to evaluate (the first N; 0 = all)."""
+        if isinstance(self.limit, int):
+            return self.limit
+        return self.limit.get(benchmark, self.limit.get("default", 0))
 
     @model_validator(mode="after")
     def _check(self):
@@ -300,6 +316,10 @@ class Params(Section):
         unknown = sorted(set(self.benchmarks) - set(SCHEMAS))
         if unknown:
             raise ValueError(f"benchmarks: unknown name(s) {unknown}; known: {sorted(SCHEMAS)}")
+        if isinstance(self.eval.limit, dict):
+            stray = sorted(set(self.eval.limit) - set(self.benchmarks) - {"default"})
+            if stray:
+                raise ValueError(f"eval.limit names {stray}, which are not in benchmarks ({sorted(self.benchmarks)})")
         return self
 
     def section(self, name: str):

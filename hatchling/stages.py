@@ -49,7 +49,8 @@ STAGES: tuple[Stage, ...] = (
           code=("hatchling/data/crawl", "hatchling/data/corpus.py", "hatchling/io.py"), outs=("data/crawl",),
           network=True, description="polite Scrapy crawl of the seeds (default: a local docs mirror on 127.0.0.1)"),
     Stage("tasks", "hatchling.data.tasks_stage:run", params=("tasks", "benchmarks", "dedup"), deps=("data/crawl",),
-          code=("hatchling/data/tasks.py", "hatchling/data/tasks_stage.py", "hatchling/data/decontam.py"),
+          code=("hatchling/data/tasks.py", "hatchling/data/tasks_stage.py", "hatchling/data/decontam.py",
+                "hatchling/data/textnorm.py", "hatchling/eval/datasets.py"),
           outs=("data/tasks",),
           description="verifiable math and code tasks (train / held-out) and docs QA chats for SFT, RLVR, eval"),
     Stage("dedup", "hatchling.data.dedup_stage:run", params=("dedup", "benchmarks"), deps=("data/crawl", "data/tasks"),
@@ -73,7 +74,8 @@ STAGES: tuple[Stage, ...] = (
           outs=("checkpoints/rlvr",), plots=("logs/rlvr.csv",),
           description="PPO-lite RL with verifiable math/code rewards and adaptive KL to the SFT policy"),
     Stage("eval", "hatchling.eval.stage:run", params=("eval", "benchmarks"),
-          deps=("checkpoints/pretrain", "checkpoints/sft", "checkpoints/rlvr", "data/tokenized", "data/tasks"),
+          deps=("checkpoints/pretrain", "checkpoints/sft", "checkpoints/rlvr", "data/tokenized", "data/tasks",
+                "reports/contamination.json"),
           code=("hatchling/eval", "hatchling/sandbox.py", "hatchling/inference.py"), outs=(),
           reports=("reports/eval.md", "reports/eval_probes.png"),
           description="benchmarks (log-likelihood, GSM8K, HumanEval in the sandbox), long-range probes, report card"),
@@ -156,7 +158,7 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
         params = load_params(root / params_path, overrides)     # an absolute params_path stays as it is
     for dep in stage.deps:
         if not (root / dep).exists():
-            producer = next((s.name for s in STAGES if dep in s.outs), None)
+            producer = next((s.name for s in STAGES if dep in (*s.outs, *s.reports)), None)
             hint = f" (output of stage {producer}: run `hatchling run {producer}` first)" if producer else ""
             raise StageError(f"stage {name} needs {dep}{hint}")
     fn = stage.function()

@@ -116,9 +116,9 @@ def pretrained_project(tokenized_project, tmp_path_factory) -> Path:
 
 
 def copy_project(source: Path, dest: Path) -> Path:
-    """A fresh project with the data and checkpoints of `source`."""
+    """A fresh project with the data, checkpoints and reports of `source`."""
     proj = make_project(dest)
-    for name in ("data", "checkpoints"):
+    for name in ("data", "checkpoints", "reports"):
         if (source / name).exists():
             shutil.copytree(source / name, proj / name)
     return proj

@@ -10,7 +10,7 @@ from hatchling.eval.probes import ProbeItem, probe_accuracy
 from hatchling.eval.tasks import MULTIPLE_CHOICE
 from hatchling.model import build_model
 from hatchling.train.loop import lm_loss
-from tests.test_eval import CharTokenizer, cfg
+from tests.test_eval import CharTokenizer, cfg, records
 
 TINY = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=2, head_dim=16, n_kv_heads=1, mlp_hidden=64,
             chunk_size=8)
@@ -25,8 +25,9 @@ def weights(m):
     return {k: v.clone() for k, v in m.state_dict().items()}
 
 
-ARC = [{"question": q, "choices": {"label": ["A", "B", "C"], "text": ["json", "a wave", "turtles"]},
-        "answerKey": "A"} for q in ("Which parses text?", "Pick one", "Which module reads JSON files from disk?")]
+ARC = records("arc_easy", [{"question": q, "choices": {"label": ["A", "B", "C"], "text": ["json", "a wave", "turtles"]},
+                             "answerKey": "A"} for q in ("Which parses text?", "Pick one",
+                                                         "Which module reads JSON files from disk?")])
 
 
 @pytest.mark.parametrize("arch", ["hybrid", "bdh", "hope"])

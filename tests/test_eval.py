@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import random
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hatchling.config import validate_params
-from hatchling.eval.datasets import load_records
+from hatchling.eval.datasets import canonical, load_records
 from hatchling.eval.generation import extract_answer, gsm8k_correct, humaneval_passes, normalize_number, pass_at_k
 from hatchling.eval.harness import Evaluator
 from hatchling.eval.probes import Alphabet, chance, make_items, mqar, probe_accuracy
@@ -25,6 +26,11 @@ from hatchling.model import build_model
 from tests.conftest import TINY_PARAMS, copy_project, hatchling_cmd, run_cmd, write_params
 
 V = 128
+
+
+def records(name: str, raw: list[dict]) -> list[dict]:
+    """Records in a benchmark's public schema, read into canonical ones as the loader reads a file."""
+    return canonical(name, Path(f"{name}.jsonl"), list(enumerate(raw, 1)))
 
 
 class BigramLM(nn.Module):
@@ -93,13 +99,14 @@ def test_acc_and_acc_norm_differ_where_length_matters():
     a = by_hand(table, "Question: Q\nAnswer:", " x")
     b = by_hand(table, "Question: Q\nAnswer:", " xxxxxxxx")
     assert a > b and a / 1 < b / 8                     # the premise, by hand (lengths without the " ")
-    rows = Evaluator(BigramLM(table), CharTokenizer(), cfg()).multiple_choice(MULTIPLE_CHOICE["arc_easy"], [record])
+    rows = Evaluator(BigramLM(table), CharTokenizer(), cfg()).multiple_choice(MULTIPLE_CHOICE["arc_easy"],
+                                                                              records("arc_easy", [record]))
     assert [(r.metric, r.value, r.chance) for r in rows] == [("acc", 0.0, 0.5), ("acc_norm", 1.0, 0.5)]
 
 
 def test_winogrande_partial_scoring():
-    record = {"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup",
-              "option2": "the table", "answer": "2"}
+    [record] = records("winogrande", [{"sentence": "The cup fell off the table because _ was wobbly.",
+                                       "option1": "the cup", "option2": "the table", "answer": "2"}])
     reqs = MULTIPLE_CHOICE["winogrande"].requests(record)
     assert reqs == [("The cup fell off the table because the cup", " was wobbly."),
                     ("The cup fell off the table because the table", " was wobbly.")]
@@ -110,14 +117,16 @@ def test_winogrande_partial_scoring():
 
 
 def test_hellaswag_and_siqa_follow_lm_eval_formats():
-    hs = {"activity_label": "Baking", "ctx_a": "She mixes the flour.", "ctx_b": "then she", "label": "1",
-          "endings": ["eats it [title] Yum.", "bakes the bread."]}
+    [hs] = records("hellaswag", [{"activity_label": "Baking", "ctx_a": "She mixes the flour.", "ctx_b": "then she",
+                                  "label": "1", "endings": ["eats it [title] Yum.", "bakes the bread."]}])
     assert MULTIPLE_CHOICE["hellaswag"].requests(hs) == [("Baking: She mixes the flour. Then she", " eats it. Yum."),
                                                          ("Baking: She mixes the flour. Then she", " bakes the bread.")]
-    siqa = {"context": "Kai ran.", "question": "Why?", "answerA": "late", "answerB": "fun", "answerC": "x",
-            "label": "2"}
+    [siqa] = records("siqa", [{"context": "Kai ran.", "question": "Why?", "answerA": "late", "answerB": "fun",
+                               "answerC": "x", "label": "2"}])
     assert MULTIPLE_CHOICE["siqa"].requests(siqa)[1] == ("Q: Kai ran. Why?\nA:", " fun")
-    assert MULTIPLE_CHOICE["siqa"].gold(siqa) == 1 and MULTIPLE_CHOICE["boolq"].gold({"answer": True}) == 1
+    assert MULTIPLE_CHOICE["siqa"].gold(siqa) == 1
+    [boolq] = records("boolq", [{"passage": "p", "question": "q", "answer": True}])
+    assert MULTIPLE_CHOICE["boolq"].gold(boolq) == 1
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -240,9 +249,14 @@ def test_eval_stage_report_card(evaluated):
                                                                             f["loss_after"][1][0]))
     assert set(probes["mqar"]) == {"4", "8"} and set(probes["needle"]) == {"64"}
     md = (evaluated / "reports/eval.md").read_text()
-    assert "| task | metric | n | chance | pretrain | sft | rlvr |" in md
-    assert "| arc_easy | acc | 2 | 0.250 |" in md and "hellaswag: not run: no data at" in md
-    assert "| arc_easy | acc_ttm | 2 | 0.250 |" in md and "## Forgetting across training segments" in md
+    assert "| task | metric | n | chance | found | pretrain | sft | rlvr |" in md
+    assert "| arc_easy | acc | 2 | 0.250 | 0 |" in md and "hellaswag: not run: no data at" in md
+    assert "| arc_easy | acc_ttm | 2 | 0.250 | 0 |" in md and "## Forgetting across training segments" in md
+    for row in report["rows"]:          # every cell: value inside its 95% interval, chance marked where inside
+        for c in report["checkpoints"]:
+            cell = row[c]
+            assert cell["ci"][0] <= cell["value"] <= cell["ci"][1]
+            assert cell["at_chance"] == (cell["ci"][0] <= row["chance"] <= cell["ci"][1])
     assert (evaluated / "reports/eval_probes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -294,7 +308,8 @@ metric_list:
         tmp_path / "tasks")), bootstrap_iters=0)
     theirs = out["results"]["local_arc"]
     model, tokenizer, _ = load_for_inference(checkpoint)
-    ours = Evaluator(model, tokenizer, cfg(max_len=64)).multiple_choice(MULTIPLE_CHOICE["arc_easy"], ARC_ITEMS)
+    ours = Evaluator(model, tokenizer, cfg(max_len=64)).multiple_choice(MULTIPLE_CHOICE["arc_easy"],
+                                                                        records("arc_easy", ARC_ITEMS))
     assert (theirs["acc,none"], theirs["acc_norm,none"]) == (ours[0].value, ours[1].value)
 
     text = "The json module encodes and decodes JSON documents. " * 6
@@ -307,3 +322,76 @@ metric_list:
     [generated] = lm.generate_until([Instance("generate_until", {}, ("def f(", {"until": ["\n"], "max_gen_toks": 12}),
                                               0)])
     assert "\n" not in generated and len(tokenizer.encode(generated).ids) <= 12
+
+
+AGREEMENT_ITEMS = 24
+
+
+def _lm_eval_task(tasks_dir, name: str, include: str, data, split: str, extra: str = "") -> str:
+    """A task YAML that is lm-eval's own task (`include`), reading `data` from disk instead of the hub."""
+    (tasks_dir / f"{name}.yaml").write_text(
+        f"include: {include}\ntask: {name}\ndataset_path: json\ndataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    {split}: {data}\n{extra}")
+    return name
+
+
+def test_lm_evals_own_tasks_agree_on_the_shipped_sets(pretrained_project, tmp_path, monkeypatch):
+    """ARC-Easy, HellaSwag, WinoGrande and PIQA: lm-eval 0.4.13's own task definitions, run through our
+    adapter on the first items of the shipped files, give exactly our harness's acc and acc_norm."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from hatchling.eval.datasets import load_records, read_raw
+    from hatchling.eval.lm_eval_adapter import HatchlingLMEval
+    from hatchling.inference import load_for_inference
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    lm_tasks = Path(lm_eval.__file__).parent / "tasks"
+    shipped = REPO / "data/benchmarks"
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+
+    def first(file: str) -> list[dict]:
+        return [record for _, record in read_raw(shipped / file)[:AGREEMENT_ITEMS]]
+
+    # ARC in HF's flat form (what allenai/ai2_arc serves), made from AI2's nested file
+    arc = [{"id": d["id"], "question": d["question"]["stem"], "answerKey": d["answerKey"],
+            "choices": {"text": [c["text"] for c in d["question"]["choices"]],
+                        "label": [c["label"] for c in d["question"]["choices"]]}}
+           for d in first("arc_easy_test.jsonl.gz")]
+    write_jsonl(tmp_path / "arc.jsonl", arc)
+    write_jsonl(tmp_path / "hellaswag.jsonl", first("hellaswag_val_preprocessed.jsonl.gz"))
+    write_jsonl(tmp_path / "winogrande.jsonl", first("winogrande_dev.jsonl.gz"))
+    write_jsonl(tmp_path / "piqa.jsonl", first("piqa_valid.jsonl.gz"))
+    # the shipped HellaSwag is already in the form lm-eval's process_docs makes: only the names differ
+    (tasks_dir / "preprocessed.py").write_text(
+        "def process_docs(dataset):\n"
+        "    return dataset.map(lambda d: {'choices': d['endings'], 'gold': int(d['label'])})\n")
+    names = {
+        "arc_easy": _lm_eval_task(tasks_dir, "ours_arc_easy", lm_tasks / "arc/arc_easy.yaml", tmp_path / "arc.jsonl",
+                                  "test"),
+        "hellaswag": _lm_eval_task(tasks_dir, "ours_hellaswag", lm_tasks / "hellaswag/hellaswag.yaml",
+                                   tmp_path / "hellaswag.jsonl", "validation",
+                                   "process_docs: !function preprocessed.process_docs\n"),
+        "winogrande": _lm_eval_task(tasks_dir, "ours_winogrande", lm_tasks / "winogrande/default.yaml",
+                                    tmp_path / "winogrande.jsonl", "validation"),
+        "piqa": _lm_eval_task(tasks_dir, "ours_piqa", lm_tasks / "piqa/piqa.yaml", tmp_path / "piqa.jsonl",
+                              "validation"),
+    }
+    checkpoint = str(pretrained_project / "checkpoints/pretrain")
+    lm = HatchlingLMEval(checkpoint=checkpoint, batch_size=8, max_length=256)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()),
+                                  task_manager=TaskManager(include_path=str(tasks_dir)), bootstrap_iters=0)
+    model, tokenizer, _ = load_for_inference(checkpoint)
+    ev = Evaluator(model, tokenizer, cfg(max_len=256, batch_size=8))
+    files = {"arc_easy": "arc_easy_test", "hellaswag": "hellaswag_val_preprocessed", "winogrande": "winogrande_dev",
+             "piqa": "piqa_valid"}
+    for ours_name, task in names.items():
+        records = load_records(ours_name, str(shipped / f"{files[ours_name]}.jsonl.gz"))[0][:AGREEMENT_ITEMS]
+        ours = {r.metric: r.value for r in ev.multiple_choice(MULTIPLE_CHOICE[ours_name], records)}
+        theirs = out["results"][task]
+        assert out["n-samples"][task]["effective"] == AGREEMENT_ITEMS
+        assert theirs["acc,none"] == ours["acc"], ours_name
+        if "acc_norm" in ours:
+            assert theirs["acc_norm,none"] == ours["acc_norm"], ours_name

@@ -1,64 +1,323 @@
-"""Benchmark contamination: find eval items inside training text by n-gram *containment*.
+"""Benchmark contamination: find eval items in training text the ways they leak, field by field.
 
-An item is flagged in a document when the fraction of the item's word n-grams (normalized,
-13-grams by default) that occur in the document reaches a threshold. Containment, not Jaccard:
-a 40-word question buried in a 3,000-word page has a tiny Jaccard but a containment of 1.
-Items shorter than n words are matched whole.
+Pages print an item as a question with its choices labelled "(A) ... (B) ..." or shuffled, a
+question without its answer, a code prompt without its solution, with case, spacing and
+punctuation changed. One concatenated string per item misses most of these, so each item is
+matched by its fields (``hatchling.eval.datasets.item_fields`` lists them per benchmark):
+
+- *anchors* name the item: its question, context, passage, sentence or code prompt. Alternative
+  renderings of it (WinoGrande's sentence with its blank filled by each option) are alternative
+  anchors.
+- *supports* are evidence only beside an anchor: each choice, answer, ending or solution. A choice
+  such as "Sunlight", an option such as "Sarah" or a common two-line solution is ordinary text on
+  its own.
+
+Text is compared normalized (``textnorm``: NFKC, lower case, punctuation removed, whitespace
+collapsed). A field of at least n words (13 by default) *occurs* in a document when at least
+`threshold` of its distinct word n-grams do (containment, not Jaccard: a 40-word question in a
+3,000-word page has a tiny Jaccard but a containment of 1); a shorter field occurs wherever all
+its words appear in order: it is matched whole.
+
+**The rule.** An item is found in a document when one of its anchors occurs and that anchor plus
+the supports occurring within ``W + n`` words of it hold at least ``min(n, W)`` words, where W is
+the item's word count (the anchor and all its supports). Hence:
+
+- a question, context or prompt of n words or more is found alone: printed without its choices
+  or answer, a GSM8K problem without its solution, a HumanEval prompt without its solution;
+- a shorter question needs enough of its choices beside it, in any order, labelled or not; an
+  item shorter than n words in all must appear whole;
+- supports never count without their anchor, however many occur.
+
+Why short questions need their choices: the shipped sets themselves hold distinct items with the
+same 5-9-word question ("What causes day and night on Earth?" is two ARC-Easy items, "Which is a
+chemical change?" two ARC-Challenge ones), so such a question alone names none of them, and a
+science page asking it is no leak. Choices printed beside it are what tells the item apart.
+`threshold` keeps templates apart: a GSM8K train problem with other numbers shares exactly half
+of the n-grams of one test question, so 0.5 flags it and anything above does not (the planted-leak
+benchmark, bench/contamination.py, and its results in docs/benchmarks.md).
+
+**Speed.** ``scan_batch`` filters with 64-bit rolling hashes of the word windows of every field
+length, vectorized over a batch of documents: a field *may* occur where its hashes do (equal
+words always hash alike, so the filter loses nothing), and an item whose anchor and supports may
+hold enough words is a candidate. Each candidate is then decided on the words themselves by
+``find``, the rule above written plainly; ``reference_scan`` runs ``find`` on every item, the
+slow reference the filter is tested against (tests/test_decontam.py).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
-from hatchling.data.textnorm import ngrams, words_with_spans
+import numpy as np
+import xxhash
+
+from hatchling.data.textnorm import normalized_words, words_with_spans
+
+
+@dataclass(frozen=True)
+class Item:
+    """One eval item as the check sees it: its id and the texts it can leak by."""
+
+    id: str
+    anchors: tuple[str, ...]          # the question, context or prompt (alternative renderings)
+    supports: tuple[str, ...] = ()    # choices, answers, endings, solution
 
 
 @dataclass(frozen=True)
 class Hit:
     benchmark: str
     item_id: str
-    containment: float
-    spans: tuple[tuple[int, int], ...]     # character spans in the document that overlap the item
+    coverage: float                        # share of the item's words found around its anchor
+    spans: tuple[tuple[int, int], ...]     # character spans in the document holding them
+
+
+class Page:
+    """A document's normalized words, with the lookups the exact rule needs (built on first use)."""
+
+    def __init__(self, words: list[str], n: int):
+        self.words, self.n = words, n
+
+    @cached_property
+    def starts(self) -> dict[str, list[int]]:
+        out = defaultdict(list)
+        for i, w in enumerate(self.words):
+            out[w].append(i)
+        return out
+
+    @cached_property
+    def grams(self) -> dict[str, list[int]]:
+        out = defaultdict(list)
+        for i in range(len(self.words) - self.n + 1):
+            out[" ".join(self.words[i:i + self.n])].append(i)
+        return out
+
+    def occurrences(self, field: list[str], threshold: float) -> list[tuple[int, int]]:
+        """Word intervals where `field` occurs: each whole match of a short field; the merged runs of
+        a long field's n-grams when at least `threshold` of its distinct n-grams are here, else none."""
+        k, n = len(field), self.n
+        if not k:
+            return []
+        if k < n:
+            return [(p, p + k) for p in self.starts.get(field[0], ()) if self.words[p:p + k] == field]
+        grams = {" ".join(field[i:i + n]) for i in range(k - n + 1)}
+        matched = [self.grams[g] for g in grams if g in self.grams]
+        if len(matched) < threshold * len(grams):
+            return []
+        return merge_spans((p, p + n) for positions in matched for p in positions)
+
+
+def find(item: Item, page: Page, threshold: float) -> tuple[float, list[tuple[int, int]]] | None:
+    """(coverage, word intervals) of `item` in `page` by the module's rule, else None: the rule written
+    plainly, on the words themselves, which decides every candidate of ``scan_batch``."""
+    n = page.n
+    supports = [normalized_words(s) for s in item.supports]
+    support_words = sum(map(len, supports))
+    placed = None                             # each support's occurrences, looked up once an anchor is here
+    coverage, intervals = 0.0, []
+    for anchor in map(normalized_words, item.anchors):
+        occurrences = page.occurrences(anchor, threshold)
+        if not occurrences:
+            continue
+        if placed is None:
+            placed = [page.occurrences(s, threshold) for s in supports]
+        total = len(anchor) + support_words
+        # a long anchor is one match (its n-gram runs); a short one is a match at each place it stands
+        for region in [occurrences] if len(anchor) >= n else [[o] for o in occurrences]:
+            lo, hi = region[0][0] - total - n, region[-1][1] + total + n
+            near = [[(a, b) for a, b in spans if a < hi and b > lo] for spans in placed]
+            words = len(anchor) + sum(len(s) for s, spans in zip(supports, near, strict=True) if spans)
+            if words >= min(n, total):
+                coverage = max(coverage, words / total)
+                intervals += region + [span for spans in near for span in spans]
+    return (round(coverage, 4), merge_spans(intervals)) if intervals else None
+
+
+MAX_N = 64                   # a word's edge bits (one per window length) fill a uint64
+_SEED, _P = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)   # rolling-hash start, odd base
+
+
+def window_keys(values: np.ndarray, longest: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(L, the 64-bit key of every window of L consecutive word values) for L = 1 .. `longest`.
+
+    A key is a polynomial hash from a fixed start (so windows of different lengths differ as well),
+    each length's keys one multiply-add on the previous length's; wraps mod 2^64 by design.
+    """
+    h = np.full(len(values), _SEED, dtype=np.uint64)
+    for length in range(1, min(longest, len(values)) + 1):
+        h = h[:len(values) - length + 1] * _P + values[length - 1:]
+        yield length, h
+
+
+def segment_starts(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """offsets[i], offsets[i] + 1, ..., offsets[i] + counts[i] - 1 for every i, concatenated."""
+    total = int(counts.sum())
+    first = np.repeat(offsets - np.cumsum(counts) + counts, counts)
+    return first + np.arange(total)
 
 
 class ContaminationIndex:
-    def __init__(self, benchmarks: dict[str, list[tuple[str, str]]], n: int = 13):
-        self.n = n
-        self.items: list[tuple[str, str, int]] = []           # (benchmark, item id, number of grams)
-        self.grams: dict[str, list[int]] = defaultdict(list)
-        self.short_lengths: set[int] = set()
-        for bench, items in benchmarks.items():
-            for item_id, text in items:
-                words = words_with_spans(text)[0]
-                grams = set(ngrams(words, n))
-                if not grams:
-                    continue
-                if len(words) < n:
-                    self.short_lengths.add(len(words))
-                idx = len(self.items)
-                self.items.append((bench, item_id, len(grams)))
-                for g in grams:
-                    self.grams[g].append(idx)
+    """Every field of the items of some benchmarks, hashed for ``scan_batch``.
 
-    def scan(self, text: str, threshold: float) -> list[Hit]:
-        words, spans = words_with_spans(text)
-        matched: dict[int, set[str]] = defaultdict(set)
-        positions: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        for length in {self.n, *self.short_lengths}:
-            for i in range(len(words) - length + 1):
-                gram = " ".join(words[i:i + length])
-                for idx in self.grams.get(gram, ()):
-                    matched[idx].add(gram)
-                    positions[idx].append((i, i + length))
-        hits = []
-        for idx, grams in sorted(matched.items()):
-            bench, item_id, total = self.items[idx]
-            containment = len(grams) / total
-            if containment >= threshold:
-                char_spans = merge_spans((spans[a][0], spans[b - 1][1]) for a, b in positions[idx])
-                hits.append(Hit(bench, item_id, round(containment, 4), tuple(char_spans)))
+    Each distinct normalized field text is one field (SIQA's stories that several questions share,
+    ARC's one-word choices are stored once). A short field has one key, that of its whole window;
+    a long one a key per n-gram. The keys are sorted, each with the fields that hold it (CSR).
+    Two cheap tests run before a window's key is looked up: its first and last words must begin
+    and end some field's window of its length (a bit per length for each word), and its key must
+    pass a two-probe Bloom filter (~32 bits a key, so ~0.4% of other windows pass).
+    """
+
+    def __init__(self, benchmarks: dict[str, list[Item]], n: int = 13, threshold: float = 0.5):
+        if not 1 <= n <= MAX_N:
+            raise ValueError(f"n-gram length {n}: the index takes 1 to {MAX_N} words")
+        self.n, self.threshold = n, threshold
+        self.items: list[tuple[str, Item]] = [(b, item) for b, items in benchmarks.items() for item in items]
+        numbers: dict[str, int] = {}                      # normalized field text -> field number
+        fields: list[list[str]] = []                      # field number -> its normalized words
+
+        def number(text: str) -> int:
+            words = normalized_words(text)
+            key = " ".join(words)
+            if key not in numbers:
+                numbers[key] = len(fields)
+                fields.append(words)
+            return numbers[key]
+
+        self._anchors = [[number(t) for t in item.anchors] for _, item in self.items]
+        self._supports = [[number(t) for t in item.supports] for _, item in self.items]
+        self._readers: dict[int, list[int]] = defaultdict(list)      # anchor field -> the items it anchors
+        for idx, anchors in enumerate(self._anchors):
+            for f in set(anchors):
+                self._readers[f].append(idx)
+        self._length = np.array([len(w) for w in fields], dtype=np.int64)
+        flat = list(itertools.chain.from_iterable(fields))
+        self._vocab = {w: i for i, w in enumerate(dict.fromkeys(flat), 1)}    # 0: a word that no field holds
+        self._values = np.array([0, *(xxhash.xxh64_intdigest(w.encode()) for w in self._vocab)], dtype=np.uint64)
+        ids = np.fromiter(map(self._vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
+        self._index_windows(ids)
+
+    def _index_windows(self, ids: np.ndarray) -> None:
+        """Keys, edge bits and Bloom filter of every field's windows (`ids`: all fields' words, concatenated)."""
+        n, length = self.n, self._length
+        offsets = np.cumsum(length) - length
+        edge = np.min_scalar_type(1 << (n - 1))            # a bit per window length
+        self._starts = np.zeros(len(self._values), dtype=edge)      # word -> bit L-1: it begins a window of length L
+        self._ends = np.zeros(len(self._values), dtype=edge)        # ... it ends one
+        keys, owners = [np.zeros(0, dtype=np.uint64)], [np.zeros(0, dtype=np.int64)]
+        for size, h in window_keys(self._values[ids], n):
+            if size < n:                                 # a short field: its whole window
+                own = np.flatnonzero(length == size)
+                first = offsets[own]
+            else:                                        # a long one: each of its n-grams
+                long = np.flatnonzero(length >= n)
+                own = np.repeat(long, length[long] - n + 1)
+                first = segment_starts(offsets[long], length[long] - n + 1)
+            bit = edge.type(1 << (size - 1))
+            np.bitwise_or.at(self._starts, ids[first], bit)
+            np.bitwise_or.at(self._ends, ids[first + size - 1], bit)
+            keys.append(h[first])
+            owners.append(own)
+        keys, owners = np.concatenate(keys), np.concatenate(owners)
+        order = np.lexsort((owners, keys))
+        keys, owners = keys[order], owners[order]
+        distinct = np.ones(len(keys), dtype=bool)            # a field holding an n-gram twice counts it once
+        distinct[1:] = (keys[1:] != keys[:-1]) | (owners[1:] != owners[:-1])
+        keys, self._key_fields = keys[distinct], owners[distinct]
+        self._keys, first = np.unique(keys, return_index=True)
+        self._key_start = np.append(first, len(keys))
+        grams = np.bincount(self._key_fields, minlength=len(length))     # distinct keys of each field
+        self._need = np.where(length < n, 1, np.ceil(self.threshold * grams)).astype(np.int64)
+        bits = max(6, int(np.ceil(np.log2(32 * max(1, len(self._keys))))))
+        self._bloom_shift, self._bloom_low = np.uint64(64 - bits), np.uint64((1 << bits) - 1)
+        flags = np.zeros(1 << bits, dtype=bool)
+        flags[self._keys >> self._bloom_shift] = True
+        flags[self._keys & self._bloom_low] = True
+        self._bloom = np.packbits(flags, bitorder="little").view("<u8")      # flag 64 w + i: bit i of word w
+
+    def _in_bloom(self, h: np.ndarray) -> np.ndarray:
+        """Indices of the keys in `h` that pass the filter: both their bits (top and low) are set."""
+        keep = np.flatnonzero(self._bloom_bit(h >> self._bloom_shift))
+        return keep[self._bloom_bit(h[keep] & self._bloom_low)]
+
+    def _bloom_bit(self, slot: np.ndarray) -> np.ndarray:
+        return ((self._bloom[slot >> np.uint64(6)] >> (slot & np.uint64(63))) & np.uint64(1)).astype(bool)
+
+    def scan(self, text: str) -> list[Hit]:
+        return self.scan_batch([text])[0]
+
+    def scan_batch(self, texts: list[str], words: list[list[str]] | None = None) -> list[list[Hit]]:
+        """The hits in each text; `words` (each text's ``normalized_words``) when already at hand."""
+        words = [normalized_words(t) for t in texts] if words is None else words
+        hits: list[list[Hit]] = [[] for _ in texts]
+        for doc, candidates in self._candidates(words).items():
+            page = Page(words[doc], self.n)
+            found = [(self.items[idx], f) for idx in sorted(candidates)
+                     if (f := find(self.items[idx][1], page, self.threshold))]
+            hits[doc] = located(texts[doc], found)
         return hits
+
+    def reference_scan(self, text: str) -> list[Hit]:
+        """``scan`` without the hash filter: the rule tried on every item (slow; for tests)."""
+        page = Page(normalized_words(text), self.n)
+        return located(text, [(entry, f) for entry in self.items if (f := find(entry[1], page, self.threshold))])
+
+    def _candidates(self, words: list[list[str]]) -> dict[int, set[int]]:
+        """{document: the items whose anchor and supports may hold enough words there}."""
+        present: dict[int, set[int]] = defaultdict(set)
+        for d, f in self._fields_present(words):
+            present[d].add(f)
+        out: dict[int, set[int]] = defaultdict(set)
+        for d, here in present.items():
+            for f in here & self._readers.keys():
+                out[d].update(idx for idx in self._readers[f] if self._may_hold(idx, f, here))
+        return {d: items for d, items in out.items() if items}
+
+    def _fields_present(self, words: list[list[str]]) -> Iterator[tuple[int, int]]:
+        """(document, field) for each field whose keys say it may occur in the document."""
+        if not words or not len(self._keys):
+            return iter(())
+        flat: list[str] = []            # the documents' words one after the other, each followed by ""
+        for w in words:
+            flat += w
+            flat.append("")
+        ids = np.fromiter(map(self._vocab.get, flat, itertools.repeat(0)), dtype=np.int64, count=len(flat))
+        doc = np.repeat(np.arange(len(words)), [len(w) + 1 for w in words])
+        starts, ends = self._starts[ids], self._ends[ids]
+        docs, keys = [], []
+        for size, h in window_keys(self._values[ids], self.n):
+            window = np.flatnonzero(starts[:len(h)] & ends[size - 1:] & starts.dtype.type(1 << (size - 1)))
+            window = window[self._in_bloom(h[window])]
+            at = np.searchsorted(self._keys, h[window]).clip(max=len(self._keys) - 1)
+            match = self._keys[at] == h[window]
+            docs.append(doc[window[match]])
+            keys.append(at[match])
+        doc_key = np.unique(np.concatenate(docs) * len(self._keys) + np.concatenate(keys))   # distinct per document
+        doc_of, key = np.divmod(doc_key, len(self._keys))
+        lo, hi = self._key_start[key], self._key_start[key + 1]
+        fields = self._key_fields[segment_starts(lo, hi - lo)]
+        doc_field, count = np.unique(np.repeat(doc_of, hi - lo) * len(self._length) + fields, return_counts=True)
+        doc_of, field = np.divmod(doc_field, len(self._length))
+        occurs = count >= self._need[field]
+        return zip(doc_of[occurs].tolist(), field[occurs].tolist(), strict=True)
+
+    def _may_hold(self, idx: int, anchor: int, here: set[int]) -> bool:
+        """Whether the anchor and the item's supports present anywhere may reach the rule's word count."""
+        supports = self._supports[idx]
+        total = int(self._length[anchor] + self._length[supports].sum())
+        words = int(self._length[anchor]) + sum(int(self._length[s]) for s in supports if s in here)
+        return words >= min(self.n, total)
+
+
+def located(text: str, found: list[tuple[tuple[str, Item], tuple[float, list[tuple[int, int]]]]]) -> list[Hit]:
+    """Hits with their word intervals turned into character spans of `text`."""
+    if not found:
+        return []
+    spans = words_with_spans(text)[1]
+    return [Hit(bench, item.id, coverage, tuple(merge_spans((spans[a][0], spans[b - 1][1]) for a, b in intervals)))
+            for (bench, item), (coverage, intervals) in found]
 
 
 def merge_spans(spans) -> list[tuple[int, int]]:

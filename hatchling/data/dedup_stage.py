@@ -2,17 +2,19 @@
 
 Reads the crawl shards, writes cleaned shards (same names, same schema) to data/dedup, and
 reports to reports/dedup.json (metrics), reports/dedup.md (largest clusters, quoted overlaps)
-and reports/contamination.json (per benchmark: items found, documents affected, action).
+and reports/contamination.json (per benchmark: items found and their ids, documents affected, action).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from hatchling.data.corpus import corpus_files
-from hatchling.data.decontam import ContaminationIndex, redact
+from hatchling.data.decontam import ContaminationIndex, Hit, redact
 from hatchling.data.dedup import deduplicate, iter_signatures
 from hatchling.errors import InputError, MissingInputError
 from hatchling.eval.datasets import load_benchmark
@@ -20,6 +22,7 @@ from hatchling.io import atomic_path, atomic_write_json, atomic_write_text, read
 
 IN = Path("data/crawl")
 OUT = Path("data/dedup")
+SCAN_BATCH = 256        # documents the contamination check hashes at once (numpy work per batch, not per page)
 
 
 def load_benchmarks(paths: dict[str, str], root: Path) -> tuple[dict[str, list], dict[str, str]]:
@@ -29,6 +32,12 @@ def load_benchmarks(paths: dict[str, str], root: Path) -> tuple[dict[str, list],
         if items is not None:
             loaded[name] = items
     return loaded, status
+
+
+def scanned(index: ContaminationIndex, docs: Iterator[dict]) -> Iterator[tuple[dict, list[Hit]]]:
+    """Each document with the eval items found in it, hashed SCAN_BATCH documents at a time."""
+    while batch := list(itertools.islice(docs, SCAN_BATCH)):
+        yield from zip(batch, index.scan_batch([d["text"] for d in batch]), strict=True)
 
 
 def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
@@ -46,19 +55,17 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     t_dedup = time.perf_counter() - t0
 
     benchmarks, status = load_benchmarks(params.benchmarks, root)
-    index = ContaminationIndex(benchmarks, p.contamination.ngram)
     c = p.contamination
+    index = ContaminationIndex(benchmarks, c.ngram, c.threshold)
     per_bench = {name: {"status": s, "items": len(benchmarks.get(name, [])), "items_found": set(),
                         "documents_affected": 0, "action": c.action} for name, s in status.items()}
     quotes, kept_docs, dropped, redacted = [], 0, 0, 0
     with atomic_path(root / OUT) as tmp:
         tmp.mkdir()
         for shard in shards:     # read again here: workers return signatures only, never the texts
+            kept = (doc for line, doc in enumerate(read_jsonl(shard)) if result.kept(str(shard), line))
             out = []
-            for line, doc in enumerate(read_jsonl(shard)):
-                if not result.kept(str(shard), line):
-                    continue
-                hits = index.scan(doc["text"], c.threshold) if index.items else []
+            for doc, hits in scanned(index, kept):
                 for bench in {h.benchmark for h in hits}:
                     per_bench[bench]["documents_affected"] += 1
                 for h in hits:
@@ -75,8 +82,9 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
             kept_docs += len(out)
             write_jsonl(tmp / shard.name, out)
 
-    for info in per_bench.values():
-        info["items_found"] = len(info["items_found"])
+    for info in per_bench.values():         # the ids let the eval score the items no page held
+        info["found_ids"] = sorted(info["items_found"])
+        info["items_found"] = len(info["found_ids"])
     seconds = time.perf_counter() - t0
     metrics = {"docs_in": result.docs_in, "exact_dups": result.exact_dups, "near_dups": result.near_dups,
                "clusters": len(result.clusters), "kept": kept_docs, "contaminated_dropped": dropped,
@@ -99,6 +107,6 @@ def markdown_report(metrics: dict, clusters: dict, per_bench: dict, quotes: list
     lines += [f"| {b} | {i['status']} | {i['items']} | {i['items_found']} | {i['documents_affected']} | {i['action']} |"
               for b, i in per_bench.items()]
     lines += ["", "### Overlapping spans", ""]
-    lines += [f"- `{doc}` ⟷ {h.benchmark} `{h.item_id}` (containment {h.containment}): “{quote[:300]}”"
+    lines += [f"- `{doc}` ⟷ {h.benchmark} `{h.item_id}` (coverage {h.coverage}): “{quote[:300]}”"
               for doc, h, quote in quotes[:50]] or ["(none)"]
     return "\n".join(lines) + "\n"

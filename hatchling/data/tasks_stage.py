@@ -7,8 +7,8 @@
 
 The held-out files are listed under `benchmarks:` (hatchling_math, hatchling_code), so the
 contamination check guards them and the eval stage scores them. The training items are checked
-against the other eval sets the same way the crawl is (word n-gram containment, params
-dedup.contamination): with action drop or redact a contaminated training item is dropped (a
+against the other eval sets the same way the crawl is (field by field, hatchling/data/decontam.py;
+params dedup.contamination): with action drop or redact a contaminated training item is dropped (a
 redacted worked solution would teach the wrong thing), with report it is only counted.
 """
 
@@ -33,13 +33,12 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     c = params.dedup.contamination
     produced_here = {name for name, path in params.benchmarks.items() if Path(path).parts[:2] == OUT.parts}
     benchmarks, _ = load_benchmarks({k: v for k, v in params.benchmarks.items() if k not in produced_here}, root)
-    index = ContaminationIndex(benchmarks, c.ngram)
+    index = ContaminationIndex(benchmarks, c.ngram, c.threshold)
     contaminated: dict[str, int] = {}
 
     def clean(items: list[dict], text) -> list[dict]:
         kept = []
-        for item in items:
-            hits = index.scan(text(item), c.threshold) if index.items else []
+        for item, hits in zip(items, index.scan_batch([text(x) for x in items]), strict=True):
             for bench in {h.benchmark for h in hits}:
                 contaminated[bench] = contaminated.get(bench, 0) + 1
             if not hits or c.action == "report":

@@ -42,11 +42,14 @@ def normalize(text: str) -> str:
 
 
 def words_with_spans(text: str) -> tuple[list[str], list[tuple[int, int]]]:
-    """Normalized words of `text` and the (start, end) character span of each in the original."""
+    """``normalized_words(text)`` and the (start, end) character span of each in the original.
+
+    A token that NFKC turns into several words (a spacing accent such as "¨" becomes a space and
+    a combining mark) gives each of them its span, so the words always equal ``normalized_words``.
+    """
     words, spans = [], []
     for m in _WORD.finditer(text):
-        w = normalize_word(m.group())
-        if w:
+        for w in normalize_word(m.group()).split():
             words.append(w)
             spans.append(m.span())
     return words, spans

@@ -30,6 +30,9 @@ from hatchling.eval.tasks import MULTIPLE_CHOICE, MultipleChoice
 EOT = "<|endoftext|>"
 
 
+Z95 = 1.959964     # the standard normal's 97.5th percentile
+
+
 @dataclass
 class Row:
     task: str
@@ -38,14 +41,37 @@ class Row:
     n: int
     chance: float
     stderr: float
+    ci: tuple[float, float]         # 95% interval: Wilson's for a proportion, else mean ± 1.96 stderr
+    ids: tuple[str, ...] = ()       # the items scored, in order (for clean-subset scores)
+    values: tuple[float, ...] = ()  # each item's score
+
+    @property
+    def at_chance(self) -> bool:
+        """Whether chance lies within the score's 95% interval."""
+        return self.ci[0] <= self.chance <= self.ci[1]
 
 
-def mean_row(task: str, metric: str, values: list[float], chance: float) -> Row:
-    """Mean and its standard error (sample std / sqrt(n), as lm-eval reports it)."""
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval of a proportion: sound at 0 and 1 and for small n, unlike mean ± z·se."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_row(task: str, metric: str, values: list[float], chance: float, ids: list[str] = ()) -> Row:
+    """Mean, its standard error (sample std / sqrt(n), as lm-eval reports it) and 95% interval."""
     n = len(values)
     mean = float(np.mean(values)) if n else float("nan")
     stderr = float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
-    return Row(task, metric, mean, n, chance, stderr)
+    if all(v in (0.0, 1.0) for v in values):
+        ci = wilson_interval(sum(values), n)
+    else:
+        half = Z95 * (0.0 if math.isnan(stderr) else stderr)
+        ci = (max(0.0, mean - half), min(1.0, mean + half))
+    return Row(task, metric, mean, n, chance, stderr, ci, tuple(ids), tuple(values))
 
 
 class Evaluator:
@@ -98,9 +124,10 @@ class Evaluator:
             acc_norm.append(float(int(np.argmax([x.logprob / n for x, n in zip(s, lengths, strict=True)])) == gold))
             chances.append(1 / len(reqs))
         chance_level = float(np.mean(chances))
-        rows = [mean_row(task.name, "acc" + suffix, acc, chance_level)]
+        ids = [d["id"] for d in records]
+        rows = [mean_row(task.name, "acc" + suffix, acc, chance_level, ids)]
         if task.norm:
-            rows.append(mean_row(task.name, "acc_norm" + suffix, acc_norm, chance_level))
+            rows.append(mean_row(task.name, "acc_norm" + suffix, acc_norm, chance_level, ids))
         return rows
 
     def gsm8k(self, records: list[dict], shots: list[dict], name: str = "gsm8k") -> list[Row]:
@@ -109,7 +136,7 @@ class Evaluator:
             prompt = d["question"] if self.chat else gsm8k_prompt(d["question"], shots)
             generated = self.generate(prompt, self.cfg.gsm8k_max_new_tokens, GSM8K_STOP)
             correct.append(float(gsm8k_correct(generated, d["answer"])))
-        return [mean_row(name, "exact_match", correct, 0.0)]
+        return [mean_row(name, "exact_match", correct, 0.0, [d["id"] for d in records])]
 
     def humaneval(self, problems: list[dict], name: str = "humaneval") -> list[Row]:
         c = self.cfg
@@ -124,9 +151,11 @@ class Evaluator:
                                                                     seed=c.seed * 100_003 + i * 1009 + j),
                                                    c.sandbox_timeout_s)[0]
                                   for j in range(c.humaneval_samples)))
-        rows = [mean_row(name, "pass@1_greedy", greedy, 0.0)]
+        ids = [p["id"] for p in problems]
+        rows = [mean_row(name, "pass@1_greedy", greedy, 0.0, ids)]
         for k in c.humaneval_k if c.humaneval_samples else ():
-            rows.append(mean_row(name, f"pass@{k}", [pass_at_k(c.humaneval_samples, n, k) for n in passes], 0.0))
+            rows.append(mean_row(name, f"pass@{k}", [pass_at_k(c.humaneval_samples, n, k) for n in passes], 0.0,
+                                 ids))
         return rows
 
     def probes(self, haystack: list[int]) -> dict[str, dict[str, float]]:

@@ -3,7 +3,6 @@ probe table, and a plot of probe accuracy against length."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from hatchling.io import atomic_path
@@ -12,15 +11,22 @@ from hatchling.io import atomic_path
 def _cell(entry: dict | None) -> str:
     if entry is None:
         return "—"
-    value, stderr = entry["value"], entry["stderr"]
-    return f"{value:.4f}" + ("" if stderr is None or math.isnan(stderr) else f" ± {stderr:.4f}")
+    low, high = entry["ci"]
+    text = f"{entry['value']:.3f} [{low:.3f}, {high:.3f}]" + (" ≈" if entry["at_chance"] else "")
+    if "clean" in entry:
+        text += f"; clean {entry['clean']['value']:.3f} (n {entry['clean']['n']})"
+    return text
 
 
 def markdown(report: dict) -> str:
     ckpts = report["checkpoints"]
-    lines = ["# Eval report card", "", "| task | metric | n | chance | " + " | ".join(ckpts) + " |",
-             "|---|---|---|---|" + "---|" * len(ckpts)]
-    lines += [f"| {r['task']} | {r['metric']} | {r['n']} | {r['chance']:.3f} | "
+    lines = ["# Eval report card", "",
+             "Each score: value [95% interval] (Wilson's for a proportion, else ± 1.96 standard errors); "
+             "≈ marks a score whose interval contains the chance level. *found*: scored items that the dedup stage "
+             "found in the training data; where there are any, the score on the clean rest follows the full one.",
+             "", "| task | metric | n | chance | found | " + " | ".join(ckpts) + " |",
+             "|---|---|---|---|---|" + "---|" * len(ckpts)]
+    lines += [f"| {r['task']} | {r['metric']} | {r['n']} | {r['chance']:.3f} | {r['found']} | "
               + " | ".join(_cell(r.get(c)) for c in ckpts) + " |" for r in report["rows"]]
     if report["not_run"]:
         lines += ["", "## Not run", ""] + [f"- {task}: {why}" for task, why in report["not_run"].items()]

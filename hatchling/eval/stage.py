@@ -3,12 +3,16 @@ in params.eval.checkpoints, plus (when switched on) test-time memorization besid
 multiple-choice scores and the forgetting eval; reports/eval.json, reports/eval.md and
 reports/eval_probes.png.
 
+Each score comes with its 95% interval, n and chance level. The items the dedup stage found in the
+training data (reports/contamination.json) are counted per benchmark, and where there are any the
+score on the clean rest is reported beside the full one (lm-eval's "decontaminate" convention).
 A benchmark whose file is absent is reported as "not run: no data at PATH", never dropped and
 never scored on made-up items.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -19,9 +23,11 @@ from hatchling.data.packed import load_split
 from hatchling.errors import MissingInputError
 from hatchling.eval.continual import forgetting
 from hatchling.eval.datasets import load_records
-from hatchling.eval.harness import Evaluator, run_task
+from hatchling.eval.harness import Evaluator, Row, mean_row, run_task
 from hatchling.eval.report import markdown, plot_probes
 from hatchling.io import atomic_write_text
+
+CONTAMINATION = Path("reports/contamination.json")
 
 
 def haystack_tokens(root: Path, limit: int = 1 << 16) -> list[int]:
@@ -38,6 +44,24 @@ def fewshot(cfg, root: Path) -> list[dict]:
     return records[:cfg.gsm8k_fewshot]
 
 
+def contaminated_ids(root: Path) -> dict[str, set[str]]:
+    """{benchmark: ids of its items found in the training data}, from the dedup stage's report."""
+    report = json.loads((root / CONTAMINATION).read_text())
+    return {name: set(info["found_ids"]) for name, info in report.items()}
+
+
+def entry(row: Row, found: set[str]) -> dict:
+    """A checkpoint's cell of the report: the score, its interval and, when some of the scored items
+    were found in the training data, the score on the clean rest."""
+    cell = {"value": row.value, "stderr": None if math.isnan(row.stderr) else row.stderr, "ci": list(row.ci),
+            "at_chance": row.at_chance}
+    if found & set(row.ids):
+        clean = [v for i, v in zip(row.ids, row.values, strict=True) if i not in found]
+        clean_row = mean_row(row.task, row.metric, clean, row.chance)
+        cell["clean"] = {"value": clean_row.value, "n": clean_row.n, "ci": list(clean_row.ci)}
+    return cell
+
+
 def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
     from hatchling.inference import load_for_inference
 
@@ -49,7 +73,9 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
         if records is None:
             not_run[name] = status
         else:
-            data[name] = records[:cfg.limit] if cfg.limit else records
+            limit = cfg.limit_for(name)
+            data[name] = records[:limit] if limit else records
+    found = contaminated_ids(root)
     shots, haystack = fewshot(cfg, root), haystack_tokens(root)
     rows: dict[tuple[str, str], dict] = {}
     probes, forgot = {}, {}
@@ -58,9 +84,10 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
         ev = Evaluator(model, tokenizer, cfg, chat=meta.get("stage") in ("sft", "rlvr"))
         for name, records in data.items():
             for row in run_task(ev, name, records, shots):
-                entry = rows.setdefault((row.task, row.metric), {"task": row.task, "metric": row.metric, "n": row.n,
-                                                                 "chance": row.chance})
-                entry[ckpt] = {"value": row.value, "stderr": None if math.isnan(row.stderr) else row.stderr}
+                scored = found.get(row.task, set()) & set(row.ids)
+                line = rows.setdefault((row.task, row.metric), {"task": row.task, "metric": row.metric, "n": row.n,
+                                                                "chance": row.chance, "found": len(scored)})
+                line[ckpt] = entry(row, scored)
                 log({f"{ckpt}.{row.task}.{row.metric}".replace("@", "_at_"): row.value}, 0)   # MLflow: no "@"
         probes[ckpt] = ev.probes(haystack)
         if cfg.forgetting_segments:

