@@ -109,6 +109,7 @@ def pretrained_project(tokenized_project, tmp_path_factory) -> Path:
     """tokenized_project plus pretrain, sft and rlvr checkpoints (shared, read-only: copy what you change)."""
     path = make_project(tmp_path_factory.mktemp("pre") / "proj")
     shutil.copytree(tokenized_project / "data", path / "data")
+    shutil.copytree(tokenized_project / "reports", path / "reports")    # the contamination report eval reads
     run_cmd(hatchling_cmd("run", "pretrain"), path)
     for stage in ("sft", "rlvr"):
         run_cmd(hatchling_cmd("run", stage), path)

@@ -328,10 +328,12 @@ AGREEMENT_ITEMS = 24
 
 
 def _lm_eval_task(tasks_dir, name: str, include: str, data, split: str, extra: str = "") -> str:
-    """A task YAML that is lm-eval's own task (`include`), reading `data` from disk instead of the hub."""
+    """A task YAML that is lm-eval's own task (`include`), reading `data` from disk instead of the hub
+    (its one split; no few-shot split)."""
+    splits = "".join(f"{s}_split: {s if s == split else 'null'}\n" for s in ("training", "validation", "test"))
     (tasks_dir / f"{name}.yaml").write_text(
         f"include: {include}\ntask: {name}\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files:\n    {split}: {data}\n{extra}")
+        f"dataset_kwargs:\n  data_files:\n    {split}: {data}\n{splits}{extra}")
     return name
 
 
