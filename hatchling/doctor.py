@@ -112,21 +112,19 @@ def check_fla(root: Path) -> tuple[str, str]:
     torch = _import("torch")
     if not torch.cuda.is_available():
         return "", "skipped: no CUDA device (the KDA layers use the chunked PyTorch op on the CPU)"
-    from hatchling.model.kda import fla_available, kda_chunked
+    from hatchling.model.kda import fla_available, kda
 
     if not fla_available():
         raise Warned("fla is not installed: on CUDA the KDA layers fall back to the chunked PyTorch op (slow)",
                      'pip install -e ".[gpu]"')
-    from hatchling.model.kda import _fla_chunk_kda
-
     torch.manual_seed(0)
     B, T, H, D = 1, 64, 2, 32
     q, k, v = (torch.randn(B, T, H, D, device="cuda") for _ in range(3))
     k = torch.nn.functional.normalize(k, dim=-1)
     g = -torch.rand(B, T, H, D, device="cuda")
     beta = torch.rand(B, T, H, device="cuda")
-    fast, _ = _fla_chunk_kda(q, k, v, g, beta, D ** -0.5, None, False)
-    ref, _ = kda_chunked(q, k, v, g, beta, D ** -0.5)
+    fast, _ = kda(q, k, v, g, beta, backend="fla")
+    ref, _ = kda(q, k, v, g, beta, backend="chunked")
     err = (fast - ref).abs().max().item()
     if err > 1e-2:
         raise Failed(f"fla's chunk_kda differs from the chunked reference by {err:.2e}", "pin fla-core==0.6.0")

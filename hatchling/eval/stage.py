@@ -52,10 +52,10 @@ def contaminated_ids(root: Path) -> dict[str, set[str]]:
 
 def entry(row: Row, found: set[str]) -> dict:
     """A checkpoint's cell of the report: the score, its interval and, when some of the scored items
-    were found in the training data, the score on the clean rest."""
+    were found in the training data (`found`, the ids of those), the score on the clean rest."""
     cell = {"value": row.value, "stderr": None if math.isnan(row.stderr) else row.stderr, "ci": list(row.ci),
             "at_chance": row.at_chance}
-    if found & set(row.ids):
+    if found:
         clean = [v for i, v in zip(row.ids, row.values, strict=True) if i not in found]
         clean_row = mean_row(row.task, row.metric, clean, row.chance)
         cell["clean"] = {"value": clean_row.value, "n": clean_row.n, "ci": list(clean_row.ci)}
