@@ -12,10 +12,12 @@ The mirror is real documentation that no one here wrote, crawled over HTTP like 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import html
 import http.server
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -39,7 +41,7 @@ Disallow: /search.html
 
 _RENDER_HTML = ("import importlib, pydoc, sys; m = importlib.import_module(sys.argv[1]);"
                 "sys.stdout.write(pydoc.html.page(pydoc.describe(m), pydoc.html.document(m, sys.argv[1])))")
-_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_ADDRESS = re.compile(r"(?:\s|&nbsp;)+at(?:\s|&nbsp;)+0x[0-9a-fA-F]+")     # "<object at 0x7f..>", plain or HTML
 _PAGE_LINK = re.compile(r'<a href="([^"#:/]+)\.html(?:#[^"]*)?">(.*?)</a>', re.S)
 _FILE_LINK = re.compile(r'<br><a href="file:[^"]*">[^<]*</a>|<a href="file:[^"]*">[^<]*</a>')
 
@@ -48,7 +50,8 @@ def render_pydoc_html(module: str) -> str:
     """pydoc's HTML page of one module, without memory addresses and local file links (so the page
     is the same on every machine)."""
     proc = subprocess.run([sys.executable, "-I", "-c", _RENDER_HTML, module], capture_output=True, text=True,
-                          timeout=120, env={"LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "")})
+                          timeout=120, env={"LANG": "C.UTF-8", "PATH": os.environ.get("PATH", ""),
+                                            "PYTHONHASHSEED": "0"})     # sets in defaults print in one order
     if proc.returncode != 0 or not proc.stdout:
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output"
         raise ConfigError(f"crawl.pydoc_modules: cannot document module {module!r}: {last}")
@@ -75,6 +78,17 @@ def build_pydoc_mirror(modules: list[str], out: Path) -> Path:
         f"<title>The Python Standard Library (pydoc)</title></head><body><h1>The Python Standard Library</h1>"
         f"<p>Module documentation rendered by pydoc.</p><ul>\n{items}\n</ul></body></html>\n", encoding="utf-8")
     return out
+
+
+def snapshot_date(name: str, directory: Path) -> str:
+    """The date of a mirror's content, recorded as its pages' `fetched_at` so that crawling the same
+    mirror gives the same shards on any day: Python's build date for pages pydoc renders, else the
+    newest file's modification date (a Debian package's files carry its build time)."""
+    if name == "pydoc":
+        month, day, year = platform.python_build()[1].split()[:3]         # "Mar  5 2024 07:35:25"
+        return datetime.datetime.strptime(f"{month} {day} {year}", "%b %d %Y").date().isoformat()
+    newest = max((f.stat().st_mtime for f in directory.rglob("*") if f.is_file()), default=0.0)
+    return datetime.datetime.fromtimestamp(newest, datetime.UTC).date().isoformat()
 
 
 def resolve_mirror(spec: str, modules: list[str], scratch: Path) -> tuple[str, Path]:

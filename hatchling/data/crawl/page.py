@@ -5,6 +5,7 @@ its main text and language. Pure functions of the page, so each rule is tested w
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from dataclasses import dataclass, field
 from urllib.parse import urldefrag, urljoin, urlsplit
@@ -27,6 +28,11 @@ class Page:
     nofollow: bool = False
     license_evidence: list[str] = field(default_factory=list)
     text: str = ""
+
+
+def doc_id(url: str) -> str:
+    """A document's id: a hash of its URL (a mirror's pages: of their mirror:// URL, stable across ports)."""
+    return hashlib.sha1(url.encode("utf-8")).hexdigest()[:16]
 
 
 def robots_directives(sel: Selector, bot_name: str) -> set[str]:

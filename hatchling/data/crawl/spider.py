@@ -40,6 +40,7 @@ from hatchling.data.crawl.page import (
     analyze_html,
     classify_license,
     detect_language,
+    doc_id,
     license_sentences,
 )
 from hatchling.errors import environment_fault
@@ -241,7 +242,7 @@ class PoliteSpider(scrapy.Spider):
             self.counts["duplicate"] += 1
             return
         self.hashes.add(digest)
-        yield {"id": sha1(response.url.encode("utf-8")).hexdigest()[:16], "url": response.url, "text": text,
+        yield {"id": doc_id(response.url), "url": response.url, "text": text,
                "lang": lang, "license": label or "unknown", "fetched_at": self.cfg["fetched_at"],
                "sha1": digest, "depth": depth}
 
