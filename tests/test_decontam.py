@@ -12,9 +12,9 @@ import pytest
 
 from bench.contamination import leak_forms, noisy
 from hatchling.config import load_params
+from hatchling.data.benchmarks import SCHEMAS, item_fields, load_records, resolve_path
 from hatchling.data.decontam import ContaminationIndex, Item, redact
 from hatchling.data.textnorm import normalized_words, words_with_spans
-from hatchling.eval.datasets import SCHEMAS, item_fields, load_records, resolve_path
 from tests.conftest import REPO
 
 PARAMS = load_params(REPO / "params.yaml")
@@ -89,25 +89,110 @@ def test_lookalike_pages_are_not_flagged():
 
 
 def test_short_fields_are_matched_whole_and_never_flag_alone():
-    """A question shorter than n words needs its choices beside it; choices never count alone; an
-    item shorter than n words in all must appear whole."""
-    question = "Which gas do plants absorb from the air?"             # 8 words
-    choices = ("carbon dioxide", "oxygen", "nitrogen", "helium")       # 13 words with the question
+    """A question shorter than n words that is not distinctive (here: shorter than ALONE_WORDS) needs
+    its choices beside it; choices never count alone; an item shorter than n words in all must appear
+    whole."""
+    question = "Which gas do plants absorb?"                           # 5 words
+    choices = ("carbon dioxide", "oxygen", "nitrogen", "helium", "argon", "neon")   # 12 words with it
     index = ContaminationIndex({"arc_easy": [Item("q", (question,), choices)]}, n=13)
-    labelled = " ".join(f"({letter}) {c}" for letter, c in zip("ABCD", choices, strict=True))
+    assert not index.alone
+    labelled = " ".join(f"({letter}) {c}" for letter, c in zip("ABCDEF", choices, strict=True))
     assert index.scan(f"{PROSE}{question} {labelled} Answer: A. {PROSE}")
-    assert index.scan(f"{PROSE}{question.upper()}\nD. helium\nC. nitrogen\nB. oxygen\nA. carbon dioxide\n{PROSE}")
+    assert index.scan(f"{PROSE}{question.upper()}\nF. neon\nE. argon\nD. helium\nC. nitrogen\nB. oxygen\n"
+                      f"A. carbon dioxide\n{PROSE}")
     assert not index.scan(f"{PROSE}{question} {PROSE}")                       # the question alone
-    assert not index.scan(f"{PROSE}{question} (A) carbon dioxide (B) oxygen (C) nitrogen {PROSE}")  # 12 words
+    assert not index.scan(f"{PROSE}{question} (A) carbon dioxide (B) oxygen (C) nitrogen (D) helium {PROSE}")  # 10/12
     assert not index.scan(f"Plants absorb carbon dioxide; animals need oxygen; nitrogen and helium. {PROSE}")
     far = " ".join(["filler"] * 40)                                          # choices too far from it
     assert not index.scan(f"{question} {far} {labelled}")
-    assert not index.scan(f"{PROSE}Which gas do plants absorb from the {labelled} {PROSE}")   # not whole
+    assert not index.scan(f"{PROSE}Which gas do plants {labelled} {PROSE}")   # not whole
 
     tiny = ContaminationIndex({"piqa": [Item("p", ("dresser",), ("replace drawer with bobby pin", "fix it"))]})
     assert tiny.scan("dresser\n1. replace drawer with bobby pin\n2. fix it")                    # all 8 words
     assert not tiny.scan("dresser\n1. replace drawer with bobby pin")
     assert not tiny.scan("My dresser is old; I had to fix it.")
+
+
+def test_a_short_distinctive_question_alone_is_found(shipped):
+    """A question of ALONE_WORDS to n - 1 words that no other item holds and that has a rare word is
+    found printed alone, as is and with noise: real short questions of the shipped sets, and one made
+    here."""
+    drawn, index = shipped
+    rng = random.Random(5)
+    checked = 0
+    for name in ("arc_easy", "arc_challenge", "openbookqa", "piqa"):
+        for r in drawn[name]:
+            text = leak_forms(SCHEMAS[name], r, rng)["question_only"]
+            if " ".join(normalized_words(text)) in index.alone:
+                assert len(normalized_words(text)) < index.n
+                for variant in (text, noisy(text, rng)):
+                    assert r["id"] in found(index, page(variant, rng)), (name, variant)
+                checked += 1
+    assert checked >= 5
+    question = "Which gas do plants absorb from the air?"             # 8 words, "absorb" in no other field
+    index = ContaminationIndex({"arc_easy": [Item("q", (question,), ("carbon dioxide", "oxygen")),
+                                             Item("r", ("Which gas do we exhale?",), ("oxygen", "air"))]})
+    assert index.alone == {"which gas do plants absorb from the air"}          # the other: 5 words
+    assert found(index, f"{PROSE}{question.upper()} {PROSE}") == {"q"}
+    assert not found(index, f"{PROSE}Which gas do plants absorb from the soil? {PROSE}")   # not whole
+
+
+def test_a_common_short_question_on_an_ordinary_page_is_not_flagged():
+    """A short question alone is no evidence when it is common: one that another item also holds (the
+    shipped ARC-Easy has "What causes day and night on Earth?" twice; a passage may quote it), or one
+    whose every word is common in the indexed text. A page asking it is not flagged; printed with
+    its choices it still is."""
+    capital = "What is the capital of France?"
+    day = "What causes day and night on Earth?"
+    passages = ["France is a country in Europe; the capital of France is Paris, what a city it is.",
+                "Of the cities of France, what is the largest? The capital is the largest city.",
+                "Students often ask: what causes day and night on Earth? The answer is rotation."]
+    items = [Item("capital", (capital,), ("Paris", "Lyon", "Nice", "Lille", "Metz", "Brest", "Dijon")),
+             Item("day", (day,), ("rotation of Earth", "orbit of the Moon", "the Sun moving")),
+             *(Item(f"p{i}", (p,), ("yes",)) for i, p in enumerate(passages))]
+    index = ContaminationIndex({"boolq_and_arc": items})
+    assert not index.alone & {" ".join(normalized_words(q)) for q in (capital, day)}
+    for question in (capital, day, capital.lower(), day.upper()):
+        assert not found(index, f"{PROSE}{question} Here is a map of Europe and a clock. {PROSE}")
+    assert found(index, f"{PROSE}{capital}\n(A) Paris (B) Lyon (C) Nice (D) Lille (E) Metz (F) Brest (G) Dijon\n"
+                        f"{PROSE}") == {"capital"}
+    # the shipped sets: ARC-Easy's two items asking "What causes day and night on Earth?"
+    records, _ = load_records("arc_easy", SHIPPED["arc_easy"], REPO)
+    arc = ContaminationIndex({"arc_easy": [Item(r["id"], *item_fields("arc", r)) for r in records]})
+    assert sum(" ".join(normalized_words(r["question"])) == "what causes day and night on earth" for r in records) == 2
+    assert not found(arc, f"{PROSE}{day} {PROSE}")
+
+
+def test_distinctive_anchors_equal_the_reference_and_scan_agrees_on_random_pages():
+    """``alone`` (hashed windows) equals ``reference_distinctive`` (the words), on random items from a
+    vocabulary of common and rare words where anchors repeat inside other items; and the scan with
+    short anchors counting alone equals the reference scan on random pages."""
+    rng = random.Random(6)
+    common = [f"c{i}" for i in range(30)]
+    rare = iter(f"r{i}" for i in range(10_000))
+
+    def words(k: int) -> list[str]:
+        return [next(rare) if rng.random() < 0.15 else rng.choice(common) for _ in range(k)]
+
+    anchors = [" ".join(words(rng.randint(3, 12))) for _ in range(80)]
+    items = []
+    for k in range(120):
+        anchor = rng.choice(anchors) if rng.random() < 0.3 else " ".join(words(rng.randint(3, 12)))
+        quoted = f"{' '.join(words(3))} {rng.choice(anchors)} {' '.join(words(3))}"   # another's anchor inside
+        supports = [" ".join(words(rng.randint(1, 5))) for _ in range(rng.randint(0, 3))]
+        items.append(Item(f"i{k}", (anchor,), tuple(supports + ([quoted] if rng.random() < 0.2 else []))))
+    index = ContaminationIndex({"a": items[:60], "b": items[60:]}, n=10, threshold=0.5)
+    assert index.alone == index.reference_distinctive()
+    assert 5 < len(index.alone) < len({" ".join(normalized_words(i.anchors[0])) for i in items})
+    pages = []
+    for _ in range(200):
+        item = rng.choice(items)
+        fields = [item.anchors[0]] + (list(item.supports) if rng.random() < 0.5 else [])
+        parts = [f if rng.random() < 0.8 else " ".join(f.split()[1:]) for f in fields]
+        pages.append(" ".join([" ".join(words(rng.randint(0, 20))), *parts, " ".join(words(rng.randint(0, 20)))]))
+    batched = index.scan_batch(pages)
+    assert batched == [index.reference_scan(p) for p in pages]
+    assert sum(map(bool, batched)) > 60
 
 
 def test_an_empty_index_or_page_finds_nothing():

@@ -3,7 +3,7 @@
 Pages print an item as a question with its choices labelled "(A) ... (B) ..." or shuffled, a
 question without its answer, a code prompt without its solution, with case, spacing and
 punctuation changed. One concatenated string per item misses most of these, so each item is
-matched by its fields (``hatchling.eval.datasets.item_fields`` lists them per benchmark):
+matched by its fields (``hatchling.data.benchmarks.item_fields`` lists them per benchmark):
 
 - *anchors* name the item: its question, context, passage, sentence or code prompt. Alternative
   renderings of it (WinoGrande's sentence with its blank filled by each option) are alternative
@@ -26,12 +26,22 @@ the item's word count (the anchor and all its supports). Hence:
   or answer, a GSM8K problem without its solution, a HumanEval prompt without its solution;
 - a shorter question needs enough of its choices beside it, in any order, labelled or not; an
   item shorter than n words in all must appear whole;
+- except a *distinctive* short anchor, which is found alone wherever it occurs whole: one of
+  ALONE_WORDS (6) to n - 1 words, anchoring one item and used by no other, that no field of any
+  other indexed item holds as a run of words, and with at least one rare word (held by at most
+  RARE_WORDS, 1 %, of the index's fields);
 - supports never count without their anchor, however many occur.
 
-Why short questions need their choices: the shipped sets themselves hold distinct items with the
-same 5-9-word question ("What causes day and night on Earth?" is two ARC-Easy items, "Which is a
-chemical change?" two ARC-Challenge ones), so such a question alone names none of them, and a
-science page asking it is no leak. Choices printed beside it are what tells the item apart.
+Why other short questions need their choices: the shipped sets themselves hold distinct items with
+the same 5-9-word question ("What causes day and night on Earth?" is two ARC-Easy items, "Which is
+a chemical change?" two ARC-Challenge ones), so such a question alone names none of them, and a
+science page asking it is no leak; a question made of common words ("What is the capital of
+France?" once other fields hold each of its words) or of five words or fewer ("How to make hot
+chocolate", a PIQA goal that HellaSwag's WikiHow contexts also hold) is ordinary web text.
+Choices printed beside it are what tells the item apart. The other items' text (Wikipedia
+passages, WikiHow and ActivityNet contexts, science questions: ~110,000 fields) is the frequency
+check: with 6 words no distinctive anchor of one set occurred in another set's text, with 5 words
+four did (docs/benchmarks.md).
 `threshold` keeps templates apart: a GSM8K train problem with other numbers shares exactly half
 of the n-grams of one test question, so 0.5 flags it and anything above does not (the planted-leak
 benchmark, bench/contamination.py, and its results in docs/benchmarks.md).
@@ -110,9 +120,11 @@ class Page:
         return merge_spans((p, p + n) for positions in matched for p in positions)
 
 
-def find(item: Item, page: Page, threshold: float) -> tuple[float, list[tuple[int, int]]] | None:
+def find(item: Item, page: Page, threshold: float,
+         alone: frozenset[str] = frozenset()) -> tuple[float, list[tuple[int, int]]] | None:
     """(coverage, word intervals) of `item` in `page` by the module's rule, else None: the rule written
-    plainly, on the words themselves, which decides every candidate of ``scan_batch``."""
+    plainly, on the words themselves, which decides every candidate of ``scan_batch``. `alone`: the
+    normalized texts of the short anchors that are distinctive (``ContaminationIndex.distinctive``)."""
     n = page.n
     supports = [normalized_words(s) for s in item.supports]
     support_words = sum(map(len, supports))
@@ -120,6 +132,7 @@ def find(item: Item, page: Page, threshold: float) -> tuple[float, list[tuple[in
     coverage, intervals = 0.0, []
     for anchor in map(normalized_words, item.anchors):
         occurrences = page.occurrences(anchor, threshold)
+        distinctive = " ".join(anchor) in alone
         if not occurrences:
             continue
         if placed is None:
@@ -130,12 +143,14 @@ def find(item: Item, page: Page, threshold: float) -> tuple[float, list[tuple[in
             lo, hi = region[0][0] - total - n, region[-1][1] + total + n
             near = [[(a, b) for a, b in spans if a < hi and b > lo] for spans in placed]
             words = len(anchor) + sum(len(s) for s, spans in zip(supports, near, strict=True) if spans)
-            if words >= min(n, total):
+            if words >= min(n, total) or distinctive:
                 coverage = max(coverage, words / total)
                 intervals += region + [span for spans in near for span in spans]
     return (round(coverage, 4), merge_spans(intervals)) if intervals else None
 
 
+ALONE_WORDS = 6              # a short anchor of this many words or more may count alone (module doc)
+RARE_WORDS = 0.01            # ... when one of its words is held by at most this share of the index's fields
 MAX_N = 64                   # a word's edge bits (one per window length) fill a uint64
 _SEED, _P = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)   # rolling-hash start, odd base
 
@@ -198,6 +213,82 @@ class ContaminationIndex:
         self._values = np.array([0, *(xxhash.xxh64_intdigest(w.encode()) for w in self._vocab)], dtype=np.uint64)
         ids = np.fromiter(map(self._vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
         self._index_windows(ids)
+        self._fields = fields
+        self._alone = self._distinctive(ids)
+        self.alone = frozenset(" ".join(fields[f]) for f in np.flatnonzero(self._alone).tolist())
+
+    def _owners(self) -> np.ndarray:
+        """Field -> the one item that uses it (as anchor or support), or -1 when several do."""
+        owner = np.full(len(self._length), -2, dtype=np.int64)
+        for idx, (anchors, supports) in enumerate(zip(self._anchors, self._supports, strict=True)):
+            for f in set(anchors + supports):
+                owner[f] = idx if owner[f] == -2 else -1
+        return owner
+
+    def _short_candidates(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(owner of each field, whether each field passes the distinctiveness tests that need no search:
+        an anchor of one item, of ALONE_WORDS to n - 1 words, with a rare word)."""
+        owner, df = self._owners(), self._document_frequency(ids)
+        rare = df <= max(1, RARE_WORDS * len(self._length))
+        anchors = np.zeros(len(self._length), dtype=bool)
+        anchors[list(self._readers)] = True
+        has_rare = np.array([bool(rare[[self._vocab[w] for w in words]].any()) if anchors[f] else False
+                             for f, words in enumerate(self._fields)], dtype=bool)
+        ok = anchors & (owner >= 0) & (self._length >= ALONE_WORDS) & (self._length < self.n) & has_rare
+        return owner, ok
+
+    def _document_frequency(self, ids: np.ndarray) -> np.ndarray:
+        """Word id -> how many fields hold it (`ids`: all fields' words, concatenated)."""
+        field = np.repeat(np.arange(len(self._length)), self._length)
+        pairs = np.sort(field * len(self._values) + ids)           # a sort: np.unique's hashing is slower here
+        pairs = pairs[np.append(True, pairs[1:] != pairs[:-1])[:len(pairs)]]
+        return np.bincount(pairs % len(self._values), minlength=len(self._values))
+
+    def _distinctive(self, ids: np.ndarray) -> np.ndarray:
+        """Field -> whether it is a short anchor that counts alone when it occurs whole (module doc):
+        the candidates of ``_short_candidates`` that no other item's field holds as a window. Windows
+        are compared by their 64-bit keys (a collision can only make a field not distinctive);
+        ``reference_distinctive`` is the same test on the words."""
+        owner, ok = self._short_candidates(ids)
+        if not ok.any():
+            return ok
+        length = self._length
+        offsets = np.cumsum(length) - length
+        field_of = np.repeat(np.arange(len(length)), length)
+        for size, h in window_keys(self._values[ids], self.n - 1):
+            cand = np.flatnonzero(ok & (length == size))
+            if size < ALONE_WORDS or not len(cand):
+                continue
+            keys = h[offsets[cand]]
+            order = np.argsort(keys)
+            keys, cand = keys[order], cand[order]
+            begins = np.zeros(len(self._values), dtype=bool)           # the words some candidate begins with
+            begins[ids[offsets[cand]]] = True
+            window = np.flatnonzero(begins[ids[:len(h)]] & (field_of[:len(h)] == field_of[size - 1:]))
+            at = np.searchsorted(keys, h[window]).clip(max=len(keys) - 1)
+            hit = window[keys[at] == h[window]]
+            holder, held = field_of[hit], cand[at[keys[at] == h[window]]]
+            ok[held[owner[holder] != owner[held]]] = False
+        return ok
+
+    def reference_distinctive(self) -> frozenset[str]:
+        """``alone`` computed plainly: each short anchor of one item, of ALONE_WORDS to n - 1 words, with
+        a word held by at most RARE_WORDS of the fields, that no field of another item holds (slow)."""
+        users: dict[int, set[int]] = defaultdict(set)
+        for idx, fs in enumerate(zip(self._anchors, self._supports, strict=True)):
+            for f in fs[0] + fs[1]:
+                users[f].add(idx)
+        texts = [f" {' '.join(words)} " for words in self._fields]
+        rare = max(1, RARE_WORDS * len(self._fields))
+        out = set()
+        for f, words in enumerate(self._fields):
+            if not (f in self._readers and len(users[f]) == 1 and ALONE_WORDS <= len(words) < self.n):
+                continue
+            if not any(sum(w in other for other in map(set, self._fields)) <= rare for w in words):
+                continue
+            if all(texts[f] not in texts[g] or users[g] == users[f] for g in range(len(self._fields))):
+                out.add(texts[f].strip())
+        return frozenset(out)
 
     def _index_windows(self, ids: np.ndarray) -> None:
         """Keys, edge bits and Bloom filter of every field's windows (`ids`: all fields' words, concatenated)."""
@@ -255,14 +346,15 @@ class ContaminationIndex:
         for doc, candidates in self._candidates(words).items():
             page = Page(words[doc], self.n)
             found = [(self.items[idx], f) for idx in sorted(candidates)
-                     if (f := find(self.items[idx][1], page, self.threshold))]
+                     if (f := find(self.items[idx][1], page, self.threshold, self.alone))]
             hits[doc] = located(texts[doc], found)
         return hits
 
     def reference_scan(self, text: str) -> list[Hit]:
         """``scan`` without the hash filter: the rule tried on every item (slow; for tests)."""
         page = Page(normalized_words(text), self.n)
-        return located(text, [(entry, f) for entry in self.items if (f := find(entry[1], page, self.threshold))])
+        return located(text, [(entry, f) for entry in self.items
+                              if (f := find(entry[1], page, self.threshold, self.alone))])
 
     def _candidates(self, words: list[list[str]]) -> dict[int, set[int]]:
         """{document: the items whose anchor and supports may hold enough words there}."""
@@ -305,6 +397,8 @@ class ContaminationIndex:
 
     def _may_hold(self, idx: int, anchor: int, here: set[int]) -> bool:
         """Whether the anchor and the item's supports present anywhere may reach the rule's word count."""
+        if self._alone[anchor]:
+            return True
         supports = self._supports[idx]
         total = int(self._length[anchor] + self._length[supports].sum())
         words = int(self._length[anchor]) + sum(int(self._length[s]) for s in supports if s in here)
