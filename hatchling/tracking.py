@@ -19,6 +19,7 @@ stage failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -89,14 +90,38 @@ def _dvc_ancestor_key() -> str | None:
     return None
 
 
-def start_parent(mlf, exp_id: str, name: str, root: Path, key: str | None = None) -> str:
-    tags = {"mlflow.runName": name, "hatchling.kind": "pipeline", "hatchling.git_commit": git_commit(root)}
+def start_parent(mlf, exp_id: str, root: Path, label: str, orchestrator: str, describe: dict | None = None,
+                 key: str | None = None) -> str:
+    """A pipeline run. Its name says what it is: `label` (the DVC experiment, the Prefect flow run, ...)
+    and the params it changes against the commit; its tags and params hold the rest (`describe`: the
+    run's overrides, params digest and flattened params, from hatchling.stages.describe_run)."""
+    describe = describe or {}
+    overrides = describe.get("overrides", [])
+    shown = ", ".join(overrides[:3]) + (f" (+{len(overrides) - 3})" if len(overrides) > 3 else "")
+    tags = {"mlflow.runName": f"{label}: {shown}" if shown else label, "hatchling.kind": "pipeline",
+            "hatchling.label": label, "hatchling.orchestrator": orchestrator,
+            "hatchling.git_commit": git_commit(root), "hatchling.overrides": json.dumps(overrides)[:5000],
+            "hatchling.params_digest": describe.get("params_digest", "")}
+    for env, tag in (("DVC_EXP_NAME", "hatchling.dvc_experiment"), ("DVC_EXP_BASELINE_REV", "hatchling.dvc_baseline")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    tags.update(describe.get("tags", {}))
     if key:
         tags[PIPELINE_KEY_TAG] = key
-    return mlf.create_run(exp_id, tags=tags).info.run_id
+    run_id = mlf.create_run(exp_id, tags=tags).info.run_id
+    _log_params(mlf, run_id, describe.get("params", {}))
+    return run_id
 
 
-def find_or_start_parent(mlf, exp_id: str, root: Path) -> str:
+def _log_params(mlf, run_id: str, flat: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in flat.items()]
+    for i in range(0, len(items), 100):
+        mlf.log_batch(run_id, params=items[i:i + 100])
+
+
+def find_or_start_parent(mlf, exp_id: str, root: Path, describe: dict | None = None) -> str:
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]
     key = _dvc_ancestor_key()
@@ -104,27 +129,71 @@ def find_or_start_parent(mlf, exp_id: str, root: Path) -> str:
         found = mlf.search_runs([exp_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'", max_results=1)
         if found:
             return found[0].info.run_id
-        return start_parent(mlf, exp_id, "dvc repro", root, key)
-    return start_parent(mlf, exp_id, "pipeline (single stage)", root)
+        label = os.environ.get("DVC_EXP_NAME") or "dvc repro"
+        return start_parent(mlf, exp_id, root, label, "dvc", describe, key)
+    return start_parent(mlf, exp_id, root, "hatchling run", "cli", describe)
 
 
 class StageRun:
-    """A child run for one stage: params, buffered per-step metrics, artifacts, tags."""
+    """A child run for one stage, named `stage @ pipeline label`: params, buffered per-step metrics,
+    artifacts, tags, and the stage's headline metrics copied to the pipeline run."""
 
-    def __init__(self, stage: str, params: dict, tags: dict, root: Path = Path(".")):
-        from mlflow.entities import Param
-
+    def __init__(self, stage: str, params: dict, tags: dict, root: Path = Path("."), describe: dict | None = None):
+        self.uri = tracking_uri(root)
         self.mlf = client(root)
         self.exp_id = experiment_id(self.mlf)
-        self.parent_id = find_or_start_parent(self.mlf, self.exp_id, root)
-        run_tags = {"mlflow.runName": stage, "mlflow.parentRunId": self.parent_id, "hatchling.stage": stage,
-                    "hatchling.git_commit": git_commit(root), **tags}
+        self.parent_id = find_or_start_parent(self.mlf, self.exp_id, root, describe)
+        self.stage = stage
+        parent_tags = self.mlf.get_run(self.parent_id).data.tags
+        label = parent_tags.get("hatchling.label", "pipeline")
+        self.orchestrator = parent_tags.get("hatchling.orchestrator")
+        run_tags = {"mlflow.runName": f"{stage} @ {label}", "mlflow.parentRunId": self.parent_id,
+                    "hatchling.stage": stage, "hatchling.git_commit": git_commit(root), **tags}
         self.run_id = self.mlf.create_run(self.exp_id, tags=run_tags).info.run_id
-        flat = flatten(params)
-        items = [Param(k, v) for k, v in flat.items()]
-        for i in range(0, len(items), 100):
-            self.mlf.log_batch(self.run_id, params=items[i:i + 100])
+        _log_params(self.mlf, self.run_id, flatten(params))
         self._buffer: list = []
+
+    def log_inputs(self, inputs: dict[str, tuple[str, str]]) -> None:
+        """The stage's inputs as MLflow datasets: name -> (path relative to the project, content hash)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        self.mlf.log_inputs(self.run_id, datasets=[
+            DatasetInput(Dataset(name, digest[:36], "local", path), [InputTag("mlflow.data.context", "input")])
+            for name, (path, digest) in inputs.items()])
+
+    def system_metrics(self):
+        """A context that samples CPU, memory, disk and GPU use into the run (MLflow's monitor)."""
+        from mlflow.environment_variables import MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        interval = MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL.get() or 5.0      # MLflow's own knob, if set
+
+        @contextlib.contextmanager
+        def monitored():
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, tracking_uri=self.uri)
+            monitor.start()
+            try:
+                yield
+            finally:
+                monitor.finish()
+        return monitored()
+
+    def log_headline(self, metrics: dict) -> None:
+        """Copy the stage's headline numbers to the pipeline run as `<stage>.<name>`."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.mlf.log_batch(self.parent_id, metrics=[Metric(f"{self.stage}.{k}", float(v), now, 0)
+                                                    for k, v in metrics.items()])
+
+    def fail(self, error: BaseException) -> None:
+        """End the run FAILED, with the error as a tag and as the run's description (the UI shows it)."""
+        message = f"{type(error).__name__}: {error}"[:5000]
+        for run_id in (self.run_id, self.parent_id):
+            self.mlf.set_tag(run_id, "hatchling.error", message)
+        self.mlf.set_tag(self.run_id, "mlflow.note.content", f"Stage {self.stage} failed:\n\n```\n{message}\n```")
+        self.mlf.set_tag(self.parent_id, "hatchling.failed_stage", self.stage)
+        self.end("FAILED")
 
     def log_metrics(self, metrics: dict, step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -165,8 +234,23 @@ def record_cached(stage: str, root: Path = Path("."), reason: str = "inputs, par
     mlf = client(root)
     exp_id = experiment_id(mlf)
     parent = find_or_start_parent(mlf, exp_id, root)
-    run = mlf.create_run(exp_id, tags={"mlflow.runName": f"{stage} (cached)", "mlflow.parentRunId": parent,
+    return _cached_run(mlf, exp_id, parent, stage, reason)
+
+
+def _cached_run(mlf, exp_id: str, parent: str, stage: str, reason: str) -> str:
+    label = mlf.get_run(parent).data.tags.get("hatchling.label", "pipeline")
+    run = mlf.create_run(exp_id, tags={"mlflow.runName": f"{stage} (cached) @ {label}", "mlflow.parentRunId": parent,
                                        "hatchling.stage": stage, "hatchling.cached": "true",
                                        "hatchling.cache_reason": reason})
     mlf.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
+
+
+def record_skipped(run: StageRun, stages: list[str]) -> None:
+    """Under `dvc repro`, stages DVC found up to date never start; when one of their downstream stages
+    runs, record them under the same pipeline run as cached, so the run shows the whole pipeline."""
+    seen = {r.data.tags.get("hatchling.stage") for r in run.mlf.search_runs(
+        [run.exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.parent_id}'", max_results=1000)}
+    for stage in stages:
+        if stage not in seen:
+            _cached_run(run.mlf, run.exp_id, run.parent_id, stage, "skipped by DVC: outputs up to date")

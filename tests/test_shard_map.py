@@ -82,3 +82,24 @@ def test_an_abandoned_map_leaves_no_spool(tmp_path, monkeypatch):
     assert next(results)["n"] == 0
     results.close()                                          # the consumer stops early
     assert list(tmp_path.iterdir()) == []
+
+
+def sigterm_handler(n: int) -> str:
+    return repr(signal.getsignal(signal.SIGTERM))
+
+
+def test_workers_do_not_inherit_the_parents_sigterm_handler():
+    """Prefect's flow process turns SIGTERM into a TerminationSignal exception; a forked worker that
+    kept that handler printed its traceback when the pool shut it down."""
+    class TerminationSignal(Exception):
+        pass
+
+    def raise_termination(signum, frame):
+        raise TerminationSignal
+
+    previous = signal.signal(signal.SIGTERM, raise_termination)
+    try:
+        handlers = set(map_ordered(sigterm_handler, range(4), 2))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert handlers == {repr(signal.SIG_DFL)}

@@ -19,6 +19,7 @@ import functools
 import gc
 import os
 import pickle
+import signal
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -51,7 +52,8 @@ def _local_map(fn: Callable, items: Sequence, workers: int) -> Iterator:
     gc.freeze()
     try:
         with tempfile.TemporaryDirectory(prefix="shard-map-") as spool:
-            pool = ProcessPoolExecutor(min(workers, len(items)), mp_context=get_context(method))
+            pool = ProcessPoolExecutor(min(workers, len(items)), mp_context=get_context(method),
+                                       initializer=_default_termination)
             try:
                 for path in pool.map(functools.partial(_spooled, fn, spool), items):
                     yield _unspooled(path)
@@ -59,6 +61,12 @@ def _local_map(fn: Callable, items: Sequence, workers: int) -> Iterator:
                 pool.shutdown(cancel_futures=True)
     finally:
         gc.unfreeze()
+
+
+def _default_termination() -> None:
+    """A forked worker inherits the parent's SIGTERM handler (Prefect's raises TerminationSignal, whose
+    traceback each worker would print when the pool shuts it down): workers just end on SIGTERM."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _spooled(fn: Callable, spool: str, item) -> str:
