@@ -36,10 +36,10 @@ from collections import defaultdict
 from pathlib import Path
 
 from hatchling.config import load_params
+from hatchling.data.benchmarks import SCHEMAS, item_fields, load_records
 from hatchling.data.decontam import ContaminationIndex, Item
 from hatchling.data.dedup import deduplicate, iter_signatures
 from hatchling.data.textnorm import ngrams, normalized_words
-from hatchling.eval.datasets import SCHEMAS, item_fields, load_records
 from hatchling.io import write_jsonl
 
 LETTERS = "ABCDE"
@@ -170,7 +170,7 @@ def throughput(index_of, items: dict[str, list[Item]], words: list[str], repeats
     """Index build seconds (all items) and scan rate on 300-word pages, with dedup's rate (1 worker) on them."""
     builds, scans, dedups = [], [], []
     docs = [" ".join(words[i:i + 300]) for i in range(0, len(words) - 300, 300)]
-    c, d = params.dedup.contamination, params.dedup
+    c, d = params.contamination, params.dedup
     with tempfile.TemporaryDirectory() as tmp:
         shards = []
         for s in range(8):
@@ -207,7 +207,7 @@ def main() -> None:
     ap.add_argument("--out", default="reports/bench_contamination.json")
     args = ap.parse_args()
     params = load_params("params.yaml", args.set)
-    c = params.dedup.contamination
+    c = params.contamination
     rng = random.Random(args.seed)
     pages = Pages(prose(params.crawl.pydoc_modules), rng)
 

@@ -3,9 +3,10 @@
     python bench/kda_check.py [--fla-naive PATH/TO/fla/ops/kda/naive.py] [--out reports/kda_check.json]
 
 On CPU it compares kda_chunked (and fla's naive kernel, when given) with kda_recurrent in
-float64 and float32. On CUDA with flash-linear-attention installed it compares fla's Triton
-``chunk_kda`` (inputs in bf16 and in fp32) with kda_chunked computed in float64 — the check the
-test suite cannot run on a CPU-only CI machine. Prints a table and writes JSON.
+float64 and float32. On CUDA with fla installed (the ``gpu`` extra) it compares fla's Triton
+``chunk_kda`` (inputs in bf16 and in fp32) with kda_chunked computed in float64, at a size and in
+bf16 that the CI test of the same kernels under Triton's CPU interpreter (tests/test_kda_fla.py:
+float32, T <= 70) cannot reach. Prints a table and writes JSON.
 """
 
 from __future__ import annotations

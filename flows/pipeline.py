@@ -5,8 +5,10 @@
 Each stage is a task cached on the content hash of its inputs, its params sections and its
 code, so a second run with nothing changed completes from cache (and says so in MLflow).
 Stages that touch the network retry with backoff, unless the environment is broken (a retry
-would fail the same way). flows/prefect.yaml deploys this flow to a process work pool on a GPU
-host (see the README).
+would fail the same way). Each task waits for its upstream stages' tasks (the UI draws the DAG),
+logs its headline numbers and publishes its metrics as a table artifact (`<stage>-metrics`) and
+its markdown reports as markdown artifacts (`eval-report`: the report card). flows/prefect.yaml
+deploys this flow to a process work pool on a GPU host (see the README).
 """
 
 from __future__ import annotations
@@ -17,27 +19,42 @@ import json
 import os
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 import hatchling
 from hatchling import tracking
-from hatchling.config import load_params
+from hatchling.config import Params, load_params
 from hatchling.errors import environment_fault
 from hatchling.io import hash_paths
-from hatchling.stages import STAGES, Stage, input_hash, run_stage, topological_order, with_upstream
+from hatchling.stages import (
+    PACKAGE,
+    STAGES,
+    Stage,
+    describe_run,
+    headline,
+    input_hash,
+    run_stage,
+    topological_order,
+    upstream,
+    with_upstream,
+)
 
 
-def stage_cache_key(stage: Stage, params, root: Path) -> str:
-    """Content hash of what decides a stage's outputs: inputs, params sections, code, version."""
+def stage_cache_key(stage: Stage, params: Params, root: Path) -> str:
+    """Content hash of what decides a stage's outputs: inputs, params sections, code, version (all
+    location-free: the same checkout and data give the same key wherever they live)."""
     parts = {"stage": stage.name, "version": hatchling.__version__,
              "params": {s: params.section(s) for s in stage.params},
              "inputs": input_hash(stage, root),
-             "code": hash_paths(Path(hatchling.__file__).parent.parent / c for c in stage.code)}
+             "code": hash_paths(stage.code, PACKAGE.parent)}
     return f"{stage.name}-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def outputs_hash(stage: Stage, root: Path) -> str:
-    return hash_paths(root / o for o in stage.outs)
+    return hash_paths(stage.outs, root)
 
 
 def worth_retrying(task, task_run, state) -> bool:
@@ -45,9 +62,24 @@ def worth_retrying(task, task_run, state) -> bool:
     return not environment_fault(state.result(raise_on_failure=False))
 
 
+def publish(stage: Stage, metrics: dict, root: Path) -> None:
+    """What the Prefect UI shows of a stage: its headline numbers in the task's log, its metrics as a
+    table artifact and its markdown reports (the eval's report card) as markdown artifacts."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    get_run_logger().info("%s: %s", stage.name, ", ".join(f"{k}={v:.4g}" for k, v in
+                                                          (headline(stage, metrics) or numbers).items()))
+    create_table_artifact(table=[{"metric": k, "value": v} for k, v in numbers.items()], key=f"{stage.name}-metrics",
+                          description=f"stage {stage.name}: {stage.metrics}")
+    for name, path in stage.reports.items():
+        if path.endswith(".md") and (root / path).is_file():
+            create_markdown_artifact(markdown=(root / path).read_text(), key=f"{stage.name}-{name}",
+                                     description=f"stage {stage.name}: {path}")
+
+
 def make_task(stage: Stage):
-    def body(params_path: str, overrides: list[str], root: str, cache_key: str) -> dict:
-        metrics = run_stage(stage.name, root=Path(root), params_path=params_path, overrides=overrides)
+    def body(params: Params, root: str, cache_key: str) -> dict:
+        metrics = run_stage(stage.name, params, Path(root))
+        publish(stage, metrics, Path(root))
         return {"metrics": metrics, "outputs": outputs_hash(stage, Path(root))}
 
     return task(body, name=stage.name, cache_key_fn=lambda ctx, args: args["cache_key"],
@@ -69,20 +101,31 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     params_file = params_path if Path(params_path).is_absolute() else str(root_path / params_path)
     params = load_params(params_file, overrides)           # bad params fail before any stage
     mlf = tracking.client(root_path)
-    parent = tracking.start_parent(mlf, tracking.experiment_id(mlf), "prefect flow", root_path)
+    describe = describe_run(params, root_path)
+    describe["tags"] = {"hatchling.prefect_flow_run_id": str(flow_run.id)}
+    parent = tracking.start_parent(mlf, tracking.experiment_id(mlf), root_path, f"prefect {flow_run.name}",
+                                   "prefect", describe)
     previous = os.environ.get(tracking.PARENT_ENV)
     os.environ[tracking.PARENT_ENV] = parent
-    results = {}
+    results, futures = {}, {}
     try:
         for stage in (s for s in topological_order() if s.name in wanted):
             key = stage_cache_key(stage, params, root_path)
-            args = (params_file, overrides, str(root_path), key)
-            state = TASKS[stage.name](*args, return_state=True)
+            # quoted: Prefect would otherwise look for earlier tasks' results among the arguments (by object
+            # identity, which a string or a recycled id can share) and draw edges that are not there
+            args = (quote(params), quote(str(root_path)), quote(key))
+            after = [futures[name] for name in upstream(stage) if name in futures]  # the UI draws these edges
+            future = TASKS[stage.name].submit(*args, wait_for=after)
+            future.wait()
+            state = future.state
             result = state.result()                          # raises if the stage failed
             if state.name == "Cached" and result["outputs"] != outputs_hash(stage, root_path):
                 # served from cache, but its outputs were since changed or deleted: rebuild them
-                state = TASKS[stage.name].with_options(refresh_cache=True)(*args, return_state=True)
+                future = TASKS[stage.name].with_options(refresh_cache=True).submit(*args, wait_for=after)
+                future.wait()
+                state = future.state
                 result = state.result()
+            futures[stage.name] = future
             if state.name == "Cached":
                 tracking.record_cached(stage.name, root_path)
                 results[stage.name] = "cached"

@@ -5,8 +5,10 @@
     hatchling stages
     hatchling dvc-yaml [--check]
     hatchling generate --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
-    hatchling chat --checkpoint DIR [same sampling options]
+                       [--device auto|cpu|cuda]
+    hatchling chat --checkpoint DIR [same sampling and device options]
     hatchling gridworld [--size 4 --iterations 150 --out logs/gridworld.csv]
+    hatchling promote RUN_ID [--alias champion]
     hatchling doctor [--params params.yaml]
 
 An expected failure (bad params, a missing or malformed input, a stage without a usable result)
@@ -22,10 +24,11 @@ import json
 import sys
 import traceback
 from pathlib import Path
+from typing import get_args
 
-from hatchling.config import load_params
+from hatchling.config import Device, load_params
 from hatchling.errors import BrokenEnvironment, HatchlingError, StageError
-from hatchling.stages import STAGES, dvc_yaml_text, run_stage, upstream
+from hatchling.stages import STAGES, dvc_params, dvc_yaml_text, run_stage, upstream
 
 
 def _run(args) -> int:
@@ -42,11 +45,14 @@ def _run(args) -> int:
 def _overfit(params, steps: int) -> int:
     """The smoke check: the loss on one frozen batch must fall below a bound."""
     from hatchling.data.packed import load_split
-    from hatchling.train.loop import overfit_one_batch, sample_batch
-    from hatchling.train.pretrain import DATA, fresh_model
+    from hatchling.model.lm import sample_batch
+    from hatchling.stages import context
+    from hatchling.train.loop import overfit_one_batch
+    from hatchling.train.pretrain import fresh_model
 
-    data = load_split(DATA, "train")
-    model, _ = fresh_model(params)
+    ctx = context("pretrain", params, Path("."))
+    data = load_split(ctx.inputs.tokenized, "train")
+    model, _ = fresh_model(ctx)
     batch = sample_batch(data, min(params.pretrain.batch_size, 4), min(params.pretrain.seq_len, 64), 0, "cpu")
     losses = overfit_one_batch(model, batch, steps, lr=3e-3)
     bound = 0.5
@@ -54,10 +60,16 @@ def _overfit(params, steps: int) -> int:
     return 0 if losses[-1] < bound else 1
 
 
+def _named(paths: dict[str, str]) -> str:
+    return ", ".join(f"{name}={path}" for name, path in paths.items()) or "-"
+
+
 def _stages(args) -> int:
     for s in STAGES:
-        ups = ", ".join(upstream(s)) or "-"
-        print(f"{s.name:10} after: {ups:10} params: {', '.join(s.params):16} outs: {', '.join(s.outs)}")
+        print(f"{s.name} (after: {', '.join(upstream(s)) or '-'}): {s.description}")
+        print(f"  params   {', '.join(dvc_params(s))}")
+        print(f"  inputs   {_named(s.inputs)}")
+        print(f"  outputs  {_named(s.written)}, metrics={s.metrics}")
     return 0
 
 
@@ -91,6 +103,15 @@ def _gridworld(args) -> int:
           f"curiosity_bonus {rows[-1]['curiosity_bonus']}; greedy policy "
           + (f"reaches the goal in {steps} steps (shortest: {2 * (args.size - 1)})" if reached else "fails"))
     return 0 if reached else 1
+
+
+def _promote(args) -> int:
+    from hatchling.registry import REGISTERED_MODEL, promote
+    from hatchling.tracking import client
+
+    version = promote(client(Path(".")), args.run_id, args.alias)
+    print(f"{REGISTERED_MODEL} version {version} is now @{args.alias}")
+    return 0
 
 
 def _doctor(args) -> int:
@@ -130,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--seed", type=int, default=None)
         cmd.add_argument("--compute", choices=["fp32", "int8"], default="fp32",
                          help="int8: keep an INT8 export's Linear weights int8 in memory")
+        cmd.add_argument("--device", choices=get_args(Device), default="auto",
+                         help="where the model runs (auto: cuda when available; bf16 autocast on cuda)")
         cmd.set_defaults(func=_inference)
     grid = sub.add_parser("gridworld", help="train the LM as a policy in the curiosity gridworld (Stage-D)")
     grid.add_argument("--size", type=int, default=4)
@@ -138,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--out", default="logs/gridworld.csv", help="the summary CSV")
     grid.set_defaults(func=_gridworld)
+    promote = sub.add_parser("promote", help="point a registered-model alias at the version a run logged")
+    promote.add_argument("run_id", help="the MLflow run id of the stage that registered it (rlvr)")
+    promote.add_argument("--alias", default="champion")
+    promote.set_defaults(func=_promote)
     doc = sub.add_parser("doctor", help="check every component the stages use (exit 1 if one is broken)")
     doc.add_argument("--params", default="params.yaml")
     doc.set_defaults(func=_doctor)

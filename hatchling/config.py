@@ -23,6 +23,19 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+Device = Literal["auto", "cpu", "cuda"]
+RUN_KEYS = ("seed", "device", "progress")   # run-level settings a stage's section may override
+
+
+class RunParams(Section):
+    """Settings of the whole run. A stage's section that has the same key overrides it; one that
+    leaves it unset (None) takes this value."""
+
+    seed: int = Field(0, description="seed of every stage that draws random numbers")
+    device: Device = Field("auto", description="auto: cuda when available, else cpu")
+    progress: bool = Field(True, description="progress bars for long work")
+
+
 # Keyword (case-insensitive) found in a page's license statements -> the license label recorded.
 OPEN_LICENSES = {
     "Python Software Foundation License": "PSF-2.0", "PSF-2.0": "PSF-2.0",
@@ -70,9 +83,9 @@ class CrawlParams(Section):
     min_lang_prob: float = Field(0.8, ge=0, le=1)
     min_chars: int = Field(200, ge=0)
     max_chars: int = Field(500_000, ge=1)
-    license: LicenseParams = LicenseParams()
+    license: LicenseParams = Field(default_factory=LicenseParams)
     docs_per_shard: int = Field(32, ge=1)
-    progress: bool = True
+    progress: bool | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -91,6 +104,8 @@ class CrawlParams(Section):
 
 
 class ContaminationParams(Section):
+    """The check of training text against every benchmark (the tasks and dedup stages)."""
+
     ngram: int = Field(13, ge=1, le=64, description="word n-gram length of the eval-item index")
     threshold: float = Field(0.6, gt=0, le=1, description="share of a long field's n-grams found in a page")
     action: Literal["report", "drop", "redact"] = "drop"
@@ -111,15 +126,13 @@ class DedupParams(Section):
     shingle: int = Field(5, ge=1, le=1024, description="word n-gram shingles")
     workers: int = Field(0, ge=0, description="processes for signatures; 0 = all cores")
     scale: ScaleParams = Field(default_factory=ScaleParams)
-    contamination: ContaminationParams = ContaminationParams()
 
 
 class TokenizeParams(Section):
-    input: str = Field("data/dedup", description="a directory or glob of JSONL shards / .txt files")
     vocab_size: int = Field(4096, ge=300, le=1 << 20)
     val_fraction: float = Field(0.05, gt=0, lt=1)
     min_frequency: int = Field(2, ge=1)
-    seed: int = 0
+    seed: int | None = None
     workers: int = Field(0, ge=0, description="cluster workers when scale.runner starts a local cluster; 0 = cores")
     scale: ScaleParams = Field(default_factory=ScaleParams,
                                description="local: one process (the tokenizer threads itself); else encode "
@@ -137,8 +150,11 @@ class SparsityParams(Section):
     end_fraction: float = Field(0.75, gt=0, le=1, description="target reached at this share of max_steps")
 
 
-class PretrainParams(Section):
-    seed: int = 1337
+class TrainParams(Section):
+    """The trainer's knobs (hatchling/train/loop.py), shared by pretrain and sft: params.yaml's
+    `train` section holds the common values and each stage's section only what differs."""
+
+    seed: int | None = None
     optimizer: Literal["adamw", "muon", "adapm"] = Field(
         "adamw", description="adapm: AdamW with per-output-channel momentum (hatchling/train/adapm.py)")
     adapm_beta_range: tuple[float, float] = Field((0.5, 0.98), description="AdaPM: bounds of each channel's beta1")
@@ -159,14 +175,17 @@ class PretrainParams(Section):
     seq_len_curriculum: list[tuple[int, int]] = Field(
         default_factory=list, description="[[step, seq_len], ...]: from that step on, train at that length")
     grad_clip: float = Field(1.0, ge=0)
+    isolate_documents: bool = Field(
+        False, description="keep the documents packed in a window apart (attention masked, KDA state reset at "
+                           "each end-of-text); off: they run together, as in nanoGPT")
     eval_every: int = Field(50, ge=1)
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(50, ge=1)
     early_stopping_patience: int = Field(0, ge=0, description="evals without val improvement; 0 = off")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device | None = None
     compile: bool = Field(False, description="torch.compile the training forward (inductor); the first step of "
                                              "each new sequence length pays the compile")
-    progress: bool = True
+    progress: bool | None = None
 
     @model_validator(mode="after")
     def _check_fsdp(self):
@@ -186,14 +205,16 @@ class PretrainParams(Section):
 class TasksParams(Section):
     """The project's verifiable tasks (arithmetic, small Python functions) and docs QA chats."""
 
-    seed: int = 0
+    seed: int | None = None
     math_items: int = Field(2000, ge=10)
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
     docs_qa: int = Field(200, ge=0, description="question/answer chats derived from crawled documents (at most)")
 
 
-class SFTParams(PretrainParams):
-    """Chat SFT: the pretrain trainer's knobs, plus the conversation files."""
+class SFTParams(TrainParams):
+    """Chat SFT: the trainer's knobs, plus the conversation files."""
+
+    isolate_documents: bool = Field(True, description="no conversation sees the one packed before it")
 
     data: list[str] = Field(default_factory=lambda: ["data/tasks/sft_train.jsonl"], min_length=1)
     val_data: list[str] = Field(default_factory=lambda: ["data/tasks/sft_heldout.jsonl"], min_length=1)
@@ -202,7 +223,7 @@ class SFTParams(PretrainParams):
 class RLVRParams(Section):
     """PPO-lite RL with verifiable rewards from the SFT checkpoint (see hatchling/train/rl.py)."""
 
-    seed: int = 0
+    seed: int | None = None
     tasks: list[Literal["math", "code"]] = Field(default_factory=lambda: ["math"], min_length=1)
     max_steps: int = Field(20, ge=1)
     prompts_per_step: int = Field(8, ge=1)
@@ -223,10 +244,14 @@ class RLVRParams(Section):
     grad_clip: float = Field(1.0, ge=0)
     eval_items: int = Field(20, ge=1, description="held-out items scored greedily before and after")
     sandbox_timeout_s: float = Field(5.0, gt=0)
-    progress: bool = True
+    device: Device | None = Field(None, description="where the policy, its reference and the sampling run")
+    progress: bool | None = None
 
 
 class ExportParams(Section):
+    """The export measures on the CPU whatever `run.device` says (it has no device key): its latencies
+    are those of the CPU inference the INT8 and bf16 files are for."""
+
     source: Literal["pretrain", "sft", "rlvr"] = Field("rlvr", description="the stage whose checkpoint is exported")
     prompts: int = Field(8, ge=1, description="held-out prompts for greedy agreement")
     prompt_len: int = Field(64, ge=1)
@@ -235,6 +260,8 @@ class ExportParams(Section):
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(128, ge=2)
     latency_repeats: int = Field(3, ge=1)
+    hf: bool = Field(False, description="also write export/hf: a transformers directory (AutoModelForCausalLM with "
+                                        "trust_remote_code; arch hybrid or gpt; needs the hf extra)")
 
 
 class EvalParams(Section):
@@ -267,8 +294,9 @@ class EvalParams(Section):
                                                           "of the training text in turn; 0 = off")
     forgetting_steps: int = Field(20, ge=1, description="training steps per segment")
     forgetting_lr: float = Field(1e-3, gt=0)
-    seed: int = 0
-    progress: bool = True
+    seed: int | None = None
+    device: Device | None = Field(None, description="where each checkpoint is scored, generates and is probed")
+    progress: bool | None = None
 
     @field_validator("limit")
     @classmethod
@@ -296,22 +324,47 @@ class EvalParams(Section):
         return self
 
 
+TRAINING_STAGES = ("pretrain", "sft")    # their sections are params.yaml's `train` with their own keys over it
+
+
 class Params(Section):
+    run: RunParams = Field(default_factory=RunParams)
     crawl: CrawlParams
-    dedup: DedupParams = DedupParams()
+    dedup: DedupParams = Field(default_factory=DedupParams)
+    contamination: ContaminationParams = Field(default_factory=ContaminationParams)
     benchmarks: dict[str, str] = Field(default_factory=dict, description="eval set name -> local file")
-    tokenize: TokenizeParams = TokenizeParams()
-    model: ModelConfig = ModelConfig()
-    pretrain: PretrainParams = PretrainParams()
-    tasks: TasksParams = TasksParams()
-    sft: SFTParams = SFTParams()
-    rlvr: RLVRParams = RLVRParams()
-    eval: EvalParams = EvalParams()
-    export: ExportParams = ExportParams()
+    tokenize: TokenizeParams = Field(default_factory=TokenizeParams)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainParams = Field(default_factory=TrainParams)
+    pretrain: TrainParams = Field(default_factory=TrainParams)
+    tasks: TasksParams = Field(default_factory=TasksParams)
+    sft: SFTParams = Field(default_factory=SFTParams)
+    rlvr: RLVRParams = Field(default_factory=RLVRParams)
+    eval: EvalParams = Field(default_factory=EvalParams)
+    export: ExportParams = Field(default_factory=ExportParams)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_training(cls, data):
+        if isinstance(data, dict) and isinstance(data.get("train", {}), dict):
+            shared = data.get("train") or {}
+            data = {**data, **{name: _merged(shared, data.get(name) or {}) for name in TRAINING_STAGES
+                               if isinstance(data.get(name) or {}, dict)}}
+        return data
+
+    @model_validator(mode="after")
+    def _run_level_settings(self):
+        """Fill every section's unset seed / device / progress from `run`."""
+        for name in type(self).model_fields:
+            section = getattr(self, name)
+            for key in RUN_KEYS if isinstance(section, Section) else ():
+                if key in type(section).model_fields and getattr(section, key) is None:
+                    setattr(section, key, getattr(self.run, key))
+        return self
 
     @model_validator(mode="after")
     def _known_benchmarks(self):
-        from hatchling.eval.datasets import SCHEMAS
+        from hatchling.data.benchmarks import SCHEMAS
 
         unknown = sorted(set(self.benchmarks) - set(SCHEMAS))
         if unknown:

@@ -246,7 +246,7 @@ def check_python_doc(root: Path) -> tuple[str, str]:
 
 
 def check_humaneval(root: Path) -> tuple[str, str]:
-    from hatchling.eval.datasets import PACKAGE_HUMANEVAL, load_records
+    from hatchling.data.benchmarks import PACKAGE_HUMANEVAL, load_records
 
     records, status = load_records("humaneval", PACKAGE_HUMANEVAL)     # verifies the file's sha256
     if records is None:

@@ -1,49 +1,49 @@
-"""Loading any checkpoint for inference, and the `generate` / `chat` commands.
-
-A checkpoint directory holds model.safetensors, model.json (config + provenance) and
-tokenizer.json. Its sidecar's ``format`` says how the weights are stored: ``fp32`` (training
-checkpoints), ``int8`` or ``bf16`` (exports). Nothing else is needed: no params.yaml, no run state.
-"""
+"""Text from a model: `generate_text` (a continuation, cut at stop strings or tokens: what RLVR and
+the eval answer with), and the `generate` and `chat` commands, streamed as sampled, from any
+checkpoint (fp32, bf16 or int8; loading is hatchling.checkpoint's), on the device given (`--device`;
+decoding runs under bf16 autocast on CUDA)."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import torch
 
+from hatchling.checkpoint import load_for_inference
+from hatchling.data.tokenizer import EOT
 from hatchling.errors import InputError
-from hatchling.export.int8 import dequantize_state_dict, use_int8_linears
-from hatchling.model import HatchlingLM, build_model
-from hatchling.train.checkpoint import TOKENIZER, load_weights, read_sidecar
+from hatchling.model.device import resolve_device
 
 
-def load_for_inference(directory: str | Path, compute: str = "fp32") -> tuple[HatchlingLM, object, dict]:
-    """(model in eval mode on CPU, tokenizer, sidecar). compute: fp32, or int8 for INT8 artifacts."""
-    from hatchling.data.tokenizer import load_tokenizer
-
-    directory = Path(directory)
-    meta = read_sidecar(directory)
-    fmt = meta.get("format", "fp32")
-    sd = load_weights(directory)
-    model = build_model(meta["model_config"])
-    if fmt == "int8":
-        model.load_state_dict(dequantize_state_dict(sd))
-        if compute == "int8":
-            use_int8_linears(model, sd)
-    elif fmt in ("fp32", "bf16"):
-        model.load_state_dict({k: v.float() for k, v in sd.items()})
-    else:
-        raise InputError(f"{directory}: unknown checkpoint format {fmt!r}")
-    if hasattr(model, "load_state_files"):
-        model.load_state_files(directory)
-    tokenizer = load_tokenizer(directory / TOKENIZER)
-    return model.eval(), tokenizer, meta
+@torch.no_grad()
+def generate_text(model, prompt_ids: list[int], max_new_tokens: int, decode: Callable[[list[int]], str],
+                  stop: Sequence[str] = (), max_len: int | None = None, temperature: float = 0.0,
+                  seed: int | None = None, stop_ids: tuple[int, ...] = (), *, device: torch.device) -> str:
+    """A continuation of a prompt as text (greedy at temperature 0), cut at the first stop string or
+    before the first stop token (e.g. the chat template's <|end|>); the model is on `device`."""
+    ids = prompt_ids[-max_len:] if max_len else prompt_ids
+    new: list[int] = []
+    for tok in model.stream(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature, seed=seed):
+        if int(tok[0]) in stop_ids:
+            break
+        new.append(int(tok[0]))
+        text = decode(new)
+        if any(s in text for s in stop):
+            break
+    return cut_at_stop(decode(new), stop)
 
 
-def stream_text(model, tokenizer, ids: list[int], max_new_tokens: int, stop: tuple[int, ...] = (), **sampling):
-    """Yield text pieces as tokens come; decodes the running suffix so multi-byte characters stay whole."""
-    prompt = torch.tensor([ids])
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    cuts = [text.index(s) for s in stop if s in text]
+    return text[:min(cuts)] if cuts else text
+
+
+def stream_text(model, tokenizer, ids: list[int], max_new_tokens: int, stop: tuple[int, ...] = (), *,
+                device: torch.device, **sampling):
+    """Yield text pieces as tokens come (the model is on `device`); decodes the running suffix so
+    multi-byte characters stay whole."""
+    prompt = torch.tensor([ids], device=device)
     new: list[int] = []
     shown = ""
     for tok in model.stream(prompt, max_new_tokens, stop_ids=stop, **sampling):
@@ -58,14 +58,13 @@ def stream_text(model, tokenizer, ids: list[int], max_new_tokens: int, stop: tup
 
 
 def generate_cli(args) -> int:
-    from hatchling.data.tokenizer import EOT
-
-    model, tokenizer, _ = load_for_inference(args.checkpoint, args.compute)
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_for_inference(args.checkpoint, args.compute, device)
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise InputError("--prompt is empty after tokenization")
     sys.stdout.write(args.prompt)
-    for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, (tokenizer.token_to_id(EOT),),
+    for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, (tokenizer.token_to_id(EOT),), device=device,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -77,7 +76,8 @@ def chat_cli(args, read=input) -> int:
     """A multi-turn conversation on stdin/stdout; an empty line or EOF ends it."""
     from hatchling.data.chat import render_chat, stop_ids
 
-    model, tokenizer, _ = load_for_inference(args.checkpoint, args.compute)
+    device = resolve_device(args.device)
+    model, tokenizer, _ = load_for_inference(args.checkpoint, args.compute, device)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     while True:
         try:
@@ -90,7 +90,7 @@ def chat_cli(args, read=input) -> int:
         ids = render_chat(tokenizer, messages, add_generation_prompt=True)
         sys.stdout.write("hatchling> ")
         reply = ""
-        for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, stop_ids(tokenizer),
+        for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, stop_ids(tokenizer), device=device,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
             reply += piece
             sys.stdout.write(piece)

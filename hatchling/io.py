@@ -66,16 +66,24 @@ def sha1_text(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def hash_paths(paths: Iterable[str | Path]) -> str:
-    """sha256 over the names and bytes of files (directories walked in sorted order)."""
+def hash_paths(paths: Iterable[str | Path], root: str | Path) -> str:
+    """sha256 over the bytes of files and their paths relative to `root` (directories walked in sorted
+    order), so the same tree hashes the same wherever it lives. `paths` are relative to `root` (or
+    absolute); a file outside `root` is named relative to the folder that holds the given path."""
+    root = Path(root).resolve()
     h = hashlib.sha256()
-    for root in sorted(Path(p) for p in paths):
-        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
-        for f in files:
-            if not f.exists():
-                continue
-            h.update(str(f).encode() + b"\0")
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
+    named = []
+    for given in paths:
+        path = root / given
+        full = path.resolve()
+        label = full.relative_to(root) if full.is_relative_to(root) else Path(full.name)
+        if path.is_dir():
+            named += [((label / f.relative_to(path)).as_posix(), f) for f in path.rglob("*") if f.is_file()]
+        elif path.exists():
+            named.append((label.as_posix(), path))
+    for name, f in sorted(named):
+        h.update(name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()

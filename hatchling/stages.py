@@ -9,81 +9,186 @@ added here shows up in both orchestrators and in MLflow with no second edit.
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import functools
+import hashlib
 import importlib
+import json
 import os
-from dataclasses import dataclass
+import subprocess
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from hatchling.config import Params, load_params
-from hatchling.errors import StageError
+import hatchling
+from hatchling.config import RUN_KEYS, Params, load_params, validate_params
+from hatchling.context import Declared, StageContext
+from hatchling.errors import ConfigError, StageError
 from hatchling.io import atomic_write_json, hash_paths
+
+PACKAGE = Path(hatchling.__file__).resolve().parent      # hatchling/ ; its parent is the repo the code lists name
+
+
+@dataclass(frozen=True)
+class Plot:
+    """A CSV log with a `step` column, and the charts `dvc plots show` draws from it: title -> columns
+    (a stage's plots that name the same title share one chart)."""
+
+    path: str
+    charts: Mapping[str, tuple[str, ...]]
+
+
+def training_logs(stage: str) -> dict[str, Plot]:
+    """The trainer's two logs: every step (train loss, lr, ...) and every evaluation (val loss, bits/byte)."""
+    return {"log": Plot(f"logs/{stage}.csv", {"loss": ("train_loss",), "learning rate": ("lr",)}),
+            "eval_log": Plot(f"logs/{stage}_eval.csv", {"loss": ("val_loss",), "val bits per byte": ("val_bpb",)})}
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    entry: str                      # "module:function" with signature run(params, root, log) -> metrics
+    entry: str                      # "module:function" with signature run(ctx: StageContext) -> metrics
     params: tuple[str, ...]         # params.yaml sections it reads
-    deps: tuple[str, ...]           # data it reads
-    code: tuple[str, ...]           # source whose change reruns it
-    outs: tuple[str, ...]
-    persist: tuple[str, ...] = ()   # outputs kept across reruns (resume checkpoints), not cached
-    plots: tuple[str, ...] = ()     # CSV logs with a `step` column
-    reports: tuple[str, ...] = ()   # further human-readable reports (not cached by DVC)
+    inputs: Mapping[str, str] = field(default_factory=dict)    # name -> data it reads (path under the root)
+    outputs: Mapping[str, str] = field(default_factory=dict)   # name -> what it writes, cached by DVC
+    persist: Mapping[str, str] = field(default_factory=dict)   # outputs kept across reruns (resume state)
+    plots: Mapping[str, Plot] = field(default_factory=dict)    # CSV logs with a `step` column
+    reports: Mapping[str, str] = field(default_factory=dict)   # further human-readable reports (not cached)
     network: bool = False           # retried by the Prefect flow
+    headline: tuple[str, ...] = ()  # metrics copied to the pipeline's MLflow run (a mapping: all its leaves)
+    model: str | None = None        # the output that is a trained model: logged as an MLflow model
+    registers: bool = False         # ... and registered (the pipeline's final model)
     description: str = ""
 
     @property
     def metrics(self) -> str:
         return f"reports/{self.name}.json"
 
-    def function(self):
+    @property
+    def deps(self) -> tuple[str, ...]:
+        return tuple(self.inputs.values())
+
+    @property
+    def outs(self) -> tuple[str, ...]:
+        return tuple(self.outputs.values())
+
+    @property
+    def written(self) -> dict[str, str]:
+        """Every path the stage writes, by name (its metrics file aside)."""
+        return {**self.outputs, **self.persist, **{k: p.path for k, p in self.plots.items()}, **self.reports}
+
+    @property
+    def module(self) -> str:
+        return self.entry.split(":")[0]
+
+    @property
+    def code(self) -> tuple[str, ...]:
+        """The source files whose change reruns the stage: its entry module's import closure."""
+        return tuple(str(path.relative_to(PACKAGE.parent)) for path in import_closure(self.module))
+
+    def function(self) -> Callable[[StageContext], dict]:
         module, func = self.entry.split(":")
         return getattr(importlib.import_module(module), func)
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("crawl", "hatchling.data.crawl.stage:run", params=("crawl",), deps=(),
-          code=("hatchling/data/crawl", "hatchling/data/corpus.py", "hatchling/io.py"), outs=("data/crawl",),
-          network=True, description="polite Scrapy crawl of the seeds (default: a local docs mirror on 127.0.0.1)"),
-    Stage("tasks", "hatchling.data.tasks_stage:run", params=("tasks", "benchmarks", "dedup"), deps=("data/crawl",),
-          code=("hatchling/data/tasks.py", "hatchling/data/tasks_stage.py", "hatchling/data/decontam.py",
-                "hatchling/data/textnorm.py", "hatchling/eval/datasets.py"),
-          outs=("data/tasks",),
+    Stage("crawl", "hatchling.data.crawl.stage:run", params=("crawl",),
+          outputs={"crawl": "data/crawl"}, network=True, headline=("kept", "characters"),
+          description="polite Scrapy crawl of the seeds (default: a local docs mirror on 127.0.0.1)"),
+    Stage("tasks", "hatchling.tasks.stage:run", params=("tasks", "contamination", "benchmarks"),
+          inputs={"crawl": "data/crawl", "benchmarks": "data/benchmarks"}, outputs={"tasks": "data/tasks"},
           description="verifiable math and code tasks (train / held-out) and docs QA chats for SFT, RLVR, eval"),
-    Stage("dedup", "hatchling.data.dedup_stage:run", params=("dedup", "benchmarks"), deps=("data/crawl", "data/tasks"),
-          code=("hatchling/data/dedup.py", "hatchling/data/decontam.py", "hatchling/data/dedup_stage.py",
-                "hatchling/data/textnorm.py", "hatchling/eval/datasets.py"),
-          outs=("data/dedup",), reports=("reports/dedup.md", "reports/contamination.json"),
+    Stage("dedup", "hatchling.data.dedup_stage:run", params=("dedup", "contamination", "benchmarks"),
+          inputs={"crawl": "data/crawl", "tasks": "data/tasks", "benchmarks": "data/benchmarks"},
+          outputs={"dedup": "data/dedup"}, headline=("kept", "near_dups", "contaminated_dropped"),
+          reports={"report": "reports/dedup.md", "contamination": "reports/contamination.json"},
           description="exact + MinHash-LSH near-duplicate removal, benchmark-contamination check"),
-    Stage("tokenize", "hatchling.data.tokenize:run", params=("tokenize",), deps=("data/dedup",),
-          code=("hatchling/data",), outs=("data/tokenized",),
+    Stage("tokenize", "hatchling.data.tokenize:run", params=("tokenize",), inputs={"dedup": "data/dedup"},
+          outputs={"tokenized": "data/tokenized"}, headline=("train_tokens", "bytes_per_token"),
           description="train byte-level BPE, pack train/val token files"),
-    Stage("pretrain", "hatchling.train.pretrain:run", params=("model", "pretrain"), deps=("data/tokenized",),
-          code=("hatchling/model", "hatchling/train"), outs=("checkpoints/pretrain",),
-          persist=("checkpoints/pretrain-run",), plots=("logs/pretrain.csv",),
-          description="next-token pretraining of the hybrid LM"),
-    Stage("sft", "hatchling.train.sft:run", params=("sft",), deps=("checkpoints/pretrain", "data/tasks"),
-          code=("hatchling/train", "hatchling/model", "hatchling/data/chat.py"), outs=("checkpoints/sft",),
-          persist=("checkpoints/sft-run",), plots=("logs/sft.csv",),
+    Stage("pretrain", "hatchling.train.pretrain:run", params=("model", "train", "pretrain"),
+          inputs={"tokenized": "data/tokenized"}, outputs={"model": "checkpoints/pretrain"},
+          persist={"run": "checkpoints/pretrain-run"}, plots=training_logs("pretrain"),
+          headline=("val_loss", "val_bpb"), model="model", description="next-token pretraining of the hybrid LM"),
+    Stage("sft", "hatchling.train.sft:run", params=("train", "sft"),
+          inputs={"init": "checkpoints/pretrain", "tasks": "data/tasks"}, outputs={"model": "checkpoints/sft"},
+          persist={"run": "checkpoints/sft-run"}, plots=training_logs("sft"),
+          headline=("val_loss", "val_bpb"), model="model",
           description="chat SFT of the pretrained model, loss on assistant tokens only"),
-    Stage("rlvr", "hatchling.train.rlvr:run", params=("rlvr",), deps=("checkpoints/sft", "data/tasks"),
-          code=("hatchling/train", "hatchling/model", "hatchling/eval/generation.py", "hatchling/sandbox.py"),
-          outs=("checkpoints/rlvr",), plots=("logs/rlvr.csv",),
+    Stage("rlvr", "hatchling.train.rlvr:run", params=("rlvr",),
+          inputs={"init": "checkpoints/sft", "tasks": "data/tasks"}, outputs={"model": "checkpoints/rlvr"},
+          plots={"log": Plot("logs/rlvr.csv", {"reward": ("reward_mean", "pass_rate"), "KL": ("kl", "kl_coef")})},
+          headline=("heldout_reward_before", "heldout_reward_after"), model="model", registers=True,
           description="PPO-lite RL with verifiable math/code rewards and adaptive KL to the SFT policy"),
     Stage("eval", "hatchling.eval.stage:run", params=("eval", "benchmarks"),
-          deps=("checkpoints/pretrain", "checkpoints/sft", "checkpoints/rlvr", "data/tokenized", "data/tasks",
-                "reports/contamination.json"),
-          code=("hatchling/eval", "hatchling/sandbox.py", "hatchling/inference.py"), outs=(),
-          reports=("reports/eval.md", "reports/eval_probes.png"),
+          inputs={"pretrain": "checkpoints/pretrain", "sft": "checkpoints/sft", "rlvr": "checkpoints/rlvr",
+                  "tokenized": "data/tokenized", "tasks": "data/tasks", "benchmarks": "data/benchmarks",
+                  "contamination": "reports/contamination.json"},
+          reports={"report": "reports/eval.md", "probes_plot": "reports/eval_probes.png"}, headline=("scores",),
           description="benchmarks (log-likelihood, GSM8K, HumanEval in the sandbox), long-range probes, report card"),
     Stage("export", "hatchling.export.stage:run", params=("export",),
-          deps=("checkpoints/pretrain", "checkpoints/sft", "checkpoints/rlvr", "data/tokenized"),
-          code=("hatchling/export", "hatchling/inference.py"), outs=("checkpoints/export",),
+          inputs={"pretrain": "checkpoints/pretrain", "sft": "checkpoints/sft", "rlvr": "checkpoints/rlvr",
+                  "tokenized": "data/tokenized"}, outputs={"export": "checkpoints/export"},
+          headline=("int8_val_bpb", "fp32_decode_ms_per_token", "int8_decode_ms_per_token"),
           description="INT8 and bf16 artifacts, measured against fp32"),
 )
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of a module of the hatchling package (None outside it)."""
+    parts = module.split(".")
+    if parts[0] != "hatchling":
+        return None
+    base = PACKAGE.joinpath(*parts[1:])
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@functools.cache
+def module_imports(module: str) -> frozenset[str]:
+    """The hatchling modules `module` imports anywhere in its source (module level or inside functions);
+    `from pkg import name` counts as pkg.name when that is a module, else as pkg."""
+    path = module_file(module)
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [f"{node.module}.{alias.name}" if module_file(f"{node.module}.{alias.name}") else node.module
+                     for alias in node.names]
+        else:
+            continue
+        found |= {name for name in names if module_file(name)}
+    return frozenset(found)
+
+
+def import_closure(module: str) -> list[Path]:
+    """Source files of `module`, everything it imports within hatchling (transitively), and the
+    packages' __init__ files that importing them runs."""
+    seen, frontier = set(), [module]
+    while frontier:
+        name = frontier.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        frontier += [".".join(parts[:i]) for i in range(1, len(parts))]      # parent packages run first
+        frontier += module_imports(name)
+    return sorted({module_file(name) for name in seen})
+
+
+def context(name: str, params: Params, root: Path = Path("."),
+            log: Callable[[dict, int], None] = lambda metrics, step: None) -> StageContext:
+    stage = get_stage(name)
+    root = Path(root).resolve()
+    return StageContext(name, root, Declared(name, "params section", {s: getattr(params, s) for s in stage.params}),
+                        Declared(name, "input", {k: root / v for k, v in stage.inputs.items()}),
+                        Declared(name, "output", {k: root / v for k, v in stage.written.items()}), log)
 
 
 def get_stage(name: str) -> Stage:
@@ -95,7 +200,7 @@ def get_stage(name: str) -> Stage:
 
 def upstream(stage: Stage) -> list[str]:
     """Names of the stages whose outputs this stage reads."""
-    return [s.name for s in STAGES if set(s.outs) & set(stage.deps)]
+    return [s.name for s in STAGES if set(s.written.values()) & set(stage.deps)]
 
 
 def with_upstream(names: list[str]) -> set[str]:
@@ -121,20 +226,35 @@ def topological_order() -> list[Stage]:
     return done
 
 
+def dvc_params(stage: Stage) -> list[str]:
+    """The params keys DVC tracks for a stage: its sections, and the run-level settings its sections
+    inherit (progress bars change no output)."""
+    inherited = {key for section in stage.params for key in RUN_KEYS
+                 if key != "progress" and key in getattr(Params.model_fields[section].annotation, "model_fields", {})}
+    return [*stage.params, *(f"run.{key}" for key in RUN_KEYS if key in inherited)]
+
+
 def dvc_yaml() -> dict:
     """The dvc.yaml document for the registry."""
     stages = {}
     for s in STAGES:
-        entry: dict = {"cmd": f"hatchling run {s.name}", "deps": [*s.deps, *s.code], "params": list(s.params),
-                       "outs": [*s.outs, *({p: {"persist": True, "cache": False}} for p in s.persist),
-                                *({r: {"cache": False}} for r in s.reports)],
+        entry: dict = {"cmd": f"hatchling run {s.name}", "deps": [*s.deps, *s.code], "params": dvc_params(s),
+                       "outs": [*s.outs, *({p: {"persist": True, "cache": False}} for p in s.persist.values()),
+                                *({r: {"cache": False}} for r in (*(p.path for p in s.plots.values()),
+                                                                   *s.reports.values()))],
                        "metrics": [{s.metrics: {"cache": False}}]}
-        if s.plots:
-            entry["plots"] = [{p: {"cache": False}} for p in s.plots]
         if s.description:
             entry["desc"] = s.description
         stages[s.name] = entry
-    plots = [{p: {"x": "step", "y": ["train_loss", "val_loss"]}} for s in STAGES for p in s.plots]
+    # each chart once, from these top-level definitions only (a stage-level `plots:` entry would draw
+    # its CSV a second time with DVC's guessed fields); charts of one title merge their CSVs' columns
+    charts: dict[str, dict] = {}
+    for s in STAGES:
+        for plot in s.plots.values():
+            for title, columns in plot.charts.items():
+                chart = charts.setdefault(f"{s.name} {title}", {"x": "step", "y": {}, "title": f"{s.name}: {title}"})
+                chart["y"][plot.path] = list(columns)
+    plots = [{name: chart} for name, chart in charts.items()]
     return {"stages": stages, "plots": plots}
 
 
@@ -144,13 +264,49 @@ def dvc_yaml_text() -> str:
 
 
 def input_hash(stage: Stage, root: Path) -> str:
-    return hash_paths(root / d for d in stage.deps)
+    return hash_paths(stage.deps, root)
+
+
+def describe_run(params: Params, root: Path) -> dict:
+    """What names a pipeline run in MLflow: its flattened params, their digest, and the keys whose
+    values differ from the params.yaml of the checkout's commit (an experiment's `-S` overrides, an
+    edit not yet committed, a `--set`, a profile such as params-gpu.yaml)."""
+    from hatchling.tracking import flatten
+
+    flat = flatten(params.model_dump(mode="json"))
+    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True)
+    overrides = []
+    if committed.returncode == 0:
+        try:
+            baseline = flatten(validate_params(yaml.safe_load(committed.stdout) or {}).model_dump(mode="json"))
+        except (ConfigError, yaml.YAMLError):
+            baseline = {}                    # the committed file predates the schema: everything differs
+        overrides = [f"{k}={v}" for k, v in sorted(flat.items()) if baseline.get(k) != v]
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
+    return {"params": flat, "params_digest": digest, "overrides": overrides}
+
+
+def headline(stage: Stage, metrics: dict) -> dict[str, float]:
+    """The stage's declared headline metrics; a mapping contributes every numeric leaf (a.b.c)."""
+    out: dict[str, float] = {}
+
+    def add(name: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{name}.{k}", v)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name.replace("@", "_at_")] = float(value)        # MLflow names have no "@"
+
+    for key in stage.headline:
+        if key in metrics:
+            add(key if not isinstance(metrics[key], dict) else "", metrics[key])
+    return {k.lstrip("."): v for k, v in out.items()}
 
 
 def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
               params_path: str | Path = "params.yaml", overrides: list[str] = ()) -> dict:
     """Run one stage: validate params and inputs first, track it in MLflow, write its report."""
-    from hatchling.tracking import StageRun, end_failed
+    from hatchling.tracking import StageRun, end_failed, record_skipped
 
     stage = get_stage(name)
     root = Path(root)
@@ -158,27 +314,32 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
         params = load_params(root / params_path, overrides)     # an absolute params_path stays as it is
     for dep in stage.deps:
         if not (root / dep).exists():
-            producer = next((s.name for s in STAGES if dep in (*s.outs, *s.reports)), None)
+            producer = next((s.name for s in STAGES if dep in s.written.values()), None)
             hint = f" (output of stage {producer}: run `hatchling run {producer}` first)" if producer else ""
             raise StageError(f"stage {name} needs {dep}{hint}")
     fn = stage.function()
     if int(os.environ.get("RANK", "0")) != 0:     # torchrun: rank 0 alone tracks and reports
-        return fn(params, root, lambda metrics, step: None)
+        return fn(context(name, params, root))
     sections = {sec: params.section(sec) for sec in stage.params}
-    run = StageRun(name, sections, {"hatchling.input_hash": input_hash(stage, root)}, root)
+    run = StageRun(name, sections, {"hatchling.input_hash": input_hash(stage, root)}, root,
+                   describe=describe_run(params, root))
+    if run.orchestrator == "dvc":
+        record_skipped(run, [s.name for s in topological_order() if s.name in with_upstream([name]) - {name}])
+    run.log_inputs({key: (path, hash_paths([path], root)) for key, path in stage.inputs.items()})
     try:
-        metrics = fn(params, root, run.log_metrics)
-    except BaseException:
-        end_failed(lambda: run.end("FAILED"), f"the run of stage {name}")
+        with run.system_metrics() if stage.model else contextlib.nullcontext():
+            metrics = fn(context(name, params, root, run.log_metrics))
+    except BaseException as error:
+        end_failed(lambda error=error: run.fail(error), f"the run of stage {name}")
         raise
     atomic_write_json(root / stage.metrics, metrics)
-    run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                    step=int(metrics.get("steps", 0) or 0))
-    for path in (stage.metrics, *stage.plots, *stage.reports):
+    run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})   # summary: no step
+    run.log_headline(headline(stage, metrics))
+    for path in (stage.metrics, *(p.path for p in stage.plots.values()), *stage.reports.values()):
         run.log_artifact(root / path)
-    for out in stage.outs:
-        sidecar = root / out / "model.json"
-        run.log_artifact(sidecar)
+    if stage.model:
+        from hatchling.registry import log_model
+
+        log_model(run.run_id, run.uri, root / stage.outputs[stage.model], register=stage.registers)
     run.end()
     return metrics
-

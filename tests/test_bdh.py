@@ -10,7 +10,12 @@ from hatchling.model import build_model
 from hatchling.model.bdh import BDHLM, rope
 from hatchling.train.loop import overfit_one_batch
 
-CFG = {"arch": "bdh", "vocab_size": 61, "d_model": 32, "n_layers": 3, "n_heads": 2, "bdh_neurons": 64}
+CFG = {"arch": "bdh", "vocab_size": 61, "d_model": 32, "n_layers": 3, "n_heads": 2, "bdh": {"neurons": 64}}
+
+
+def with_options(**options) -> dict:
+    """CFG with these options of the model's ``bdh`` section."""
+    return {**CFG, "bdh": {**CFG["bdh"], **options}}
 
 
 @pytest.fixture
@@ -21,10 +26,10 @@ def model():
 
 def test_build_model_dispatches_on_arch(model):
     assert isinstance(model, BDHLM) and len(model.layers) == 3
-    shared = build_model({**CFG, "bdh_per_layer": False})
+    shared = build_model(with_options(per_layer=False))
     assert len(shared.layers) == 1 and shared.num_params() < model.num_params()
-    with pytest.raises(ValueError, match="bdh_neurons must be even"):
-        build_model({**CFG, "bdh_neurons": 63})
+    with pytest.raises(ValueError, match="neurons must be even"):
+        build_model(with_options(neurons=63))
 
 
 def test_future_tokens_never_change_past_logits(model):
@@ -69,7 +74,7 @@ def test_activations_are_non_negative_and_sparse(model):
     finally:
         torch.nn.functional.relu = original
     assert captured and all((a >= 0).all() for a in captured)
-    assert 0.0 < model.active_fraction < 0.9                 # a real share of neurons is exactly zero
+    assert 0.0 < model.pass_stats()["active_fraction"] < 0.9     # a real share of neurons is exactly zero
 
 
 def test_rope_preserves_norms_and_depends_on_relative_position():
@@ -90,8 +95,8 @@ def test_bdh_learns_one_batch():
 
 
 
-OPTIONS = [{"bdh_window": 6}, {"bdh_forget": True, "bdh_chunk": 8}, {"bdh_differential": True},
-           {"bdh_differential": True, "bdh_forget": True, "bdh_chunk": 5}]
+OPTIONS = [{"window": 6}, {"forget": True, "chunk": 8}, {"differential": True},
+           {"differential": True, "forget": True, "chunk": 5}]
 
 
 def test_chunked_forget_attention_equals_the_full_matrix_and_carries_state():
@@ -123,7 +128,7 @@ def test_chunked_forget_attention_equals_the_full_matrix_and_carries_state():
 @pytest.mark.parametrize("options", OPTIONS)
 def test_bdh_options_are_causal_stream_like_the_full_pass_and_learn(options):
     torch.manual_seed(0)
-    model = build_model({**CFG, **options}).eval()
+    model = build_model(with_options(**options)).eval()
     ids = torch.randint(0, 61, (2, 30))
     changed = ids.clone()
     changed[:, 17:] = torch.randint(0, 61, (2, 13))
@@ -143,6 +148,6 @@ def test_bdh_options_are_causal_stream_like_the_full_pass_and_learn(options):
 
 def test_bdh_option_errors():
     with pytest.raises(ValueError, match="choose one"):
-        build_model({**CFG, "bdh_window": 4, "bdh_forget": True})
-    with pytest.raises(ValueError, match="multiple of 4 with bdh_differential"):
-        build_model({**CFG, "bdh_neurons": 66, "bdh_differential": True})
+        build_model(with_options(window=4, forget=True))
+    with pytest.raises(ValueError, match="multiple of 4 with differential"):
+        build_model(with_options(neurons=66, differential=True))

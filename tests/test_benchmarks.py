@@ -14,8 +14,8 @@ import shutil
 import pytest
 
 from hatchling.config import validate_params
+from hatchling.data.benchmarks import SOURCES, load_records, published
 from hatchling.errors import InputError
-from hatchling.eval.datasets import SOURCES, load_records, published
 from hatchling.eval.harness import mean_row, wilson_interval
 from hatchling.eval.stage import entry
 from tests.conftest import REPO, TINY_PARAMS

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from hatchling.config import ConfigError, Params, load_params, parse_override
+from hatchling.config import ConfigError, Params, load_params, parse_override, validate_params
 from tests.conftest import REPO, TINY_PARAMS, hatchling_cmd, hatchling_here, run_cmd, write_params
 
 
@@ -25,8 +25,36 @@ def test_gpu_profile_is_params_yaml_plus_what_it_lists():
     assert gpu.model.size == "xs" and gpu.pretrain.device == "cuda" and gpu.sft.device == "cuda"
     base_leaves = _leaves(base.model_dump())
     changed = {k for k, v in _leaves(gpu.model_dump()).items() if base_leaves.get(k) != v}
-    # every difference is a key the profile names (model size also moves the preset's widths)
-    assert {k for k in changed if not k.startswith("model.")} <= set(listed)
+    # every difference is a key the profile names (model size also moves the preset's widths), or a
+    # section's seed/device/progress inherited from a run-level key it names
+    inherited = {k for k in changed if f"run.{k.rsplit('.', 1)[-1]}" in listed}
+    assert {k for k in changed - inherited if not k.startswith("model.")} <= set(listed)
+    assert all(k.endswith(".device") for k in inherited)
+
+
+def test_pretrain_and_sft_share_the_train_section_and_override_it():
+    tree = {**TINY_PARAMS, "train": {"batch_size": 5, "grad_clip": 0.5, "lr": 0.002},
+            "pretrain": {"lr": 0.01}, "sft": {"data": ["a.jsonl"], "val_data": ["b.jsonl"], "grad_clip": 2.0}}
+    params = validate_params(tree)
+    assert (params.pretrain.batch_size, params.pretrain.grad_clip, params.pretrain.lr) == (5, 0.5, 0.01)
+    assert (params.sft.batch_size, params.sft.grad_clip, params.sft.lr) == (5, 2.0, 0.002)
+    with pytest.raises(ConfigError, match=r"train\.lr = -1"):
+        validate_params({**tree, "train": {"lr": -1}})
+    # the shipped params.yaml names each shared knob once
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert not set(shipped["train"]) & set(shipped["pretrain"]) and not set(shipped["train"]) & set(shipped["sft"])
+
+
+def test_run_level_seed_device_and_progress_fill_what_a_section_leaves_unset():
+    tree = {**TINY_PARAMS, "run": {"seed": 11, "device": "cpu", "progress": False},
+            "rlvr": {k: v for k, v in TINY_PARAMS["rlvr"].items() if k != "seed"}}
+    params = validate_params(tree)
+    assert params.rlvr.seed == 11 and params.pretrain.seed == TINY_PARAMS["pretrain"]["seed"]   # its own wins
+    assert params.pretrain.device == params.sft.device == "cpu"
+    assert params.crawl.progress is False and params.eval.progress is False
+    assert params.section("rlvr")["seed"] == 11          # what DVC, Prefect and MLflow see is the resolved value
+    with pytest.raises(ConfigError, match=r"run\.device = 'tpu'"):
+        validate_params({**tree, "run": {"device": "tpu"}})
 
 
 def test_extends_merges_key_by_key_and_refuses_cycles(tmp_path):
@@ -115,7 +143,7 @@ def test_cli_prints_the_traceback_of_an_unexpected_error(project, monkeypatch, c
     the traceback down to where it was raised; an expected error stays one line (exit 2)."""
     from hatchling.data.crawl import stage as crawl_stage
 
-    def deep_in_training(params, root, log):
+    def deep_in_training(ctx):
         def mix(a, b):
             raise ValueError(f"shapes {a} and {b} cannot be multiplied")
         return mix([2, 3], [2, 3])
@@ -127,6 +155,18 @@ def test_cli_prints_the_traceback_of_an_unexpected_error(project, monkeypatch, c
     assert 'in mix\n    raise ValueError(f"shapes {a} and {b} cannot be multiplied")' in err
     assert "ValueError: shapes [2, 3] and [2, 3] cannot be multiplied" in err
     assert err.strip().splitlines()[-1].startswith("error: unexpected ValueError")
+    # ... and the stage's MLflow run (and its pipeline run) end FAILED carrying the error
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    (stage_run,) = client.search_runs([client.get_experiment_by_name("hatchling").experiment_id],
+                                      filter_string="tags.`hatchling.stage` = 'crawl'")
+    parent = client.get_run(stage_run.data.tags["mlflow.parentRunId"])
+    message = "ValueError: shapes [2, 3] and [2, 3] cannot be multiplied"
+    assert stage_run.info.status == parent.info.status == "FAILED"
+    assert stage_run.data.tags["hatchling.error"] == parent.data.tags["hatchling.error"] == message
+    assert message in stage_run.data.tags["mlflow.note.content"]
+    assert parent.data.tags["hatchling.failed_stage"] == "crawl"
 
     assert hatchling_here(project, "run", "tokenize") == 2
     err = capsys.readouterr().err

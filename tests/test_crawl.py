@@ -26,6 +26,7 @@ from hatchling.data.crawl.mirror import (
 from hatchling.data.crawl.page import classify_license, license_evidence, page_links, robots_directives
 from hatchling.errors import BrokenEnvironment
 from hatchling.io import read_jsonl, sha1_text
+from hatchling.stages import context
 from tests.conftest import TINY_PARAMS, hatchling_here, write_params
 
 CRAWL_DELAY = 0.3
@@ -137,7 +138,7 @@ def site_crawl(tmp_path_factory):
         for i in range(2):
             root = tmp_path_factory.mktemp(f"crawl{i}")
             site.log.clear()
-            metrics = crawl_stage.run(crawl_params([base + "index.html"]), root)
+            metrics = crawl_stage.run(context("crawl", crawl_params([base + "index.html"]), root))
             runs.append((root, metrics, list(site.log)))
     return site, runs
 
@@ -196,7 +197,7 @@ def previous_shards(root: Path) -> Path:
 def test_unreachable_seed_is_an_error_and_keeps_previous_shards(tmp_path):
     shard = previous_shards(tmp_path)
     with pytest.raises(crawl_stage.CrawlError, match=r"no seed could be fetched .*127\.0\.0\.1"):
-        crawl_stage.run(crawl_params([f"http://127.0.0.1:{free_port()}/"], retries=0), tmp_path)
+        crawl_stage.run(context("crawl", crawl_params([f"http://127.0.0.1:{free_port()}/"], retries=0), tmp_path))
     assert shard.read_text() == '{"id": "old", "text": "previous crawl"}\n'
     assert sorted(p.name for p in shard.parent.iterdir()) == ["shard-00000.jsonl"]
 
@@ -207,7 +208,7 @@ def test_a_crawl_that_keeps_nothing_is_an_error(tmp_path):
     with serve_on_loopback(site.handler()) as base:
         site.base = base
         with pytest.raises(crawl_stage.CrawlError, match=r"yielded no documents.*language"):
-            crawl_stage.run(crawl_params([base + "french.html"]), tmp_path)
+            crawl_stage.run(context("crawl", crawl_params([base + "french.html"]), tmp_path))
     assert shard.read_text() == '{"id": "old", "text": "previous crawl"}\n'
 
 
@@ -233,21 +234,29 @@ def test_page_rules():
     assert classify_license(["nothing here"], allow, deny=[]) == (None, None)
 
 
-def test_pydoc_mirror_is_served_with_robots_and_crawled(tmp_path):
-    mirror = build_pydoc_mirror(["json", "textwrap"], tmp_path / "mirror")
+def test_pydoc_mirror_is_served_with_robots_and_crawled_byte_for_byte_the_same_twice(tmp_path):
+    # configparser's page shows objects "at 0x..." (HTML-escaped); difflib's, sets in hash order
+    modules = ["json", "textwrap", "configparser", "difflib"]
+    mirror = build_pydoc_mirror(modules, tmp_path / "mirror")
     json_page = (mirror / "library/json.html").read_text()
-    assert "file:" not in json_page and " at 0x" not in json_page and 'content="PSF-2.0"' in json_page
+    assert "file:" not in json_page and 'content="PSF-2.0"' in json_page
     assert 'href="textwrap.html"' in (mirror / "library/index.html").read_text()
     import urllib.request
 
     with serve_directory(mirror) as base:
         assert urllib.request.urlopen(base + "robots.txt", timeout=5).read().decode() == MIRROR_ROBOTS
-    params = crawl_params([], mirror="pydoc", pydoc_modules=["json", "textwrap"])
-    metrics = crawl_stage.run(params, tmp_path)
-    docs = shard_docs(tmp_path)
+    params = crawl_params([], mirror="pydoc", pydoc_modules=modules, max_page_kb=1024)
+    metrics = crawl_stage.run(context("crawl", params, tmp_path / "first"))
+    docs = shard_docs(tmp_path / "first")
     assert metrics["seeds"] == ["mirror://pydoc/library/index.html"]
-    assert sorted(d["url"] for d in docs) == [f"mirror://pydoc/library/{m}.html" for m in ("json", "textwrap")]
+    assert sorted(d["url"] for d in docs) == sorted(f"mirror://pydoc/library/{m}.html" for m in modules)
     assert {d["license"] for d in docs} == {"PSF-2.0"} and metrics["dropped"]["error"] == 0
+    assert not [d["url"] for d in docs if re.search(r"0x[0-9a-fA-F]{6,}", d["text"])]     # no memory addresses
+    # a second crawl (a new rendering of the mirror, served on another port) writes the same bytes
+    crawl_stage.run(context("crawl", params, tmp_path / "second"))
+    first, second = (sorted((tmp_path / run / "data/crawl").iterdir()) for run in ("first", "second"))
+    assert [f.name for f in first] == [f.name for f in second]
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second, strict=True))
 
 
 def test_pydoc_pages_do_not_depend_on_what_the_caller_imported():
@@ -291,12 +300,12 @@ def test_a_page_that_fails_is_dropped_as_error_with_its_message_and_the_crawl_go
     with serve_on_loopback(site.handler()) as base:
         site.base = base
         seeds = [base + page for page in ("index.html", "noindex.html", "a.html")]
-        metrics = crawl_stage.run(crawl_params(seeds, max_depth=0), tmp_path / "some")
+        metrics = crawl_stage.run(context("crawl", crawl_params(seeds, max_depth=0), tmp_path / "some"))
         # the original report said only "dropped: {}"; now the error itself is in the stage's error
         with pytest.raises(crawl_stage.CrawlError, match=re.escape(
                 f"yielded no documents to keep (1 pages requested, 1 fetched, dropped: {{'error': 1}}; "
                 f"errors: 1 × {error} (first at {base}index.html))")):
-            crawl_stage.run(crawl_params([base + "index.html"]), tmp_path / "none")
+            crawl_stage.run(context("crawl", crawl_params([base + "index.html"]), tmp_path / "none"))
     assert metrics["errors"] == [{"error": error, "url": base + "index.html", "count": 2}]
     assert metrics["dropped"]["error"] == 2 and metrics["kept"] == 1
     assert [d["url"] for d in shard_docs(tmp_path / "some")] == [base + "a.html"]     # went on after the errors
@@ -328,15 +337,16 @@ def test_a_crawler_that_cannot_start_fails_with_its_error(tmp_path, monkeypatch)
     with pytest.raises(BrokenEnvironment, match=r"crawl: could not start: ImportError: protego is broken here on "
                                                 r"purpose \(the environment is broken, not the site\)\n"
                                                 r"(?s:.*)fake-site/protego/__init__\.py"):
-        crawl_stage.run(crawl_params([f"http://127.0.0.1:{free_port()}/"]), tmp_path)
+        crawl_stage.run(context("crawl", crawl_params([f"http://127.0.0.1:{free_port()}/"]), tmp_path))
 
 
 def test_depth_and_page_caps(tmp_path):
     site = Site()
     with serve_on_loopback(site.handler()) as base:
         site.base = base
-        shallow = crawl_stage.run(crawl_params([base + "index.html"], max_depth=0), tmp_path / "depth")
-        capped = crawl_stage.run(crawl_params([base + "index.html"], max_pages=3), tmp_path / "pages")
+        seed = [base + "index.html"]
+        shallow = crawl_stage.run(context("crawl", crawl_params(seed, max_depth=0), tmp_path / "depth"))
+        capped = crawl_stage.run(context("crawl", crawl_params(seed, max_pages=3), tmp_path / "pages"))
     assert shallow["requested"] == 1 and shallow["kept"] == 1 and shallow["offsite_links"] == 0
     assert capped["requested"] == 3
     # breadth-first in link order: the seed, then its first two on-site links

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from hatchling.config import validate_params
+from hatchling.data.benchmarks import load_benchmark
 from hatchling.data.decontam import ContaminationIndex, Item, redact
 from hatchling.data.dedup import all_signatures, deduplicate
 from hatchling.data.textnorm import PUNCTUATION_PLANES, normalize, normalized_words, words_with_spans
-from hatchling.eval.datasets import load_benchmark
 from hatchling.io import read_jsonl, write_jsonl
 from tests.conftest import TINY_PARAMS, hatchling_cmd, hatchling_here, make_project, run_cmd
 
@@ -252,8 +252,7 @@ def test_humaneval_loads_from_the_package_and_missing_data_is_reported(tmp_path)
 
 
 def _stage_project(tmp_path, action, docs):
-    params = {**TINY_PARAMS, "dedup": {"num_perm": 64, "threshold": 0.8, "shingle": 5, "workers": 1,
-                                       "contamination": {"ngram": 13, "threshold": 0.5, "action": action}},
+    params = {**TINY_PARAMS, "contamination": {"ngram": 13, "threshold": 0.5, "action": action},
               "benchmarks": {"gsm8k": "bench/gsm8k.jsonl", "winogrande": "bench/missing.jsonl"}}
     proj = make_project(tmp_path / action, params)
     (proj / "data/crawl").mkdir(parents=True)

@@ -63,9 +63,9 @@ def _break_model(monkeypatch, tmp_path):
 
 
 def _break_humaneval(monkeypatch, tmp_path):
-    from hatchling.eval import datasets
+    from hatchling.data import benchmarks
 
-    monkeypatch.setitem(datasets.KNOWN_SHA256, datasets.PACKAGE_HUMANEVAL, "0" * 64)
+    monkeypatch.setitem(benchmarks.KNOWN_SHA256, benchmarks.PACKAGE_HUMANEVAL, "0" * 64)
 
 
 def _break_sandbox(monkeypatch, tmp_path):

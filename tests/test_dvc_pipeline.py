@@ -1,6 +1,8 @@
 """The pipeline under real DVC (git repo, dvc repro / exp run / metrics / plots) and MLflow."""
 
 import json
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from hatchling.stages import STAGES, dvc_yaml, topological_order, upstream
+from hatchling.stages import STAGES, dvc_params, dvc_yaml, topological_order, upstream
 from tests.conftest import REPO, TINY_PARAMS, hatchling_cmd, run_cmd, write_params
 
 DVC = [sys.executable, "-m", "dvc"]
@@ -21,9 +23,10 @@ def test_dvc_yaml_in_repo_is_generated_from_the_registry():
     assert list(on_disk["stages"]) == [s.name for s in STAGES]
     for s in STAGES:
         entry = on_disk["stages"][s.name]
-        assert entry["cmd"] == f"hatchling run {s.name}" and entry["params"] == list(s.params)
-        for up in upstream(s):                       # every upstream output is a declared dep
-            assert set(next(x for x in STAGES if x.name == up).outs) <= set(entry["deps"])
+        assert entry["cmd"] == f"hatchling run {s.name}" and entry["params"] == dvc_params(s)
+        assert entry["deps"][:len(s.deps)] == list(s.deps) and set(entry["deps"][len(s.deps):]) == set(s.code)
+        for up in upstream(s):                       # an upstream stage is one that writes a declared dep
+            assert set(next(x for x in STAGES if x.name == up).written.values()) & set(s.deps)
     assert [s.name for s in topological_order()] == ["crawl", "tasks", "dedup", "tokenize", "pretrain", "sft", "rlvr",
                                                      "eval", "export"]
 
@@ -47,6 +50,8 @@ def _runs(project: Path):
 def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     run_cmd(["git", "init", "-q"], project)
     run_cmd(DVC + ["init", "-q"], project)
+    for name in ("config", "plots-offline.html"):             # the project's DVC settings, as a clone has them
+        shutil.copy(REPO / ".dvc" / name, project / ".dvc" / name)
     run_cmd(["git", "add", "-A"], project)
     run_cmd(["git", "commit", "-qm", "init"], project)
 
@@ -59,8 +64,12 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     client, runs = _runs(project)
     parents = [r for r in runs if r.data.tags.get("hatchling.kind") == "pipeline"]
     assert len(parents) == 1 and parents[0].data.tags["hatchling.pipeline_key"].startswith("dvc:")
-    children = {r.data.tags["mlflow.runName"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    assert parents[0].data.tags["mlflow.runName"] == "dvc repro"            # the commit's params, unchanged
+    assert parents[0].data.tags["hatchling.orchestrator"] == "dvc" and parents[0].data.params["pretrain.lr"] == "0.003"
+    assert "pretrain.val_bpb" in parents[0].data.metrics                    # the stages' headline numbers
+    children = {r.data.tags["hatchling.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
     assert set(children) == {s.name for s in STAGES}
+    assert children["pretrain"].data.tags["mlflow.runName"] == "pretrain @ dvc repro"
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children.values())
     pre = children["pretrain"]
     history = client.get_metric_history(pre.info.run_id, "train_loss")
@@ -68,7 +77,7 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     assert pre.data.params["pretrain.lr"] == "0.003" and pre.data.params["model.d_model"] == "32"
     assert len(pre.data.tags["hatchling.input_hash"]) == 64 and pre.data.tags["hatchling.git_commit"] != "unknown"
     artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)}
-    assert {"pretrain.json", "pretrain.csv", "model.json"} <= artifacts
+    assert {"pretrain.json", "pretrain.csv", "pretrain_eval.csv"} <= artifacts
 
     # nothing changed: a no-op that runs no stage
     before = _mtimes(project)
@@ -88,9 +97,14 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     metrics = json.loads(run_cmd(DVC + ["metrics", "show", "--json"], project).stdout)
     flat = json.dumps(metrics)
     assert "val_loss" in flat and "bytes_per_token" in flat
+    card = metrics[""]["data"]["reports/eval.json"]["data"]                  # "": the workspace
+    assert set(card["scores"]) == set(TINY_PARAMS["eval"]["checkpoints"])       # benchmark scores as scalars
+    assert isinstance(card["scores"]["sft"]["hatchling_math"]["exact_match"], float)
     run_cmd(DVC + ["plots", "show", "-o", "plots_out"], project)
     html = (project / "plots_out" / "index.html").read_text()
-    assert "train_loss" in html and "val_loss" in html
+    assert "train_loss" in html and "val_loss" in html and '"text": "pretrain: loss"' in html
+    # renders offline: vega, vega-lite and vega-embed inlined, nothing loaded from elsewhere
+    assert not re.findall(r"<script[^>]+src=", html) and "vega-embed 6.18.2 (npm" in html
 
     # an ablation as a DVC experiment
     run_cmd(["git", "add", "-A"], project)
@@ -103,3 +117,15 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     assert exp["params"]["params.yaml"]["data"]["export"]["new_tokens"] == 4
     assert exp["metrics"]["reports/export.json"]["data"] == report          # the experiment's own metrics
     assert exp["metrics"]["reports/pretrain.json"]["data"]["steps"] == TINY_PARAMS["pretrain"]["max_steps"]
+    # MLflow names the experiment's run by DVC's experiment name and the params it changed; the stages
+    # DVC skipped as up to date are recorded under it as such
+    client, runs = _runs(project)
+    name = baseline["experiments"][0]["name"]
+    (parent,) = [r for r in runs if r.data.tags.get("hatchling.dvc_experiment") == name]
+    assert parent.data.tags["mlflow.runName"] == f"{name}: export.new_tokens=4"
+    assert json.loads(parent.data.tags["hatchling.overrides"]) == ["export.new_tokens=4"]
+    under = {r.data.tags["hatchling.stage"]: r for r in runs
+             if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(under) == {s.name for s in STAGES} - {"eval"}                # eval does not read export
+    assert under["export"].data.tags["mlflow.runName"] == f"export @ {name}"
+    assert under["pretrain"].data.tags["hatchling.cache_reason"] == "skipped by DVC: outputs up to date"

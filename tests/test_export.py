@@ -8,11 +8,19 @@ import sys
 import pytest
 import torch
 
+from hatchling.checkpoint import load_for_inference
 from hatchling.data.chat import render_chat
 from hatchling.data.tokenizer import load_tokenizer
-from hatchling.export.int8 import Int8Linear, dequantize, quantize_per_channel, quantize_state_dict, use_int8_linears
-from hatchling.inference import load_for_inference, stream_text
+from hatchling.inference import stream_text
 from hatchling.model import build_model
+from hatchling.model.int8 import (
+    Int8Linear,
+    dequantize,
+    dequantize_state_dict,
+    quantize_per_channel,
+    quantize_state_dict,
+    use_int8_linears,
+)
 from tests.conftest import TINY_PARAMS, copy_project, hatchling_cmd, project_env, run_cmd
 
 TINY_MODEL = {**TINY_PARAMS["model"], "vocab_size": 320}
@@ -42,7 +50,6 @@ def test_quantized_logits_close_to_fp32():
     model = build_model(TINY_MODEL).eval()
     sd = quantize_state_dict(model)
     qmodel = build_model(TINY_MODEL).eval()
-    from hatchling.export.int8 import dequantize_state_dict
     qmodel.load_state_dict(dequantize_state_dict(sd))
     kernel = use_int8_linears(build_model(TINY_MODEL).eval(), sd)
     kernel.load_state_dict(dequantize_state_dict(sd), strict=False)
@@ -84,7 +91,7 @@ def test_export_stage_report_and_artifacts(exported):
 
 
 def test_artifact_loads_in_a_fresh_process(exported):
-    code = ("import sys, torch; from hatchling.inference import load_for_inference;"
+    code = ("import sys, torch; from hatchling.checkpoint import load_for_inference;"
             "m, tok, meta = load_for_inference(sys.argv[1]);"
             "print(m(torch.arange(20)[None] % 300)[0, -1].tolist())")
     art = exported / "checkpoints/export/int8"
@@ -100,7 +107,7 @@ def test_artifact_loads_in_a_fresh_process(exported):
 def test_streaming_equals_non_streaming(exported):
     model, tok, _ = load_for_inference(exported / "checkpoints/export/int8")
     ids = tok.encode("Return the").ids
-    pieces = list(stream_text(model, tok, ids, 25, temperature=0.0))
+    pieces = list(stream_text(model, tok, ids, 25, device=torch.device("cpu"), temperature=0.0))
     full = model.generate(torch.tensor([ids]), 25)[0, len(ids):].tolist()
     assert "".join(pieces) == tok.decode(full) and len(pieces) > 1
     proc = run_cmd(hatchling_cmd("generate", "--checkpoint", "checkpoints/export/int8", "--prompt", "Return the",

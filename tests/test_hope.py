@@ -19,7 +19,7 @@ from hatchling.model.titans import (
 from hatchling.train.loop import overfit_one_batch
 
 CFG = {"arch": "hope", "vocab_size": 53, "d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 8,
-       "hope_hidden": 16, "hope_chunk": 4, "hope_levels": 1}
+       "hope": {"hidden": 16, "chunk": 4, "levels": 1}}
 
 
 def _chunk(seed=0, dtype=torch.float64):

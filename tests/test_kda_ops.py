@@ -10,8 +10,10 @@ from hatchling.model.kda import (
     intra_chunk_scores,
     kda,
     kda_chunked,
+    kda_gate,
     kda_recurrent,
     kda_step,
+    l2norm,
 )
 
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
@@ -138,3 +140,57 @@ def test_bad_initial_state_and_fla_head_dim_limit():
     big, _ = make_inputs(2, torch.float32, K=300, V=4)
     with pytest.raises(ValueError, match="head dim <= 256 on the fla path"):
         check_kda_inputs(*big, max_head_dim=256)
+
+
+def test_packed_sequences_start_from_their_own_state_and_never_leak():
+    """cu_seqlens on the PyTorch paths: each packed sequence is computed as if alone."""
+    xs, _ = make_inputs(90, torch.float64, B=1)
+    s0 = torch.randn(2, 2, 16, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    cu = torch.tensor([0, 20, 90])
+    o, s = kda(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu, backend="chunked")
+    o_rec, s_rec = kda(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu, backend="recurrent")
+    assert rel_err(o, o_rec) < 1e-10 and rel_err(s, s_rec) < 1e-10
+    o_alone, s_alone = kda_recurrent(*(x[:, 20:] for x in xs), initial_state=s0[1:], output_final_state=True)
+    assert rel_err(o[:, 20:], o_alone) < 1e-10 and rel_err(s[1:], s_alone) < 1e-10
+    o_short, s_short = kda_recurrent(*(x[:, :20] for x in xs), initial_state=s0[:1], output_final_state=True)
+    assert rel_err(o[:, :20], o_short) < 1e-10 and rel_err(s[:1], s_short) < 1e-10   # padded to 70 in its row
+    xs[2][:, :20] += 1                                   # other values in the first sequence only
+    o2, s2 = kda(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu, backend="chunked")
+    assert torch.equal(o2[:, 20:], o[:, 20:]) and torch.equal(s2[1], s[1])
+    assert not torch.allclose(o2[:, :20], o[:, :20])
+
+
+def test_bad_packing_is_named():
+    xs, _ = make_inputs(10, torch.float32, B=1)
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise strictly from 0 to T=10, got \[0, 6, 6, 10\]"):
+        kda(*xs, cu_seqlens=torch.tensor([0, 6, 6, 10]))
+    with pytest.raises(ValueError, match=r"initial_state has shape \(1, 2, 16, 12\), expected \(2, 2, 16, 12\)"):
+        kda(*xs, cu_seqlens=torch.tensor([0, 6, 10]), initial_state=torch.zeros(1, 2, 16, 12))
+    two, _ = make_inputs(10, torch.float32, B=2)
+    with pytest.raises(ValueError, match=r"packed sequences \(cu_seqlens\) lie along T of one batch row"):
+        kda(*two, cu_seqlens=torch.tensor([0, 10]))
+
+
+def test_pre_ops_on_the_pytorch_paths_are_the_layer_formulas():
+    """use_qk_l2norm, use_gate and use_beta_sigmoid (fused in fla's kernel) are, on the PyTorch paths,
+    L2 normalisation, g = -exp(A_log) * softplus(g + dt_bias) and sigmoid, applied before KDA."""
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, K, V = 2, 40, 2, 16, 12
+    q, k, f = (torch.randn(B, T, H, K, generator=gen, dtype=torch.float64) for _ in range(3))
+    v = torch.randn(B, T, H, V, generator=gen, dtype=torch.float64)
+    b = torch.randn(B, T, H, generator=gen, dtype=torch.float64)
+    A_log = torch.rand(H, generator=gen, dtype=torch.float64) * 2
+    dt_bias = torch.randn(H * K, generator=gen, dtype=torch.float64)
+    o, s = kda(q, k, v, f, b, output_final_state=True, backend="chunked", use_qk_l2norm=True, use_gate=True,
+               A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid=True)
+    g = -A_log.exp()[:, None] * F.softplus(f + dt_bias.view(H, K))
+    o_ref, s_ref = kda_recurrent(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, g, b.sigmoid(),
+                                 output_final_state=True)
+    # l2norm's eps (1e-6 inside the root, as fla's) against F.normalize's: ~1e-7 for these norms
+    assert rel_err(o, o_ref) < 1e-6 and rel_err(s, s_ref) < 1e-6
+    assert rel_err(l2norm(q), F.normalize(q, dim=-1)) < 1e-6
+    torch.testing.assert_close(kda_gate(f, A_log, dt_bias), g)
+    with pytest.raises(ValueError, match=r"use_gate needs A_log of shape \(2,\), got None"):
+        kda(q, k, v, f, b, use_gate=True, dt_bias=dt_bias)
+    with pytest.raises(ValueError, match=r"use_gate needs dt_bias of shape \(32,\), got \(16,\)"):
+        kda(q, k, v, f, b, use_gate=True, A_log=A_log, dt_bias=dt_bias[:16])

@@ -4,9 +4,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from hatchling.config import ConfigError, load_params
 from hatchling.model import ModelConfig, build_model
 from hatchling.model.generate import sample_next
 from hatchling.model.kda_layer import CausalConv1d, KDALayer
+from tests.conftest import TINY_PARAMS, write_params
 
 SMALL = dict(size="toddler", vocab_size=97, d_model=32, n_heads=2, head_dim=16, mlp_hidden=64,
              n_layers=4, chunk_size=16)
@@ -154,6 +156,28 @@ def test_named_sizes_and_overrides():
 def test_bad_model_config_is_rejected(bad, field):
     with pytest.raises(ValidationError, match=field):
         ModelConfig(**bad)
+
+
+@pytest.mark.parametrize("arch, key", [("hybrid", "bdh"), ("gpt", "hope"), ("hope", "bdh"), ("bdh", "hope")])
+def test_options_of_another_arch_are_one_clear_error(arch, key, tmp_path):
+    with pytest.raises(ValidationError) as err:
+        ModelConfig(arch=arch, **{key: {}})
+    assert err.value.error_count() == 1
+    assert f"only arch {key!r} reads these options, and arch is {arch!r}" in str(err.value)
+    write_params(tmp_path, TINY_PARAMS)
+    with pytest.raises(ConfigError) as err:                   # the config loader names the dotted key
+        load_params(tmp_path / "params.yaml", [f"model.arch={arch}", f"model.{key}.chunk=8"])
+    assert f"model.{key} = {{'chunk': 8}}: Value error, only arch {key!r} reads these options" in str(err.value)
+
+
+@pytest.mark.parametrize("arch, options", [("bdh", {"neurons": 32, "forget": True}), ("hope", {"levels": 2})])
+def test_an_arch_reads_its_own_section_and_a_dump_holds_only_that(arch, options):
+    cfg = ModelConfig(arch=arch, **{arch: options})
+    assert getattr(cfg, arch).model_dump(include=set(options)) == options
+    dumped = cfg.model_dump(mode="json")                      # e.g. a checkpoint's sidecar
+    assert arch in dumped and not ({"bdh", "hope"} - {arch}) & set(dumped)
+    assert ModelConfig(**dumped) == cfg
+    assert not {"bdh", "hope"} & set(ModelConfig().model_dump())
 
 
 def test_causal_conv_step_by_step_equals_full_sequence():

@@ -9,7 +9,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hatchling.stages import STAGES
+from hatchling.stages import STAGES, context, upstream
 from tests.conftest import TINY_PARAMS, write_params
 
 
@@ -34,6 +34,7 @@ def test_flow_runs_then_completes_from_cache_and_reruns_only_what_changed(prefec
     assert all(isinstance(m, dict) for m in first.values())
     assert first["pretrain"]["steps"] == TINY_PARAMS["pretrain"]["max_steps"]
     report_before = (project / "reports/pretrain.json").read_text()
+    _check_the_ui_shows_the_dag_and_artifacts(project)
 
     t0 = time.perf_counter()
     second = pipeline(root=str(project))
@@ -57,12 +58,37 @@ def test_flow_runs_then_completes_from_cache_and_reruns_only_what_changed(prefec
     exp = client.get_experiment_by_name("hatchling")
     runs = client.search_runs([exp.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"])
     parents = [r for r in runs if r.data.tags.get("hatchling.kind") == "pipeline"]
-    assert [p.data.tags["mlflow.runName"] for p in parents] == ["prefect flow"] * 4
+    assert len(parents) == 4 and all(p.data.tags["hatchling.orchestrator"] == "prefect" for p in parents)
+    assert len({p.data.tags["hatchling.prefect_flow_run_id"] for p in parents}) == 4
+    assert all(p.data.tags["mlflow.runName"].startswith("prefect ") for p in parents)   # "prefect <flow run name>"
     assert all(p.info.status == "FINISHED" for p in parents)
     second_children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
     assert sorted(r.data.tags["hatchling.stage"] for r in second_children) == sorted(s.name for s in STAGES)
     assert all(r.data.tags.get("hatchling.cached") == "true" and not r.data.metrics for r in second_children)
     assert os.environ.get("HATCHLING_PARENT_RUN_ID") is None
+
+
+def _check_the_ui_shows_the_dag_and_artifacts(project):
+    """What the Prefect UI reads: each task run's upstream task runs, and the artifacts by key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    (parent,) = client.search_runs([client.get_experiment_by_name("hatchling").experiment_id],
+                                   filter_string="tags.`hatchling.kind` = 'pipeline'")
+    flow_run_id = parent.data.tags["hatchling.prefect_flow_run_id"]
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        by_id = {r.id: r.name.rsplit("-", 1)[0] for r in runs}
+        edges = {(by_id[i.id], by_id[r.id]) for r in runs for i in r.task_inputs.get("wait_for", [])}
+        assert edges == {(up, s.name) for s in STAGES for up in upstream(s)}
+        keys = ["pretrain-metrics", "eval-report"]
+        artifacts = {a.key: a for a in prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=keys)))}
+    assert set(artifacts) == set(keys) and artifacts["eval-report"].type == "markdown"
+    assert artifacts["eval-report"].data == (project / "reports/eval.md").read_text()
+    table = artifacts["pretrain-metrics"].data         # Prefect stores a table artifact as JSON text
+    assert {"metric": "steps", "value": TINY_PARAMS["pretrain"]["max_steps"]} in json.loads(table)
 
 
 def test_flow_rejects_bad_params_before_any_stage(prefect_env, project):
@@ -72,7 +98,7 @@ def test_flow_rejects_bad_params_before_any_stage(prefect_env, project):
     write_params(project, {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "lr": "fast"}})
     with pytest.raises(ConfigError, match="pretrain.lr = 'fast'"):
         pipeline(root=str(project))
-    assert not (project / "reports").exists() and not (project / "data").exists()
+    assert not (project / "reports").exists() and not (project / "data/crawl").exists()
 
 
 def test_a_broken_install_fails_the_flow_at_once_with_its_error_even_when_mlflow_fails_too(
@@ -156,8 +182,8 @@ def test_dedup_and_tokenize_on_a_dask_cluster_equal_the_local_run(prefect_env, d
     params = validate_params(tree)
     monkeypatch.setattr(tokenize, "BATCH_DOCS", 2)     # several tasks even on the tiny corpus
     with Client(dask_cluster.scheduler_address) as client, get_task_stream(client) as stream:
-        dedup_stage.run(params, proj)
-        tokenize.run(params, proj)
+        dedup_stage.run(context("dedup", params, proj))
+        tokenize.run(context("tokenize", params, proj))
     ran = {t["key"].split("-")[0] for t in stream.data}
     shards = len(list((tokenized_project / "data/crawl").glob("*.jsonl")))
     assert len(stream.data) >= shards and {"_signatures_of", "_encode_batch"} <= ran, ran
@@ -168,3 +194,65 @@ def test_dedup_and_tokenize_on_a_dask_cluster_equal_the_local_run(prefect_env, d
     for name in ("tokenizer.json", "train.bin", "val.bin", "meta.json"):
         ours, local = proj / "data/tokenized" / name, tokenized_project / "data/tokenized" / name
         assert ours.read_bytes() == local.read_bytes()
+
+
+def test_a_pretrain_stopped_under_one_orchestrator_resumes_under_the_other(prefect_env, tokenized_project, tmp_path,
+                                                                          monkeypatch):
+    """A pretrain that dies at step 7 of 12 as a Prefect task (absolute root) resumes under `hatchling
+    run` (root ".") in a moved copy of the project, and the reverse, each ending with the weights of an
+    uninterrupted run: the checkpoint's fingerprint and data hash do not depend on who runs it or where."""
+    from pathlib import Path
+
+    import torch
+    from prefect import flow
+    from safetensors.torch import load_file
+
+    from flows.pipeline import TASKS, stage_cache_key
+    from hatchling import tracking
+    from hatchling.config import load_params
+    from hatchling.stages import get_stage
+    from tests.conftest import copy_project, hatchling_here
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("HATCHLING_PARENT_RUN_ID", raising=False)
+    params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "max_steps": 12, "checkpoint_every": 3}}
+
+    @flow
+    def pretrain_only(root: str) -> dict:
+        loaded = load_params(f"{root}/params.yaml")
+        return TASKS["pretrain"](loaded, root, stage_cache_key(get_stage("pretrain"), loaded, Path(root)))
+
+    def project(name: str):
+        proj = copy_project(tokenized_project, tmp_path / name)
+        shutil.rmtree(proj / "checkpoints", ignore_errors=True)
+        write_params(proj, params)
+        return proj
+
+    def dies_at_step_7(real):
+        def log_metrics(self, metrics, step=0):
+            if step >= 7:
+                raise RuntimeError("the machine went away")
+            real(self, metrics, step)
+        return log_metrics
+
+    straight = project("straight")
+    assert hatchling_here(straight, "run", "pretrain") == 0
+    reference = load_file(str(straight / "checkpoints/pretrain/model.safetensors"))
+
+    real = tracking.StageRun.log_metrics
+    stopped = {"prefect": project("under-prefect"), "cli": project("under-cli")}
+    with monkeypatch.context() as m:
+        m.setattr(tracking.StageRun, "log_metrics", dies_at_step_7(real))
+        with pytest.raises(RuntimeError, match="went away"):
+            pretrain_only(str(stopped["prefect"].resolve()))
+        assert hatchling_here(stopped["cli"], "run", "pretrain") == 1
+    for proj in stopped.values():
+        assert json.loads((proj / "checkpoints/pretrain-run/model.json").read_text())["step"] == 6
+
+    moved = stopped["prefect"].rename(tmp_path / "moved-after-prefect")
+    assert hatchling_here(moved, "run", "pretrain") == 0
+    pretrain_only(str(stopped["cli"].resolve()))
+    for proj in (moved, stopped["cli"]):
+        assert json.loads((proj / "reports/pretrain.json").read_text())["resumed_from_step"] == 6
+        weights = load_file(str(proj / "checkpoints/pretrain/model.safetensors"))
+        assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)

@@ -1,5 +1,6 @@
 """Tokenize and pretrain stages: determinism, resume after SIGKILL, smoke checks, checkpoints."""
 
+import csv
 import json
 import shutil
 import signal
@@ -12,13 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hatchling.checkpoint import TRAINER, load_model
 from hatchling.config import validate_params
 from hatchling.data.packed import load_split
 from hatchling.data.tokenize import split_documents
 from hatchling.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from hatchling.model import build_model
-from hatchling.train.checkpoint import TRAINER, load_model
-from hatchling.train.loop import Trainer, lm_loss, overfit_one_batch, sample_batch, seq_len_at
+from hatchling.model.lm import IGNORE, lm_loss, loss_sum, sample_batch
+from hatchling.train.loop import Trainer, overfit_one_batch, seq_len_at
 from hatchling.train.optim import lr_multiplier
 from tests.conftest import TINY_PARAMS, hatchling_cmd, hatchling_here, make_project, project_env, run_cmd, write_params
 
@@ -112,7 +114,7 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tokenized_project, tmp_
     runs = {}
     for name in ("straight", "killed"):
         proj = make_project(tmp_path / name, params)
-        shutil.copytree(tokenized_project / "data", proj / "data")
+        shutil.copytree(tokenized_project / "data", proj / "data", dirs_exist_ok=True)
         runs[name] = proj
     run_cmd(hatchling_cmd("run", "pretrain"), runs["straight"])
 
@@ -136,13 +138,17 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tokenized_project, tmp_
     assert report["resumed_from_step"] == killed_at and report["steps"] == 16
     a, b = _final_weights(runs["straight"]), _final_weights(proj)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    csv_a = (runs["straight"] / "logs/pretrain.csv").read_text()
-    assert (proj / "logs/pretrain.csv").read_text() == csv_a
+    for log in ("logs/pretrain.csv", "logs/pretrain_eval.csv"):      # the logs, too, as if never killed
+        assert (proj / log).read_text() == (runs["straight"] / log).read_text()
+    steps = list(csv.DictReader((proj / "logs/pretrain.csv").open()))
+    evals = list(csv.DictReader((proj / "logs/pretrain_eval.csv").open()))
+    assert [int(r["step"]) for r in steps] == list(range(1, 17)) and all(r["train_loss"] for r in steps)
+    assert [int(r["step"]) for r in evals] == [4, 8, 12, 16] and all(float(r["val_loss"]) > 0 for r in evals)
 
 
 def test_changed_params_never_resume_a_foreign_checkpoint(tokenized_project, tmp_path):
     proj = make_project(tmp_path / "p")
-    shutil.copytree(tokenized_project / "data", proj / "data")
+    shutil.copytree(tokenized_project / "data", proj / "data", dirs_exist_ok=True)
     run_cmd(hatchling_cmd("run", "pretrain"), proj)
     params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "lr": 0.001}}
     write_params(proj, params)
@@ -167,7 +173,7 @@ def test_an_unreadable_resume_checkpoint_is_not_resumed_and_says_why(tmp_path, c
 
 def test_checkpoint_loads_and_bad_checkpoints_fail_clearly(tokenized_project, tmp_path):
     proj = make_project(tmp_path / "p")
-    shutil.copytree(tokenized_project / "data", proj / "data")
+    shutil.copytree(tokenized_project / "data", proj / "data", dirs_exist_ok=True)
     run_cmd(hatchling_cmd("run", "pretrain", "--set", "pretrain.max_steps=2"), proj)
     model, meta = load_model(proj / "checkpoints/pretrain")
     assert meta["step"] == 2 and meta["model_config"]["d_model"] == 32 and len(meta["tokenizer_sha256"]) == 64
@@ -183,7 +189,7 @@ def test_checkpoint_loads_and_bad_checkpoints_fail_clearly(tokenized_project, tm
 
 def test_early_stopping(tokenized_project, tmp_path):
     proj = make_project(tmp_path / "p")
-    shutil.copytree(tokenized_project / "data", proj / "data")
+    shutil.copytree(tokenized_project / "data", proj / "data", dirs_exist_ok=True)
     run_cmd(hatchling_cmd("run", "pretrain", "--set", "pretrain.max_steps=40", "--set", "pretrain.eval_every=1",
                           "--set", "pretrain.early_stopping_patience=1", "--set", "pretrain.lr=0.9",
                           "--set", "pretrain.warmup_steps=0"), proj)
@@ -229,7 +235,6 @@ def test_rank_losses_average_to_the_global_mean_gradient_with_uneven_masks():
     """Two ranks whose halves hold different numbers of trained (non-IGNORE) targets: averaging
     their gradients (what DDP does) gives the single-process gradient of the global mean."""
     from hatchling.train.distributed import World
-    from hatchling.train.loop import IGNORE, lm_loss, loss_sum
 
     torch.manual_seed(0)
     model = build_model({"size": "toddler", "vocab_size": 50, "d_model": 32, "n_layers": 2, "n_heads": 2,

@@ -11,14 +11,15 @@ import torch
 from pydantic import ValidationError
 
 import hatchling.model.spike as spike_mod
+from hatchling.checkpoint import load_model
 from hatchling.config import validate_params
 from hatchling.model import ModelConfig, build_model
 from hatchling.model.kda import kda
 from hatchling.model.memory import EpisodicStore
 from hatchling.model.spike import LIFGate, kda_skipping_silent
 from hatchling.research.gridworld import GridWorld, greedy_episode, train
+from hatchling.stages import context
 from hatchling.train.adapm import AdaPM
-from hatchling.train.checkpoint import load_model
 from hatchling.train.rl import KLController, RLConfig, Samples, completion_curiosity, rl_step
 from hatchling.train.sparsity import cubic_sparsity, prune_and_regrow
 from tests.conftest import TINY_PARAMS, copy_project
@@ -116,7 +117,7 @@ def test_curiosity_bonus_alone_drives_an_rl_update():
         cfg = RLConfig(k=4, max_new_tokens=3, temperature=1.0, epsilon_clip=0.2, rho_max=2.0, ppo_epochs=1,
                        curiosity_coef=coef)
         stats = rl_step(policy, ref, opt, [[1, 2, 3], [4, 5, 6]], lambda i, c: 0.0, cfg, KLController(0.05, 0.1, 10),
-                        stop_ids=[0], generator=torch.Generator().manual_seed(0))
+                        stop_ids=[0], generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
         moved.append(sum(float((p - b).abs().sum()) for p, b in zip(policy.parameters(), before, strict=True)))
         assert (stats["curiosity_bonus"] > 0) == (coef > 0)
     assert moved[0] == 0 and moved[1] > 0
@@ -129,7 +130,7 @@ def test_rlvr_curiosity_bonus_needs_a_predictive_model(pretrained_project, tmp_p
     tree = json.loads(json.dumps(TINY_PARAMS))
     tree["rlvr"]["use_curiosity_bonus"] = True
     with pytest.raises(ValueError, match="rlvr.use_curiosity_bonus.*no predictive-coding head"):
-        rlvr.run(validate_params(tree), proj)
+        rlvr.run(context("rlvr", validate_params(tree), proj))
     assert (proj / "checkpoints/rlvr/model.safetensors").read_bytes() == \
         (pretrained_project / "checkpoints/rlvr/model.safetensors").read_bytes()
 
@@ -159,7 +160,7 @@ def test_memory_persists_across_processes(tmp_path):
     script = (
         "import numpy as np, torch\n"
         "from hatchling.model import build_model\n"
-        "from hatchling.train.checkpoint import save_model\n"
+        "from hatchling.checkpoint import save_model\n"
         f"m = build_model({SMALL!r} | dict(use_episodic_memory=True, memory_capacity=50))\n"
         "m.train()\n"
         "for s in range(3): m(torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(s)))\n"
@@ -182,7 +183,7 @@ def test_memory_reads_on_uncertain_tokens_within_budget_and_stays_causal():
     for _ in range(2):
         model(torch.randint(0, 61, (2, 40)))
         penalty = model.aux_losses()["memory_penalty"]
-    stats = model.research_stats()
+    stats = model.pass_stats()
     assert stats["memory_size"] > 0 and 0 < stats["memory_gate_mean"] < 1 and stats["memory_read_fraction"] == 1.0
     assert penalty.item() == pytest.approx((stats["memory_access_mean"] - 0.25) ** 2, rel=1e-4)
     penalty.backward()
@@ -217,7 +218,7 @@ def test_rl_stores_each_sample_once_however_many_ppo_epochs():
         opt = torch.optim.SGD(policy.parameters(), lr=0.0)          # weights fixed: same samples, same surprises
         cfg = RLConfig(k=4, max_new_tokens=6, temperature=1.0, epsilon_clip=0.2, rho_max=2.0, ppo_epochs=epochs)
         rl_step(policy, ref, opt, [[1, 2, 3], [4, 5, 6]], lambda i, c: float(len(c)), cfg, KLController(0.05, 0.1, 10),
-                stop_ids=[0], generator=torch.Generator().manual_seed(0))
+                stop_ids=[0], generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
         stored[epochs] = (len(policy.memory.store), float(policy.memory.surprise_threshold))
         assert not policy.memory.writes_paused
     assert stored[1][0] > 0 and stored[3] == stored[1]
@@ -356,7 +357,7 @@ def test_pretrain_with_every_switch_on(tokenized_project, tmp_path):
     tree["pretrain"].update(optimizer="adapm", max_steps=8,
                             sparsity={"mlp": 0.5, "mixer": 0.25, "every": 2, "regrow": 0.1, "end_fraction": 0.5})
     logged = []
-    metrics = pretrain.run(validate_params(tree), proj, log=lambda m, step: logged.append(m))
+    metrics = pretrain.run(context("pretrain", validate_params(tree), proj, lambda m, step: logged.append(m)))
     assert np.isfinite(metrics["val_loss"])
     keys = set().union(*logged)
     assert {"predictive_loss", "memory_penalty", "token_drop_loss", "spike_rate", "silent_heads_skipped",

@@ -14,7 +14,6 @@ import torch
 
 from hatchling.model import build_model
 from hatchling.train.rl import KLController, RLConfig, group_advantages, kl_k3, ppo_loss, rl_step
-from hatchling.train.rlvr import verify, well_formed
 
 
 def test_group_advantages_normalize_within_each_prompt():
@@ -54,16 +53,6 @@ def test_kl_controller_moves_toward_the_target():
     assert ctl.update(0.5) == pytest.approx(0.1)
 
 
-def test_verifiers():
-    math_item = {"kind": "math", "answer": "3 + 4 = 7\n#### 7"}
-    assert verify(math_item, "3 + 4 = 7.\n#### 7", 5) and not verify(math_item, "#### 8", 5)
-    assert well_formed(math_item, "so #### 7") and not well_formed(math_item, "it is 7")
-    code_item = {"kind": "code", "prompt": "def add_2(x):\n", "test": "def check(f):\n    assert f(1) == 3\n",
-                 "entry_point": "add_2"}
-    assert verify(code_item, "    return x + 2\n", 5) and not verify(code_item, "    return x\n", 5)
-    assert well_formed(code_item, "def f():\n    return 1\n") and not well_formed(code_item, "def f(:")
-
-
 def test_seeded_rl_run_learns_an_easy_verifiable_task():
     """Reward 1 when the first generated token repeats the first token of the prompt. A random
     toddler model answers held-out prompts at chance; 30 RL steps lift greedy accuracy by > 0.4."""
@@ -90,7 +79,7 @@ def test_seeded_rl_run_learns_an_easy_verifiable_task():
     for _ in range(30):
         batch = prompts(rng, 16)
         stats = rl_step(policy, ref, optimizer, batch, lambda i, c, b=batch: float(bool(c) and c[0] == b[i][0]),
-                        cfg, kl, stop_ids=[0], generator=gen)
+                        cfg, kl, stop_ids=[0], generator=gen, device=torch.device("cpu"))
         rewards.append(stats["reward_mean"])
     after = heldout_accuracy()
     assert after > before + 0.4, (before, after)

@@ -11,27 +11,15 @@ import itertools
 import os
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
+from hatchling.data.benchmarks import load_benchmarks
 from hatchling.data.corpus import corpus_files
 from hatchling.data.decontam import ContaminationIndex, Hit, redact
 from hatchling.data.dedup import deduplicate, iter_signatures
 from hatchling.errors import InputError, MissingInputError
-from hatchling.eval.datasets import load_benchmark
 from hatchling.io import atomic_path, atomic_write_json, atomic_write_text, read_jsonl, sha1_text, write_jsonl
 
-IN = Path("data/crawl")
-OUT = Path("data/dedup")
 SCAN_BATCH = 256        # documents the contamination check hashes at once (numpy work per batch, not per page)
-
-
-def load_benchmarks(paths: dict[str, str], root: Path) -> tuple[dict[str, list], dict[str, str]]:
-    loaded, status = {}, {}
-    for name, path in paths.items():
-        items, status[name] = load_benchmark(name, path, root)
-        if items is not None:
-            loaded[name] = items
-    return loaded, status
 
 
 def scanned(index: ContaminationIndex, docs: Iterator[dict]) -> Iterator[tuple[dict, list[Hit]]]:
@@ -40,27 +28,26 @@ def scanned(index: ContaminationIndex, docs: Iterator[dict]) -> Iterator[tuple[d
         yield from zip(batch, index.scan_batch([d["text"] for d in batch]), strict=True)
 
 
-def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
-    p = params.dedup
-    root = Path(root)
+def run(ctx) -> dict:
+    p = ctx.params.dedup
     t0 = time.perf_counter()
-    shards = [f for f in corpus_files(root / IN) if f.suffix == ".jsonl"]
+    shards = [f for f in corpus_files(ctx.inputs.crawl) if f.suffix == ".jsonl"]
     if not shards:
-        raise MissingInputError(f"no JSONL shards in {root / IN}")
+        raise MissingInputError(f"no JSONL shards in {ctx.inputs.crawl}")
     workers = p.workers or os.cpu_count() or 1
     sigs = iter_signatures(shards, p.shingle, p.num_perm, workers, p.scale.runner, p.scale.address)
     result = deduplicate(sigs, p.threshold, p.num_perm)
     if not result.docs_in:
-        raise InputError(f"the shards in {root / IN} hold no documents")
+        raise InputError(f"the shards in {ctx.inputs.crawl} hold no documents")
     t_dedup = time.perf_counter() - t0
 
-    benchmarks, status = load_benchmarks(params.benchmarks, root)
-    c = p.contamination
+    benchmarks, status = load_benchmarks(ctx.params.benchmarks, ctx.root)
+    c = ctx.params.contamination
     index = ContaminationIndex(benchmarks, c.ngram, c.threshold)
     per_bench = {name: {"status": s, "items": len(benchmarks.get(name, [])), "items_found": set(),
                         "documents_affected": 0, "action": c.action} for name, s in status.items()}
     quotes, kept_docs, dropped, redacted = [], 0, 0, 0
-    with atomic_path(root / OUT) as tmp:
+    with atomic_path(ctx.outputs.dedup) as tmp:
         tmp.mkdir()
         for shard in shards:     # read again here: workers return signatures only, never the texts
             kept = (doc for line, doc in enumerate(read_jsonl(shard)) if result.kept(str(shard), line))
@@ -90,8 +77,8 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
                "clusters": len(result.clusters), "kept": kept_docs, "contaminated_dropped": dropped,
                "contaminated_redacted": redacted, "dedup_seconds": round(t_dedup, 3), "seconds": round(seconds, 3),
                "docs_per_s": round(result.docs_in / max(t_dedup, 1e-9), 1), "workers": workers}
-    atomic_write_json(root / "reports/contamination.json", per_bench)
-    atomic_write_text(root / "reports/dedup.md", markdown_report(metrics, result.clusters, per_bench, quotes))
+    atomic_write_json(ctx.outputs.contamination, per_bench)
+    atomic_write_text(ctx.outputs.report, markdown_report(metrics, result.clusters, per_bench, quotes))
     return metrics
 
 

@@ -10,18 +10,15 @@ import hashlib
 import json
 import os
 import time
-from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from hatchling.data.corpus import iter_documents
 from hatchling.data.packed import pack, token_dtype
 from hatchling.data.shard_map import map_ordered
-from hatchling.data.tokenizer import EOT, train_tokenizer
+from hatchling.data.tokenizer import EOT, TOKENIZER, train_tokenizer
 from hatchling.errors import InputError
 from hatchling.io import atomic_path
-
-OUT_DIR = Path("data/tokenized")
 
 
 def is_validation(doc_key: str, fraction: float, seed: int) -> bool:
@@ -59,20 +56,19 @@ def encode_documents(tok: Tokenizer, docs: list[str], scale, workers: int) -> li
             for ids in part]
 
 
-def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
-    p = params.tokenize
+def run(ctx) -> dict:
+    p = ctx.params.tokenize
     t0 = time.perf_counter()
-    spec = p.input if Path(p.input).is_absolute() else root / p.input
-    texts = [d["text"] for d in iter_documents(spec) if d["text"].strip()]
+    texts = [d["text"] for d in iter_documents(ctx.inputs.dedup) if d["text"].strip()]
     train, val = split_documents(texts, p.val_fraction, p.seed)
     tok = train_tokenizer(train, p.vocab_size, p.min_frequency)
     eot = tok.token_to_id(EOT)
     dtype = token_dtype(tok.get_vocab_size())
     meta = {"dtype": dtype.__name__, "vocab_size": tok.get_vocab_size(), "eot_id": eot}
-    with atomic_path(root / OUT_DIR) as tmp:
+    with atomic_path(ctx.outputs.tokenized) as tmp:
         tmp.mkdir()
-        tok.save(str(tmp / "tokenizer.json"))
-        meta["tokenizer_sha256"] = hashlib.sha256((tmp / "tokenizer.json").read_bytes()).hexdigest()
+        tok.save(str(tmp / TOKENIZER))
+        meta["tokenizer_sha256"] = hashlib.sha256((tmp / TOKENIZER).read_bytes()).hexdigest()
         for split, docs in (("train", train), ("val", val)):
             ids = pack(encode_documents(tok, docs, p.scale, p.workers or os.cpu_count() or 1), eot, dtype)
             ids.tofile(tmp / f"{split}.bin")

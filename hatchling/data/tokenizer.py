@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from hatchling.errors import MissingInputError
 
+TOKENIZER = "tokenizer.json"     # its file, in the tokenized data and in every checkpoint
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}

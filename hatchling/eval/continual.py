@@ -11,6 +11,9 @@ a held-out tail; the model trains on the segments one after another and after ea
 on every segment's tail is measured. Row i of the matrix is "after training on segment i";
 forgetting of segment j = its loss at the end minus the best loss it had once learned (after phase
 j or later). The model's weights are restored afterwards.
+
+Both train on the device they are given (the model's), with the forward passes under bf16
+autocast on CUDA as in the trainer.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import numpy as np
 import torch
 
 from hatchling.errors import InputError
-from hatchling.train.loop import lm_loss, sample_batch, validation_loss
+from hatchling.model.device import autocast
+from hatchling.model.lm import lm_loss, sample_batch, validation_loss
 
 
 def _snapshot(model) -> dict[str, torch.Tensor]:
@@ -27,10 +31,11 @@ def _snapshot(model) -> dict[str, torch.Tensor]:
 
 
 class Memorizer:
-    """Call with a sample's context token ids before scoring it; restore() when done."""
+    """Call with a sample's context token ids before scoring it; restore() when done. The model is on
+    `device`."""
 
-    def __init__(self, model, steps: int, lr: float, reset: bool = True):
-        self.model, self.steps, self.lr, self.reset = model, steps, lr, reset
+    def __init__(self, model, steps: int, lr: float, reset: bool = True, *, device: torch.device):
+        self.model, self.steps, self.lr, self.reset, self.device = model, steps, lr, reset, device
         self.initial = _snapshot(model)
 
     def __call__(self, ids: list[int]) -> None:
@@ -38,11 +43,13 @@ class Memorizer:
             self.model.load_state_dict(self.initial)
         if self.steps == 0 or len(ids) < 2:
             return
-        x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+        x, y = torch.tensor([ids[:-1]], device=self.device), torch.tensor([ids[1:]], device=self.device)
         opt = torch.optim.SGD(self.model.parameters(), lr=self.lr)
         with torch.enable_grad():
             for _ in range(self.steps):
-                lm_loss(self.model, x, y).backward()
+                with autocast(self.device):
+                    loss = lm_loss(self.model, x, y)
+                loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
@@ -51,8 +58,9 @@ class Memorizer:
 
 
 def forgetting(model, tokens: np.ndarray, segments: int, steps: int, lr: float, batch_size: int, seq_len: int,
-               eval_batches: int = 2, seed: int = 0) -> dict:
-    """Sequential training over `segments` slices of `tokens`; returns the loss matrix and forgetting."""
+               eval_batches: int = 2, seed: int = 0, *, device: torch.device) -> dict:
+    """Sequential training of `model` (on `device`) over `segments` slices of `tokens`; returns the
+    loss matrix and forgetting."""
     if segments < 2:
         raise ValueError(f"forgetting needs at least 2 segments, got {segments}")
     size = len(tokens) // segments
@@ -64,7 +72,8 @@ def forgetting(model, tokens: np.ndarray, segments: int, steps: int, lr: float, 
     initial = _snapshot(model)
 
     def losses() -> list[float]:
-        return [validation_loss(model, h, eval_batches, batch_size, seq_len) for h in heldout]
+        return [validation_loss(model, h, eval_batches, batch_size, seq_len, device, autocast(device))
+                for h in heldout]
 
     before = losses()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -73,8 +82,10 @@ def forgetting(model, tokens: np.ndarray, segments: int, steps: int, lr: float, 
         for i, data in enumerate(train):
             model.train()
             for step in range(steps):
-                x, y = sample_batch(data, batch_size, seq_len, seed * 1_000_003 + i * 10_007 + step, "cpu")
-                lm_loss(model, x, y).backward()
+                x, y = sample_batch(data, batch_size, seq_len, seed * 1_000_003 + i * 10_007 + step, device)
+                with autocast(device):
+                    loss = lm_loss(model, x, y)
+                loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             matrix.append(losses())

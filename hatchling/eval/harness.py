@@ -1,5 +1,5 @@
 """Evaluate one checkpoint on every task whose data is present: rows of (task, metric, value, n,
-chance, stderr), and probe accuracy by length."""
+chance, stderr), and probe accuracy by length; every pass on the device the model was loaded on."""
 
 from __future__ import annotations
 
@@ -8,27 +8,21 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from hatchling.data.benchmarks import SCHEMAS
 from hatchling.data.chat import render_chat, stop_ids
-from hatchling.data.tasks import CODE_INSTRUCTION
+from hatchling.data.tokenizer import EOT
 from hatchling.errors import ConfigError
 from hatchling.eval.continual import Memorizer
-from hatchling.eval.datasets import SCHEMAS
-from hatchling.eval.generation import (
-    GSM8K_STOP,
-    HUMANEVAL_STOP,
-    gsm8k_correct,
-    gsm8k_prompt,
-    humaneval_passes,
-    pass_at_k,
-)
 from hatchling.eval.probes import PROBES, Alphabet, chance, make_items, needle, probe_accuracy
-from hatchling.eval.scoring import generate_text, loglikelihoods
-from hatchling.eval.tasks import MULTIPLE_CHOICE, MultipleChoice
-
-EOT = "<|endoftext|>"
-
+from hatchling.eval.scoring import loglikelihoods
+from hatchling.inference import generate_text
+from hatchling.tasks.base import Task
+from hatchling.tasks.code import Code, pass_at_k
+from hatchling.tasks.math import Math
+from hatchling.tasks.multiple_choice import MULTIPLE_CHOICE, MultipleChoice
 
 Z95 = 1.959964     # the standard normal's 97.5th percentile
 
@@ -75,12 +69,12 @@ def mean_row(task: str, metric: str, values: list[float], chance: float, ids: li
 
 
 class Evaluator:
-    """A model and its tokenizer, with the scoring settings of params.eval. A chat model (SFT, RL)
-    gets generation prompts as a user turn of the chat template and answers until <|end|>;
+    """A model on `device` and its tokenizer, with the scoring settings of params.eval. A chat model
+    (SFT, RL) gets generation prompts as a user turn of the chat template and answers until <|end|>;
     log-likelihood tasks score it exactly like a base model."""
 
-    def __init__(self, model, tokenizer, cfg, chat: bool = False):
-        self.model, self.tokenizer, self.cfg, self.chat = model, tokenizer, cfg, chat
+    def __init__(self, model, tokenizer, cfg, *, device: torch.device, chat: bool = False):
+        self.model, self.tokenizer, self.cfg, self.chat, self.device = model, tokenizer, cfg, chat, device
         self.bos = tokenizer.token_to_id(EOT)
 
     def encode(self, text: str) -> list[int]:
@@ -89,13 +83,17 @@ class Evaluator:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def generate(self, prompt: str, max_new_tokens: int, stop, temperature: float = 0.0, seed: int | None = None):
+    def answer(self, task: Task, item: dict, max_new_tokens: int, temperature: float = 0.0,
+               seed: int | None = None) -> str:
+        """The model's answer to a generation item: a chat model is asked the task's question, a base
+        model continues the task's prompt up to its stop strings."""
         if self.chat:
-            ids = render_chat(self.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+            ids = render_chat(self.tokenizer, [{"role": "user", "content": task.question(item)}],
+                              add_generation_prompt=True)
             return generate_text(self.model, ids, max_new_tokens, self.decode, (), self.cfg.max_len, temperature,
-                                 seed, stop_ids(self.tokenizer))
-        return generate_text(self.model, [self.bos, *self.encode(prompt)], max_new_tokens, self.decode, stop,
-                             self.cfg.max_len, temperature, seed)
+                                 seed, stop_ids(self.tokenizer), device=self.device)
+        return generate_text(self.model, [self.bos, *self.encode(task.prompt(item))], max_new_tokens, self.decode,
+                             task.stop, self.cfg.max_len, temperature, seed, device=self.device)
 
     def multiple_choice(self, task: MultipleChoice, records: list[dict], memorizer: Memorizer | None = None,
                         suffix: str = "") -> list[Row]:
@@ -105,13 +103,13 @@ class Evaluator:
         if memorizer is None:
             flat = [r for reqs in per_doc for r in reqs]
             scores = iter(loglikelihoods(self.model, self.encode, flat, self.cfg.max_len, self.cfg.batch_size,
-                                         self.bos, self.cfg.progress))
+                                         self.bos, self.cfg.progress, device=self.device))
         else:
             scored = []
             for reqs in per_doc:
                 memorizer([self.bos, *self.encode(reqs[0][0])])
                 scored += loglikelihoods(self.model, self.encode, reqs, self.cfg.max_len, self.cfg.batch_size,
-                                         self.bos)
+                                         self.bos, device=self.device)
             memorizer.restore()
             scores = iter(scored)
         acc, acc_norm, chances = [], [], []
@@ -131,25 +129,20 @@ class Evaluator:
         return rows
 
     def gsm8k(self, records: list[dict], shots: list[dict], name: str = "gsm8k") -> list[Row]:
+        task = Math(shots)
         correct = []
         for d in tqdm(records, desc=name, disable=not self.cfg.progress, leave=False):
-            prompt = d["question"] if self.chat else gsm8k_prompt(d["question"], shots)
-            generated = self.generate(prompt, self.cfg.gsm8k_max_new_tokens, GSM8K_STOP)
-            correct.append(float(gsm8k_correct(generated, d["answer"])))
+            correct.append(float(task.score(d, self.answer(task, d, self.cfg.gsm8k_max_new_tokens))))
         return [mean_row(name, "exact_match", correct, 0.0, [d["id"] for d in records])]
 
     def humaneval(self, problems: list[dict], name: str = "humaneval") -> list[Row]:
-        c = self.cfg
+        c, task = self.cfg, Code(self.cfg.sandbox_timeout_s)
         greedy, passes = [], []
         for i, p in enumerate(tqdm(problems, desc=name, disable=not c.progress, leave=False)):
-            prompt = CODE_INSTRUCTION + p["prompt"] if self.chat else p["prompt"]
-            completion = self.generate(prompt, c.humaneval_max_new_tokens, HUMANEVAL_STOP)
-            greedy.append(float(humaneval_passes(p, completion, c.sandbox_timeout_s)[0]))
+            greedy.append(float(task.score(p, self.answer(task, p, c.humaneval_max_new_tokens))))
             if c.humaneval_samples:
-                passes.append(sum(humaneval_passes(p, self.generate(prompt, c.humaneval_max_new_tokens,
-                                                                    HUMANEVAL_STOP, c.temperature,
-                                                                    seed=c.seed * 100_003 + i * 1009 + j),
-                                                   c.sandbox_timeout_s)[0]
+                passes.append(sum(task.score(p, self.answer(task, p, c.humaneval_max_new_tokens, c.temperature,
+                                                            seed=c.seed * 100_003 + i * 1009 + j))
                                   for j in range(c.humaneval_samples)))
         ids = [p["id"] for p in problems]
         rows = [mean_row(name, "pass@1_greedy", greedy, 0.0, ids)]
@@ -165,14 +158,15 @@ class Evaluator:
         out: dict[str, dict[str, float]] = {}
         for name in PROBES:
             out[name] = {str(n): probe_accuracy(self.model, make_items(name, n, c.probe_items, c.seed, alphabet),
-                                                c.batch_size) for n in c.probe_lengths}
+                                                c.batch_size, device=self.device) for n in c.probe_lengths}
         rng = random.Random(f"needle:{c.seed}")
         needles = {n: [needle(rng, self.tokenizer, haystack, n) for _ in range(c.needle_items)]
                    for n in c.needle_lengths}
-        out["needle"] = {str(n): probe_accuracy(self.model, items, c.batch_size) for n, items in needles.items()}
+        out["needle"] = {str(n): probe_accuracy(self.model, items, c.batch_size, device=self.device)
+                         for n, items in needles.items()}
         if c.memorize_steps:            # the same needles, each haystack memorized before the question
-            memorizer = Memorizer(self.model, c.memorize_steps, c.memorize_lr, c.memorize_reset)
-            out["needle_ttm"] = {str(n): probe_accuracy(self.model, items, c.batch_size, memorizer)
+            memorizer = Memorizer(self.model, c.memorize_steps, c.memorize_lr, c.memorize_reset, device=self.device)
+            out["needle_ttm"] = {str(n): probe_accuracy(self.model, items, c.batch_size, memorizer, device=self.device)
                                  for n, items in needles.items()}
         out["chance"] = {name: chance(name, alphabet) for name in PROBES}   # the needle's has no one value
         return out
@@ -184,7 +178,8 @@ def run_task(ev: Evaluator, name: str, records: list[dict], shots: list[dict]) -
         c = ev.cfg
         if c.memorize_steps:              # test-time memorization, reported beside the plain score
             rows += ev.multiple_choice(MULTIPLE_CHOICE[name], records,
-                                       Memorizer(ev.model, c.memorize_steps, c.memorize_lr, c.memorize_reset),
+                                       Memorizer(ev.model, c.memorize_steps, c.memorize_lr, c.memorize_reset,
+                                                 device=ev.device),
                                        suffix="_ttm")
         return rows
     if SCHEMAS.get(name) == "gsm8k":

@@ -15,17 +15,22 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from hatchling.eval.harness import EOT
-from hatchling.eval.scoring import encode_pair, generate_text, token_loglikelihoods
+from hatchling.data.tokenizer import EOT
+from hatchling.eval.scoring import encode_pair, token_loglikelihoods
+from hatchling.inference import generate_text
+from hatchling.model.device import resolve_device
 
 
 @register_model("hatchling")
 class HatchlingLMEval(LM):
-    def __init__(self, checkpoint: str, batch_size: int | str = 16, max_length: int = 512, **_):
-        from hatchling.inference import load_for_inference
+    def __init__(self, checkpoint: str, batch_size: int | str = 16, max_length: int = 512, device: str | None = None,
+                 **_):
+        """`device`: lm_eval's --device (cuda, cuda:1, cpu); none given: cuda when available."""
+        from hatchling.checkpoint import load_for_inference
 
         super().__init__()
-        self.model, self.tokenizer, _ = load_for_inference(checkpoint)
+        self._device = resolve_device(device or "auto")
+        self.model, self.tokenizer, _ = load_for_inference(checkpoint, device=self._device)
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.eot = self.tokenizer.token_to_id(EOT)
@@ -41,7 +46,8 @@ class HatchlingLMEval(LM):
         for req in requests:
             ctx, cont = encode_pair(self._encode, *req.args)
             pairs.append(([self.eot, *ctx], cont))
-        scored = token_loglikelihoods(self.model, pairs, self.max_length, self.batch_size, not disable_tqdm)
+        scored = token_loglikelihoods(self.model, pairs, self.max_length, self.batch_size, not disable_tqdm,
+                                      device=self._device)
         return [(s.logprob, s.greedy) for s in scored]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -51,7 +57,7 @@ class HatchlingLMEval(LM):
             windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
                 self._encode(req.args[0]), self.eot, self.max_length - 1, 1)]    # context + window <= max_length
             out.append(sum(s.logprob for s in token_loglikelihoods(self.model, windows, self.max_length,
-                                                                   self.batch_size)))
+                                                                   self.batch_size, device=self._device)))
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -63,7 +69,7 @@ class HatchlingLMEval(LM):
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
             out.append(generate_text(self.model, [self.eot, *self._encode(context)],
                                      int(kwargs.get("max_gen_toks", 256)), self._decode, until, self.max_length,
-                                     temperature))
+                                     temperature, device=self._device))
         return out
 
 

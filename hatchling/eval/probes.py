@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hatchling.model.device import autocast
+
 
 @dataclass(frozen=True)
 class ProbeItem:
@@ -111,14 +113,16 @@ def chance(name: str, alphabet: Alphabet) -> float:
 
 
 @torch.no_grad()
-def probe_accuracy(model, items: list[ProbeItem], batch_size: int = 16, memorizer=None) -> float:
-    """Fraction of target tokens predicted exactly (argmax, teacher-forced). With a memorizer
-    (hatchling/eval/continual.py) each item's tokens before its first target are memorized first."""
+def probe_accuracy(model, items: list[ProbeItem], batch_size: int = 16, memorizer=None, *,
+                   device: torch.device) -> float:
+    """Fraction of target tokens predicted exactly (argmax, teacher-forced) by `model` on `device`.
+    With a memorizer (hatchling/eval/continual.py) each item's tokens before its first target are
+    memorized first."""
     if memorizer is not None:
         hits = []
         for it in items:
             memorizer(it.tokens[:min(it.targets)])
-            hits.append(probe_accuracy(model, [it]) * len(it.targets))
+            hits.append(probe_accuracy(model, [it], device=device) * len(it.targets))
         memorizer.restore()
         return sum(hits) / max(sum(len(it.targets) for it in items), 1)
     correct = total = 0
@@ -129,9 +133,11 @@ def probe_accuracy(model, items: list[ProbeItem], batch_size: int = 16, memorize
         batch = torch.zeros(len(chunk), width, dtype=torch.long)
         for i, it in enumerate(chunk):
             batch[i, :len(it.tokens)] = torch.tensor(it.tokens)
-        pred = model(batch).argmax(-1)
+        batch = batch.to(device)
+        with autocast(device):
+            pred = model(batch).argmax(-1)
         for i, it in enumerate(chunk):
-            t = torch.tensor(it.targets)
+            t = torch.tensor(it.targets, device=device)
             correct += int((pred[i, t - 1] == batch[i, t]).sum())
             total += len(it.targets)
     return correct / max(total, 1)

@@ -1,10 +1,11 @@
-"""Log-likelihood and greedy-generation primitives every eval task is built from.
+"""Log-likelihood primitives every multiple-choice eval task is built from (generation: hatchling.inference).
 
 `loglikelihoods` follows lm-evaluation-harness: the continuation's tokens are scored given the
 context, the context is cut from the left when the pair is longer than the window, and the pair
 is split into tokens at the boundary (context tokens + continuation tokens) so the continuation's
 score never depends on how BPE would merge across it. Requests are deduplicated (multiple-choice
-tasks share contexts and many items share continuations) and batched by length.
+tasks share contexts and many items share continuations) and batched by length. Batches go to the
+device given, the model's; on CUDA the forward pass runs under bf16 autocast and the scores are taken in float32.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from hatchling.model.device import autocast
 
 
 @dataclass(frozen=True)
@@ -34,22 +37,25 @@ def encode_pair(encode: Callable[[str], list[int]], context: str, continuation: 
 
 @torch.no_grad()
 def loglikelihoods(model, encode: Callable[[str], list[int]], requests: Sequence[tuple[str, str]],
-                   max_len: int, batch_size: int = 16, bos: int | None = None, progress: bool = False) -> list[Scored]:
-    """Score each (context, continuation) pair of strings; identical pairs are computed once."""
+                   max_len: int, batch_size: int = 16, bos: int | None = None, progress: bool = False, *,
+                   device: torch.device) -> list[Scored]:
+    """Score each (context, continuation) pair of strings with `model` (on `device`); identical
+    pairs are computed once."""
     unique = list(dict.fromkeys(requests))
     pairs = []
     for context, continuation in unique:
         ctx, cont = encode_pair(encode, context, continuation)
         pairs.append(([bos, *ctx] if bos is not None else ctx, cont))
-    by_request = dict(zip(unique, token_loglikelihoods(model, pairs, max_len, batch_size, progress), strict=True))
+    by_request = dict(zip(unique, token_loglikelihoods(model, pairs, max_len, batch_size, progress, device=device),
+                          strict=True))
     return [by_request[r] for r in requests]
 
 
 @torch.no_grad()
 def token_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], max_len: int, batch_size: int = 16,
-                         progress: bool = False) -> list[Scored]:
-    """Score each (context ids, continuation ids) pair, longest first in right-padded batches (the
-    model is causal: padding after a sequence cannot change its scores)."""
+                         progress: bool = False, *, device: torch.device) -> list[Scored]:
+    """Score each (context ids, continuation ids) pair with `model` (on `device`), longest first in
+    right-padded batches (the model is causal: padding after a sequence cannot change its scores)."""
     encoded = []
     for ctx, cont in pairs:
         if not cont:
@@ -65,36 +71,15 @@ def token_loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], ma
         batch = torch.zeros(len(idx), width, dtype=torch.long)
         for j, i in enumerate(idx):
             batch[j, :len(encoded[i][0])] = torch.tensor(encoded[i][0])
-        logits = model(batch).float()
+        batch = batch.to(device)
+        with autocast(device):
+            logits = model(batch).float()
         logp = F.log_softmax(logits, dim=-1)
         for j, i in enumerate(idx):
             seq, start = encoded[i]
-            positions = torch.arange(start, len(seq))
+            positions = torch.arange(start, len(seq), device=device)
             target = batch[j, positions]
             lp = logp[j, positions - 1].gather(-1, target[:, None]).squeeze(-1)
             greedy = bool((logits[j, positions - 1].argmax(-1) == target).all())
             results[i] = Scored(float(lp.sum()), len(positions), greedy)
     return [results[i] for i in range(len(encoded))]
-
-
-@torch.no_grad()
-def generate_text(model, prompt_ids: list[int], max_new_tokens: int, decode: Callable[[list[int]], str],
-                  stop: Sequence[str] = (), max_len: int | None = None, temperature: float = 0.0,
-                  seed: int | None = None, stop_ids: tuple[int, ...] = ()) -> str:
-    """A continuation of a prompt as text (greedy at temperature 0), cut at the first stop string or
-    before the first stop token (e.g. the chat template's <|end|>)."""
-    ids = prompt_ids[-max_len:] if max_len else prompt_ids
-    new: list[int] = []
-    for tok in model.stream(torch.tensor([ids]), max_new_tokens, temperature=temperature, seed=seed):
-        if int(tok[0]) in stop_ids:
-            break
-        new.append(int(tok[0]))
-        text = decode(new)
-        if any(s in text for s in stop):
-            break
-    return cut_at_stop(decode(new), stop)
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    cuts = [text.index(s) for s in stop if s in text]
-    return text[:min(cuts)] if cuts else text

@@ -7,7 +7,8 @@ Each score comes with its 95% interval, n and chance level. The items the dedup 
 training data (reports/contamination.json) are counted per benchmark, and where there are any the
 score on the clean rest is reported beside the full one (lm-eval's "decontaminate" convention).
 A benchmark whose file is absent is reported as "not run: no data at PATH", never dropped and
-never scored on made-up items.
+never scored on made-up items. Each checkpoint is loaded onto `eval.device` (by default the run's
+device) and scored, generates, is probed and trains (memorization, forgetting) there.
 """
 
 from __future__ import annotations
@@ -17,22 +18,19 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
-
+from hatchling.data.benchmarks import load_records
 from hatchling.data.packed import load_split
 from hatchling.errors import MissingInputError
 from hatchling.eval.continual import forgetting
-from hatchling.eval.datasets import load_records
 from hatchling.eval.harness import Evaluator, Row, mean_row, run_task
 from hatchling.eval.report import markdown, plot_probes
 from hatchling.io import atomic_write_text
+from hatchling.model.device import resolve_device
 
-CONTAMINATION = Path("reports/contamination.json")
 
-
-def haystack_tokens(root: Path, limit: int = 1 << 16) -> list[int]:
+def haystack_tokens(tokenized: Path, limit: int = 1 << 16) -> list[int]:
     """Held-out text for the needle probe: the first tokens of the validation split."""
-    return np.fromfile(root / "data/tokenized/val.bin", dtype=np.uint16, count=limit).astype(int).tolist()
+    return load_split(tokenized, "val")[:limit].astype(int).tolist()
 
 
 def fewshot(cfg, root: Path) -> list[dict]:
@@ -44,9 +42,9 @@ def fewshot(cfg, root: Path) -> list[dict]:
     return records[:cfg.gsm8k_fewshot]
 
 
-def contaminated_ids(root: Path) -> dict[str, set[str]]:
+def contaminated_ids(report_path: Path) -> dict[str, set[str]]:
     """{benchmark: ids of its items found in the training data}, from the dedup stage's report."""
-    report = json.loads((root / CONTAMINATION).read_text())
+    report = json.loads(report_path.read_text())
     return {name: set(info["found_ids"]) for name, info in report.items()}
 
 
@@ -62,26 +60,37 @@ def entry(row: Row, found: set[str]) -> dict:
     return cell
 
 
-def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
-    from hatchling.inference import load_for_inference
+def scores(rows, checkpoints) -> dict:
+    """{checkpoint: {task: {metric: value}}}: the report card's values as nested scalars, the form
+    `dvc metrics show/diff` and `dvc exp show` display (they skip lists such as the rows)."""
+    out: dict = {}
+    for row in rows:
+        for ckpt in checkpoints:
+            out.setdefault(ckpt, {}).setdefault(row["task"], {})[row["metric"]] = row[ckpt]["value"]
+    return out
 
-    cfg, root = params.eval, Path(root)
+
+def run(ctx) -> dict:
+    from hatchling.checkpoint import load_for_inference
+
+    cfg, log = ctx.params.eval, ctx.log
+    device = resolve_device(cfg.device)
     t0 = time.perf_counter()
     data, not_run = {}, {}
-    for name, path in params.benchmarks.items():
-        records, status = load_records(name, path, root)
+    for name, path in ctx.params.benchmarks.items():
+        records, status = load_records(name, path, ctx.root)
         if records is None:
             not_run[name] = status
         else:
             limit = cfg.limit_for(name)
             data[name] = records[:limit] if limit else records
-    found = contaminated_ids(root)
-    shots, haystack = fewshot(cfg, root), haystack_tokens(root)
+    found = contaminated_ids(ctx.inputs.contamination)
+    shots, haystack = fewshot(cfg, ctx.root), haystack_tokens(ctx.inputs.tokenized)
     rows: dict[tuple[str, str], dict] = {}
     probes, forgot = {}, {}
     for ckpt in cfg.checkpoints:
-        model, tokenizer, meta = load_for_inference(root / "checkpoints" / ckpt)
-        ev = Evaluator(model, tokenizer, cfg, chat=meta.get("stage") in ("sft", "rlvr"))
+        model, tokenizer, meta = load_for_inference(ctx.inputs[ckpt], device=device)
+        ev = Evaluator(model, tokenizer, cfg, device=device, chat=meta.get("stage") in ("sft", "rlvr"))
         for name, records in data.items():
             for row in run_task(ev, name, records, shots):
                 scored = found.get(row.task, set()) & set(row.ids)
@@ -91,17 +100,18 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
                 log({f"{ckpt}.{row.task}.{row.metric}".replace("@", "_at_"): row.value}, 0)   # MLflow: no "@"
         probes[ckpt] = ev.probes(haystack)
         if cfg.forgetting_segments:
-            forgot[ckpt] = forgetting(model, load_split(root / "data/tokenized", "train"), cfg.forgetting_segments,
+            forgot[ckpt] = forgetting(model, load_split(ctx.inputs.tokenized, "train"), cfg.forgetting_segments,
                                       cfg.forgetting_steps, cfg.forgetting_lr, cfg.batch_size,
-                                      min(cfg.max_len, 128), seed=cfg.seed)
+                                      min(cfg.max_len, 128), seed=cfg.seed, device=device)
             log({f"{ckpt}.forgetting": forgot[ckpt]["forgetting"]}, 0)
         for probe, by_length in probes[ckpt].items():
             if probe != "chance":
                 for length, acc in by_length.items():
                     log({f"{ckpt}.probe.{probe}": acc}, int(length))
     report = {"checkpoints": list(cfg.checkpoints), "rows": list(rows.values()), "not_run": not_run,
+              "scores": scores(rows.values(), cfg.checkpoints),
               "probes": probes, "forgetting": forgot, "seconds": round(time.perf_counter() - t0, 2)}
-    atomic_write_text(root / "reports/eval.md", markdown(report))
-    plot_probes(report, root / "reports/eval_probes.png")
+    atomic_write_text(ctx.outputs.report, markdown(report))
+    plot_probes(report, ctx.outputs.probes_plot)
     return report
 

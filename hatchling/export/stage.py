@@ -1,7 +1,8 @@
 """Stage `export`: INT8 and bf16 artifacts of the trained model, measured against fp32.
 
 Writes checkpoints/export/int8 and checkpoints/export/bf16 (each safetensors + model.json +
-tokenizer.json, loadable by :func:`hatchling.inference.load_for_inference` in a fresh process) and
+tokenizer.json, loadable by :func:`hatchling.checkpoint.load_for_inference` in a fresh process), with
+``export.hf`` also checkpoints/export/hf (a transformers directory: :mod:`hatchling.export.hf`), and
 reports file sizes, CPU prefill and per-token decode latency, validation loss / bits per byte and
 greedy-generation agreement of each against the fp32 source.
 """
@@ -11,18 +12,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
+from hatchling.checkpoint import WEIGHTS, load_for_inference, save_model
 from hatchling.data.packed import load_split
-from hatchling.export.int8 import quantize_state_dict
-from hatchling.inference import load_for_inference
-from hatchling.train.checkpoint import TOKENIZER, WEIGHTS, save_model
-from hatchling.train.loop import sample_batch, validation_loss
-
-DATA = Path("data/tokenized")
-OUT = Path("checkpoints/export")
+from hatchling.data.tokenizer import TOKENIZER
+from hatchling.model.int8 import quantize_state_dict
+from hatchling.model.lm import bits_per_byte, sample_batch, tokens_per_byte, validation_loss
 
 
 @torch.no_grad()
@@ -48,29 +45,32 @@ def greedy_agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor
     return same / sum(a.numel() for a in reference)
 
 
-def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
-    p = params.export
-    root = Path(root)
-    source = root / "checkpoints" / p.source
+def run(ctx) -> dict:
+    p, out, data = ctx.params.export, ctx.outputs.export, ctx.inputs.tokenized
+    source = ctx.inputs[p.source]
     model, _, meta = load_for_inference(source)
-    sidecar = {"provenance": {"source": str(Path("checkpoints") / p.source), "source_step": meta.get("step"),
+    sidecar = {"provenance": {"source": ctx.relative(source), "source_step": meta.get("step"),
                               "data_sha256": meta.get("data_sha256")},
                "tokenizer_sha256": meta.get("tokenizer_sha256"), "stage": "export"}
     files = {TOKENIZER: source / TOKENIZER}
-    save_model(model, root / OUT / "int8", {**sidecar, "format": "int8",
+    save_model(model, out / "int8", {**sidecar, "format": "int8",
                                              "quantization": "symmetric per-output-channel int8 (Linear, embedding)"},
                files=files, weights=quantize_state_dict(model))
     bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    save_model(model, root / OUT / "bf16", {**sidecar, "format": "bf16"}, files=files, weights=bf16)
+    save_model(model, out / "bf16", {**sidecar, "format": "bf16"}, files=files, weights=bf16)
+    if p.hf:
+        from hatchling.export.hf import export_hf
 
-    tok_meta = json.loads((root / DATA / "meta.json").read_text())
-    val = load_split(root / DATA, "val")
-    tokens_per_byte = tok_meta["val"]["tokens"] / tok_meta["val"]["bytes"]
+        export_hf(model, source / TOKENIZER, out / "hf")
+
+    tok_meta = json.loads((data / "meta.json").read_text())
+    val = load_split(data, "val")
+    val_tokens_per_byte = tokens_per_byte(tok_meta["val"]["tokens"], tok_meta["val"]["bytes"])
     prompts = sample_batch(val, p.prompts, p.prompt_len, seed=2024, device="cpu")[0]
     variants = {"fp32": model,
-                "int8": load_for_inference(root / OUT / "int8")[0],
-                "int8_kernel": load_for_inference(root / OUT / "int8", compute="int8")[0],
-                "bf16": load_for_inference(root / OUT / "bf16")[0]}
+                "int8": load_for_inference(out / "int8")[0],
+                "int8_kernel": load_for_inference(out / "int8", compute="int8")[0],
+                "bf16": load_for_inference(out / "bf16")[0]}
     fp32_size = (source / WEIGHTS).stat().st_size
     report: dict = {"source": sidecar["provenance"]["source"], "fp32_bytes": fp32_size}
     reference = [model.generate(prompts[i:i + 1], p.new_tokens)[0, p.prompt_len:] for i in range(p.prompts)]
@@ -78,7 +78,7 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
         loss = validation_loss(m, val, p.eval_batches, p.batch_size, p.seq_len)
         prefill, decode = latency(m, prompts[:1], p.new_tokens, p.latency_repeats)
         report[f"{name}_val_loss"] = round(loss, 5)
-        report[f"{name}_val_bpb"] = round(loss / math.log(2) * tokens_per_byte, 5)
+        report[f"{name}_val_bpb"] = round(bits_per_byte(loss, val_tokens_per_byte), 5)
         report[f"{name}_prefill_ms"] = round(prefill, 3)
         report[f"{name}_decode_ms_per_token"] = round(decode, 3)
         if name != "fp32":
@@ -87,7 +87,7 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
             report[f"{name}_val_loss_delta_pct"] = round(100 * (loss / report["fp32_val_loss"] - 1), 3)
             report[f"{name}_decode_latency_ratio"] = round(decode / report["fp32_decode_ms_per_token"], 3)
     for fmt in ("int8", "bf16"):
-        size = (root / OUT / fmt / WEIGHTS).stat().st_size
+        size = (out / fmt / WEIGHTS).stat().st_size
         report[f"{fmt}_bytes"] = size
         report[f"{fmt}_size_ratio"] = round(size / fp32_size, 4)
     report["goals"] = {"int8_size_ratio<=0.35": report["int8_size_ratio"] <= 0.35,

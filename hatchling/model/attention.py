@@ -4,6 +4,10 @@ Position comes from the causal mask and from the KDA layers around it. Grouped-q
 (``n_kv_heads`` < ``n_heads``; 1 = multi-query) keeps the decoding KV cache small.
 ``RoPEAttention`` is the same layer with rotary positions: every layer of the GPT baseline
 (``arch: gpt``) that the hybrid is measured against.
+
+Packed documents (``segments``) are kept apart by a block-diagonal causal mask. Neither layer resets
+positions at a document start: NoPE has none, and a RoPE score depends only on the distance t - s,
+so a document's scores are the same wherever it sits in the window.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 
 from hatchling.model.config import ModelConfig
 from hatchling.model.rope import rope
+from hatchling.model.segments import Segments
 
 
 class NoPEAttention(nn.Module):
@@ -24,8 +29,9 @@ class NoPEAttention(nn.Module):
         self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        """x: [B, T, d]. With a cache (a dict), keys and values of earlier calls are attended to."""
+    def forward(self, x: torch.Tensor, cache: dict | None = None, segments: Segments | None = None) -> torch.Tensor:
+        """x: [B, T, d]. With a cache (a dict), keys and values of earlier calls are attended to; with
+        `segments` (packed documents, no cache), only keys of the query's own document."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv_proj(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -35,7 +41,9 @@ class NoPEAttention(nn.Module):
             if past:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k.detach(), v.detach()
-        if past == 0:
+        if segments is not None:
+            mask, causal = segments.attention_mask(), False
+        elif past == 0:
             mask, causal = None, True
         elif T == 1:
             mask, causal = None, False                                      # one new query sees all

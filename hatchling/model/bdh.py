@@ -1,24 +1,24 @@
 """BDH-GPU, the "Dragon Hatchling" (Kosowski et al., arXiv 2509.26507, Appendix E), as ``model.arch: bdh``.
 
-A shared encoder lifts the residual stream (d_model) into a large space of ``bdh_neurons`` per
+A shared encoder lifts the residual stream (d_model) into a large space of ``bdh.neurons`` per
 head through ReLU, so activations are non-negative and sparse. Attention is *linear* over those
 neurons with RoPE, strictly causal (a token reads only earlier tokens), and its output is lifted
 again and gated by the first activation (x_sparse * y_sparse) before a decoder brings it back.
-Every LayerNorm is without affine parameters, as in the paper. ``bdh_per_layer`` gives each layer
+Every LayerNorm is without affine parameters, as in the paper. ``bdh.per_layer`` gives each layer
 its own encoder/decoder (the BDH seed's largest quality gain) instead of one set shared by all.
 
 Linear attention has a recurrent form: with k_s = RoPE_s(x_sparse_s) the state
 S_t = S_{t-1} + k_t v_tᵀ (N × d_model per head) turns decoding into a constant-size update, so
 `forward` with a cache matches the full pass token for token.
 
-Options from the BDH seed, each off by default:
+Options from the BDH seed (``model.bdh``), each off by default:
 
-- ``bdh_window: W`` — each token reads only the W tokens before it (decoding keeps those W keys
+- ``window: W`` — each token reads only the W tokens before it (decoding keeps those W keys
   and values instead of the state);
-- ``bdh_forget: true`` — a learned forget gate per head, S_t = γ S_{t-1} + k_t v_tᵀ, computed in
-  chunks of ``bdh_chunk`` tokens with the state carried between chunks (memory O(T·chunk), not
+- ``forget: true`` — a learned forget gate per head, S_t = γ S_{t-1} + k_t v_tᵀ, computed in
+  chunks of ``chunk`` tokens with the state carried between chunks (memory O(T·chunk), not
   O(T²)); `decayed_attention` is its full-matrix reference;
-- ``bdh_differential: true`` — differential attention: the neurons split into two halves, each
+- ``differential: true`` — differential attention: the neurons split into two halves, each
   attends on its own, and the second's read-out is subtracted with a learned weight λ per head,
   cancelling what both halves retrieve alike (Ye et al., 2024).
 """
@@ -74,17 +74,17 @@ def chunked_forget_attention(k: torch.Tensor, v: torch.Tensor, log_gamma: torch.
 
 
 class BDHLayerParams(nn.Module):
-    INT8_MATRICES = ("encoder", "encoder_v", "decoder")      # used as x @ W (hatchling/export/int8.py)
+    INT8_MATRICES = ("encoder", "encoder_v", "decoder")      # used as x @ W (hatchling/model/int8.py)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        h, d, n = cfg.n_heads, cfg.d_model, cfg.bdh_neurons
+        h, d, n = cfg.n_heads, cfg.d_model, cfg.bdh.neurons
         self.encoder = nn.Parameter(torch.randn(h, d, n) * cfg.init_std)
         self.encoder_v = nn.Parameter(torch.randn(h, d, n) * cfg.init_std)
         self.decoder = nn.Parameter(torch.randn(h * n, d) * cfg.init_std)
-        if cfg.bdh_forget:        # gamma = sigmoid(logit) ~ 0.95 at the start: a memory of ~20 tokens
+        if cfg.bdh.forget:        # gamma = sigmoid(logit) ~ 0.95 at the start: a memory of ~20 tokens
             self.forget_logit = nn.Parameter(torch.full((h,), 3.0))
-        if cfg.bdh_differential:
+        if cfg.bdh.differential:
             self.diff_lambda = nn.Parameter(torch.full((h,), 0.5))
 
 
@@ -93,24 +93,23 @@ class BDHLM(LanguageModel):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.bdh_neurons % (4 if cfg.bdh_differential else 2):
-            raise ValueError(f"model.bdh_neurons must be even (RoPE rotates pairs; a multiple of 4 with "
-                             f"bdh_differential), got {cfg.bdh_neurons}")
-        if cfg.bdh_window and cfg.bdh_forget:
-            raise ValueError("model.bdh_window and model.bdh_forget are alternatives: choose one")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
-        self.layers = nn.ModuleList(BDHLayerParams(cfg) for _ in range(cfg.n_layers if cfg.bdh_per_layer else 1))
+        self.layers = nn.ModuleList(BDHLayerParams(cfg) for _ in range(cfg.n_layers if cfg.bdh.per_layer else 1))
         self.lm_head = nn.Parameter(torch.randn(cfg.d_model, cfg.vocab_size) * cfg.init_std)
         self.active_fraction = float("nan")      # share of neurons > 0 in the last forward pass
+
+    def pass_stats(self) -> dict[str, float]:
+        """The share of neurons that fired (> 0) in the last forward pass."""
+        return {"active_fraction": self.active_fraction}
 
     def new_cache(self) -> list[dict]:
         return [{} for _ in range(self.config.n_layers)]
 
     def _attend(self, k: torch.Tensor, v: torch.Tensor, cache: dict | None, p: BDHLayerParams) -> torch.Tensor:
         """Strictly causal linear attention; k [B,H,T,N] (RoPE'd, also the query), v [B,1,T,D]."""
-        if self.config.bdh_differential:
+        if self.config.bdh.differential:
             half = k.shape[-1] // 2
             first = self._attend_one(k[..., :half], v, cache, p, "a")
             return first - p.diff_lambda[None, :, None, None] * self._attend_one(k[..., half:], v, cache, p, "b")
@@ -118,20 +117,20 @@ class BDHLM(LanguageModel):
 
     def _attend_one(self, k: torch.Tensor, v: torch.Tensor, cache: dict | None, p: BDHLayerParams,
                     key: str) -> torch.Tensor:
-        cfg = self.config
-        if cfg.bdh_window:                 # attend over the cached last-W keys too; keep the newest W
+        cfg = self.config.bdh
+        if cfg.window:                     # attend over the cached last-W keys too; keep the newest W
             past_k = cache.get("k" + key) if cache is not None else None
             if past_k is not None:
                 k_all, v_all = torch.cat([past_k, k], 2), torch.cat([cache["v" + key], v], 2)
             else:
                 k_all, v_all = k, v
             if cache is not None:
-                cache["k" + key], cache["v" + key] = k_all[:, :, -cfg.bdh_window:], v_all[:, :, -cfg.bdh_window:]
+                cache["k" + key], cache["v" + key] = k_all[:, :, -cfg.window:], v_all[:, :, -cfg.window:]
             zero = torch.zeros(k.shape[1], device=k.device)
-            return decayed_attention(k_all, v_all, zero, cfg.bdh_window)[:, :, k_all.shape[2] - k.shape[2]:]
-        if cfg.bdh_forget:
+            return decayed_attention(k_all, v_all, zero, cfg.window)[:, :, k_all.shape[2] - k.shape[2]:]
+        if cfg.forget:
             state = cache.get("state" + key) if cache is not None else None
-            y, state = chunked_forget_attention(k, v, F.logsigmoid(p.forget_logit), cfg.bdh_chunk, state)
+            y, state = chunked_forget_attention(k, v, F.logsigmoid(p.forget_logit), cfg.chunk, state)
             if cache is not None:
                 cache["state" + key] = state
             return y
@@ -146,7 +145,13 @@ class BDHLM(LanguageModel):
             cache["state" + key] = update if state is None else state + update
         return y
 
-    def forward(self, input_ids: torch.Tensor, cache: list[dict] | None = None) -> torch.Tensor:
+    def packing_unsupported(self) -> str | None:
+        return "arch bdh's linear attention (and its forget gate's carried state) runs across packed documents"
+
+    def forward(self, input_ids: torch.Tensor, cache: list[dict] | None = None,
+                doc_starts: torch.Tensor | None = None) -> torch.Tensor:
+        if doc_starts is not None:
+            raise ValueError(self.packing_unsupported())
         cfg = self.config
         b, t = input_ids.shape
         start = cache[0].get("pos", 0) if cache else 0
@@ -154,7 +159,7 @@ class BDHLM(LanguageModel):
         x = layer_norm(self.embed(input_ids))[:, None]                       # [B,1,T,D]
         active = []
         for i in range(cfg.n_layers):
-            p = self.layers[i if cfg.bdh_per_layer else 0]
+            p = self.layers[i if cfg.bdh.per_layer else 0]
             x_sparse = F.relu(x @ p.encoder)                                  # [B,H,T,N]
             k = rope(x_sparse, positions, cfg.rope_theta)
             y = layer_norm(self._attend(k, x, None if cache is None else cache[i], p))

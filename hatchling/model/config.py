@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
 
 SIZES: dict[str, dict] = {
     # Runs the whole pipeline on a 2-core CPU in minutes.
@@ -23,11 +23,48 @@ SIZES: dict[str, dict] = {
 RESEARCH_SWITCHES = ("use_predictive_coding", "use_episodic_memory", "spike", "token_drop", "checkpoint_attention")
 
 
+class BDHOptions(BaseModel):
+    """``model.bdh``: what only BDH-GPU reads (hatchling/model/bdh.py)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    neurons: int = Field(512, ge=2, description="neurons per head (the sparse space)")
+    per_layer: bool = Field(True, description="each layer its own encoder/decoder (else one shared set)")
+    window: int = Field(0, ge=0, description="attend to the last W tokens only; 0 = all")
+    forget: bool = Field(False, description="forget-gated state, computed chunk by chunk")
+    chunk: int = Field(64, ge=1, description="chunk length of the forget-gated attention")
+    differential: bool = Field(False, description="differential attention over two neuron halves")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.neurons % (4 if self.differential else 2):
+            raise ValueError(f"neurons must be even (RoPE rotates pairs; a multiple of 4 with differential), "
+                             f"got {self.neurons}")
+        if self.window and self.forget:
+            raise ValueError("window and forget are alternatives: choose one")
+        return self
+
+
+class HOPEOptions(BaseModel):
+    """``model.hope``: what only HOPE reads (hatchling/model/titans.py)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    hidden: int = Field(64, ge=2, description="hidden width of each memory MLP")
+    levels: int = Field(1, ge=0, description="continuum-memory levels after the Titans memory")
+    chunk: int = Field(16, ge=1, description="tokens per memory update (level l: chunk * 4^l)")
+
+
+ARCH_OPTIONS = ("bdh", "hope")      # architectures with a section of their own, named as the arch
+
+
 class ModelConfig(BaseModel):
     """Architecture: the hybrid LM (KDA blocks with a NoPE attention block every few layers),
-    BDH-GPU with ``arch: bdh`` (which uses d_model, n_layers, n_heads and the bdh_* fields), HOPE
-    with ``arch: hope``, or ``arch: gpt``: the same stack with RoPE attention in every layer, the
-    same-size baseline the hybrid is measured against (bench/train_throughput.py, ablations)."""
+    BDH-GPU with ``arch: bdh`` (which uses vocab_size, d_model, n_layers, n_heads, rope_theta,
+    init_std and the ``bdh`` section), HOPE with ``arch: hope`` (its own options in ``hope``), or
+    ``arch: gpt``: the same stack with RoPE attention in every layer, the same-size baseline the
+    hybrid is measured against (bench/train_throughput.py, ablations). Setting another arch's
+    section is an error."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -46,16 +83,9 @@ class ModelConfig(BaseModel):
     conv_size: int = Field(4, ge=1, description="causal depthwise conv kernel on q/k/v")
     chunk_size: int = Field(64, ge=1, description="KDA chunk length for the chunked kernel")
     kda_backend: Literal["auto", "fla", "chunked", "recurrent"] = "auto"
-    bdh_neurons: int = Field(512, ge=2, description="BDH: neurons per head (the sparse space)")
-    bdh_per_layer: bool = Field(True, description="BDH: each layer its own encoder/decoder (else shared)")
     rope_theta: float = Field(65536.0, gt=1, description="RoPE base: BDH over the neuron dimension, GPT per head")
-    bdh_window: int = Field(0, ge=0, description="BDH: attend to the last W tokens only; 0 = all")
-    bdh_forget: bool = Field(False, description="BDH: forget-gated state, computed chunk by chunk")
-    bdh_chunk: int = Field(64, ge=1, description="BDH: chunk length of the forget-gated attention")
-    bdh_differential: bool = Field(False, description="BDH: differential attention over two neuron halves")
-    hope_hidden: int = Field(64, ge=2, description="HOPE: hidden width of each memory MLP")
-    hope_levels: int = Field(1, ge=0, description="HOPE: continuum-memory levels after the Titans memory")
-    hope_chunk: int = Field(16, ge=1, description="HOPE: tokens per memory update (level l: chunk * 4^l)")
+    bdh: BDHOptions = Field(default_factory=BDHOptions, description="BDH's own options (set with arch bdh only)")
+    hope: HOPEOptions = Field(default_factory=HOPEOptions, description="HOPE's own options (set with arch hope only)")
     # Research switches (hybrid only; all off = exactly the plain model). See docs/ablations.md.
     use_predictive_coding: bool = Field(False, description="next-state head; curiosity = its per-token error")
     predictive_weight: float = Field(0.1, ge=0, description="loss weight of the next-state prediction")
@@ -83,6 +113,20 @@ class ModelConfig(BaseModel):
             if size in SIZES:
                 data = {**SIZES[size], **data}
         return data
+
+    @field_validator(*ARCH_OPTIONS)
+    @classmethod
+    def _own_arch_only(cls, value, info: ValidationInfo):
+        """An arch's section may be set only with that arch (a default is never validated)."""
+        arch = info.data.get("arch")
+        if arch is not None and arch != info.field_name:
+            raise ValueError(f"only arch {info.field_name!r} reads these options, and arch is {arch!r}")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _without_other_archs_options(self, handler):
+        """A dump (params, checkpoint sidecars) shows only the options of its own arch, so it loads back."""
+        return {k: v for k, v in handler(self).items() if k not in ARCH_OPTIONS or k == self.arch}
 
     @model_validator(mode="after")
     def _check_heads(self):

@@ -1,10 +1,13 @@
-"""Autoregressive decoding with the per-layer cache (constant-size KDA state + NoPE KV cache)."""
+"""Autoregressive decoding with the per-layer cache (constant-size KDA state + NoPE KV cache), on
+the device of the prompt (and the model), under bf16 autocast there when it is CUDA."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
+
+from hatchling.model.device import autocast
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -30,18 +33,21 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
            stop_ids: tuple[int, ...] = ()) -> Iterator[torch.Tensor]:
     """Yield next-token ids [B] one step at a time: one prefill, then one-token cached steps."""
+    device = input_ids.device
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(seed)
     cache = model.new_cache()
-    logits = model(input_ids, cache)[:, -1]
+    with autocast(device):
+        logits = model(input_ids, cache)[:, -1]
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         yield nxt
         if stop_ids and bool(torch.isin(nxt, torch.tensor(stop_ids, device=nxt.device)).all()):
             return
         if i + 1 < max_new_tokens:                      # the last token needs no forward pass
-            logits = model(nxt[:, None], cache)[:, -1]
+            with autocast(device):
+                logits = model(nxt[:, None], cache)[:, -1]
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,

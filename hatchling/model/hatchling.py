@@ -2,6 +2,9 @@
 
 embedding -> [pre-norm block: x + mixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] * n_layers
 -> RMSNorm -> LM head tied to the embedding. The mixer is KDA or NoPE attention by layer.
+
+Packed documents (forward's ``doc_starts``) reach every mixer as one :class:`Segments`: attention
+masks per document, KDA's convolutions and state restart at each document (model/segments.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from hatchling.model.config import ModelConfig
 from hatchling.model.kda_layer import KDALayer
 from hatchling.model.memory import EpisodicMemory
 from hatchling.model.predictive import NextStateHead
+from hatchling.model.segments import Segments
 from hatchling.model.spike import LIFGate
 from hatchling.model.token_drop import TokenRouter
 
@@ -45,13 +49,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
         self.router = TokenRouter(cfg.d_model, cfg.token_drop, cfg.token_drop_weight) if drops_tokens else None
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None, segments: Segments | None = None) -> torch.Tensor:
         if self.router is not None:
-            return self.router(x, self.transform, cache)
-        return self.transform(x, cache)
+            return self.router(x, self.transform, cache, segments)
+        return self.transform(x, cache, segments)
 
-    def transform(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        x = x + self.mixer(self.mixer_norm(x), cache)
+    def transform(self, x: torch.Tensor, cache: dict | None = None, segments: Segments | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.mixer_norm(x), cache, segments)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -87,16 +91,24 @@ class HatchlingLM(BlockStackLM):
     def new_cache(self) -> list[dict]:
         return super().new_cache() + ([{}] if self.memory is not None else [])      # last: the memory's
 
-    def forward(self, input_ids: torch.Tensor, cache: list[dict] | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab]; auxiliary losses of this pass in aux_losses()."""
+    def forward(self, input_ids: torch.Tensor, cache: list[dict] | None = None,
+                doc_starts: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab]; auxiliary losses of this pass in aux_losses().
+        doc_starts [B, T] bool (no cache): packed documents begin there, and none sees another."""
+        segments = None
+        if doc_starts is not None:
+            if cache is not None or self.packing_unsupported():
+                raise ValueError(self.packing_unsupported() or "doc_starts: packed documents are for training "
+                                 "passes, not for decoding with a cache")
+            segments = Segments.from_starts(doc_starts)
         x = self.embed(input_ids)
         for i, block in enumerate(self.blocks):
             if block.kind == "attn" and self.config.checkpoint_attention and self.training and cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, segments, use_reentrant=False)
             else:
-                x = block(x, None if cache is None else cache[i])
+                x = block(x, None if cache is None else cache[i], segments)
         if self.predictor is not None:
-            self.predictor.observe(x)
+            self.predictor.observe(x, segments)
         logits = F.linear(self.norm(x), self.embed.weight)
         if self.memory is None:
             return logits
@@ -111,7 +123,7 @@ class HatchlingLM(BlockStackLM):
                 losses[name] = losses[name] + value if name in losses else value
         return losses
 
-    def research_stats(self) -> dict[str, float]:
+    def pass_stats(self) -> dict[str, float]:
         """Per-pass statistics of the switches (spike rate, skipped heads, kept tokens, memory use),
         averaged over the layers that report them."""
         sums: dict[str, list[float]] = {}
@@ -120,8 +132,25 @@ class HatchlingLM(BlockStackLM):
                 sums.setdefault(name, []).append(value)
         return {name: sum(v) / len(v) for name, v in sums.items()}
 
+    def curiosity(self) -> torch.Tensor | None:
+        """The predictive-coding head's per-token curiosity (None when that switch is off)."""
+        return None if self.predictor is None else self.predictor.curiosity
+
+    def packing_unsupported(self) -> str | None:
+        """Spike-KDA cannot keep packed documents apart; every other block here can."""
+        return "spike-KDA's LIF membranes run across packed documents" if self.config.spike else None
+
+    def set_train_step(self, step: int) -> None:
+        if self.memory is not None:
+            self.memory.step = step                 # recorded with each entry
+
+    def no_weight_decay(self) -> set[str]:
+        """Also the KDA layers' decay rates (KDALayer.NO_WEIGHT_DECAY), whatever their shape."""
+        return super().no_weight_decay() | {f"{name}.{p}" for name, m in self.named_modules()
+                                            if isinstance(m, KDALayer) for p in KDALayer.NO_WEIGHT_DECAY}
+
     def save_state_files(self, directory) -> None:
-        """Files that belong with the weights (the episodic memory) into a checkpoint directory."""
+        """The episodic memory's store, beside the weights."""
         if self.memory is not None:
             self.memory.store.save(directory)
 

@@ -15,6 +15,10 @@ g: [B,T,H,K]; beta: [B,T,H]; state: [B,H,K,V] float32), so the GPU path can call
 * :func:`kda_chunked`   - the chunkwise-parallel form in pure PyTorch (WY representation),
   vectorised over chunks except for one cheap sequential pass over chunk states.
 * :func:`kda`           - dispatch: fla's Triton kernel on CUDA when installed, else the chunked form.
+  It also takes the KDA layer's pre-ops (:func:`l2norm` of q and k, the decay :func:`kda_gate`, the
+  sigmoid of beta), which fla fuses into its kernel and the other backends apply as these explicit
+  ops, and packed sequences (``cu_seqlens``), which fla handles in-kernel and the other backends
+  one sequence at a time.
 
 Derivation of the chunked form (one chunk, positions r = 1..C, state S_0 at its start,
 G_r = sum_{s<=r} g_s the within-chunk cumulative log-decay, Lambda_r = Diag(exp G_r)).
@@ -34,6 +38,7 @@ Everything but S_0 is known per chunk in parallel; the state pass is S_{n+1} = M
 from __future__ import annotations
 
 import importlib.util
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +53,7 @@ SAFE_SPAN = {torch.float32: 80.0, torch.float64: 700.0}
 
 
 def fla_available() -> bool:
-    """True when flash-linear-attention (the optional ``gpu`` extra) can be imported."""
+    """True when fla (fla-core, the optional ``gpu`` extra) can be imported."""
     return importlib.util.find_spec("fla") is not None
 
 
@@ -56,8 +61,12 @@ def _fail(name: str, tensor: torch.Tensor, expected: str) -> None:
     raise ValueError(f"kda: {name} has shape {tuple(tensor.shape)}, expected {expected}")
 
 
-def check_kda_inputs(q, k, v, g, beta, initial_state=None, max_head_dim: int | None = None) -> None:
-    """Validate shapes and gate signs; raise one ValueError naming the offending tensor."""
+def check_kda_inputs(q, k, v, g, beta, initial_state=None, max_head_dim: int | None = None,
+                     cu_seqlens=None, log_decay: bool = True) -> None:
+    """Validate shapes, packed-sequence bounds and gate signs; raise one ValueError naming the offender.
+
+    ``log_decay=False`` when g is the raw input of :func:`kda_gate` (any sign).
+    """
     for name, t in (("q", q), ("k", k), ("v", v), ("g", g)):
         if t.dim() != 4:
             _fail(name, t, "rank 4 [B, T, H, D]")
@@ -71,13 +80,42 @@ def check_kda_inputs(q, k, v, g, beta, initial_state=None, max_head_dim: int | N
         _fail("g", g, f"{(B, T, H, K)} (same as q)")
     if beta.shape != (B, T, H):
         _fail("beta", beta, f"{(B, T, H)}")
-    if initial_state is not None and initial_state.shape != (B, H, K, V):
-        _fail("initial_state", initial_state, f"{(B, H, K, V)}")
+    n_states = B
+    if cu_seqlens is not None:
+        if B != 1:
+            _fail("q", q, f"{(1, T, H, K)}: packed sequences (cu_seqlens) lie along T of one batch row")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
+            _fail("cu_seqlens", cu_seqlens, "an integer vector [N + 1]")
+        if not bool((cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens.diff() > 0).all()):
+            raise ValueError(f"kda: cu_seqlens must rise strictly from 0 to T={T}, got {cu_seqlens.tolist()}")
+        n_states = cu_seqlens.numel() - 1
+    if initial_state is not None and initial_state.shape != (n_states, H, K, V):
+        _fail("initial_state", initial_state, f"{(n_states, H, K, V)}")
     if max_head_dim is not None and max(K, V) > max_head_dim:
         _fail("q" if K > max_head_dim else "v", q if K > max_head_dim else v,
               f"head dim <= {max_head_dim} on the fla path")
-    if g.numel() and bool((g > 0).any()):
+    if log_decay and g.numel() and bool((g > 0).any()):
         raise ValueError(f"kda: g must be a log-decay (<= 0) but has max {g.max().item():.4g}")
+
+
+def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim, in at least float32: fla's ``l2norm`` (its in-kernel q, k norm)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def kda_gate(g: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """The per-channel log-decay from its raw input: -exp(A_log) * softplus(g + dt_bias) <= 0.
+
+    g: [B, T, H, K]; A_log: [H]; dt_bias: [H * K]. Computed in at least float32 (fla's ``naive_kda_gate``).
+    fla also offers a bounded gate, lower_bound * sigmoid(exp(A_log) * (g + dt_bias)), which unlocks
+    its ``safe_gate`` kernels. It is not offered here: it is a different model (decay capped at
+    exp(lower_bound) per step), its only gain is GPU kernel speed that no machine here can measure,
+    and under Triton's interpreter (the CI test) it needs two more patches of fla internals.
+    """
+    dt = torch.promote_types(g.dtype, torch.float32)
+    H, K = g.shape[-2:]
+    return -A_log.to(dt).exp()[:, None] * F.softplus(g.to(dt) + dt_bias.to(dt).view(H, K))
 
 
 def kda_step(q, k, v, g, beta, state, scale: float | None = None):
@@ -214,19 +252,35 @@ def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_s
     return o.to(v.dtype), (state if output_final_state else None)
 
 
-def _fla_chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state):
-    from fla.ops.kda import chunk_kda
+def _per_sequence(fn, q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, **kwargs):
+    """``fn`` on each packed sequence as if alone, each from its own initial state: what cu_seqlens means.
 
-    return chunk_kda(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
-                     output_final_state=output_final_state)
+    The sequences become the rows of one batch, zero-padded at their ends: a step with k = beta = g = 0
+    leaves the state as it is, so a row's final state is its sequence's. One batched call, not a loop.
+    """
+    bounds = list(itertools.pairwise(cu_seqlens.tolist()))
+
+    def rows(x):                                                  # [1, T, ...] -> [N, longest, ...]
+        return torch.nn.utils.rnn.pad_sequence([x[0, lo:hi] for lo, hi in bounds], batch_first=True)
+
+    o, state = fn(*(rows(x) for x in (q, k, v, g, beta)), initial_state=initial_state,
+                  output_final_state=output_final_state, **kwargs)
+    return torch.cat([o[n, :hi - lo] for n, (lo, hi) in enumerate(bounds)])[None], state
 
 
 def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-        chunk_size: int = 64, backend: str = "auto"):
+        chunk_size: int = 64, backend: str = "auto", cu_seqlens=None, use_qk_l2norm: bool = False,
+        use_gate: bool = False, A_log=None, dt_bias=None, use_beta_sigmoid: bool = False):
     """KDA with the fastest available implementation.
 
     backend: ``auto`` (fla's ``chunk_kda`` for CUDA tensors when fla is installed, the single-step
     update for one token, else :func:`kda_chunked`), or one of ``fla``, ``chunked``, ``recurrent``.
+    chunk_size: the chunked form's chunk length (fla picks its own).
+    cu_seqlens: [N + 1] boundaries of N sequences packed along T (then B = 1, as in fla): no state
+    crosses a boundary, and initial_state and the final state are [N, H, K, V].
+    use_qk_l2norm, use_gate (with A_log [H], dt_bias [H * K]), use_beta_sigmoid: q and k, g, beta are
+    the raw inputs of :func:`l2norm`, :func:`kda_gate` and the sigmoid. fla computes these inside its
+    kernel (fla's ``use_*_in_kernel``); the other backends apply the explicit ops, the reference.
     """
     if backend == "auto":
         if q.is_cuda and fla_available():
@@ -235,11 +289,33 @@ def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=Fal
             backend = "recurrent"
         else:
             backend = "chunked"
+    if backend not in ("fla", "chunked", "recurrent"):
+        raise ValueError(f"kda: backend must be auto, fla, chunked or recurrent, got {backend!r}")
+    if use_gate:
+        H, K = q.shape[-2:]
+        if A_log is None or A_log.shape != (H,):
+            raise ValueError(f"kda: use_gate needs A_log of shape {(H,)}, got "
+                             f"{None if A_log is None else tuple(A_log.shape)}")
+        if dt_bias is None or dt_bias.shape != (H * K,):
+            raise ValueError(f"kda: use_gate needs dt_bias of shape {(H * K,)}, got "
+                             f"{None if dt_bias is None else tuple(dt_bias.shape)}")
     if backend == "fla":
-        check_kda_inputs(q, k, v, g, beta, initial_state, max_head_dim=FLA_MAX_HEAD_DIM)
-        return _fla_chunk_kda(q, k, v, g, beta, scale, initial_state, output_final_state)
-    if backend == "recurrent":
-        return kda_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
-    if backend == "chunked":
-        return kda_chunked(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
-    raise ValueError(f"kda: backend must be auto, fla, chunked or recurrent, got {backend!r}")
+        check_kda_inputs(q, k, v, g, beta, initial_state, max_head_dim=FLA_MAX_HEAD_DIM, cu_seqlens=cu_seqlens,
+                         log_decay=not use_gate)
+        from fla.ops.kda import chunk_kda
+
+        return chunk_kda(q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+                         use_qk_l2norm_in_kernel=use_qk_l2norm, use_gate_in_kernel=use_gate,
+                         A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=use_beta_sigmoid)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    if use_gate:
+        g = kda_gate(g, A_log, dt_bias)
+    if use_beta_sigmoid:
+        beta = torch.sigmoid(beta.to(torch.promote_types(beta.dtype, torch.float32)))
+    fn, kwargs = (kda_recurrent, {}) if backend == "recurrent" else (kda_chunked, {"chunk_size": chunk_size})
+    if cu_seqlens is None:
+        return fn(q, k, v, g, beta, scale, initial_state, output_final_state, **kwargs)
+    check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens)
+    return _per_sequence(fn, q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, scale=scale, **kwargs)

@@ -3,6 +3,8 @@
 x -> q, k, v projections -> short causal depthwise conv + SiLU -> L2-normalised q, k;
 per-channel decay g = -exp(A_log) * softplus(f(x) + dt_bias) from a low-rank projection;
 beta = sigmoid(b(x)); KDA; per-head RMSNorm gated by sigmoid of a low-rank projection; output proj.
+The L2 norm, the decay and the sigmoid are handed to :func:`~hatchling.model.kda.kda`: on the fla
+path they run inside fla's kernel, on the PyTorch paths as the explicit reference ops.
 
 Decoding keeps a constant-size cache per layer: the last ``conv_size - 1`` inputs of each conv
 and the [H, K, V] KDA state, whatever the context length.
@@ -17,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hatchling.model.config import ModelConfig
-from hatchling.model.kda import kda
+from hatchling.model.kda import kda, kda_gate, l2norm
+from hatchling.model.segments import Segments
 from hatchling.model.spike import LIFGate, kda_skipping_silent
 
 
@@ -25,7 +28,9 @@ class CausalConv1d(nn.Module):
     """Depthwise conv over time that sees only the past: left padding of kernel-1, never symmetric.
 
     With a cache (a dict) the last kernel-1 inputs are carried between calls, so feeding a
-    sequence in pieces gives exactly the output of feeding it whole.
+    sequence in pieces gives exactly the output of feeding it whole. With `positions` (each token's
+    offset in its packed document, :class:`~hatchling.model.segments.Segments`) a tap that would
+    reach back past the token's document start reads zero, as at the start of a sequence.
     """
 
     def __init__(self, channels: int, kernel_size: int):
@@ -34,10 +39,16 @@ class CausalConv1d(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, x: torch.Tensor, cache: dict | None = None, key: str = "conv") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None, key: str = "conv",
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, C] -> SiLU(conv(x)): [B, T, C]."""
         x = x.transpose(1, 2)                                               # [B, C, T]
         keep = self.kernel_size - 1
+        if positions is not None:
+            windows = F.pad(x, (keep, 0)).unfold(-1, self.kernel_size, 1)  # [B, C, T, W]: tap i lags keep - i
+            lags = torch.arange(keep, -1, -1, device=x.device)
+            windows = windows * (lags <= positions[:, None, :, None]).to(x.dtype)
+            return F.silu(windows @ self.weight[:, 0, :, None].to(x.dtype)).squeeze(-1).transpose(1, 2)
         if cache is not None and key in cache:
             past = cache[key]
         else:
@@ -64,6 +75,8 @@ class GatedHeadNorm(nn.Module):
 
 
 class KDALayer(nn.Module):
+    NO_WEIGHT_DECAY = ("A_log", "dt_bias")      # the decay rates: weight decay would pull every layer to one
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         H, D, d = cfg.n_heads, cfg.head_dim, cfg.d_model
@@ -86,32 +99,35 @@ class KDALayer(nn.Module):
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))      # softplus^-1(dt)
         self.spike = LIFGate(d, H, cfg.spike_threshold, cfg.spike_decay) if cfg.spike else None
         self.last_stats: dict[str, float] = {}
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
 
-    def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(g [B,T,H,D] log-decay <= 0, beta [B,T,H] in (0, 1)) from the layer input."""
-        B, T, _ = x.shape
-        dt = torch.promote_types(x.dtype, torch.float32)                   # gates never below fp32
-        f = (self.f_proj(x) + self.dt_bias).to(dt)
-        g = -self.A_log.exp().to(dt)[:, None] * F.softplus(f).view(B, T, self.n_heads, self.head_dim)
-        return g, torch.sigmoid(self.b_proj(x).to(dt))
-
-    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: dict | None = None, segments: Segments | None = None) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d]. With `segments` (packed documents, no cache) neither the convolutions
+        nor the KDA state cross a document start: KDA sees the batch as one row cut at cu_seqlens."""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        q = self.q_conv(self.q_proj(x), cache, "q_conv").view(B, T, H, D)
-        k = self.k_conv(self.k_proj(x), cache, "k_conv").view(B, T, H, D)
-        v = self.v_conv(self.v_proj(x), cache, "v_conv").view(B, T, H, D)
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        g, beta = self.gates(x)
+        positions = None if segments is None else segments.positions
+        q = self.q_conv(self.q_proj(x), cache, "q_conv", positions).view(B, T, H, D)
+        k = self.k_conv(self.k_proj(x), cache, "k_conv", positions).view(B, T, H, D)
+        v = self.v_conv(self.v_proj(x), cache, "v_conv", positions).view(B, T, H, D)
+        f, b = self.f_proj(x).view(B, T, H, D), self.b_proj(x)             # raw decay input, beta logits
         state = cache.get("state") if cache is not None else None
-        if self.spike is None:
-            o, state = kda(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
-                           chunk_size=self.chunk_size, backend=self.backend)
-        else:
+        if self.spike is None:   # kda applies l2norm, the gate and the sigmoid: inside fla's kernel on its path
+            packed = {}
+            if segments is not None:                                        # fla's varlen form: [1, B * T]
+                q, k, v, f, b = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, b))
+                packed = {"cu_seqlens": segments.cu_seqlens}
+            o, state = kda(q, k, v, f, b, initial_state=state, output_final_state=cache is not None,
+                           chunk_size=self.chunk_size, backend=self.backend, use_qk_l2norm=True,
+                           use_gate=True, A_log=self.A_log, dt_bias=self.dt_bias, use_beta_sigmoid=True, **packed)
+            o = o.view(B, T, H, D)
+        elif segments is not None:
+            raise ValueError("KDALayer: spike-KDA does not keep packed documents apart (its LIF membranes run "
+                             "through the whole window)")
+        else:                    # the spikes switch off the gated update, so the gates are computed here
             spikes = self.spike(x, cache)
-            o, state, skipped = kda_skipping_silent(q, k, v, g, beta, spikes, initial_state=state,
+            g = kda_gate(f, self.A_log, self.dt_bias)                       # at least float32
+            beta = torch.sigmoid(b.to(g.dtype))
+            o, state, skipped = kda_skipping_silent(l2norm(q), l2norm(k), v, g, beta, spikes, initial_state=state,
                                                     output_final_state=cache is not None,
                                                     chunk_size=self.chunk_size, backend=self.backend)
             self.last_stats = {"spike_rate": float(spikes.detach().mean()), "silent_heads_skipped": skipped}

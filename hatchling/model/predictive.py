@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hatchling.model.segments import Segments
+
 
 class NextStateHead(nn.Module):
     def __init__(self, d_model: int, weight: float, eps: float):
@@ -31,13 +33,19 @@ class NextStateHead(nn.Module):
         guess = self.predict(h[:, :-1]).float()
         return (guess - teacher).pow(2).mean(-1)
 
-    def observe(self, h: torch.Tensor) -> None:
-        """Record the loss and the curiosity of one forward pass (nothing for a single token)."""
+    def observe(self, h: torch.Tensor, segments: Segments | None = None) -> None:
+        """Record the loss and the curiosity of one forward pass (nothing for a single token). With
+        packed documents (segments) no state is forecast across a document start: those pairs count 0."""
         self.last_aux, self.last_stats, self.curiosity = {}, {}, None
         if h.shape[1] < 2:
             return
         err = self.errors(h)
-        mean = err.mean()
+        if segments is None:
+            mean = err.mean()
+        else:
+            within = (segments.ids[:, 1:] == segments.ids[:, :-1]).to(err.dtype)
+            err = err * within
+            mean = err.sum() / within.sum().clamp(min=1)
         self.last_aux = {"predictive_loss": self.weight * mean}
         self.curiosity = (err / mean.clamp(min=1e-12)).detach()
         self.last_stats = {"predictive_error": float(mean.detach())}

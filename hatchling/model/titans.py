@@ -88,7 +88,7 @@ def memory_update(state: tuple, k, v, theta, eta, alpha) -> tuple:
 class NeuralMemory(nn.Module):
     """A token mixer: reads the test-time-trained memory, writes each chunk into it."""
 
-    INT8_MATRICES = ("w1", "w2")        # the memory's initial weights, used as x @ W (export/int8.py)
+    INT8_MATRICES = ("w1", "w2")        # the memory's initial weights, used as x @ W (model/int8.py)
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int, hidden: int, chunk: int, max_lr: float = 0.05,
                  max_momentum: float = 0.8):
@@ -160,10 +160,11 @@ class HOPEBlock(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.norms = nn.ModuleList(nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) for _ in range(1 + cfg.hope_levels))
+        hope = cfg.hope
+        self.norms = nn.ModuleList(nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) for _ in range(1 + hope.levels))
         self.memories = nn.ModuleList(
-            NeuralMemory(cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.hope_hidden, cfg.hope_chunk * 4 ** level)
-            for level in range(1 + cfg.hope_levels))
+            NeuralMemory(cfg.d_model, cfg.n_heads, cfg.head_dim, hope.hidden, hope.chunk * 4 ** level)
+            for level in range(1 + hope.levels))
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
         for i, (norm, memory) in enumerate(zip(self.norms, self.memories, strict=True)):
@@ -181,3 +182,7 @@ class HOPELM(BlockStackLM):
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
         self.blocks = nn.ModuleList(HOPEBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+    def packing_unsupported(self) -> str | None:
+        return ("arch hope's memories are rewritten chunk by chunk across packed documents (the chunk-parallel "
+                "update cannot restart from the initial memory inside a chunk)")

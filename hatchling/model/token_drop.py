@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from hatchling.model.segments import Segments
+
 
 class TokenRouter(nn.Module):
     def __init__(self, d_model: int, drop: float, weight: float):
@@ -32,15 +34,17 @@ class TokenRouter(nn.Module):
         nn.init.normal_(self.score.weight, std=0.02)
         nn.init.constant_(self.score.bias, 1.0)        # keep every token at first; learn what to drop
 
-    def forward(self, x: torch.Tensor, block: Callable, cache: dict | None = None) -> torch.Tensor:
-        """x [B, T, d]; block(x, cache) -> x + update. Returns x with the update on kept tokens only."""
+    def forward(self, x: torch.Tensor, block: Callable, cache: dict | None = None,
+                segments: Segments | None = None) -> torch.Tensor:
+        """x [B, T, d]; block(x, cache, segments) -> x + update. Returns x with the update on kept tokens
+        only. Packed documents (segments) stay apart in the kept sequence too."""
         p = torch.sigmoid(self.score(x).squeeze(-1).float())                     # [B, T]
         keep = p > 0.5
         st = keep.float() + p - p.detach()                                         # 1/0 forward, dp backward
         self.last_aux = {"token_drop_loss": self.weight * (st.mean() - self.target) ** 2} if self.training else {}
         self.last_stats = {"tokens_kept": float(keep.float().mean())}
         if bool(keep.all()):
-            return x + (block(x, cache) - x) * st[..., None].to(x.dtype)
+            return x + (block(x, cache, segments) - x) * st[..., None].to(x.dtype)
         counts = keep.sum(1)
         if int(counts.max()) == 0:
             return x
@@ -51,7 +55,8 @@ class TokenRouter(nn.Module):
         idx = order[..., None].expand(-1, -1, x.shape[-1])
         kept = x.gather(1, idx)
         valid = torch.arange(order.shape[1], device=x.device)[None] < counts[:, None]
-        update = (block(kept, cache) - kept) * (st.gather(1, order) * valid)[..., None].to(x.dtype)
+        kept_segments = None if segments is None else segments.gather(order)
+        update = (block(kept, cache, kept_segments) - kept) * (st.gather(1, order) * valid)[..., None].to(x.dtype)
         return x.scatter_add(1, idx, update)
 
     def _rows_apart(self, x: torch.Tensor, block: Callable, cache: dict) -> torch.Tensor:

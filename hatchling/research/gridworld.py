@@ -99,7 +99,7 @@ def train(world: GridWorld, iterations: int, batch: int = 16, max_steps: int | N
         model.train()
         history, logp, reached, steps = rollout(model, world, batch, max_steps, greedy=False, generator=generator)
         model(history)                                     # the predictive head sees the whole episodes
-        curiosity = model.predictor.curiosity              # [B, len-1]: error forecasting state t+1
+        curiosity = model.curiosity()                      # [B, len-1]: error forecasting state t+1
         landed = curiosity[:, 1::2]                        # forecasts of the cells landed on
         mask = torch.arange(landed.shape[1])[None] < steps[:, None]
         bonus = curiosity_coef * (landed * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -8,9 +8,10 @@ weights of an uninterrupted run (on CPU, where kernels are deterministic).
 
 from __future__ import annotations
 
-import contextlib
 import csv
+import hashlib
 import io
+import json
 import logging
 import math
 import os
@@ -21,24 +22,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
+from hatchling.checkpoint import load_trainer_state, load_weights, read_sidecar, save_model
 from hatchling.errors import InputError
 from hatchling.io import atomic_write_text
+from hatchling.model.base import LanguageModel
+from hatchling.model.device import autocast, resolve_device
+from hatchling.model.lm import IGNORE, bits_per_byte, lm_loss, loss_sum, sample_batch, validation_loss
 from hatchling.train.adapm import AdaPM
-from hatchling.train.checkpoint import load_trainer_state, load_weights, read_sidecar, save_model
 from hatchling.train.distributed import full_state, init_world, load_full_state, wrap_for_training
 from hatchling.train.optim import build_optimizers, lr_multiplier, set_lr
 from hatchling.train.sparsity import SparsityController
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def seq_len_at(step: int, base: int, curriculum: list[tuple[int, int]]) -> int:
@@ -49,62 +46,32 @@ def seq_len_at(step: int, base: int, curriculum: list[tuple[int, int]]) -> int:
     return length
 
 
-IGNORE = -100     # a target that carries no loss (SFT: every token that is not the assistant's)
-
-
-def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, device,
-                 labels: np.ndarray | None = None):
-    """(inputs, targets) [B, seq_len] from random windows; the same seed always gives the same batch.
-    Targets come from `labels` when given (same length as data, IGNORE where no loss is taken)."""
-    if len(data) < seq_len + 2:
-        raise InputError(f"token file has {len(data)} tokens, fewer than seq_len+2 = {seq_len + 2}")
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen).tolist()
-    window = torch.from_numpy(np.stack([np.asarray(data[s:s + seq_len + 1], dtype=np.int64) for s in starts]))
-    if labels is None:
-        return window[:, :-1].to(device), window[:, 1:].to(device)
-    targets = torch.from_numpy(np.stack([np.asarray(labels[s + 1:s + seq_len + 1], dtype=np.int64) for s in starts]))
-    return window[:, :-1].to(device), targets.to(device)
-
-
-def loss_sum(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token losses over the targets that are not IGNORE, their count)."""
-    logits = model(x)
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
-                            reduction="sum")
-    return total, (y != IGNORE).sum()
-
-
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss over the targets that are not IGNORE (0 when a batch has none)."""
-    total, count = loss_sum(model, x, y)
-    return total / count.clamp(min=1)
-
-
-@torch.no_grad()
-def validation_loss(model, data: np.ndarray, batches: int, batch_size: int, seq_len: int, device="cpu",
-                    autocast=None, labels: np.ndarray | None = None) -> float:
-    """Mean next-token loss (nats) over fixed, seeded windows of `data`: the same for every call."""
-    model.eval()
-    length = min(seq_len, len(data) - 2)
-    losses = []
-    for i in range(batches):
-        x, y = sample_batch(data, batch_size, length, 10**9 + i, device, labels)
-        with autocast or contextlib.nullcontext():
-            losses.append(lm_loss(model, x, y).item())
-    return float(np.mean(losses))
+def run_fingerprint(params, **settings) -> str:
+    """What makes a training run *this* run: its params (less how it shows progress and where it
+    runs) and `settings` (e.g. the data hash, the model config). The trainer resumes only a
+    checkpoint of the same fingerprint."""
+    run_settings = {**params.model_dump(mode="json", exclude={"progress", "device"}), **settings}
+    return hashlib.sha256(json.dumps(run_settings, sort_keys=True).encode()).hexdigest()
 
 
 class Trainer:
     """Trains `model` on packed token arrays; checkpoints to `run_dir`, final weights to `out_dir`."""
 
-    def __init__(self, model, params, train_data: np.ndarray, val_data: np.ndarray, *,
+    def __init__(self, model: LanguageModel, params, train_data: np.ndarray, val_data: np.ndarray, *,
                  run_dir: Path, out_dir: Path, sidecar: dict, val_tokens_per_byte: float,
                  log: Callable[[dict, int], None] = lambda metrics, step: None,
-                 csv_path: Path | None = None, fingerprint: str = "", files: dict[str, Path] | None = None,
-                 train_labels: np.ndarray | None = None, val_labels: np.ndarray | None = None):
+                 csv_path: Path | None = None, eval_csv_path: Path | None = None, fingerprint: str = "",
+                 files: dict[str, Path] | None = None,
+                 train_labels: np.ndarray | None = None, val_labels: np.ndarray | None = None,
+                 eot_id: int | None = None):
         self.p = params
         self.train_labels, self.val_labels = train_labels, val_labels
+        # params.isolate_documents: documents (end-of-text after each) are kept apart in every batch
+        self.eot_id = eot_id if params.isolate_documents else None
+        reason = "no end-of-text id was given" if eot_id is None else model.packing_unsupported()
+        if params.isolate_documents and reason:
+            raise InputError(f"isolate_documents is on but {reason}: set isolate_documents: false for this "
+                             "stage to let packed documents run together")
         self.device = resolve_device(params.device)
         if self.device.type == "cuda" and "LOCAL_RANK" in os.environ:
             self.device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -115,7 +82,8 @@ class Trainer:
         if params.compile:          # forward/backward only: checkpoints and evaluation use the plain module
             self.train_module = torch.compile(self.train_module)
         self.train_data, self.val_data = train_data, val_data
-        self.run_dir, self.out_dir, self.csv_path = Path(run_dir), Path(out_dir), csv_path
+        self.run_dir, self.out_dir = Path(run_dir), Path(out_dir)
+        self.csv_path, self.eval_csv_path = csv_path, eval_csv_path
         self.sidecar, self.fingerprint, self.files = sidecar, fingerprint, files or {}
         self.val_tokens_per_byte = val_tokens_per_byte
         self.log = log
@@ -126,10 +94,11 @@ class Trainer:
         self.step = 0
         self.best_val = math.inf
         self.stale_evals = 0
-        self.history: list[dict] = []
+        self.steps: list[dict] = []       # one row per step (csv_path)
+        self.history: list[dict] = []     # one row per evaluation (eval_csv_path)
         self.tokens_seen = 0
         self.step_stats: dict[str, float] = {}
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else None
+        self.autocast = autocast(self.device)      # bf16 on CUDA; reused step after step, never nested
 
     # -- checkpoints -------------------------------------------------------------------------
     def _gathered_state(self, optimizers: list) -> tuple[dict, list[dict]] | None:
@@ -146,7 +115,8 @@ class Trainer:
             return
         weights, opt_states = gathered
         state = {"step": self.step, "best_val": self.best_val, "stale_evals": self.stale_evals,
-                 "history": self.history, "tokens_seen": self.tokens_seen, "fingerprint": self.fingerprint,
+                 "steps": self.steps, "history": self.history, "tokens_seen": self.tokens_seen,
+                 "fingerprint": self.fingerprint,
                  "optimizers": opt_states, "sparsity": self.sparsity.state_dict() if self.sparsity else None,
                  "torch_rng": torch.get_rng_state()}
         save_model(self.model, self.run_dir, {**self.sidecar, "step": self.step}, state, self.files, weights=weights)
@@ -166,36 +136,36 @@ class Trainer:
             return False
         load_full_state(self.model, self.optimizers, load_weights(self.run_dir, str(self.device)),
                         state["optimizers"], self.strategy)
-        if hasattr(self.model, "load_state_files"):
-            self.model.load_state_files(self.run_dir)
+        self.model.load_state_files(self.run_dir)
         torch.set_rng_state(state["torch_rng"])
         if self.sparsity:
             self.sparsity.load_state_dict(state["sparsity"])
         self.step, self.best_val = state["step"], state["best_val"]
-        self.stale_evals, self.history = state["stale_evals"], state["history"]
+        self.stale_evals, self.steps, self.history = state["stale_evals"], state["steps"], state["history"]
         self.tokens_seen = state["tokens_seen"]
         return True
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict:
         val_loss = validation_loss(self.model, self.val_data, self.p.eval_batches, self.p.batch_size,
-                                   self.p.seq_len, self.device, self.autocast, self.val_labels)
+                                   self.p.seq_len, self.device, self.autocast, self.val_labels, self.eot_id)
         self.model.train()
-        metrics = {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) * self.val_tokens_per_byte}
-        if hasattr(self.model, "active_fraction"):        # BDH: share of neurons firing on validation text
-            metrics["active_fraction"] = self.model.active_fraction
-        if hasattr(self.model, "research_stats"):         # switches' statistics on the last validation batch
-            metrics.update({f"val_{k}": v for k, v in self.model.research_stats().items()})
+        metrics = {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, self.val_tokens_per_byte)}
+        metrics.update({f"val_{k}": v for k, v in self.model.pass_stats().items()})     # of the last batch
         return metrics
 
-    def _write_csv(self) -> None:
-        if self.csv_path is None or not self.history or not self.world.is_main:
+    def _write_csvs(self) -> None:
+        """The step log and the evaluation log as CSV (the columns: every key any row has, in order)."""
+        if not self.world.is_main:
             return
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(self.history[-1]))
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write_text(self.csv_path, buf.getvalue())
+        for path, rows in ((self.csv_path, self.steps), (self.eval_csv_path, self.history)):
+            if path is None or not rows:
+                continue
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_text(path, buf.getvalue())
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, int]:
@@ -206,17 +176,16 @@ class Trainer:
         length = seq_len_at(self.step, p.seq_len, p.seq_len_curriculum)
         total = 0.0
         self.step_stats = {}
-        if getattr(self.model, "memory", None) is not None:
-            self.model.memory.step = self.step                              # recorded with each entry
+        self.model.set_train_step(self.step)
         for micro in range(p.grad_accum):
             x, y = sample_batch(self.train_data, p.batch_size, length,
                                 (p.seed * 1_000_003 + self.step) * 64 + micro, self.device, self.train_labels)
             count = (y != IGNORE).sum().clamp(min=1)          # the global batch's target count
             x, y = self.world.shard(x), self.world.shard(y)
-            with self.autocast or contextlib.nullcontext():
-                local_sum, _ = loss_sum(self.train_module, x, y)
+            with self.autocast:
+                local_sum, _ = loss_sum(self.train_module, x, y, self.eot_id)
                 loss = local_sum * self.world.size / count / p.grad_accum   # DDP averages over ranks
-                aux = self.model.aux_losses() if hasattr(self.model, "aux_losses") else {}
+                aux = self.model.aux_losses()
                 for value in aux.values():                                  # research switches' own losses
                     loss = loss + value / p.grad_accum
             loss.backward()
@@ -224,8 +193,7 @@ class Trainer:
                 self.step_stats[name] = self.step_stats.get(name, 0.0) + float(value.detach()) / p.grad_accum
             total += float(self.world.sum(local_sum.detach())) / float(count) / p.grad_accum
             self.tokens_seen += int(count)
-        if hasattr(self.model, "research_stats"):
-            self.step_stats.update(self.model.research_stats())
+        self.step_stats.update(self.model.pass_stats())
         if p.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.grad_clip)
         for opt in self.optimizers:
@@ -254,7 +222,10 @@ class Trainer:
             train_loss, lr, length = self.train_step()
             bar.update(1)
             bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
-            self.log({"train_loss": train_loss, "lr": lr, "seq_len": length, **self.step_stats}, self.step)
+            stats = {"train_loss": train_loss, "lr": lr, "seq_len": length, **self.step_stats}
+            self.log(stats, self.step)
+            self.steps.append({"step": self.step, "tokens": self.tokens_seen,
+                               **{k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()}})
             if self.step % p.eval_every == 0 or self.step == p.max_steps:
                 metrics = self.evaluate()
                 row = {"step": self.step, "train_loss": round(train_loss, 5), "lr": lr, "seq_len": length,
@@ -263,7 +234,7 @@ class Trainer:
                        **{k: round(v, 5) for k, v in metrics.items() if k not in ("val_loss", "val_bpb")}}
                 self.history.append(row)
                 self.log(metrics, self.step)
-                self._write_csv()
+                self._write_csvs()
                 if metrics["val_loss"] < self.best_val - 1e-6:
                     self.best_val, self.stale_evals = metrics["val_loss"], 0
                 else:

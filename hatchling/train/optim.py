@@ -1,8 +1,9 @@
 """Optimizers and the learning-rate schedule.
 
-AdamW decays only matrices (not norms, biases or the KDA decay parameters). Muon orthogonalises
-the updates of the blocks' weight matrices; embeddings and everything 1-D stay on AdamW. AdaPM is
-AdamW with a momentum coefficient per output channel (hatchling/train/adapm.py).
+AdamW decays only what the model does not exempt (LanguageModel.no_weight_decay: norms, biases, the
+KDA decay parameters). Muon orthogonalises the updates of the blocks' weight matrices; embeddings
+and everything 1-D stay on AdamW. AdaPM is AdamW with a momentum coefficient per output channel
+(hatchling/train/adapm.py).
 """
 
 from __future__ import annotations
@@ -11,24 +12,19 @@ import math
 
 import torch
 
+from hatchling.model.base import LanguageModel
 from hatchling.train.adapm import AdaPM
 
 
-def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
-    return p.dim() < 2 or getattr(p, "_no_weight_decay", False)
-
-
-def build_optimizers(model: torch.nn.Module, p) -> list[torch.optim.Optimizer]:
-    """p: PretrainParams-like (optimizer, lr, muon_lr, weight_decay, betas). Returns 1 or 2 optimizers."""
+def build_optimizers(model: LanguageModel, p) -> list[torch.optim.Optimizer]:
+    """p: TrainParams-like (optimizer, lr, muon_lr, weight_decay, betas). Returns 1 or 2 optimizers."""
     named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
     fused = all(q.is_cuda for _, q in named)
     muon = []
-    if p.optimizer == "muon":
-        muon = [q for n, q in named if q.dim() == 2 and n.startswith("blocks.")]
-    muon_ids = {id(q) for q in muon}
-    rest = [(n, q) for n, q in named if id(q) not in muon_ids]
-    groups = [{"params": [q for n, q in rest if not _no_decay(n, q)], "weight_decay": p.weight_decay},
-              {"params": [q for n, q in rest if _no_decay(n, q)], "weight_decay": 0.0}]
+    if p.optimizer == "muon":            # Muon decays what it updates: never a parameter the model exempts
+        exempt = model.no_weight_decay()
+        muon = [q for n, q in named if q.dim() == 2 and n.startswith("blocks.") and n not in exempt]
+    groups = model.param_groups(p.weight_decay, exclude=muon)
     if p.optimizer == "adapm":
         opts = [AdaPM(groups, lr=p.lr, betas=tuple(p.betas), beta_range=tuple(p.adapm_beta_range), rate=p.adapm_rate)]
     else:

@@ -7,46 +7,38 @@ and data continues from there and ends with the same weights as an uninterrupted
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import torch
 
 from hatchling.data.packed import load_split
+from hatchling.data.tokenizer import TOKENIZER
 from hatchling.io import hash_paths
 from hatchling.model import build_model
-from hatchling.train.checkpoint import TOKENIZER
-from hatchling.train.loop import Trainer
-
-DATA = Path("data/tokenized")
-OUT = Path("checkpoints/pretrain")
-RUN = Path("checkpoints/pretrain-run")
-LOG = Path("logs/pretrain.csv")
+from hatchling.model.lm import tokens_per_byte
+from hatchling.train.loop import Trainer, run_fingerprint
 
 
-def fresh_model(params, root: Path = Path(".")) -> tuple:
+def fresh_model(ctx) -> tuple:
     """(model seeded for pretraining, sized to the tokenizer's vocabulary; the tokenized meta)."""
-    meta = json.loads((Path(root) / DATA / "meta.json").read_text())
-    torch.manual_seed(params.pretrain.seed)
-    return build_model(params.model.model_copy(update={"vocab_size": meta["vocab_size"]})), meta
+    meta = json.loads((ctx.inputs.tokenized / "meta.json").read_text())
+    torch.manual_seed(ctx.params.pretrain.seed)
+    return build_model(ctx.params.model.model_copy(update={"vocab_size": meta["vocab_size"]})), meta
 
 
-def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
-    root = Path(root)
-    model, meta = fresh_model(params, root)
+def run(ctx) -> dict:
+    p, data = ctx.params.pretrain, ctx.inputs.tokenized
+    model, meta = fresh_model(ctx)
     model_cfg = model.config
-    data_hash = hash_paths([root / DATA])
-    # what makes this run *this* run: a checkpoint from any other run is never resumed
-    run_settings = {**params.pretrain.model_dump(mode="json", exclude={"progress", "device"}),
-                    "model": model_cfg.model_dump(mode="json"), "data": data_hash}
-    fingerprint = hashlib.sha256(json.dumps(run_settings, sort_keys=True).encode()).hexdigest()
+    data_hash = hash_paths([data], ctx.root)
+    fingerprint = run_fingerprint(p, model=model_cfg.model_dump(mode="json"), data=data_hash)
     sidecar = {"tokenizer_sha256": meta["tokenizer_sha256"], "data_sha256": data_hash, "stage": "pretrain"}
-    trainer = Trainer(model, params.pretrain, load_split(root / DATA, "train"), load_split(root / DATA, "val"),
-                      run_dir=root / RUN, out_dir=root / OUT, sidecar=sidecar,
-                      val_tokens_per_byte=meta["val"]["tokens"] / meta["val"]["bytes"],
-                      log=log, csv_path=root / LOG, fingerprint=fingerprint,
-                      files={TOKENIZER: root / DATA / TOKENIZER})
+    trainer = Trainer(model, p, load_split(data, "train"), load_split(data, "val"),
+                      run_dir=ctx.outputs.run, out_dir=ctx.outputs.model, sidecar=sidecar,
+                      val_tokens_per_byte=tokens_per_byte(meta["val"]["tokens"], meta["val"]["bytes"]),
+                      log=ctx.log, csv_path=ctx.outputs.log, eval_csv_path=ctx.outputs.eval_log,
+                      fingerprint=fingerprint,
+                      files={TOKENIZER: data / TOKENIZER}, eot_id=meta["eot_id"])
     metrics = trainer.fit()
     metrics["num_params"] = model.num_params()
     return metrics

@@ -14,6 +14,10 @@ One step (`rl_step`):
 4. `ppo_epochs` updates on the same samples with the token-level clipped PPO objective (ratio
    π_new / π_old clipped to 1 ± epsilon_clip) plus kl_coef · KL(π_new ‖ π_ref) (the k3 estimator);
 5. the KL coefficient moves toward `kl_target` (Ziegler et al., 2019: proportional control).
+
+Everything runs on the device it is given, where the policy and the reference already are;
+on CUDA every forward pass (sampling, scoring, the update) is under bf16 autocast, as the
+trainer's, with log-probabilities taken in float32.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from hatchling.errors import ConfigError
+from hatchling.model.device import autocast
 from hatchling.model.memory import paused_writes
 
 
@@ -41,16 +46,17 @@ class Samples:
 
 @torch.no_grad()
 def sample_groups(model, prompts: list[list[int]], k: int, max_new_tokens: int, temperature: float,
-                  stop_ids: Sequence[int], generator: torch.Generator) -> Samples:
+                  stop_ids: Sequence[int], generator: torch.Generator, device: torch.device) -> Samples:
     """k completions of each prompt (all of one length), sampled in one batch with the decoding
-    cache (constant-size KDA state, NoPE KV cache)."""
+    cache (constant-size KDA state, NoPE KV cache), on `device` (the generator's too)."""
     model.eval()
-    batch = torch.tensor(prompts).repeat_interleave(k, dim=0)
+    batch = torch.tensor(prompts, device=device).repeat_interleave(k, dim=0)
     cache = model.new_cache()
-    logits = model(batch, cache)[:, -1]
+    with autocast(device):
+        logits = model(batch, cache)[:, -1]
     tokens, logps, masks = [], [], []
-    alive = torch.ones(len(batch), dtype=torch.bool)
-    stops = torch.tensor(list(stop_ids), dtype=torch.long)
+    alive = torch.ones(len(batch), dtype=torch.bool, device=device)
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     for i in range(max_new_tokens):
         logp = F.log_softmax(logits.float() / temperature, dim=-1)
         nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
@@ -60,7 +66,8 @@ def sample_groups(model, prompts: list[list[int]], k: int, max_new_tokens: int, 
         alive &= ~torch.isin(nxt, stops)
         if not alive.any() or i + 1 == max_new_tokens:       # the last token needs no forward pass
             break
-        logits = model(nxt[:, None], cache)[:, -1]
+        with autocast(device):
+            logits = model(nxt[:, None], cache)[:, -1]
     return Samples(batch, torch.stack(tokens, 1), torch.stack(masks, 1), torch.stack(logps, 1))
 
 
@@ -74,7 +81,7 @@ def completion_logprobs(model, samples: Samples, temperature: float) -> torch.Te
 def completion_curiosity(model, samples: Samples) -> torch.Tensor:
     """Mean curiosity [N*k] over each completion's tokens, from the pass just made on `samples`
     (the predictive-coding head's normalised error in forecasting the state at each token)."""
-    curiosity = getattr(getattr(model, "predictor", None), "curiosity", None)
+    curiosity = model.curiosity()
     if curiosity is None:
         raise ConfigError("a curiosity bonus needs a model with model.use_predictive_coding: true")
     c = curiosity[:, samples.prompts.shape[1] - 1:]           # forecasts of the completion's states
@@ -137,26 +144,28 @@ class RLConfig:
 
 def rl_step(policy, ref, optimizer, prompts: list[list[int]], reward: Callable[[int, list[int]], float],
             cfg: RLConfig, kl: KLController, stop_ids: Sequence[int], generator: torch.Generator,
-            grad_clip: float = 1.0) -> dict:
+            grad_clip: float = 1.0, *, device: torch.device) -> dict:
     """One RL step over `prompts`; reward(prompt index, completion ids) -> float. Returns stats.
-    Prompts of equal length share one batch for sampling and scoring."""
+    Prompts of equal length share one batch for sampling and scoring. `device` holds the policy,
+    the reference and `generator`."""
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
     buckets = [(idx, sample_groups(policy, [prompts[i] for i in idx], cfg.k, cfg.max_new_tokens, cfg.temperature,
-                                   stop_ids, generator)) for idx in by_length.values()]
+                                   stop_ids, generator, device)) for idx in by_length.values()]
     policy.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device):
         old, bonus = [], []
         for _, s in buckets:
             old.append(completion_logprobs(policy, s, cfg.temperature))
             bonus.append(cfg.curiosity_coef * completion_curiosity(policy, s) if cfg.curiosity_coef
-                         else torch.zeros(len(s.tokens)))
+                         else torch.zeros(len(s.tokens), device=device))
         refs = [completion_logprobs(ref, s, cfg.temperature) for _, s in buckets]
     rewards, advantages = [], []
     for (idx, s), b in zip(buckets, bonus, strict=True):
-        r = torch.tensor([reward(idx[row // cfg.k], s.tokens[row][s.mask[row]].tolist())
-                          for row in range(len(s.tokens))]).view(len(idx), cfg.k)
+        tokens, mask = s.tokens.cpu(), s.mask.cpu()          # one copy per bucket, not one per completion
+        r = torch.tensor([reward(idx[row // cfg.k], tokens[row][mask[row]].tolist())
+                          for row in range(len(tokens))], device=device).view(len(idx), cfg.k)
         rewards.append(r)
         advantages.append(group_advantages(r + b.view(len(idx), cfg.k)).flatten())
     policy.train()
@@ -165,7 +174,7 @@ def rl_step(policy, ref, optimizer, prompts: list[list[int]], reward: Callable[[
         optimizer.zero_grad(set_to_none=True)
         clip_tokens = kl_sum = entropy_sum = 0.0
         for (_, s), adv, old_logp, ref_logp in zip(buckets, advantages, old, refs, strict=True):
-            with paused_writes(policy, epoch > 0):     # an episodic memory stores each sample once
+            with paused_writes(policy, epoch > 0), autocast(device):   # a memory stores each sample once
                 logp = completion_logprobs(policy, s, cfg.temperature)
             pg, st = ppo_loss(logp, old_logp, s.behavior_logp, adv, s.mask, cfg.epsilon_clip, cfg.rho_max)
             kl_tok = (kl_k3(logp, ref_logp) * s.mask).sum()

@@ -3,28 +3,24 @@
 Conversations from the JSONL files in params.sft.data ({"messages": [...]}) are rendered with the
 chat template and packed end to end (each followed by end-of-text), with a label stream that is
 IGNORE everywhere except the assistant's turns; training windows are then sampled exactly as in
-pretraining, by the same Trainer (resume, checkpoints, CSV log, MLflow metrics).
+pretraining, by the same Trainer (resume, checkpoints, CSV log, MLflow metrics). With
+``sft.isolate_documents`` (the default) no conversation sees the one before it in a window: each
+begins after an end-of-text, where attention is masked and the KDA state restarts.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 
+from hatchling.checkpoint import load_model, read_sidecar
 from hatchling.data.chat import render_chat_with_mask
-from hatchling.data.tokenizer import EOT, load_tokenizer
+from hatchling.data.tokenizer import EOT, TOKENIZER, load_tokenizer
 from hatchling.errors import InputError, MissingInputError
 from hatchling.io import hash_paths, read_jsonl
-from hatchling.train.checkpoint import TOKENIZER, load_model, read_sidecar
-from hatchling.train.loop import IGNORE, Trainer
-
-INIT = Path("checkpoints/pretrain")
-OUT = Path("checkpoints/sft")
-RUN = Path("checkpoints/sft-run")
-LOG = Path("logs/sft.csv")
+from hatchling.model.lm import IGNORE, tokens_per_byte
+from hatchling.train.loop import Trainer, run_fingerprint
 
 
 def read_chats(paths: list[Path]) -> list[list[dict]]:
@@ -58,24 +54,26 @@ def pack_chats(tokenizer, chats: list[list[dict]]) -> tuple[np.ndarray, np.ndarr
     return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), assistant_bytes
 
 
-def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
-    p, root = params.sft, Path(root)
-    init = read_sidecar(root / INIT)
-    tokenizer = load_tokenizer(root / INIT / TOKENIZER)
-    train_files, val_files = [root / f for f in p.data], [root / f for f in p.val_data]
+def run(ctx) -> dict:
+    p, init_dir = ctx.params.sft, ctx.inputs.init
+    init = read_sidecar(init_dir)
+    tokenizer = load_tokenizer(init_dir / TOKENIZER)
+    train_files, val_files = [ctx.root / f for f in p.data], [ctx.root / f for f in p.val_data]
     chats = read_chats(train_files)
     train_ids, train_labels, _ = pack_chats(tokenizer, chats)
     val_ids, val_labels, val_bytes = pack_chats(tokenizer, read_chats(val_files))
-    model, _ = load_model(root / INIT)
-    data_hash = hash_paths([*train_files, *val_files, root / INIT])
-    run_settings = {**p.model_dump(mode="json", exclude={"progress", "device"}), "data": data_hash}
-    fingerprint = hashlib.sha256(json.dumps(run_settings, sort_keys=True).encode()).hexdigest()
+    model, _ = load_model(init_dir)
+    data_hash = hash_paths([*train_files, *val_files, init_dir], ctx.root)
+    fingerprint = run_fingerprint(p, data=data_hash)
     sidecar = {"tokenizer_sha256": init["tokenizer_sha256"], "data_sha256": data_hash, "stage": "sft",
                "init_step": init.get("step")}
-    trainer = Trainer(model, p, train_ids, val_ids, run_dir=root / RUN, out_dir=root / OUT, sidecar=sidecar,
-                      val_tokens_per_byte=int((val_labels != IGNORE).sum()) / max(val_bytes, 1), log=log,
-                      csv_path=root / LOG, fingerprint=fingerprint, files={TOKENIZER: root / INIT / TOKENIZER},
-                      train_labels=train_labels, val_labels=val_labels)
+    val_tokens = int((val_labels != IGNORE).sum())
+    trainer = Trainer(model, p, train_ids, val_ids, run_dir=ctx.outputs.run, out_dir=ctx.outputs.model,
+                      sidecar=sidecar, val_tokens_per_byte=tokens_per_byte(val_tokens, val_bytes),
+                      log=ctx.log, csv_path=ctx.outputs.log, eval_csv_path=ctx.outputs.eval_log,
+                      fingerprint=fingerprint,
+                      files={TOKENIZER: init_dir / TOKENIZER},
+                      train_labels=train_labels, val_labels=val_labels, eot_id=tokenizer.token_to_id(EOT))
     metrics = trainer.fit()
     metrics.update(conversations=len(chats), trained_tokens_per_epoch=int((train_labels != IGNORE).sum()))
     return metrics

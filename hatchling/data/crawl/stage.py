@@ -21,11 +21,10 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from hatchling.data.corpus import write_shards
-from hatchling.data.crawl.mirror import resolve_mirror, serve_directory
+from hatchling.data.crawl.mirror import resolve_mirror, serve_directory, snapshot_date
+from hatchling.data.crawl.page import doc_id
 from hatchling.data.crawl.spider import DROP_REASONS
 from hatchling.errors import BrokenEnvironment, StageError
-
-OUT = Path("data/crawl")
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +49,11 @@ def run_spider(config: dict, timeout_s: float) -> dict:
         return json.loads(result_path.read_text())
 
 
-def spider_config(p, seeds: list[str]) -> dict:
+def spider_config(p, seeds: list[str], fetched_at: str | None = None) -> dict:
+    """The spider's settings; `fetched_at` defaults to today (a mirror passes its snapshot's date)."""
     config = p.model_dump(mode="json")
     config["seeds"] = seeds
-    config["fetched_at"] = datetime.datetime.now(datetime.UTC).date().isoformat()
+    config["fetched_at"] = fetched_at or datetime.datetime.now(datetime.UTC).date().isoformat()
     return config
 
 
@@ -80,28 +80,29 @@ def check_result(result: dict, seeds: list[str]) -> None:
                          f"requested, {result['fetched']} fetched, dropped: {dropped}{errors})")
 
 
-def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
-    p = params.crawl
-    root = Path(root)
+def run(ctx) -> dict:
+    p = ctx.params.crawl
     with tempfile.TemporaryDirectory(prefix="hatchling-mirror-") as scratch:
-        mirror_name = None
+        mirror_name = fetched_at = None
         if p.seeds:
             server, seeds = nullcontext(None), list(p.seeds)
         else:
             mirror_name, mirror_dir = resolve_mirror(p.mirror, p.pydoc_modules, Path(scratch))
-            server = serve_directory(mirror_dir)
+            server, fetched_at = serve_directory(mirror_dir), snapshot_date(mirror_name, mirror_dir)
         with server as base:
             if base is not None:
                 seeds = [base + p.mirror_start]
-            result = run_spider(spider_config(p, seeds), timeout_s=p.max_seconds + 120)
+            result = run_spider(spider_config(p, seeds, fetched_at), timeout_s=p.max_seconds + 120)
     check_result(result, seeds)
     docs, errors = result["docs"], result["errors"]
     if base is not None:      # the mirror's port changes per run: name its pages by the mirror instead
         for page in (*docs, *errors):
             page["url"] = f"mirror://{mirror_name}/" + page["url"][len(base):]
+        for doc in docs:
+            doc["id"] = doc_id(doc["url"])
     if errors:
         logger.warning("crawl: pages dropped for errors (%d): %s", result["counts"]["error"], describe_errors(errors))
-    shards = write_shards(docs, root / OUT, p.docs_per_shard)
+    shards = write_shards(docs, ctx.outputs.crawl, p.docs_per_shard)
     dropped = {reason: result["counts"].get(reason, 0) for reason in DROP_REASONS}
     seconds = result["seconds"]
     return {"seeds": seeds if base is None else [f"mirror://{mirror_name}/{p.mirror_start}"],

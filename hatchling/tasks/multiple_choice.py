@@ -1,12 +1,13 @@
-"""Eval task definitions, in the prompt formats of lm-evaluation-harness so numbers compare.
+"""Multiple-choice benchmarks (ARC, OpenBookQA, CommonsenseQA, HellaSwag, PIQA, BoolQ, SIQA,
+WinoGrande), in the prompt formats of lm-evaluation-harness so numbers compare.
 
 A multiple-choice task is data, not code: how to read the context and the choices from one
 canonical record (every accepted form of a benchmark's file is read into one by
-hatchling.eval.datasets, which also gives the gold index as ``label``). Each choice is scored by
+hatchling.data.benchmarks, which also gives the gold index as ``label``). Each choice is scored by
 the log-likelihood of its continuation; ``acc`` picks the highest sum, ``acc_norm`` the highest sum per character of the
 choice (lm-eval's convention: the " " delimiter is not counted).
 WinoGrande uses *partial* scoring: each option fills the blank of the context, and the shared rest
-of the sentence is the scored continuation. GSM8K and HumanEval are generation tasks (generation.py).
+of the sentence is the scored continuation. GSM8K and HumanEval are generation tasks (math.py, code.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class MultipleChoice:
-    """A task over canonical records (hatchling.eval.datasets): the gold choice is `record["label"]`."""
+    """A task over canonical records (hatchling.data.benchmarks): the gold choice is `record["label"]`."""
 
     name: str
     requests: Callable[[dict], list[tuple[str, str]]]   # record -> [(context, continuation)] per choice

@@ -8,31 +8,32 @@
 The held-out files are listed under `benchmarks:` (hatchling_math, hatchling_code), so the
 contamination check guards them and the eval stage scores them. The training items are checked
 against the other eval sets the same way the crawl is (field by field, hatchling/data/decontam.py;
-params dedup.contamination): with action drop or redact a contaminated training item is dropped (a
+params contamination): with action drop or redact a contaminated training item is dropped (a
 redacted worked solution would teach the wrong thing), with report it is only counted.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from hatchling.data.benchmarks import load_benchmarks
 from hatchling.data.corpus import iter_documents
 from hatchling.data.decontam import ContaminationIndex
-from hatchling.data.dedup_stage import load_benchmarks
-from hatchling.data.tasks import code_items, docs_qa, math_items, split_items, to_messages
 from hatchling.io import atomic_path, write_jsonl
+from hatchling.tasks import docs_qa
+from hatchling.tasks.code import Code
+from hatchling.tasks.math import Math
 
-OUT = Path("data/tasks")
 
-
-def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
-    p, root = params.tasks, Path(root)
-    math_train, math_heldout = split_items(math_items(p.math_items, p.seed), p.heldout_fraction)
-    code_train, code_heldout = split_items(code_items(p.seed), p.heldout_fraction)
-    qa = docs_qa(list(iter_documents(root / "data/crawl")), p.docs_qa)
-    c = params.dedup.contamination
-    produced_here = {name for name, path in params.benchmarks.items() if Path(path).parts[:2] == OUT.parts}
-    benchmarks, _ = load_benchmarks({k: v for k, v in params.benchmarks.items() if k not in produced_here}, root)
+def run(ctx) -> dict:
+    p = ctx.params.tasks
+    math, code = Math(), Code()
+    math_train, math_heldout = math.split(math.generate(p.math_items, p.seed), p.heldout_fraction)
+    code_train, code_heldout = code.split(code.generate(p.seed), p.heldout_fraction)
+    qa = docs_qa.chats(list(iter_documents(ctx.inputs.crawl)), p.docs_qa)
+    c = ctx.params.contamination
+    out = ctx.outputs.tasks
+    produced_here = {name for name, path in ctx.params.benchmarks.items() if (ctx.root / path).parent == out}
+    benchmarks, _ = load_benchmarks({k: v for k, v in ctx.params.benchmarks.items() if k not in produced_here},
+                                    ctx.root)
     index = ContaminationIndex(benchmarks, c.ngram, c.threshold)
     contaminated: dict[str, int] = {}
 
@@ -45,16 +46,16 @@ def run(params, root: Path = Path("."), log=lambda metrics, step: None) -> dict:
                 kept.append(item)
         return kept
 
-    math_train = clean(math_train, lambda x: f"{x['question']} {x['answer']}")
-    code_train = clean(code_train, lambda x: x["prompt"] + x["canonical_solution"])
+    math_train = clean(math_train, math.text)
+    code_train = clean(code_train, code.text)
     qa = clean(qa, lambda x: " ".join(m["content"] for m in x["messages"]))
     files = {
         "math_train.jsonl": math_train, "math_heldout.jsonl": math_heldout,
         "code_train.jsonl": code_train, "code_heldout.jsonl": code_heldout,
-        "sft_train.jsonl": [to_messages(x) for x in math_train + code_train] + qa,
-        "sft_heldout.jsonl": [to_messages(x) for x in math_heldout + code_heldout],
+        "sft_train.jsonl": [*map(math.messages, math_train), *map(code.messages, code_train), *qa],
+        "sft_heldout.jsonl": [*map(math.messages, math_heldout), *map(code.messages, code_heldout)],
     }
-    with atomic_path(root / OUT) as tmp:
+    with atomic_path(out) as tmp:
         tmp.mkdir()
         for name, records in files.items():
             write_jsonl(tmp / name, records)

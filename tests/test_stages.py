@@ -1,0 +1,145 @@
+"""The stage registry is the one place a stage's inputs, outputs, params and code are named."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hatchling.config import validate_params
+from hatchling.errors import StageError
+from hatchling.io import hash_paths
+from hatchling.stages import PACKAGE, STAGES, context, dvc_params, input_hash, module_file
+from tests.conftest import REPO, TINY_PARAMS
+
+PATH_LITERAL = re.compile(r"^(data|checkpoints|reports|logs)/")
+
+
+def _stage_sources():
+    for stage in STAGES:
+        yield stage, module_file(stage.module)
+
+
+def test_hashes_are_the_same_wherever_the_tree_lives(tmp_path, monkeypatch):
+    for where in ("a", "b/deeper"):
+        tree = tmp_path / where / "data/tokenized"
+        tree.mkdir(parents=True)
+        (tree / "meta.json").write_text('{"vocab_size": 320}')
+        (tree / "sub").mkdir()
+        (tree / "sub/train.bin").write_bytes(bytes(range(256)))
+    a, b = tmp_path / "a", tmp_path / "b/deeper"
+    assert hash_paths(["data/tokenized"], a) == hash_paths(["data/tokenized"], b)
+    assert hash_paths([a / "data/tokenized"], a) == hash_paths(["data/tokenized"], b)   # absolute = relative
+    monkeypatch.chdir(a)
+    assert hash_paths(["data/tokenized"], ".") == hash_paths(["data/tokenized"], b)       # root "." = absolute
+    # ... while a changed byte or a renamed file changes it
+    (b / "data/tokenized/sub/train.bin").write_bytes(bytes(range(255)) + b"\0")
+    assert hash_paths(["data/tokenized"], a) != hash_paths(["data/tokenized"], b)
+    (a / "data/tokenized/sub/train.bin").rename(a / "data/tokenized/sub/val.bin")
+    shutil.copy(a / "data/tokenized/sub/val.bin", b / "data/tokenized/sub/train.bin")
+    assert hash_paths(["data/tokenized"], a) != hash_paths(["data/tokenized"], b)
+
+
+def test_a_stage_reads_only_the_params_sections_and_paths_it_declares(tmp_path):
+    params = validate_params(TINY_PARAMS)
+    ctx = context("tasks", params, tmp_path)
+    assert ctx.params.contamination.threshold == TINY_PARAMS["contamination"]["threshold"]
+    assert ctx.inputs.crawl == tmp_path.resolve() / "data/crawl" and ctx.outputs.tasks.name == "tasks"
+    with pytest.raises(StageError, match=r"stage tasks reads params section 'dedup', which it does not declare"):
+        _ = ctx.params.dedup
+    with pytest.raises(StageError, match=r"stage tasks reads input 'tokenized'"):
+        _ = ctx.inputs.tokenized
+    with pytest.raises(StageError, match=r"stage tasks reads output 'model'"):
+        _ = ctx.outputs["model"]
+    # and what each stage's own code reads of ctx.params is what the registry declares for it
+    for stage, path in _stage_sources():
+        tree = ast.parse(path.read_text())
+        read = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Attribute) and node.value.attr == "params"
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "ctx"}
+        assert read and read <= set(stage.params), (stage.name, read - set(stage.params))
+
+
+def test_no_stage_module_names_a_path_of_its_own():
+    """Paths come from the registry (ctx.inputs / ctx.outputs) or from params, never from a constant in
+    any module a stage runs."""
+    offenders = []
+    for path in sorted({PACKAGE.parent / f for stage in STAGES for f in stage.code}):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and PATH_LITERAL.match(node.value):
+                offenders.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}: {node.value!r}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_each_stage_reruns_on_a_change_to_any_module_it_really_imports():
+    """Independent of the registry's own import scan: import each stage's entry module in a fresh
+    interpreter and list the hatchling modules that loaded."""
+    script = ("import importlib, json, sys\n"
+              "importlib.import_module(sys.argv[1])\n"
+              "print(json.dumps(sorted(m.__file__ for n, m in list(sys.modules.items())\n"
+              "                        if n.split('.')[0] == 'hatchling' and getattr(m, '__file__', None))))")
+    for stage in STAGES:
+        out = subprocess.run([sys.executable, "-c", script, stage.module], cwd=REPO, capture_output=True,
+                             text=True, check=True, timeout=120).stdout
+        loaded = {str(Path(f).resolve().relative_to(PACKAGE.parent)) for f in json.loads(out)}
+        missing = loaded - set(stage.code)
+        assert not missing, f"stage {stage.name}: code misses {sorted(missing)}"
+    eval_code = set(next(s for s in STAGES if s.name == "eval").code)
+    assert "hatchling/data/chat.py" in eval_code            # the drift the hand-kept lists had
+
+
+def test_a_dedup_setting_does_not_rerun_the_tasks_stage(tmp_path):
+    from flows.pipeline import stage_cache_key
+
+    tasks = next(s for s in STAGES if s.name == "tasks")
+    assert "dedup" not in dvc_params(tasks) and "run.seed" in dvc_params(tasks)
+    (tmp_path / "data/crawl").mkdir(parents=True)
+    base = validate_params(TINY_PARAMS)
+    other_dedup = validate_params({**TINY_PARAMS, "dedup": {**TINY_PARAMS["dedup"], "threshold": 0.5}})
+    other_check = validate_params({**TINY_PARAMS, "contamination": {**TINY_PARAMS["contamination"], "ngram": 8}})
+    key = stage_cache_key(tasks, base, tmp_path)
+    assert stage_cache_key(tasks, other_dedup, tmp_path) == key
+    assert stage_cache_key(tasks, other_check, tmp_path) != key
+    assert input_hash(tasks, tmp_path) == input_hash(tasks, tmp_path.resolve())
+
+
+def test_eval_reads_validation_tokens_in_the_dtype_tokenize_wrote(tmp_path):
+    """A vocabulary over 65,536 packs uint32 tokens; the needle probe's haystack must read them as such."""
+    from hatchling.data.packed import pack, token_dtype
+    from hatchling.eval.stage import haystack_tokens
+
+    dtype = token_dtype(70_000)
+    tokens = pack([[1, 65_535, 65_536, 69_999], [7, 70_000 - 2]], eot_id=0, dtype=dtype)
+    (tmp_path / "meta.json").write_text(json.dumps({"dtype": np.dtype(dtype).name, "vocab_size": 70_000}))
+    tokens.tofile(tmp_path / "val.bin")
+    assert haystack_tokens(tmp_path) == tokens.tolist()
+
+
+def test_nothing_phones_home(tmp_path):
+    """MLflow, Prefect and DVC telemetry are off for every process that imports hatchling, and in the
+    project's own Prefect and DVC config for the tools run by hand."""
+    from hatchling import TELEMETRY_OFF
+
+    env = {k: v for k, v in os.environ.items() if k not in TELEMETRY_OFF}
+    probe = ("import json, os, hatchling, subprocess, sys\n"
+             "child = subprocess.run([sys.executable, '-c', 'import json, os; print(json.dumps(dict(os.environ)))'],\n"
+             "                       capture_output=True, text=True, check=True).stdout\n"
+             "print(json.dumps(json.loads(child)))")
+    seen = json.loads(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True,
+                                     text=True, check=True, timeout=60).stdout)
+    assert {k: seen.get(k) for k in TELEMETRY_OFF} == TELEMETRY_OFF        # inherited by subprocesses too
+    prefect = subprocess.run([sys.executable, "-c", "from prefect.settings import get_current_settings as s; "
+                              "print(s().server.analytics_enabled)"], cwd=REPO, env=env, capture_output=True,
+                             text=True, check=True, timeout=60).stdout.strip()
+    assert prefect == "False"
+    dvc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "config", "core.analytics"], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
+    assert dvc == "false"
