@@ -47,14 +47,16 @@ def stage_cache_key(stage: Stage, params: Params, root: Path) -> str:
     """Content hash of what decides a stage's outputs: inputs, params sections, code, version (all
     location-free: the same checkout and data give the same key wherever they live)."""
     parts = {"stage": stage.name, "version": hatchling.__version__,
-             "params": {s: params.section(s) for s in stage.params},
+             # progress bars change no output (DVC does not track them either)
+             "params": {s: {k: v for k, v in params.section(s).items() if k != "progress"} for s in stage.params},
              "inputs": input_hash(stage, root),
              "code": hash_paths(stage.code, PACKAGE.parent)}
     return f"{stage.name}-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def outputs_hash(stage: Stage, root: Path) -> str:
-    return hash_paths(stage.outs, root)
+    """What a cached result must still find on disk: the stage's outputs, reports and metrics file."""
+    return hash_paths([*stage.outs, *stage.reports.values(), stage.metrics], root)
 
 
 def worth_retrying(task, task_run, state) -> bool:

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hatchling.data.benchmarks import SCHEMAS
 from hatchling.errors import ConfigError
 from hatchling.model.config import ModelConfig
 
@@ -364,8 +365,6 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _known_benchmarks(self):
-        from hatchling.data.benchmarks import SCHEMAS
-
         unknown = sorted(set(self.benchmarks) - set(SCHEMAS))
         if unknown:
             raise ValueError(f"benchmarks: unknown name(s) {unknown}; known: {sorted(SCHEMAS)}")

@@ -86,8 +86,10 @@ class Stage:
 
     @property
     def code(self) -> tuple[str, ...]:
-        """The source files whose change reruns the stage: its entry module's import closure."""
-        return tuple(str(path.relative_to(PACKAGE.parent)) for path in import_closure(self.module))
+        """The source files whose change reruns the stage: its entry module's import closure, and the
+        params schema (whose defaults are part of what the stage is given)."""
+        files = {*import_closure(self.module), PACKAGE / "config.py"}
+        return tuple(sorted(str(path.relative_to(PACKAGE.parent)) for path in files))
 
     def function(self) -> Callable[[StageContext], dict]:
         module, func = self.entry.split(":")
@@ -329,17 +331,17 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
     try:
         with run.system_metrics() if stage.model else contextlib.nullcontext():
             metrics = fn(context(name, params, root, run.log_metrics))
+        atomic_write_json(root / stage.metrics, metrics)
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})   # summary: no step
+        run.log_headline(headline(stage, metrics))
+        for path in (stage.metrics, *(p.path for p in stage.plots.values()), *stage.reports.values()):
+            run.log_artifact(root / path)
+        if stage.model:
+            from hatchling.registry import log_model
+
+            log_model(run.run_id, run.uri, root / stage.outputs[stage.model], register=stage.registers)
     except BaseException as error:
         end_failed(lambda error=error: run.fail(error), f"the run of stage {name}")
         raise
-    atomic_write_json(root / stage.metrics, metrics)
-    run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})   # summary: no step
-    run.log_headline(headline(stage, metrics))
-    for path in (stage.metrics, *(p.path for p in stage.plots.values()), *stage.reports.values()):
-        run.log_artifact(root / path)
-    if stage.model:
-        from hatchling.registry import log_model
-
-        log_model(run.run_id, run.uri, root / stage.outputs[stage.model], register=stage.registers)
     run.end()
     return metrics

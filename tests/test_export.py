@@ -21,7 +21,7 @@ from hatchling.model.int8 import (
     quantize_state_dict,
     use_int8_linears,
 )
-from tests.conftest import TINY_PARAMS, copy_project, hatchling_cmd, project_env, run_cmd
+from tests.conftest import TINY_PARAMS, copy_project, hatchling_cmd, hatchling_here, project_env, run_cmd
 
 TINY_MODEL = {**TINY_PARAMS["model"], "vocab_size": 320}
 
@@ -137,3 +137,25 @@ def test_missing_and_corrupted_checkpoints_fail_clearly(exported, tmp_path):
     (bad / "model.json").write_text("{not json")
     proc = run_cmd(hatchling_cmd("generate", "--checkpoint", str(bad), "--prompt", "x"), exported, check=False)
     assert proc.returncode == 2 and "corrupted checkpoint sidecar" in proc.stderr
+
+
+def test_the_export_is_replaced_whole_or_not_at_all(exported, tmp_path, monkeypatch):
+    """With export.hf on, int8/, bf16/ and hf/ appear together; an export that fails at its last step
+    leaves the previous export exactly as it was, with no half-written directory beside it."""
+    import hatchling.export.hf as hf
+
+    proj = copy_project(exported, tmp_path / "proj")
+    before = {p.relative_to(proj): p.read_bytes() for p in (proj / "checkpoints/export").rglob("*") if p.is_file()}
+
+    def fails(*args):
+        raise RuntimeError("disk went away while writing hf/")
+
+    with monkeypatch.context() as m:
+        m.setattr(hf, "export_hf", fails)
+        assert hatchling_here(proj, "run", "export", "--set", "export.hf=true") == 1
+    after = {p.relative_to(proj): p.read_bytes() for p in (proj / "checkpoints/export").rglob("*") if p.is_file()}
+    assert after == before and sorted(p.name for p in (proj / "checkpoints").iterdir()) == [
+        "export", "pretrain", "pretrain-run", "rlvr", "sft", "sft-run"]
+    assert hatchling_here(proj, "run", "export", "--set", "export.hf=true") == 0
+    written = {p.name for p in (proj / "checkpoints/export").iterdir()}
+    assert written == {"int8", "bf16", "hf"} and (proj / "checkpoints/export/hf/config.json").is_file()

@@ -18,6 +18,7 @@ import math
 import time
 from pathlib import Path
 
+from hatchling.checkpoint import load_for_inference
 from hatchling.data.benchmarks import load_records
 from hatchling.data.packed import load_split
 from hatchling.errors import MissingInputError
@@ -71,8 +72,6 @@ def scores(rows, checkpoints) -> dict:
 
 
 def run(ctx) -> dict:
-    from hatchling.checkpoint import load_for_inference
-
     cfg, log = ctx.params.eval, ctx.log
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()

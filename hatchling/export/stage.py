@@ -18,6 +18,7 @@ import torch
 from hatchling.checkpoint import WEIGHTS, load_for_inference, save_model
 from hatchling.data.packed import load_split
 from hatchling.data.tokenizer import TOKENIZER
+from hatchling.io import atomic_path
 from hatchling.model.int8 import quantize_state_dict
 from hatchling.model.lm import bits_per_byte, sample_batch, tokens_per_byte, validation_loss
 
@@ -46,22 +47,35 @@ def greedy_agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor
 
 
 def run(ctx) -> dict:
-    p, out, data = ctx.params.export, ctx.outputs.export, ctx.inputs.tokenized
+    """Write checkpoints/export (int8/, bf16/ and, with export.hf, hf/) as one atomic swap: measured
+    first, in place beside the old export, so a failed or killed export leaves the previous one whole."""
+    p, data = ctx.params.export, ctx.inputs.tokenized
     source = ctx.inputs[p.source]
     model, _, meta = load_for_inference(source)
+    if p.hf:
+        from hatchling.export.hf import check_exportable, export_hf
+
+        check_exportable(model.config)              # before any work: one clear error for an arch it cannot carry
+    with atomic_path(ctx.outputs.export) as out:
+        out.mkdir()
+        report = export(ctx, model, meta, source, out, data)
+        if p.hf:
+            export_hf(model, source / TOKENIZER, out / "hf")
+    return report
+
+
+def export(ctx, model, meta: dict, source, out, data) -> dict:
+    """The int8 and bf16 artifacts written into `out`, and the report comparing them with fp32."""
+    p = ctx.params.export
     sidecar = {"provenance": {"source": ctx.relative(source), "source_step": meta.get("step"),
                               "data_sha256": meta.get("data_sha256")},
                "tokenizer_sha256": meta.get("tokenizer_sha256"), "stage": "export"}
     files = {TOKENIZER: source / TOKENIZER}
     save_model(model, out / "int8", {**sidecar, "format": "int8",
-                                             "quantization": "symmetric per-output-channel int8 (Linear, embedding)"},
+                                     "quantization": "symmetric per-output-channel int8 (Linear, embedding)"},
                files=files, weights=quantize_state_dict(model))
     bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_model(model, out / "bf16", {**sidecar, "format": "bf16"}, files=files, weights=bf16)
-    if p.hf:
-        from hatchling.export.hf import export_hf
-
-        export_hf(model, source / TOKENIZER, out / "hf")
 
     tok_meta = json.loads((data / "meta.json").read_text())
     val = load_split(data, "val")
