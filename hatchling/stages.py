@@ -265,8 +265,16 @@ def dvc_yaml_text() -> str:
     return header + yaml.safe_dump(dvc_yaml(), sort_keys=False)
 
 
-def input_hash(stage: Stage, root: Path) -> str:
-    return hash_paths(stage.deps, root)
+def input_digests(stage: Stage, root: Path) -> dict[str, str]:
+    """Each declared input's content hash, by name (hashed once per run: the input hash, MLflow's
+    dataset inputs and the Prefect cache key all come from these)."""
+    return {name: hash_paths([path], root) for name, path in stage.inputs.items()}
+
+
+def input_hash(stage: Stage, root: Path, digests: dict[str, str] | None = None) -> str:
+    """One hash of all the stage's inputs (of `digests` when already computed)."""
+    digests = input_digests(stage, root) if digests is None else digests
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 
 def describe_run(params: Params, root: Path) -> dict:
@@ -295,14 +303,14 @@ def headline(stage: Stage, metrics: dict) -> dict[str, float]:
     def add(name: str, value) -> None:
         if isinstance(value, dict):
             for k, v in value.items():
-                add(f"{name}.{k}", v)
+                add(f"{name}.{k}" if name else k, v)
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[name.replace("@", "_at_")] = float(value)        # MLflow names have no "@"
 
     for key in stage.headline:
         if key in metrics:
-            add(key if not isinstance(metrics[key], dict) else "", metrics[key])
-    return {k.lstrip("."): v for k, v in out.items()}
+            add("" if isinstance(metrics[key], dict) else key, metrics[key])
+    return out
 
 
 def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
@@ -323,11 +331,12 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
     if int(os.environ.get("RANK", "0")) != 0:     # torchrun: rank 0 alone tracks and reports
         return fn(context(name, params, root))
     sections = {sec: params.section(sec) for sec in stage.params}
-    run = StageRun(name, sections, {"hatchling.input_hash": input_hash(stage, root)}, root,
+    digests = input_digests(stage, root)
+    run = StageRun(name, sections, {"hatchling.input_hash": input_hash(stage, root, digests)}, root,
                    describe=describe_run(params, root))
     if run.orchestrator == "dvc":
         record_skipped(run, [s.name for s in topological_order() if s.name in with_upstream([name]) - {name}])
-    run.log_inputs({key: (path, hash_paths([path], root)) for key, path in stage.inputs.items()})
+    run.log_inputs({key: (stage.inputs[key], digest) for key, digest in digests.items()})
     try:
         with run.system_metrics() if stage.model else contextlib.nullcontext():
             metrics = fn(context(name, params, root, run.log_metrics))
