@@ -15,6 +15,7 @@ from hatchling.model.kda import (
     kda_step,
     l2norm,
 )
+from hatchling.model.segments import Segments
 
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 
@@ -158,6 +159,35 @@ def test_packed_sequences_start_from_their_own_state_and_never_leak():
     o2, s2 = kda(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu, backend="chunked")
     assert torch.equal(o2[:, 20:], o[:, 20:]) and torch.equal(s2[1], s[1])
     assert not torch.allclose(o2[:, :20], o[:, :20])
+
+
+@pytest.mark.parametrize("backend", ["chunked", "recurrent"])
+def test_segment_ids_restart_the_state_inside_chunks_exactly(backend):
+    """segment_ids (the layer's packed documents) on a batch of rows: outputs and gradients equal each
+    segment run on its own from a zero state (the cu_seqlens reference, one sequence at a time), for
+    segments that start mid-chunk, on a chunk's first token, one token long, and across chunks."""
+    B, T = 3, 75
+    xs, _ = make_inputs(T, torch.float64, B=B, seed=3)
+    starts = torch.zeros(B, T, dtype=torch.bool)
+    starts[0, [5, 16, 17, 40]] = True                   # chunk 16: starts at 16 and 17 (a one-token segment)
+    starts[1, [15, 32, 64]] = True
+    starts[2, 1::3] = True                              # many short segments in every chunk
+    ids = Segments.from_starts(starts).ids
+    leaves = [x.clone().requires_grad_() for x in xs]
+    o, _ = kda(*leaves, chunk_size=16, backend=backend, segment_ids=ids)
+    bounds = F.pad((ids.flatten()[1:] != ids.flatten()[:-1]) | (torch.arange(1, B * T) % T == 0), (1, 0),
+                   value=True).nonzero().squeeze(1)
+    cu = F.pad(bounds, (0, 1), value=B * T)
+    flat = [x.clone().reshape(1, B * T, *x.shape[2:]).requires_grad_() for x in xs]
+    o_ref, _ = kda(*flat, cu_seqlens=cu, backend="recurrent")
+    assert rel_err(o, o_ref.view_as(o)) < 1e-10
+    weights = torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(1))
+    (o * weights).sum().backward()
+    (o_ref * weights.reshape(o_ref.shape)).sum().backward()
+    for x, ref in zip(leaves, flat, strict=True):
+        assert rel_err(x.grad, ref.grad.view_as(x.grad)) < 1e-9
+    plain, _ = kda(*xs, chunk_size=16, backend=backend)
+    assert not torch.allclose(plain, o)
 
 
 def test_bad_packing_is_named():

@@ -18,7 +18,8 @@ g: [B,T,H,K]; beta: [B,T,H]; state: [B,H,K,V] float32), so the GPU path can call
   It also takes the KDA layer's pre-ops (:func:`l2norm` of q and k, the decay :func:`kda_gate`, the
   sigmoid of beta), which fla fuses into its kernel and the other backends apply as these explicit
   ops, and packed sequences (``cu_seqlens``), which fla handles in-kernel and the other backends
-  one sequence at a time.
+  one sequence at a time; or packed documents within batch rows (``segment_ids``), which the
+  chunked form handles by masking inside its chunks, at nearly the cost of an unpacked batch.
 
 Derivation of the chunked form (one chunk, positions r = 1..C, state S_0 at its start,
 G_r = sum_{s<=r} g_s the within-chunk cumulative log-decay, Lambda_r = Diag(exp G_r)).
@@ -141,12 +142,15 @@ def _new_state(q, v, initial_state):
     return initial_state.to(dt)
 
 
-def kda_recurrent(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
-    """Reference KDA: the recurrence one token at a time. Slow, obviously correct."""
+def kda_recurrent(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, segment_ids=None):
+    """Reference KDA: the recurrence one token at a time. Slow, obviously correct. With segment_ids
+    [B, T] the state restarts from zero wherever a row's segment number changes."""
     check_kda_inputs(q, k, v, g, beta, initial_state)
     state = _new_state(q, v, initial_state)
     outs = []
     for t in range(q.shape[1]):
+        if segment_ids is not None and t > 0:
+            state = state * (segment_ids[:, t] == segment_ids[:, t - 1]).to(state.dtype)[:, None, None, None]
         o, state = kda_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, scale)
         outs.append(o)
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(v.shape)
@@ -210,8 +214,13 @@ def intra_chunk_scores(q, k, G, sub_block: int = SUB_BLOCK):
 
 
 def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                chunk_size: int = 64):
-    """Chunkwise-parallel KDA in pure PyTorch (differentiable, any T). See the module docstring."""
+                chunk_size: int = 64, segment_ids=None):
+    """Chunkwise-parallel KDA in pure PyTorch (differentiable, any T). See the module docstring.
+
+    segment_ids [B, T] (packed documents; a row's segment number, rising): the state restarts from
+    zero where it changes, inside a chunk too, with no padding. Per chunk, a token sees the carried-in
+    state S_0 only if it belongs to the segment the chunk began in; token pairs of two segments do
+    not interact (A and P masked); the state carried out counts the chunk's last segment only."""
     check_kda_inputs(q, k, v, g, beta, initial_state)
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -230,16 +239,32 @@ def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_s
 
     q, k, v, g, beta = chunks(q * scale), chunks(k), chunks(v), chunks(g), chunks(beta)
     G = g.cumsum(-2)
+    if segment_ids is not None:
+        seg = F.pad(segment_ids, (0, pad), mode="replicate").reshape(B, 1, N, C)   # padding joins the last
+        same = (seg[..., :, None] == seg[..., None, :]).to(dt)          # [B, 1, N, C, C]
+        # Each token's decay counts its own segment's gates only: the values stay the chunk's cumsum
+        # (monotone, as the factored scores need), the gradient reaches no other segment's gates.
+        own = (same * torch.ones(C, C, dtype=dt, device=q.device).tril()) @ g
+        G = own + (G - own).detach()
     eG = G.exp()
     KK, P = intra_chunk_scores(q, k, G)
+    last = G[..., -1:, :]                                               # [B, H, N, 1, K]
+    decay = last.squeeze(-2).exp()                                      # [B, H, N, K]
+    k_to_end = k * (last - G).exp()
+    qe, ke = q * eG, k * eG
+    if segment_ids is not None:
+        before = torch.cat([seg[:, :, :1, :1], seg[:, :, :-1, -1:]], dim=2)        # the segment coming in
+        carried = (seg == before)[..., None].to(dt)                      # [B, 1, N, C, 1]: sees S_0
+        KK, P = KK * same, P * same
+        qe, ke = qe * carried, ke * carried
+        k_to_end = k_to_end * (seg == seg[..., -1:])[..., None].to(dt)   # the chunk's last segment
+        decay = decay * carried[..., -1, :]                              # a restart drops S_0
     A = KK * beta[..., None]
-    rhs = beta[..., None] * torch.cat([k * eG, v], dim=-1)
+    rhs = beta[..., None] * torch.cat([ke, v], dim=-1)
     eye = torch.eye(C, dtype=dt, device=q.device)
     wu = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)  # [W | U~]
-    last = G[..., -1:, :]                                               # [B, H, N, 1, K]
-    k_to_end = (k * (last - G).exp()).transpose(-1, -2)
-    kw, b = (k_to_end @ wu).split([K, V], dim=-1)                       # [W | U~] share one matmul
-    M = torch.diag_embed(last.squeeze(-2).exp()) - kw                   # [B,H,N,K,K]
+    kw, b = (k_to_end.transpose(-1, -2) @ wu).split([K, V], dim=-1)    # [W | U~] share one matmul
+    M = torch.diag_embed(decay) - kw                                    # [B,H,N,K,K]
     PW, PU = (P @ wu).split([K, V], dim=-1)
 
     starts = []
@@ -247,7 +272,7 @@ def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_s
         starts.append(state)
         state = torch.baddbmm(b_n.flatten(0, 1), M_n.flatten(0, 1), state.flatten(0, 1)).view_as(b_n)
     S = torch.stack(starts, dim=2)                                      # [B,H,N,K,V]
-    o = PU + (q * eG - PW) @ S                                          # P (U~ - W S) + (Q e^G) S
+    o = PU + (qe - PW) @ S                                              # P (U~ - W S) + (Q e^G) S
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
     return o.to(v.dtype), (state if output_final_state else None)
 
@@ -270,7 +295,7 @@ def _per_sequence(fn, q, k, v, g, beta, cu_seqlens, initial_state, output_final_
 
 def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
         chunk_size: int = 64, backend: str = "auto", cu_seqlens=None, use_qk_l2norm: bool = False,
-        use_gate: bool = False, A_log=None, dt_bias=None, use_beta_sigmoid: bool = False):
+        use_gate: bool = False, A_log=None, dt_bias=None, use_beta_sigmoid: bool = False, segment_ids=None):
     """KDA with the fastest available implementation.
 
     backend: ``auto`` (fla's ``chunk_kda`` for CUDA tensors when fla is installed, the single-step
@@ -278,6 +303,9 @@ def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=Fal
     chunk_size: the chunked form's chunk length (fla picks its own).
     cu_seqlens: [N + 1] boundaries of N sequences packed along T (then B = 1, as in fla): no state
     crosses a boundary, and initial_state and the final state are [N, H, K, V].
+    segment_ids: [B, T] packed documents within each row (a row's segment number, rising): the state
+    restarts from zero where it changes; the chunked and recurrent forms take them as they are (no
+    padding), fla as cu_seqlens of the batch flattened to one row.
     use_qk_l2norm, use_gate (with A_log [H], dt_bias [H * K]), use_beta_sigmoid: q and k, g, beta are
     the raw inputs of :func:`l2norm`, :func:`kda_gate` and the sigmoid. fla computes these inside its
     kernel (fla's ``use_*_in_kernel``); the other backends apply the explicit ops, the reference.
@@ -299,6 +327,17 @@ def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=Fal
         if dt_bias is None or dt_bias.shape != (H * K,):
             raise ValueError(f"kda: use_gate needs dt_bias of shape {(H * K,)}, got "
                              f"{None if dt_bias is None else tuple(dt_bias.shape)}")
+    if segment_ids is not None:
+        if cu_seqlens is not None or initial_state is not None:
+            raise ValueError("kda: segment_ids start every row from a zero state and replace cu_seqlens")
+        if backend == "fla":                                            # fla's varlen form: [1, B * T]
+            B, T = segment_ids.shape
+            starts = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0), value=True).flatten()
+            cu = F.pad(starts.nonzero().squeeze(1), (0, 1), value=B * T).to(torch.int32)
+            flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, beta)]
+            o, state = kda(*flat, scale, None, output_final_state, chunk_size, "fla", cu, use_qk_l2norm, use_gate,
+                           A_log, dt_bias, use_beta_sigmoid)
+            return o.view(B, T, *o.shape[2:]), state
     if backend == "fla":
         check_kda_inputs(q, k, v, g, beta, initial_state, max_head_dim=FLA_MAX_HEAD_DIM, cu_seqlens=cu_seqlens,
                          log_decay=not use_gate)
@@ -316,6 +355,6 @@ def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=Fal
         beta = torch.sigmoid(beta.to(torch.promote_types(beta.dtype, torch.float32)))
     fn, kwargs = (kda_recurrent, {}) if backend == "recurrent" else (kda_chunked, {"chunk_size": chunk_size})
     if cu_seqlens is None:
-        return fn(q, k, v, g, beta, scale, initial_state, output_final_state, **kwargs)
+        return fn(q, k, v, g, beta, scale, initial_state, output_final_state, segment_ids=segment_ids, **kwargs)
     check_kda_inputs(q, k, v, g, beta, initial_state, cu_seqlens=cu_seqlens)
     return _per_sequence(fn, q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, scale=scale, **kwargs)

@@ -102,7 +102,7 @@ class KDALayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: dict | None = None, segments: Segments | None = None) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d]. With `segments` (packed documents, no cache) neither the convolutions
-        nor the KDA state cross a document start: KDA sees the batch as one row cut at cu_seqlens."""
+        nor the KDA state cross a document start (kda's segment_ids)."""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
         positions = None if segments is None else segments.positions
@@ -112,14 +112,10 @@ class KDALayer(nn.Module):
         f, b = self.f_proj(x).view(B, T, H, D), self.b_proj(x)             # raw decay input, beta logits
         state = cache.get("state") if cache is not None else None
         if self.spike is None:   # kda applies l2norm, the gate and the sigmoid: inside fla's kernel on its path
-            packed = {}
-            if segments is not None:                                        # fla's varlen form: [1, B * T]
-                q, k, v, f, b = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, f, b))
-                packed = {"cu_seqlens": segments.cu_seqlens}
             o, state = kda(q, k, v, f, b, initial_state=state, output_final_state=cache is not None,
                            chunk_size=self.chunk_size, backend=self.backend, use_qk_l2norm=True,
-                           use_gate=True, A_log=self.A_log, dt_bias=self.dt_bias, use_beta_sigmoid=True, **packed)
-            o = o.view(B, T, H, D)
+                           use_gate=True, A_log=self.A_log, dt_bias=self.dt_bias, use_beta_sigmoid=True,
+                           segment_ids=None if segments is None else segments.ids)
         elif segments is not None:
             raise ValueError("KDALayer: spike-KDA does not keep packed documents apart (its LIF membranes run "
                              "through the whole window)")

@@ -8,8 +8,9 @@ so that no token sees another document's tokens:
 * attention: a block-diagonal causal mask (:meth:`Segments.attention_mask`);
 * the KDA layer's short convolutions: each token's offset in its segment (a tap that would reach
   back past the segment's start reads zero, as at the start of a sequence);
-* KDA: ``cu_seqlens`` of the batch flattened to one row [1, B * T], fla's varlen form (on the
-  PyTorch paths :func:`~hatchling.model.kda.kda` runs each segment on its own from a zero state).
+* KDA: the segment numbers (``ids``): the state restarts from zero where they change (the chunked
+  form masks inside its chunks; fla gets ``cu_seqlens`` of the batch flattened to one row, its
+  varlen form).
 
 A window's first token always starts a segment: what came before it is not in the window.
 """
@@ -31,7 +32,6 @@ def document_starts(input_ids: torch.Tensor, eot_id: int) -> torch.Tensor:
 class Segments:
     ids: torch.Tensor           # [B, T] the segment's number within its row, from 0
     positions: torch.Tensor     # [B, T] the token's offset from its segment's start
-    cu_seqlens: torch.Tensor    # [N + 1] int32: the N segments' bounds in the batch flattened to [1, B * T]
 
     @classmethod
     def from_starts(cls, starts: torch.Tensor) -> Segments:
@@ -41,8 +41,7 @@ class Segments:
         starts[:, 0] = True
         index = torch.arange(T, device=starts.device).expand(B, T)
         positions = index - torch.where(starts, index, 0).cummax(1).values
-        cu_seqlens = F.pad(starts.flatten().nonzero().squeeze(1), (0, 1), value=B * T).to(torch.int32)
-        return cls(starts.cumsum(1) - 1, positions, cu_seqlens)
+        return cls(starts.cumsum(1) - 1, positions)
 
     def attention_mask(self) -> torch.Tensor:
         """[B, 1, T, T] bool: query t may attend to key s iff s <= t in the same segment."""
