@@ -5,8 +5,8 @@
         --decode-context 256 2048 --steps 3                # a small CPU run of the same measurements
 
 The GPT is ``arch: gpt`` (RoPE GQA attention through SDPA in every layer, the same SwiGLU blocks)
-with its MLP widened until its parameter count matches the hybrid's (within one multiple of 64
-hidden units), so the comparison is at equal size. On CUDA: bf16 autocast, fused AdamW, fla's
+with its MLP widened until its parameter count matches the hybrid's (``hatchling.model.sizing.matched``,
+to a multiple of 64 hidden units), so the comparison is at equal size. On CUDA: bf16 autocast, fused AdamW, fla's
 ``chunk_kda`` for KDA (when installed) and SDPA's flash kernel for attention.
 
 Rows (printed as a table, written as JSON):
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from hatchling.model import ModelConfig, build_model
 from hatchling.model.kda import fla_available, kda
 from hatchling.model.kda_layer import KDALayer
+from hatchling.model.sizing import matched
 
 
 def sync(device: torch.device) -> None:
@@ -63,17 +64,6 @@ def peak_reset(device: torch.device) -> None:
 
 def peak_mib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None
-
-
-def same_size_gpt(hybrid_cfg: dict) -> dict:
-    """The gpt config whose parameter count matches the hybrid's: the difference goes to the MLP."""
-    target = build_model(hybrid_cfg).num_params()
-    gpt = {**hybrid_cfg, "arch": "gpt"}
-    cfg = ModelConfig(**gpt)
-    per_unit = 3 * cfg.d_model * cfg.n_layers                    # SwiGLU: gate, up, down per hidden unit
-    extra = (target - build_model(gpt).num_params()) / per_unit
-    gpt["mlp_hidden"] = max(64, cfg.mlp_hidden + 64 * round(extra / 64))
-    return gpt
 
 
 def flops_per_token(model, cfg: ModelConfig, seq: int) -> float:
@@ -184,7 +174,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     hybrid = {"size": args.size, "vocab_size": args.vocab_size}
-    models = {"hybrid": hybrid, "gpt": same_size_gpt(hybrid)}
+    models = {"hybrid": hybrid, "gpt": matched("gpt", hybrid, multiple=64)}
     rows = [train_row(name, cfg, seq, args, device) for seq in args.seq for name, cfg in models.items()]
     rows += [decode_row(name, cfg, c, args, device) for c in args.decode_context for name, cfg in models.items()]
     rows += [kda_layer_row(hybrid, seq, args, device) for seq in args.seq]

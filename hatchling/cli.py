@@ -8,6 +8,9 @@
                        [--device auto|cpu|cuda]
     hatchling chat --checkpoint DIR [same sampling and device options]
     hatchling gridworld [--size 4 --iterations 150 --out logs/gridworld.csv]
+    hatchling bench probes [--archs hybrid gpt bdh hope --probes mqar palindrome stack --lengths 32 64 128 256 512
+                            --steps N --batch-size B --threads N --device cpu --out reports/bench_probes.json
+                            --plot PNG]
     hatchling promote RUN_ID [--alias champion]
     hatchling doctor [--params params.yaml]
 
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import get_args
 
 from hatchling.config import Device, load_params
-from hatchling.errors import BrokenEnvironment, HatchlingError, StageError
+from hatchling.errors import BrokenEnvironment, ConfigError, HatchlingError, StageError
 from hatchling.stages import STAGES, dvc_params, dvc_yaml_text, run_stage, upstream
 
 
@@ -105,6 +108,31 @@ def _gridworld(args) -> int:
     return 0 if reached else 1
 
 
+def _bench_probes(args) -> int:
+    import torch
+    from pydantic import ValidationError
+
+    from hatchling.eval.probe_bench import ProbeBenchConfig, markdown, plot, run_bench
+    from hatchling.io import atomic_write_json
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = {k: getattr(args, k) for k in ("archs", "probes", "lengths", "steps", "batch_size", "seed")}
+    try:
+        cfg = ProbeBenchConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        raise ConfigError(f"bench probes: {e}") from e
+    result = run_bench(cfg, progress=True, device=args.device)
+    print("\n".join(markdown(result)))
+    print(f"{result['total_seconds']} s on {torch.get_num_threads()} threads")
+    atomic_write_json(args.out, result)
+    print(f"wrote {args.out}")
+    if args.plot:
+        plot(result, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def _promote(args) -> int:
     from hatchling.registry import REGISTERED_MODEL, promote
     from hatchling.tracking import client
@@ -161,6 +189,20 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--out", default="logs/gridworld.csv", help="the summary CSV")
     grid.set_defaults(func=_gridworld)
+    bench = sub.add_parser("bench", help="benchmarks run from the library").add_subparsers(dest="bench", required=True)
+    probes = bench.add_parser("probes", help="train a fresh model per arch x probe x length (Zoology-style); "
+                                             "held-out accuracy")
+    probes.add_argument("--archs", nargs="+", default=["hybrid", "gpt", "bdh", "hope"])
+    probes.add_argument("--probes", nargs="+", default=["mqar", "palindrome", "stack"])
+    probes.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    probes.add_argument("--steps", type=int, default=None, help="AdamW steps per model (default: the library's)")
+    probes.add_argument("--batch-size", type=int, default=None)
+    probes.add_argument("--seed", type=int, default=None)
+    probes.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    probes.add_argument("--device", default="cpu", help="where the models train (seeded results: cpu)")
+    probes.add_argument("--out", default="reports/bench_probes.json", help="the result as JSON")
+    probes.add_argument("--plot", default=None, help="also plot accuracy vs length to this PNG")
+    probes.set_defaults(func=_bench_probes)
     promote = sub.add_parser("promote", help="point a registered-model alias at the version a run logged")
     promote.add_argument("run_id", help="the MLflow run id of the stage that registered it (rlvr)")
     promote.add_argument("--alias", default="champion")

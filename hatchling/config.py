@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hatchling.data.benchmarks import SCHEMAS
 from hatchling.errors import ConfigError
+from hatchling.eval.probe_bench import ProbeBenchConfig
 from hatchling.model.config import ModelConfig
 
 
@@ -204,11 +205,13 @@ class TrainParams(Section):
 
 
 class TasksParams(Section):
-    """The project's verifiable tasks (arithmetic, small Python functions) and docs QA chats."""
+    """The project's verifiable tasks (arithmetic, small Python functions), a ladder of tiers each split
+    train / held-out, and docs QA chats."""
 
     seed: int | None = None
-    math_items: int = Field(2000, ge=10)
-    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    math_per_tier: int = Field(1000, ge=10, description="arithmetic problems per tier (hatchling/tasks/math.py TIERS)")
+    code_per_template: int = Field(40, ge=1, le=98, description="functions per template of each code tier")
+    heldout_fraction: float = Field(0.12, gt=0, lt=1)
     docs_qa: int = Field(200, ge=0, description="question/answer chats derived from crawled documents (at most)")
 
 
@@ -243,7 +246,11 @@ class RLVRParams(Section):
                                                          "(needs model.use_predictive_coding)")
     curiosity_coef: float = Field(0.1, ge=0, description="weight of the curiosity bonus")
     grad_clip: float = Field(1.0, ge=0)
-    eval_items: int = Field(20, ge=1, description="held-out items scored greedily before and after")
+    tier: int | Literal["auto"] = Field("auto", description="the ladder's tier RL trains on; auto: the one where "
+                                                             "the SFT policy is least sure (pass rate nearest 1/2)")
+    tier_probe_items: int = Field(32, ge=1, description="training items per tier answered greedily to choose it")
+    eval_items: int = Field(0, ge=0, description="held-out items of the tier scored greedily before and after "
+                                                 "(0 = all)")
     sandbox_timeout_s: float = Field(5.0, gt=0)
     device: Device | None = Field(None, description="where the policy, its reference and the sampling run")
     progress: bool | None = None
@@ -266,7 +273,7 @@ class ExportParams(Section):
 
 
 class EvalParams(Section):
-    """The eval stage: which checkpoints, how many items, and the probes' lengths."""
+    """The eval stage: which checkpoints, how many items, the probe bench and the optional probes."""
 
     checkpoints: list[Literal["pretrain", "sft", "rlvr"]] = Field(
         default_factory=lambda: ["pretrain", "sft", "rlvr"], min_length=1)
@@ -283,10 +290,13 @@ class EvalParams(Section):
     humaneval_k: list[int] = Field(default_factory=lambda: [1])
     temperature: float = Field(0.8, gt=0)
     sandbox_timeout_s: float = Field(5.0, gt=0)
-    probe_lengths: list[int] = Field(default_factory=lambda: [8, 32, 128], min_length=1)
-    probe_items: int = Field(32, ge=1)
+    probe_bench: ProbeBenchConfig | None = Field(
+        default_factory=ProbeBenchConfig, description="fresh small models of each arch trained on synthetic recall "
+                                                      "tasks, accuracy by length (hatchling/eval/probe_bench.py); "
+                                                      "null = off")
     needle_lengths: list[int] = Field(default_factory=lambda: [128, 512], min_length=1)
-    needle_items: int = Field(16, ge=1)
+    needle_items: int = Field(0, ge=0, description="needle-in-a-haystack items per length (0 = off: it means "
+                                                   "something for models trained on long contexts, xs and up)")
     memorize_steps: int = Field(0, ge=0, description="test-time memorization: SGD steps on each multiple-choice "
                                                      "item's context before scoring it (rows *_ttm); 0 = off")
     memorize_lr: float = Field(1e-3, gt=0)

@@ -34,6 +34,38 @@ def generate_text(model, prompt_ids: list[int], max_new_tokens: int, decode: Cal
     return cut_at_stop(decode(new), stop)
 
 
+@torch.no_grad()
+def generate_texts(model, prompts: list[list[int]], max_new_tokens: int, decode: Callable[[list[int]], str],
+                   stop: Sequence[str] = (), max_len: int | None = None, stop_ids: tuple[int, ...] = (),
+                   batch_size: int = 32, *, device: torch.device) -> list[str]:
+    """Greedy continuations of many prompts, each what `generate_text` gives for it alone: prompts of
+    one length decode together, one batch of up to `batch_size` rows, until every row has stopped."""
+    prompts = [p[-max_len:] if max_len else p for p in prompts]
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    out: list[str] = [""] * len(prompts)
+    for same_length in by_length.values():
+        for b in range(0, len(same_length), batch_size):
+            rows = same_length[b:b + batch_size]
+            new: list[list[int]] = [[] for _ in rows]
+            done = [False] * len(rows)
+            for tok in model.stream(torch.tensor([prompts[i] for i in rows], device=device), max_new_tokens):
+                for j, t in enumerate(tok.tolist()):
+                    if done[j]:
+                        continue
+                    if t in stop_ids:
+                        done[j] = True
+                        continue
+                    new[j].append(t)
+                    done[j] = any(s in decode(new[j]) for s in stop)
+                if all(done):
+                    break
+            for j, i in enumerate(rows):
+                out[i] = cut_at_stop(decode(new[j]), stop)
+    return out
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     cuts = [text.index(s) for s in stop if s in text]
     return text[:min(cuts)] if cuts else text

@@ -27,13 +27,14 @@ TINY_PARAMS = {
               "mlp_hidden": 64, "chunk_size": 16},
     "pretrain": {"seed": 7, "lr": 0.003, "warmup_steps": 2, "max_steps": 6, "batch_size": 2, "seq_len": 32,
                  "seq_len_curriculum": [], "eval_every": 3, "eval_batches": 2, "checkpoint_every": 2},
-    "tasks": {"seed": 0, "math_items": 60, "heldout_fraction": 0.2, "docs_qa": 5},
+    "tasks": {"seed": 0, "math_per_tier": 15, "code_per_template": 2, "heldout_fraction": 0.2, "docs_qa": 5},
     "sft": {"seed": 3, "lr": 0.003, "warmup_steps": 1, "max_steps": 4, "batch_size": 2, "seq_len": 32,
             "eval_every": 2, "eval_batches": 2, "checkpoint_every": 2},
-    "rlvr": {"seed": 0, "max_steps": 2, "prompts_per_step": 2, "k": 2, "max_new_tokens": 6, "eval_items": 2},
+    "rlvr": {"seed": 0, "max_steps": 2, "prompts_per_step": 2, "k": 2, "max_new_tokens": 6, "eval_items": 2,
+             "tier_probe_items": 4},
     "eval": {"checkpoints": ["pretrain", "sft", "rlvr"], "limit": 2, "gsm8k_max_new_tokens": 6,
-             "humaneval_max_new_tokens": 6, "probe_lengths": [4, 8], "probe_items": 4, "needle_lengths": [64],
-             "needle_items": 2},
+             "humaneval_max_new_tokens": 6, "needle_lengths": [64], "needle_items": 2,
+             "probe_bench": {"lengths": [16, 32], "steps": 2, "batch_size": 4, "eval_items": 4, "d_model": 32}},
     "export": {"source": "pretrain", "prompts": 4, "prompt_len": 16, "new_tokens": 8, "eval_batches": 2,
                "batch_size": 4, "seq_len": 32, "latency_repeats": 1},
 }
@@ -118,9 +119,9 @@ def pretrained_project(tokenized_project, tmp_path_factory) -> Path:
 
 
 def copy_project(source: Path, dest: Path) -> Path:
-    """A fresh project with the data, checkpoints and reports of `source`."""
+    """A fresh project with the data, checkpoints, reports and logs of `source`."""
     proj = make_project(dest)
-    for name in ("data", "checkpoints", "reports"):
+    for name in ("data", "checkpoints", "reports", "logs"):
         if (source / name).exists():
             shutil.copytree(source / name, proj / name, dirs_exist_ok=True)
     return proj

@@ -16,8 +16,9 @@ import pytest
 from hatchling.config import validate_params
 from hatchling.data.benchmarks import SOURCES, load_records, published
 from hatchling.errors import InputError
-from hatchling.eval.harness import mean_row, wilson_interval
+from hatchling.eval.harness import mean_row
 from hatchling.eval.stage import entry
+from hatchling.stats import wilson_interval
 from tests.conftest import REPO, TINY_PARAMS
 
 SHIPPED = REPO / "data/benchmarks"

@@ -99,7 +99,7 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     assert "val_loss" in flat and "bytes_per_token" in flat
     card = metrics[""]["data"]["reports/eval.json"]["data"]                  # "": the workspace
     assert set(card["scores"]) == set(TINY_PARAMS["eval"]["checkpoints"])       # benchmark scores as scalars
-    assert isinstance(card["scores"]["sft"]["hatchling_math"]["exact_match"], float)
+    assert isinstance(card["scores"]["sft"]["hatchling_math_t1"]["exact_match"], float)
     run_cmd(DVC + ["plots", "show", "-o", "plots_out"], project)
     html = (project / "plots_out" / "index.html").read_text()
     assert "train_loss" in html and "val_loss" in html and '"text": "pretrain: loss"' in html

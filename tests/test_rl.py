@@ -14,6 +14,7 @@ import torch
 
 from hatchling.model import build_model
 from hatchling.train.rl import KLController, RLConfig, group_advantages, kl_k3, ppo_loss, rl_step
+from hatchling.train.rlvr import choose_tier
 
 
 def test_group_advantages_normalize_within_each_prompt():
@@ -92,5 +93,15 @@ def test_rlvr_stage_logs_every_step(pretrained_project):
     assert {"reward_mean", "pass_rate", "kl", "kl_coef", "clip_fraction", "entropy", "response_length"} <= set(rows[0])
     assert float(rows[1]["kl_coef"]) != float(rows[0]["kl_coef"])            # the controller acted
     report = json.loads((pretrained_project / "reports/rlvr.json").read_text())
-    assert report["heldout_items"] == 2 and 0 <= report["heldout_reward_after"] <= 1
+    assert report["heldout_items"] == 2 and 0 <= report["heldout_pass_after"] <= 1
+    assert report["tier"] == choose_tier({int(t): r for t, r in report["tier_pass_rates"].items()})
+    assert set(report["tier_pass_rates"]) == {"1", "2", "3", "4"}
     assert json.loads((pretrained_project / "checkpoints/rlvr/model.json").read_text())["stage"] == "rlvr"
+
+
+def test_rl_trains_on_the_tier_where_the_policy_is_least_sure():
+    """Saturated and hopeless tiers teach nothing (every group's rewards are equal): the tier chosen
+    has the pass rate nearest 1/2; ties go to the lower tier."""
+    assert choose_tier({1: 0.95, 2: 0.4, 3: 0.0}) == 2
+    assert choose_tier({1: 1.0, 2: 0.0}) == 1
+    assert choose_tier({1: 0.3, 2: 0.7}) == 1 and choose_tier({1: 0.8, 2: 0.6}) == 2

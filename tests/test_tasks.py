@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -23,32 +24,44 @@ CODE_ITEM = {"kind": "code", "task_id": "hatchling/add_2", "prompt": 'def add_2(
              "canonical_solution": "    return x + 2\n", "entry_point": "add_2",
              "test": "def check(candidate):\n    assert candidate(1) == 3\n"}
 # (task, item, then a correct, a wrong but well-formed and a malformed completion), as a chat model answers
+DIGEST = "eea9894c9648dceb0cb5ccdf9717dd6eafc111a95c4ca6f9dc1363ae5aa7c448"
 CASES = [(Math(), MATH_ITEM, "3 + 4 = 7.\n#### 7", "3 + 4 = 8.\n#### 8", "it is eight"),
          (Code(), CODE_ITEM, CODE_ITEM["prompt"] + "    return x + 2\n", CODE_ITEM["prompt"] + "    return x\n",
           "def add_2(x:\n    return x + 2\n")]
 
 
 def test_generated_items_are_seeded_and_unchanged():
-    """The same seed gives the same items, byte for byte, as it always has (the digest was taken
-    before the task families moved to hatchling/tasks)."""
-    items = Math().generate(2000, seed=0) + Code().generate(seed=0)
-    assert hashlib.sha256(json.dumps(items).encode()).hexdigest() == \
-        "a06f2885ffb11c52b8fd998ec979bf760f88b08db8506ac7ebbbb3a6c3873082"
-    assert Math().generate(200, seed=1) != Math().generate(200, seed=0)
+    """The same seed gives the same items, byte for byte (the digest pins the ladder of 2026-11-29:
+    a change to a template changes every run's data, so it must be deliberate)."""
+    items = Math().generate(1000, seed=0) + Code().generate(40, seed=0)
+    assert hashlib.sha256(json.dumps(items).encode()).hexdigest() == DIGEST
+    assert Math().generate(50, seed=1) != Math().generate(50, seed=0)
 
 
-def test_generated_items_are_verifiable_and_split_disjointly():
-    math_task, code_task = Math(), Code()
-    items = math_task.generate(200, seed=0)
-    train, heldout = math_task.split(items, 0.2)
-    assert heldout and len(train) + len(heldout) == len(items)
-    assert not {m["question"] for m in train} & {m["question"] for m in heldout}
-    for item in items[:20]:
-        assert math_task.score(item, math_task.answer(item)) and math_task.well_formed(item, item["answer"])
-    for item in code_task.generate(seed=0):
-        assert code_task.score(item, item["canonical_solution"]), item["task_id"]
-        assert code_task.score(item, code_task.answer(item)), item["task_id"]     # the SFT answer redefines it
-        assert not code_task.score(item, "    return None\n"), item["task_id"]
+def test_the_ladder_has_every_tier_verifiable_and_split_disjointly():
+    """Each tier has its share of distinct items; every reference answer passes its own verifier and
+    a wrong one does not; train and held-out never share an item, within a tier or across."""
+    for task, items in ((Math(), Math().generate(60, seed=0)), (Code(), Code().generate(3, seed=0))):
+        tiers = sorted({x["tier"] for x in items})
+        assert tiers == sorted(task.tiers) and len({task.key(x) for x in items}) == len(items)
+        train, heldout = task.split(items, 0.2)
+        assert heldout and len(train) + len(heldout) == len(items)
+        assert not {task.key(x) for x in train} & {task.key(x) for x in heldout}
+        for item in items:
+            assert task.score(item, task.answer(item)), item
+            assert task.well_formed(item, task.answer(item))
+    for item in Code().generate(2, seed=0):
+        assert Code().score(item, item["canonical_solution"]), item["task_id"]
+        assert not Code().score(item, "    return None\n"), item["task_id"]
+    for item in Math().generate(30, seed=0):
+        value = int(extract_answer(item["answer"]))
+        assert not Math().score(item, f"#### {value + 1}")
+
+
+def test_the_lowest_tier_is_one_digit_sums():
+    for item in (x for x in Math().generate(100, seed=0) if x["tier"] == 1):
+        a, b = map(int, re.search(r"(\d+) \+ (\d+) = (\d+)", item["answer"]).groups()[:2])
+        assert 0 <= a <= 9 and 0 <= b <= 9 and extract_answer(item["answer"]) == str(a + b)
 
 
 def test_how_items_are_asked():
@@ -118,7 +131,7 @@ def test_rlvr_and_the_eval_judge_a_completion_alike(monkeypatch):
     ev = Evaluator(None, SimpleNamespace(token_to_id=lambda token: 0), cfg, device=torch.device("cpu"))
     for task, item, *completions in CASES:
         for completion in completions:
-            monkeypatch.setattr(Evaluator, "answer", lambda self, *args, c=completion, **kwargs: c)
+            monkeypatch.setattr(Evaluator, "answers", lambda self, task, items, n, c=completion: [c] * len(items))
             record = {**item, "id": item["kind"]}
             rows = ev.gsm8k([record], shots=[]) if task.name == "math" else ev.humaneval([record])
             assert rows[0].values == (rlvr[task.name].reward(item, completion, format_bonus=0.0),), completion
@@ -132,8 +145,8 @@ def test_training_tasks_are_checked_against_the_eval_sets(tmp_path):
     from hatchling.tasks import stage
     from tests.conftest import TINY_PARAMS
 
-    tree = {**TINY_PARAMS, "tasks": {**TINY_PARAMS["tasks"], "math_items": 40}}
-    train, _ = Math().split(Math().generate(40, seed=0), tree["tasks"]["heldout_fraction"])
+    tree = {**TINY_PARAMS, "tasks": {**TINY_PARAMS["tasks"], "math_per_tier": 10}}
+    train, _ = Math().split(Math().generate(10, seed=0), tree["tasks"]["heldout_fraction"])
     leaked = train[0]
     write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": leaked["question"], "answer": leaked["answer"]}])
     (tmp_path / "data/crawl").mkdir(parents=True)
@@ -143,3 +156,26 @@ def test_training_tasks_are_checked_against_the_eval_sets(tmp_path):
     kept = [x["question"] for x in read_jsonl(tmp_path / "data/tasks/math_train.jsonl")]
     assert report["contaminated_training_items"] == {"gsm8k": 1} and leaked["question"] not in kept
     assert len(kept) == len(train) - 1
+
+
+def test_batched_greedy_answers_equal_one_at_a_time():
+    """generate_texts (prompts of one length decode as one batch) gives each prompt what
+    generate_text gives it alone, with stop strings, stop tokens and a length cut."""
+    from hatchling.inference import generate_text, generate_texts
+    from hatchling.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"size": "toddler", "vocab_size": 40, "d_model": 32, "n_layers": 4, "n_heads": 2,
+                         "head_dim": 16, "mlp_hidden": 64, "chunk_size": 8}).eval()
+    rng = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(1, 40, (n,), generator=rng).tolist() for n in (5, 9, 5, 12, 9, 5, 3)]
+    def decode(ids):
+        return "".join(chr(97 + t % 26) for t in ids)
+
+    for stop, stop_ids, max_len in (((), (), None), (("q", "zz"), (), None), ((), (7, 11), 8)):
+        alone = [generate_text(model, p, 12, decode, stop, max_len, stop_ids=stop_ids, device=torch.device("cpu"))
+                 for p in prompts]
+        together = generate_texts(model, prompts, 12, decode, stop, max_len, stop_ids, batch_size=2,
+                                  device=torch.device("cpu"))
+        assert together == alone
+    assert len(set(alone)) > 1

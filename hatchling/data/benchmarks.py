@@ -190,7 +190,8 @@ def canonical(name: str, path: Path, raw: list[tuple[int, dict]]) -> list[dict]:
         except (ValueError, TypeError, AttributeError) as e:
             raise InputError(f"{where}: {e} (the {name} schema: {FORMS[schema]})") from None
         item_id = next((d[k] for k in ("id", "qID", "task_id", "ind") if d.get(k) not in (None, "")), None)
-        out.append({"id": str(item_id) if item_id is not None else f"{name}-{lineno}", **record})
+        tier = {"tier": d["tier"]} if "tier" in d else {}          # the project's task ladder (data/tasks)
+        out.append({"id": str(item_id) if item_id is not None else f"{name}-{lineno}", **record, **tier})
     return out
 
 

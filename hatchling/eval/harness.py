@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -16,15 +16,14 @@ from hatchling.data.chat import render_chat, stop_ids
 from hatchling.data.tokenizer import EOT
 from hatchling.errors import ConfigError
 from hatchling.eval.continual import Memorizer
-from hatchling.eval.probes import PROBES, Alphabet, chance, make_items, needle, probe_accuracy
+from hatchling.eval.probes import needle, probe_accuracy
 from hatchling.eval.scoring import loglikelihoods
-from hatchling.inference import generate_text
+from hatchling.inference import generate_text, generate_texts
+from hatchling.stats import Z95, wilson_interval
 from hatchling.tasks.base import Task
 from hatchling.tasks.code import Code, pass_at_k
 from hatchling.tasks.math import Math
 from hatchling.tasks.multiple_choice import MULTIPLE_CHOICE, MultipleChoice
-
-Z95 = 1.959964     # the standard normal's 97.5th percentile
 
 
 @dataclass
@@ -38,21 +37,12 @@ class Row:
     ci: tuple[float, float]         # 95% interval: Wilson's for a proportion, else mean ± 1.96 stderr
     ids: tuple[str, ...] = ()       # the items scored, in order (for clean-subset scores)
     values: tuple[float, ...] = ()  # each item's score
+    tier: int | None = None         # the ladder's tier (the project's tiered task sets)
 
     @property
     def at_chance(self) -> bool:
         """Whether chance lies within the score's 95% interval."""
         return self.ci[0] <= self.chance <= self.ci[1]
-
-
-def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson's score interval of a proportion: sound at 0 and 1 and for small n, unlike mean ± z·se."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def mean_row(task: str, metric: str, values: list[float], chance: float, ids: list[str] = ()) -> Row:
@@ -87,13 +77,25 @@ class Evaluator:
                seed: int | None = None) -> str:
         """The model's answer to a generation item: a chat model is asked the task's question, a base
         model continues the task's prompt up to its stop strings."""
+        ids = self.prompt_ids(task, item)
         if self.chat:
-            ids = render_chat(self.tokenizer, [{"role": "user", "content": task.question(item)}],
-                              add_generation_prompt=True)
             return generate_text(self.model, ids, max_new_tokens, self.decode, (), self.cfg.max_len, temperature,
                                  seed, stop_ids(self.tokenizer), device=self.device)
-        return generate_text(self.model, [self.bos, *self.encode(task.prompt(item))], max_new_tokens, self.decode,
-                             task.stop, self.cfg.max_len, temperature, seed, device=self.device)
+        return generate_text(self.model, ids, max_new_tokens, self.decode, task.stop, self.cfg.max_len, temperature,
+                             seed, device=self.device)
+
+    def prompt_ids(self, task: Task, item: dict) -> list[int]:
+        """A chat model is asked the task's question as a user turn; a base model gets the task's prompt."""
+        if self.chat:
+            return render_chat(self.tokenizer, [{"role": "user", "content": task.question(item)}],
+                               add_generation_prompt=True)
+        return [self.bos, *self.encode(task.prompt(item))]
+
+    def answers(self, task: Task, items: list[dict], max_new_tokens: int) -> list[str]:
+        """Greedy answers to many items, batched (each equal to `answer` at temperature 0)."""
+        return generate_texts(self.model, [self.prompt_ids(task, x) for x in items], max_new_tokens, self.decode,
+                              () if self.chat else task.stop, self.cfg.max_len,
+                              stop_ids(self.tokenizer) if self.chat else (), self.cfg.batch_size, device=self.device)
 
     def multiple_choice(self, task: MultipleChoice, records: list[dict], memorizer: Memorizer | None = None,
                         suffix: str = "") -> list[Row]:
@@ -130,16 +132,17 @@ class Evaluator:
 
     def gsm8k(self, records: list[dict], shots: list[dict], name: str = "gsm8k") -> list[Row]:
         task = Math(shots)
-        correct = []
-        for d in tqdm(records, desc=name, disable=not self.cfg.progress, leave=False):
-            correct.append(float(task.score(d, self.answer(task, d, self.cfg.gsm8k_max_new_tokens))))
+        answers = self.answers(task, records, self.cfg.gsm8k_max_new_tokens)
+        correct = [float(task.score(d, a)) for d, a in zip(records, answers, strict=True)]
         return [mean_row(name, "exact_match", correct, 0.0, [d["id"] for d in records])]
 
     def humaneval(self, problems: list[dict], name: str = "humaneval") -> list[Row]:
         c, task = self.cfg, Code(self.cfg.sandbox_timeout_s)
-        greedy, passes = [], []
-        for i, p in enumerate(tqdm(problems, desc=name, disable=not c.progress, leave=False)):
-            greedy.append(float(task.score(p, self.answer(task, p, c.humaneval_max_new_tokens))))
+        answers = self.answers(task, problems, c.humaneval_max_new_tokens)
+        greedy = [float(task.score(p, a)) for p, a in zip(problems, answers, strict=True)]
+        passes = []
+        for i, p in enumerate(tqdm(problems, desc=name, disable=not c.progress or not c.humaneval_samples,
+                                   leave=False)):
             if c.humaneval_samples:
                 passes.append(sum(task.score(p, self.answer(task, p, c.humaneval_max_new_tokens, c.temperature,
                                                             seed=c.seed * 100_003 + i * 1009 + j))
@@ -151,28 +154,38 @@ class Evaluator:
                                  ids))
         return rows
 
-    def probes(self, haystack: list[int]) -> dict[str, dict[str, float]]:
-        """{probe: {length: accuracy}} for the synthetic probes and the needle."""
+    def needle(self, haystack: list[int]) -> dict[str, dict[str, float]]:
+        """{"needle": {length: accuracy}} (and "needle_ttm", the same needles after memorizing each
+        haystack, when eval.memorize_steps is set)."""
         c = self.cfg
-        alphabet = Alphabet.from_tokenizer(self.tokenizer)
-        out: dict[str, dict[str, float]] = {}
-        for name in PROBES:
-            out[name] = {str(n): probe_accuracy(self.model, make_items(name, n, c.probe_items, c.seed, alphabet),
-                                                c.batch_size, device=self.device) for n in c.probe_lengths}
         rng = random.Random(f"needle:{c.seed}")
         needles = {n: [needle(rng, self.tokenizer, haystack, n) for _ in range(c.needle_items)]
                    for n in c.needle_lengths}
-        out["needle"] = {str(n): probe_accuracy(self.model, items, c.batch_size, device=self.device)
-                         for n, items in needles.items()}
+        out = {"needle": {str(n): probe_accuracy(self.model, items, c.batch_size, device=self.device)
+                          for n, items in needles.items()}}
         if c.memorize_steps:            # the same needles, each haystack memorized before the question
             memorizer = Memorizer(self.model, c.memorize_steps, c.memorize_lr, c.memorize_reset, device=self.device)
             out["needle_ttm"] = {str(n): probe_accuracy(self.model, items, c.batch_size, memorizer, device=self.device)
                                  for n, items in needles.items()}
-        out["chance"] = {name: chance(name, alphabet) for name in PROBES}   # the needle's has no one value
         return out
 
 
+def tiers(records: list[dict]) -> dict[int | None, list[dict]]:
+    """The records of a tiered task set (the project's ladder) by tier; {None: records} for others."""
+    out: dict[int | None, list[dict]] = {}
+    for r in records:
+        out.setdefault(r.get("tier"), []).append(r)
+    return dict(sorted(out.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))
+
+
+def tier_task(name: str, tier: int | None) -> str:
+    """A tier's row name: hatchling_math_t1 (a set without tiers keeps its name)."""
+    return name if tier is None else f"{name}_t{tier}"
+
+
 def run_task(ev: Evaluator, name: str, records: list[dict], shots: list[dict]) -> list[Row]:
+    """The rows of one benchmark; a tiered set (the project's ladder) gets rows per tier, named
+    `tier_task(name, tier)`."""
     if name in MULTIPLE_CHOICE:
         rows = ev.multiple_choice(MULTIPLE_CHOICE[name], records)
         c = ev.cfg
@@ -182,8 +195,14 @@ def run_task(ev: Evaluator, name: str, records: list[dict], shots: list[dict]) -
                                                  device=ev.device),
                                        suffix="_ttm")
         return rows
-    if SCHEMAS.get(name) == "gsm8k":
-        return ev.gsm8k(records, shots, name)
-    if SCHEMAS.get(name) == "humaneval":
-        return ev.humaneval(records, name)
-    raise ConfigError(f"no eval task named {name!r}")
+    score = {"gsm8k": lambda group, task: ev.gsm8k(group, shots, task),
+             "humaneval": lambda group, task: ev.humaneval(group, task)}.get(SCHEMAS.get(name))
+    if score is None:
+        raise ConfigError(f"no eval task named {name!r}")
+    return [replace(row, tier=tier) for tier, group in tiers(records).items()
+            for row in score(group, tier_task(name, tier))]
+
+
+def tier_about(name: str, tier: int) -> str:
+    """What a tier of the project's task set `name` asks (hatchling/tasks: Math.tiers, Code.tiers)."""
+    return {"gsm8k": Math, "humaneval": Code}[SCHEMAS[name]].tiers[tier][0]

@@ -7,7 +7,8 @@ tokens of the model's own tokenizer (letters and digits), so the probes run on a
 
 - palindrome: a random string, a separator, then the string reversed (every reversed token a target)
 - MQAR (multi-query associative recall): key-value pairs, a separator, then keys again, each
-  followed by its value (values are targets), as in Zoology (Arora et al., 2023)
+  followed by its value (values are targets), as in Zoology (Arora et al., 2023); optionally spread
+  over a span of filler, as there
 - stack: pushes (a symbol) and pops (a pop marker followed by the popped symbol, the target), LIFO
 - needle: a sentence holding a number, hidden at a random depth of real held-out text, then the
   question; the number's tokens are targets
@@ -56,7 +57,10 @@ def palindrome(rng: random.Random, a: Alphabet, length: int) -> ProbeItem:
     return ProbeItem(tokens, list(range(length + 1, len(tokens))))
 
 
-def mqar(rng: random.Random, a: Alphabet, length: int, queries: int = 4) -> ProbeItem:
+def mqar(rng: random.Random, a: Alphabet, length: int, queries: int = 4, span: int | None = None) -> ProbeItem:
+    """With `span`, the queries sit in random two-token slots of `span` tokens after the separator and
+    the separator fills the rest (Zoology's form: the distance to each answer varies); without, they
+    follow one another."""
     half = len(a.symbols) // 2
     keys = rng.sample(a.symbols[:half], min(length, half)) if length <= half else \
         [rng.choice(a.symbols[:half]) for _ in range(length)]
@@ -64,11 +68,16 @@ def mqar(rng: random.Random, a: Alphabet, length: int, queries: int = 4) -> Prob
     for k in keys:          # a repeated key is rebound: its latest value is the answer
         pairs[k] = rng.choice(a.symbols[half:])
     tokens = [t for k in keys for t in (k, pairs[k])] + [a.sep]
-    targets = []
-    for k in rng.sample(list(pairs), min(queries, len(pairs))):
-        tokens += [k, pairs[k]]
-        targets.append(len(tokens) - 1)
-    return ProbeItem(tokens, targets)
+    asked = rng.sample(list(pairs), min(queries, len(pairs)))
+    n_slots = len(asked) if span is None else span // 2
+    if n_slots < len(asked):
+        raise ValueError(f"mqar: {len(asked)} queries do not fit in a span of {span} tokens")
+    slots = range(len(asked)) if span is None else sorted(rng.sample(range(n_slots), len(asked)))
+    body = [a.sep] * (2 * n_slots)
+    for k, slot in zip(asked, slots, strict=True):
+        body[2 * slot:2 * slot + 2] = [k, pairs[k]]
+    targets = [len(tokens) + 2 * slot + 1 for slot in slots]
+    return ProbeItem(tokens + body, targets)
 
 
 def stack(rng: random.Random, a: Alphabet, length: int) -> ProbeItem:

@@ -1,7 +1,10 @@
-"""Stage `eval`: every benchmark in params.benchmarks and the long-range probes, for each checkpoint
-in params.eval.checkpoints, plus (when switched on) test-time memorization beside the plain
-multiple-choice scores and the forgetting eval; reports/eval.json, reports/eval.md and
-reports/eval_probes.png.
+"""Stage `eval`: every benchmark in params.benchmarks (the project's task ladder tier by tier among
+them) for each checkpoint in params.eval.checkpoints, the probe bench (fresh small models of each
+architecture trained on synthetic recall tasks, hatchling/eval/probe_bench.py), plus (when switched
+on) the needle probe, test-time memorization beside the plain multiple-choice scores and the
+forgetting eval; reports/eval.json, the report card reports/eval.md with what the training stages
+report of themselves (pretraining against its baselines, RL's gain), and its figures
+reports/eval_training.png and reports/eval_probes.png.
 
 Each score comes with its 95% interval, n and chance level. The items the dedup stage found in the
 training data (reports/contamination.json) are counted per benchmark, and where there are any the
@@ -13,6 +16,7 @@ device) and scored, generates, is probed and trains (memorization, forgetting) t
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
@@ -23,8 +27,10 @@ from hatchling.data.benchmarks import load_records
 from hatchling.data.packed import load_split
 from hatchling.errors import MissingInputError
 from hatchling.eval.continual import forgetting
-from hatchling.eval.harness import Evaluator, Row, mean_row, run_task
-from hatchling.eval.report import markdown, plot_probes
+from hatchling.eval.harness import Evaluator, Row, mean_row, run_task, tier_about, tiers
+from hatchling.eval.probe_bench import plot as plot_bench
+from hatchling.eval.probe_bench import run_bench
+from hatchling.eval.report import markdown, plot_training
 from hatchling.io import atomic_write_text
 from hatchling.model.device import resolve_device
 
@@ -71,6 +77,23 @@ def scores(rows, checkpoints) -> dict:
     return out
 
 
+def training(ctx) -> dict:
+    """What the training stages report about themselves that the card shows: pretraining against its
+    baselines, RL's tier and its held-out pass rate before and after."""
+    pretrain = json.loads(ctx.inputs.pretrain_report.read_text())
+    rlvr = json.loads(ctx.inputs.rlvr_report.read_text())
+    return {"pretrain": {k: pretrain[k] for k in ("steps", "val_bpb", "full_val_bpb", "step0_val_bpb",
+                                                  "unigram_val_bpb", "bigram_val_bpb", "bigram_add_k")},
+            "rlvr": {k: rlvr[k] for k in ("steps", "tier", "tier_pass_rates", "heldout_items", "heldout_pass_before",
+                                          "heldout_pass_after", "heldout_gain", "heldout_pass_before_ci",
+                                          "heldout_pass_after_ci")}}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def run(ctx) -> dict:
     cfg, log = ctx.params.eval, ctx.log
     device = resolve_device(cfg.device)
@@ -81,36 +104,42 @@ def run(ctx) -> dict:
         if records is None:
             not_run[name] = status
         else:
-            limit = cfg.limit_for(name)
-            data[name] = records[:limit] if limit else records
+            limit = cfg.limit_for(name)       # of each tier, in a tiered set
+            data[name] = [r for group in tiers(records).values() for r in (group[:limit] if limit else group)]
     found = contaminated_ids(ctx.inputs.contamination)
     shots, haystack = fewshot(cfg, ctx.root), haystack_tokens(ctx.inputs.tokenized)
     rows: dict[tuple[str, str], dict] = {}
-    probes, forgot = {}, {}
+    needles, forgot = {}, {}
     for ckpt in cfg.checkpoints:
         model, tokenizer, meta = load_for_inference(ctx.inputs[ckpt], device=device)
         ev = Evaluator(model, tokenizer, cfg, device=device, chat=meta.get("stage") in ("sft", "rlvr"))
         for name, records in data.items():
             for row in run_task(ev, name, records, shots):
-                scored = found.get(row.task, set()) & set(row.ids)
-                line = rows.setdefault((row.task, row.metric), {"task": row.task, "metric": row.metric, "n": row.n,
-                                                                "chance": row.chance, "found": len(scored)})
+                scored = found.get(name, set()) & set(row.ids)
+                line = rows.setdefault((row.task, row.metric), {
+                    "task": row.task, "metric": row.metric, "n": row.n, "chance": row.chance, "found": len(scored),
+                    **({"benchmark": name, "tier": row.tier, "about": tier_about(name, row.tier)}
+                       if row.tier is not None else {})})
                 line[ckpt] = entry(row, scored)
                 log({f"{ckpt}.{row.task}.{row.metric}".replace("@", "_at_"): row.value}, 0)   # MLflow: no "@"
-        probes[ckpt] = ev.probes(haystack)
+        if cfg.needle_items:
+            needles[ckpt] = ev.needle(haystack)
+            for probe, by_length in needles[ckpt].items():
+                for length, acc in by_length.items():
+                    log({f"{ckpt}.{probe}": acc}, int(length))
         if cfg.forgetting_segments:
             forgot[ckpt] = forgetting(model, load_split(ctx.inputs.tokenized, "train"), cfg.forgetting_segments,
                                       cfg.forgetting_steps, cfg.forgetting_lr, cfg.batch_size,
                                       min(cfg.max_len, 128), seed=cfg.seed, device=device)
             log({f"{ckpt}.forgetting": forgot[ckpt]["forgetting"]}, 0)
-        for probe, by_length in probes[ckpt].items():
-            if probe != "chance":
-                for length, acc in by_length.items():
-                    log({f"{ckpt}.probe.{probe}": acc}, int(length))
-    report = {"checkpoints": list(cfg.checkpoints), "rows": list(rows.values()), "not_run": not_run,
-              "scores": scores(rows.values(), cfg.checkpoints),
-              "probes": probes, "forgetting": forgot, "seconds": round(time.perf_counter() - t0, 2)}
+    bench = {} if cfg.probe_bench is None else run_bench(cfg.probe_bench, cfg.progress, device)
+    report = {"checkpoints": list(cfg.checkpoints), "training": training(ctx), "rows": list(rows.values()),
+              "not_run": not_run, "scores": scores(rows.values(), cfg.checkpoints), "probe_bench": bench,
+              "needle": needles, "forgetting": forgot, "seconds": round(time.perf_counter() - t0, 2)}
     atomic_write_text(ctx.outputs.report, markdown(report))
-    plot_probes(report, ctx.outputs.probes_plot)
+    plot_training({name: read_csv(ctx.inputs[f"{name}_log"]) for name in ("pretrain_eval", "sft", "sft_eval", "rlvr")},
+                  report["training"]["pretrain"], ctx.outputs.training_plot)
+    if bench:
+        plot_bench(bench, ctx.outputs.probes_plot)
     return report
 

@@ -61,6 +61,28 @@ def validation_loss(model, data: np.ndarray, batches: int, batch_size: int, seq_
     return float(np.mean(losses))
 
 
+@torch.no_grad()
+def split_loss(model, data: np.ndarray, seq_len: int, batch_size: int, device="cpu", autocast=None,
+               eot_id: int | None = None) -> float:
+    """Mean next-token loss (nats) over every token of `data` after the first, in consecutive windows
+    of `seq_len` (each window starts without context): the whole split, where validation_loss samples."""
+    model.eval()
+    data = np.asarray(data, dtype=np.int64)
+    starts = list(range(0, len(data) - 1, seq_len))
+    total, count = 0.0, 0
+    for b in range(0, len(starts), batch_size):
+        rows = [data[s:s + seq_len + 1] for s in starts[b:b + batch_size]]
+        width = max(len(r) for r in rows) - 1
+        x = torch.zeros(len(rows), width, dtype=torch.long)
+        y = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, :len(r) - 1], y[i, :len(r) - 1] = torch.from_numpy(r[:-1]), torch.from_numpy(r[1:])
+        with autocast or contextlib.nullcontext():
+            s, n = loss_sum(model, x.to(device), y.to(device), eot_id)
+        total, count = total + float(s), count + int(n)
+    return total / count
+
+
 def tokens_per_byte(tokens: int, n_bytes: int) -> float:
     """Tokens per UTF-8 byte of the text they encode (a text of no bytes counts as one)."""
     return tokens / max(n_bytes, 1)

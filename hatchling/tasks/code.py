@@ -16,20 +16,40 @@ import random
 from hatchling.sandbox import Result, run_python
 from hatchling.tasks.base import Task
 
-# (name, argument, description, body, n -> [(argument, expected)]): one function per n
-TEMPLATES = (
+# A template: (name, argument, description, body, n -> [(argument, expected)]), one function per n.
+# Bodies may span lines ("\n" + 4 spaces per level); arguments are one value, or () for none.
+CONSTANTS = (
+    ("get_{n}", "", "returns the number {n}", "return {n}", lambda n: [((), n)]),
+    ("answer_{n}", "", "returns {n}", "return {n}", lambda n: [((), n)]),
+    ("word_{n}", "", "returns the string 'n{n}'", "return 'n{n}'", lambda n: [((), f"n{n}")]),
+)
+EXPRESSIONS = (
     ("add_{n}", "x", "returns x plus {n}", "return x + {n}", lambda n: [(v, v + n) for v in (0, 3, -5, 10)]),
     ("times_{n}", "x", "returns x multiplied by {n}", "return x * {n}", lambda n: [(v, v * n) for v in (0, 2, -3, 7)]),
     ("is_multiple_of_{n}", "x", "returns True when x is divisible by {n}", "return x % {n} == 0",
      lambda n: [(v, v % n == 0) for v in (0, n, n + 1, 3 * n, 2 * n - 1)]),
     ("first_{n}", "items", "returns the first {n} elements of the list items", "return items[:{n}]",
-     lambda n: [(list(range(10)), list(range(10))[:n]), ([], []), ([7], [7][:n])]),
+     lambda n: [(list(range(12)), list(range(12))[:n]), ([], []), ([7], [7][:n])]),
     ("repeat_{n}", "s", "returns the string s repeated {n} times", "return s * {n}",
      lambda n: [("ab", "ab" * n), ("", ""), ("x", "x" * n)]),
-    ("count_above_{n}", "items", "returns how many numbers in items are greater than {n}",
-     "return sum(1 for v in items if v > {n})",
-     lambda n: [([n - 1, n, n + 1, n + 5], 2), ([], 0), ([n + 2] * 3, 3)]),
 )
+LOOPS = (
+    ("count_above_{n}", "items", "returns how many numbers in items are greater than {n}",
+     "total = 0\n    for v in items:\n        if v > {n}:\n            total += 1\n    return total",
+     lambda n: [([n - 1, n, n + 1, n + 5], 2), ([], 0), ([n + 2] * 3, 3)]),
+    ("sum_times_{n}", "items", "returns the sum of the numbers in items, each multiplied by {n}",
+     "total = 0\n    for v in items:\n        total += v * {n}\n    return total",
+     lambda n: [([1, 2, 3], 6 * n), ([], 0), ([-4, 4, 5], 5 * n)]),
+    ("multiples_of_{n}", "limit", "returns the list of the multiples of {n} from 0 up to but not including limit",
+     "out = []\n    for v in range(0, limit, {n}):\n        out.append(v)\n    return out",
+     lambda n: [(0, []), (1, [0]), (4 * n + 1, [0, n, 2 * n, 3 * n, 4 * n])]),
+)
+# tier -> (what it asks, its templates)
+TIERS = {
+    1: ("return a constant", CONSTANTS),
+    2: ("one-line expressions", EXPRESSIONS),
+    3: ("loops", LOOPS),
+}
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -49,24 +69,27 @@ class Code(Task):
     name = "code"
     stop = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
     instruction = "Complete this Python function.\n"
-    templates = TEMPLATES
-    variants = 6                # functions per template, each with its own n
+    tiers = TIERS
 
     def __init__(self, timeout_s: float = 5.0):
         self.timeout_s = timeout_s
 
-    def generate(self, seed: int) -> list[dict]:
-        """`variants` functions per template, each with a docstring, a solution and unit tests."""
-        rng = random.Random(f"{self.name}:{seed}")
+    def generate(self, per_template: int, seed: int) -> list[dict]:
+        """`per_template` functions per template of each tier (n drawn from 2..99 without repeats),
+        each with a docstring, a solution and unit tests."""
         items = []
-        for name, arg, description, body, cases in self.templates:
-            for n in rng.sample(range(2, 10), self.variants):
-                entry = name.format(n=n)
-                prompt = f'def {entry}({arg}):\n    """{description.format(n=n)}."""\n'
-                test = "def check(candidate):\n" + "".join(
-                    f"    assert candidate({args!r}) == {expected!r}\n" for args, expected in cases(n))
-                items.append({"kind": self.name, "task_id": f"hatchling/{entry}", "prompt": prompt,
-                              "canonical_solution": f"    {body.format(n=n)}\n", "test": test, "entry_point": entry})
+        for tier, (_, templates) in self.tiers.items():
+            rng = random.Random(f"{self.name}:{tier}:{seed}")
+            for name, arg, description, body, cases in templates:
+                for n in rng.sample(range(2, 100), per_template):
+                    entry = name.format(n=n)
+                    prompt = f'def {entry}({arg}):\n    """{description.format(n=n)}."""\n'
+                    test = "def check(candidate):\n" + "".join(
+                        f"    assert candidate({'' if args == () else repr(args)}) == {expected!r}\n"
+                        for args, expected in cases(n))
+                    items.append({"kind": self.name, "tier": tier, "task_id": f"hatchling/{entry}", "prompt": prompt,
+                                  "canonical_solution": f"    {body.format(n=n)}\n", "test": test,
+                                  "entry_point": entry})
         return items
 
     def key(self, item: dict) -> str:

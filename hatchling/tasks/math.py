@@ -2,9 +2,11 @@
 arithmetic problems.
 
 An item is ``{"question", "answer"}`` where the answer is a worked rationale ending in ``#### N``.
-The project's problems are made from a seed by templates (each returns the question, the rationale
-and the value); the same seed always gives the same problems. An answer is correct when its number
-(after ``####``, else its last number) equals the reference's, as GSM8K is scored.
+The project's problems form a ladder of tiers (``TIERS``), from one-digit sums to two-step word
+problems, so a tiny model has a rung it can reach and the next one to climb; each item carries its
+``tier``. They are made from a seed by templates (each returns the question, the rationale and the
+value); the same seed always gives the same problems. An answer is correct when its number (after
+``####``, else its last number) equals the reference's, as GSM8K is scored.
 """
 
 from __future__ import annotations
@@ -47,6 +49,22 @@ def normalize_number(text: str | None) -> str | None:
     return format(normalized, "f") if normalized != 0 else "0"
 
 
+def _sum1(rng: random.Random) -> tuple[str, str, int]:
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    question = rng.choice((f"What is {a} + {b}?", f"What is {a} plus {b}?", f"Add {a} and {b}.",
+                           f"{name} has {a} {thing} and finds {b} more. How many {thing} does {name} have?"))
+    return question, f"{a} + {b} = {a + b}.", a + b
+
+
+def _sum_diff2(rng: random.Random) -> tuple[str, str, int]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    if rng.random() < 0.5:
+        return rng.choice((f"What is {a} + {b}?", f"Add {a} and {b}.")), f"{a} + {b} = {a + b}.", a + b
+    a, b = max(a, b), min(a, b)
+    return rng.choice((f"What is {a} - {b}?", f"Subtract {b} from {a}.")), f"{a} - {b} = {a - b}.", a - b
+
+
 def _add(rng: random.Random) -> tuple[str, str, int]:
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     a, b = rng.randint(2, 60), rng.randint(2, 60)
@@ -77,8 +95,23 @@ def _two_step(rng: random.Random) -> tuple[str, str, int]:
             f"First {a} * {b} = {a * b}. Then {a * b} - {c} = {a * b - c}.", a * b - c)
 
 
-# each takes the generator and returns (question, rationale, value)
-TEMPLATES: tuple[Callable[[random.Random], tuple[str, str, int]], ...] = (_add, _sub, _mul, _two_step)
+def _gain_loss(rng: random.Random) -> tuple[str, str, int]:
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    a, b = rng.randint(5, 50), rng.randint(2, 30)
+    c = rng.randint(1, a + b - 1)
+    return (f"{name} has {a} {thing}, buys {b} more and then gives {c} to a friend. How many {thing} does "
+            f"{name} have?", f"First {a} + {b} = {a + b}. Then {a + b} - {c} = {a + b - c}.", a + b - c)
+
+
+Template = Callable[[random.Random], tuple[str, str, int]]   # generator -> (question, rationale, value)
+
+# tier -> (what it asks, its templates); a tier's problems are drawn from its templates in turn at random
+TIERS: dict[int, tuple[str, tuple[Template, ...]]] = {
+    1: ("one-digit sums (100 facts; held-out items are unseen wordings)", (_sum1,)),
+    2: ("two-digit sums and differences", (_sum_diff2,)),
+    3: ("one-step word problems (+, -, x)", (_add, _sub, _mul)),
+    4: ("two-step word problems", (_two_step, _gain_loss)),
+}
 
 
 class Math(Task):
@@ -87,20 +120,22 @@ class Math(Task):
 
     name = "math"
     stop = ("Question:", "\n\n")
-    templates = TEMPLATES
+    tiers = TIERS
 
     def __init__(self, shots: Sequence[dict] = ()):
         self.shots = list(shots)
 
-    def generate(self, n: int, seed: int) -> list[dict]:
-        """`n` distinct problems from the templates, each answered with a rationale and ``#### N``."""
-        rng = random.Random(f"{self.name}:{seed}")
-        items, seen = [], set()
-        while len(items) < n:
-            question, rationale, value = rng.choice(self.templates)(rng)
-            if question not in seen:
-                seen.add(question)
-                items.append({"kind": self.name, "question": question, "answer": f"{rationale}\n#### {value}"})
+    def generate(self, per_tier: int, seed: int) -> list[dict]:
+        """`per_tier` distinct problems of each tier, each answered with a rationale and ``#### N``."""
+        items = []
+        for tier, (_, templates) in self.tiers.items():
+            rng, seen = random.Random(f"{self.name}:{tier}:{seed}"), set()
+            while len(seen) < per_tier:
+                question, rationale, value = rng.choice(templates)(rng)
+                if question not in seen:
+                    seen.add(question)
+                    items.append({"kind": self.name, "tier": tier, "question": question,
+                                  "answer": f"{rationale}\n#### {value}"})
         return items
 
     def key(self, item: dict) -> str:

@@ -1,18 +1,22 @@
 """Stage `tasks`: the verifiable tasks and chats that SFT, RLVR and eval use (data/tasks/).
 
-- math_{train,heldout}.jsonl: arithmetic word problems, GSM8K's schema
-- code_{train,heldout}.jsonl: small Python functions with tests, HumanEval's schema
+- math_{train,heldout}.jsonl: arithmetic problems, GSM8K's schema, in tiers from one-digit sums to
+  two-step word problems (each item's ``tier``; hatchling/tasks/math.py)
+- code_{train,heldout}.jsonl: small Python functions with tests, HumanEval's schema, in tiers from
+  returning a constant to loops (hatchling/tasks/code.py)
 - sft_train.jsonl, sft_heldout.jsonl: the chat form ({"messages": [...]}) of the splits above, plus
   question/answer chats derived from the crawled documents (train only)
 
 The held-out files are listed under `benchmarks:` (hatchling_math, hatchling_code), so the
-contamination check guards them and the eval stage scores them. The training items are checked
+contamination check guards them and the eval stage scores each tier on its own. The training items are checked
 against the other eval sets the same way the crawl is (field by field, hatchling/data/decontam.py;
 params contamination): with action drop or redact a contaminated training item is dropped (a
 redacted worked solution would teach the wrong thing), with report it is only counted.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from hatchling.data.benchmarks import load_benchmarks
 from hatchling.data.corpus import iter_documents
@@ -26,8 +30,8 @@ from hatchling.tasks.math import Math
 def run(ctx) -> dict:
     p = ctx.params.tasks
     math, code = Math(), Code()
-    math_train, math_heldout = math.split(math.generate(p.math_items, p.seed), p.heldout_fraction)
-    code_train, code_heldout = code.split(code.generate(p.seed), p.heldout_fraction)
+    math_train, math_heldout = math.split(math.generate(p.math_per_tier, p.seed), p.heldout_fraction)
+    code_train, code_heldout = code.split(code.generate(p.code_per_template, p.seed), p.heldout_fraction)
     qa = docs_qa.chats(list(iter_documents(ctx.inputs.crawl)), p.docs_qa)
     c = ctx.params.contamination
     out = ctx.outputs.tasks
@@ -59,5 +63,7 @@ def run(ctx) -> dict:
         tmp.mkdir()
         for name, records in files.items():
             write_jsonl(tmp / name, records)
-    return ({name.removesuffix(".jsonl"): len(records) for name, records in files.items()}
+    tiers = {f"{name.removesuffix('.jsonl')}_tier{t}": n for name, records in files.items()
+             for t, n in sorted(Counter(r["tier"] for r in records if "tier" in r).items())}
+    return ({name.removesuffix(".jsonl"): len(records) for name, records in files.items()} | tiers
             | {"docs_qa": len(qa), "contaminated_training_items": contaminated, "contamination_action": c.action})

@@ -3,6 +3,10 @@
 Writes the final model to checkpoints/pretrain (safetensors + sidecar) and keeps a resumable
 training checkpoint in checkpoints/pretrain-run: a killed run started again with the same params
 and data continues from there and ends with the same weights as an uninterrupted one.
+
+What it learned is measured on the whole validation split against baselines on the same tokens: the
+model at step 0 (its initialisation), a unigram and an add-k bigram model of the training split
+(hatchling/train/baselines.py), each in bits per byte.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from hatchling.data.packed import load_split
 from hatchling.data.tokenizer import TOKENIZER
 from hatchling.io import hash_paths
 from hatchling.model import build_model
-from hatchling.model.lm import tokens_per_byte
+from hatchling.model.lm import bits_per_byte, split_loss, tokens_per_byte
+from hatchling.train.baselines import ngram_baselines
 from hatchling.train.loop import Trainer, run_fingerprint
 
 
@@ -41,4 +46,23 @@ def run(ctx) -> dict:
                       files={TOKENIZER: data / TOKENIZER}, eot_id=meta["eot_id"])
     metrics = trainer.fit()
     metrics["num_params"] = model.num_params()
-    return metrics
+    return metrics | baselines(ctx, model, meta)
+
+
+def baselines(ctx, model, meta: dict) -> dict:
+    """The trained model, the model at step 0 and the n-gram baselines on the whole validation split,
+    in bits per byte (the model's windows are sequence-length long and start without context)."""
+    p, data = ctx.params.pretrain, ctx.inputs.tokenized
+    train, val = load_split(data, "train"), load_split(data, "val")
+    per_byte = tokens_per_byte(meta["val"]["tokens"], meta["val"]["bytes"])
+    device = next(model.parameters()).device
+    eot = meta["eot_id"] if p.isolate_documents else None        # as the trainer's validation reads it
+
+    def bpb(m) -> float:
+        return round(bits_per_byte(split_loss(m, val, p.seq_len, p.batch_size, device, eot_id=eot), per_byte), 5)
+
+    ngram = ngram_baselines(train, val, meta["vocab_size"])
+    return {"full_val_bpb": bpb(model), "step0_val_bpb": bpb(fresh_model(ctx)[0].to(device)),
+            "unigram_val_bpb": round(bits_per_byte(ngram["unigram_loss"], per_byte), 5),
+            "bigram_val_bpb": round(bits_per_byte(ngram["bigram_loss"], per_byte), 5),
+            "bigram_add_k": ngram["bigram_k"]}

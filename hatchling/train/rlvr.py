@@ -25,9 +25,10 @@ from hatchling.checkpoint import load_model, read_sidecar, save_model
 from hatchling.data.chat import render_chat, stop_ids
 from hatchling.data.tokenizer import TOKENIZER, load_tokenizer
 from hatchling.errors import ConfigError, MissingInputError
-from hatchling.inference import generate_text
+from hatchling.inference import generate_texts
 from hatchling.io import atomic_write_text, read_jsonl
 from hatchling.model.device import resolve_device
+from hatchling.stats import wilson_interval
 from hatchling.tasks.base import Task
 from hatchling.tasks.code import Code
 from hatchling.tasks.math import Math
@@ -50,18 +51,28 @@ def load_items(tasks_dir: Path, kinds: list[str], split: str) -> list[dict]:
 
 
 @torch.no_grad()
-def heldout_reward(model, tokenizer, items: list[dict], max_new_tokens: int, tasks: dict[str, Task],
-                   device: torch.device) -> float:
-    """Mean verifier reward of greedy answers (the model is on `device`)."""
+def pass_rate(model, tokenizer, items: list[dict], max_new_tokens: int, tasks: dict[str, Task],
+              device: torch.device) -> float:
+    """Share of `items` the model (on `device`) answers correctly, greedily, asked as a user turn."""
     model.eval()
-    passed = 0
-    for item in items:
-        task = tasks[item["kind"]]
-        ids = render_chat(tokenizer, [{"role": "user", "content": task.question(item)}], add_generation_prompt=True)
-        text = generate_text(model, ids, max_new_tokens, tokenizer.decode, stop_ids=stop_ids(tokenizer),
+    prompts = [render_chat(tokenizer, [{"role": "user", "content": tasks[x["kind"]].question(x)}],
+                           add_generation_prompt=True) for x in items]
+    answers = generate_texts(model, prompts, max_new_tokens, tokenizer.decode, stop_ids=stop_ids(tokenizer),
                              device=device)
-        passed += task.score(item, text)
-    return passed / max(len(items), 1)
+    return sum(tasks[x["kind"]].score(x, a) for x, a in zip(items, answers, strict=True)) / max(len(items), 1)
+
+
+def by_tier(items: list[dict]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for x in items:
+        out.setdefault(x.get("tier", 1), []).append(x)
+    return dict(sorted(out.items()))
+
+
+def choose_tier(rates: dict[int, float]) -> int:
+    """The tier whose pass rate p has the most room both ways (largest p(1 - p)): where RL's groups
+    hold both right and wrong answers to learn from. Ties go to the lower tier."""
+    return max(rates, key=lambda t: (round(rates[t] * (1 - rates[t]), 9), -t))
 
 
 def run(ctx) -> dict:
@@ -76,12 +87,22 @@ def run(ctx) -> dict:
         raise ConfigError(f"rlvr.use_curiosity_bonus: the model in {init_dir} has no predictive-coding head "
                          "(train it with model.use_predictive_coding: true)")
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
-    train = load_items(ctx.inputs.tasks, p.tasks, "train")
-    heldout = load_items(ctx.inputs.tasks, p.tasks, "heldout")[:p.eval_items]
     tasks = families(p.sandbox_timeout_s)
+    train_tiers = by_tier(load_items(ctx.inputs.tasks, p.tasks, "train"))
+    rates = {}
+    if p.tier == "auto":
+        rates = {t: pass_rate(policy, tokenizer, items[:p.tier_probe_items], p.max_new_tokens, tasks, device)
+                 for t, items in train_tiers.items()}
+    tier = choose_tier(rates) if p.tier == "auto" else p.tier
+    if tier not in train_tiers:
+        raise ConfigError(f"rlvr.tier = {tier}: the tasks {', '.join(p.tasks)} have tiers "
+                          f"{', '.join(map(str, train_tiers))}")
+    train = train_tiers[tier]
+    heldout = by_tier(load_items(ctx.inputs.tasks, p.tasks, "heldout")).get(tier, [])
+    heldout = heldout[:p.eval_items] if p.eval_items else heldout
     prompts = [render_chat(tokenizer, [{"role": "user", "content": tasks[x["kind"]].question(x)}],
                            add_generation_prompt=True) for x in train]
-    before = heldout_reward(policy, tokenizer, heldout, p.max_new_tokens, tasks, device)
+    before = pass_rate(policy, tokenizer, heldout, p.max_new_tokens, tasks, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.0)
     kl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
     cfg = RLConfig(p.k, p.max_new_tokens, p.temperature, p.epsilon_clip, p.rho_max, p.ppo_epochs,
@@ -99,7 +120,7 @@ def run(ctx) -> dict:
                         stop_ids(tokenizer), generator, p.grad_clip, device=device)
         history.append({"step": step, **{k: round(v, 6) for k, v in stats.items()}})
         ctx.log(stats, step)
-    after = heldout_reward(policy, tokenizer, heldout, p.max_new_tokens, tasks, device)
+    after = pass_rate(policy, tokenizer, heldout, p.max_new_tokens, tasks, device)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
     writer.writeheader()
@@ -108,7 +129,11 @@ def run(ctx) -> dict:
     save_model(policy, ctx.outputs.model, {"tokenizer_sha256": init["tokenizer_sha256"], "stage": "rlvr",
                                     "step": p.max_steps, "init_step": init.get("step")},
                files={TOKENIZER: init_dir / TOKENIZER})
-    return {"steps": p.max_steps, "heldout_reward_before": before, "heldout_reward_after": after,
-            "heldout_items": len(heldout), "final_reward_mean": history[-1]["reward_mean"],
+    n = len(heldout)
+    return {"steps": p.max_steps, "tier": tier, "tier_pass_rates": rates,
+            "heldout_pass_before": before, "heldout_pass_after": after, "heldout_gain": after - before,
+            "heldout_pass_before_ci": list(wilson_interval(before * n, n)),
+            "heldout_pass_after_ci": list(wilson_interval(after * n, n)),
+            "heldout_items": n, "final_reward_mean": history[-1]["reward_mean"],
             "final_kl": history[-1]["kl"], "final_kl_coef": history[-1]["kl_coef"],
             "seconds": round(time.perf_counter() - t0, 2)}
