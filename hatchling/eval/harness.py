@@ -20,7 +20,7 @@ from hatchling.eval.probes import needle, probe_accuracy
 from hatchling.eval.scoring import loglikelihoods
 from hatchling.inference import generate_text, generate_texts
 from hatchling.stats import Z95, wilson_interval
-from hatchling.tasks.base import Task
+from hatchling.tasks.base import Task, by_tier
 from hatchling.tasks.code import Code, pass_at_k
 from hatchling.tasks.math import Math
 from hatchling.tasks.multiple_choice import MULTIPLE_CHOICE, MultipleChoice
@@ -170,14 +170,6 @@ class Evaluator:
         return out
 
 
-def tiers(records: list[dict]) -> dict[int | None, list[dict]]:
-    """The records of a tiered task set (the project's ladder) by tier; {None: records} for others."""
-    out: dict[int | None, list[dict]] = {}
-    for r in records:
-        out.setdefault(r.get("tier"), []).append(r)
-    return dict(sorted(out.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))
-
-
 def tier_task(name: str, tier: int | None) -> str:
     """A tier's row name: hatchling_math_t1 (a set without tiers keeps its name)."""
     return name if tier is None else f"{name}_t{tier}"
@@ -199,7 +191,7 @@ def run_task(ev: Evaluator, name: str, records: list[dict], shots: list[dict]) -
              "humaneval": lambda group, task: ev.humaneval(group, task)}.get(SCHEMAS.get(name))
     if score is None:
         raise ConfigError(f"no eval task named {name!r}")
-    return [replace(row, tier=tier) for tier, group in tiers(records).items()
+    return [replace(row, tier=tier) for tier, group in by_tier(records).items()
             for row in score(group, tier_task(name, tier))]
 
 

@@ -27,12 +27,13 @@ from hatchling.data.benchmarks import load_records
 from hatchling.data.packed import load_split
 from hatchling.errors import MissingInputError
 from hatchling.eval.continual import forgetting
-from hatchling.eval.harness import Evaluator, Row, mean_row, run_task, tier_about, tiers
+from hatchling.eval.harness import Evaluator, Row, mean_row, run_task, tier_about
 from hatchling.eval.probe_bench import plot as plot_bench
 from hatchling.eval.probe_bench import run_bench
 from hatchling.eval.report import markdown, plot_training
 from hatchling.io import atomic_write_text
 from hatchling.model.device import resolve_device
+from hatchling.tasks.base import by_tier
 
 
 def haystack_tokens(tokenized: Path, limit: int = 1 << 16) -> list[int]:
@@ -105,7 +106,7 @@ def run(ctx) -> dict:
             not_run[name] = status
         else:
             limit = cfg.limit_for(name)       # of each tier, in a tiered set
-            data[name] = [r for group in tiers(records).values() for r in (group[:limit] if limit else group)]
+            data[name] = [r for group in by_tier(records).values() for r in (group[:limit] if limit else group)]
     found = contaminated_ids(ctx.inputs.contamination)
     shots, haystack = fewshot(cfg, ctx.root), haystack_tokens(ctx.inputs.tokenized)
     rows: dict[tuple[str, str], dict] = {}

@@ -68,3 +68,12 @@ class Task(ABC):
             bucket = int(hashlib.sha1(self.key(item).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
             (heldout if bucket < heldout_fraction else train).append(item)
         return train, heldout
+
+
+def by_tier(items: list[dict]) -> dict[int | None, list[dict]]:
+    """Items of the project's task ladder grouped by their `tier`, lowest first ({None: items} for a
+    set without tiers), each group in its original order."""
+    out: dict[int | None, list[dict]] = {}
+    for item in items:
+        out.setdefault(item.get("tier"), []).append(item)
+    return dict(sorted(out.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))

@@ -29,7 +29,7 @@ from hatchling.inference import generate_texts
 from hatchling.io import atomic_write_text, read_jsonl
 from hatchling.model.device import resolve_device
 from hatchling.stats import wilson_interval
-from hatchling.tasks.base import Task
+from hatchling.tasks.base import Task, by_tier
 from hatchling.tasks.code import Code
 from hatchling.tasks.math import Math
 from hatchling.train.rl import KLController, RLConfig, rl_step
@@ -60,13 +60,6 @@ def pass_rate(model, tokenizer, items: list[dict], max_new_tokens: int, tasks: d
     answers = generate_texts(model, prompts, max_new_tokens, tokenizer.decode, stop_ids=stop_ids(tokenizer),
                              device=device)
     return sum(tasks[x["kind"]].score(x, a) for x, a in zip(items, answers, strict=True)) / max(len(items), 1)
-
-
-def by_tier(items: list[dict]) -> dict[int, list[dict]]:
-    out: dict[int, list[dict]] = {}
-    for x in items:
-        out.setdefault(x.get("tier", 1), []).append(x)
-    return dict(sorted(out.items()))
 
 
 def choose_tier(rates: dict[int, float]) -> int:
