@@ -3,7 +3,7 @@
     hatchling run STAGE [--params params.yaml] [--set a.b=value ...]
     hatchling run pretrain --overfit-one-batch
     hatchling stages
-    hatchling dvc-yaml [--check]
+    hatchling dvc-yaml [--check] [--params params.yaml]
     hatchling generate --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
                        [--device auto|cpu|cuda]
     hatchling chat --checkpoint DIR [same sampling and device options]
@@ -77,11 +77,12 @@ def _stages(args) -> int:
 
 
 def _dvc_yaml(args) -> int:
-    text = dvc_yaml_text()
+    text = dvc_yaml_text(load_params(args.params))
     path = Path(args.path)
     if args.check:
         if not path.is_file() or path.read_text() != text:
-            print(f"{path} is out of date with hatchling/stages.py: run `hatchling dvc-yaml`", file=sys.stderr)
+            print(f"{path} is out of date with hatchling/stages.py or the paths {args.params} names: run "
+                  f"`hatchling dvc-yaml`", file=sys.stderr)
             return 1
         return 0
     path.write_text(text)
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage registry")
     dvc.add_argument("--check", action="store_true", help="exit 1 if dvc.yaml is not current")
     dvc.add_argument("--path", default="dvc.yaml")
+    dvc.add_argument("--params", default="params.yaml", help="the files its path-valued keys name become deps")
     dvc.set_defaults(func=_dvc_yaml)
     for name, help_text in (("generate", "stream a continuation of --prompt"), ("chat", "multi-turn chat")):
         cmd = sub.add_parser(name, help=help_text)

@@ -29,6 +29,13 @@ Device = Literal["auto", "cpu", "cuda"]
 RUN_KEYS = ("seed", "device", "progress")   # run-level settings a stage's section may override
 
 
+def reads_paths(*keywords: str) -> dict:
+    """``json_schema_extra`` of a field whose value names files or directories a stage reads: a path, a
+    list of them or a {name: path} mapping (values in `keywords`, or with a scheme such as ``package:``,
+    are not paths). Every stage that reads the field's section gets them as DVC deps (hatchling/stages.py)."""
+    return {"reads_paths": list(keywords)}
+
+
 class RunParams(Section):
     """Settings of the whole run. A stage's section that has the same key overrides it; one that
     leaves it unset (None) takes this value."""
@@ -66,7 +73,8 @@ class CrawlParams(Section):
 
     seeds: list[str] = Field(default_factory=list, description="start URLs; empty = crawl the local mirror")
     allowed_domains: list[str] = Field(default_factory=list, description="hosts beyond the seeds' own")
-    mirror: str = Field("auto", description="auto | python3-doc | pydoc | a directory, served on 127.0.0.1")
+    mirror: str = Field("auto", description="auto | python3-doc | pydoc | a directory, served on 127.0.0.1",
+                        json_schema_extra=reads_paths("auto", "python3-doc", "pydoc"))
     mirror_start: str = "library/index.html"
     pydoc_modules: list[str] = Field(default_factory=list, description="pages of the pydoc mirror")
     user_agent: str = Field(min_length=8)
@@ -220,8 +228,10 @@ class SFTParams(TrainParams):
 
     isolate_documents: bool = Field(True, description="no conversation sees the one packed before it")
 
-    data: list[str] = Field(default_factory=lambda: ["data/tasks/sft_train.jsonl"], min_length=1)
-    val_data: list[str] = Field(default_factory=lambda: ["data/tasks/sft_heldout.jsonl"], min_length=1)
+    data: list[str] = Field(default_factory=lambda: ["data/tasks/sft_train.jsonl"], min_length=1,
+                            json_schema_extra=reads_paths())
+    val_data: list[str] = Field(default_factory=lambda: ["data/tasks/sft_heldout.jsonl"], min_length=1,
+                                json_schema_extra=reads_paths())
 
 
 class RLVRParams(Section):
@@ -283,7 +293,8 @@ class EvalParams(Section):
     max_len: int = Field(512, ge=16, description="tokens of context + continuation scored at most")
     gsm8k_fewshot: int = Field(0, ge=0)
     gsm8k_fewshot_path: str = Field("data/benchmarks/gsm8k_train.jsonl.gz",
-                                    description="GSM8K train file the few-shot examples come from")
+                                    description="GSM8K train file the few-shot examples come from",
+                                    json_schema_extra=reads_paths())
     gsm8k_max_new_tokens: int = Field(128, ge=1)
     humaneval_max_new_tokens: int = Field(128, ge=1)
     humaneval_samples: int = Field(0, ge=0, description="n samples per problem for pass@k; 0 = greedy only")
@@ -343,7 +354,8 @@ class Params(Section):
     crawl: CrawlParams
     dedup: DedupParams = Field(default_factory=DedupParams)
     contamination: ContaminationParams = Field(default_factory=ContaminationParams)
-    benchmarks: dict[str, str] = Field(default_factory=dict, description="eval set name -> local file")
+    benchmarks: dict[str, str] = Field(default_factory=dict, description="eval set name -> local file",
+                                       json_schema_extra=reads_paths())
     tokenize: TokenizeParams = Field(default_factory=TokenizeParams)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainParams = Field(default_factory=TrainParams)

@@ -16,12 +16,15 @@ import hashlib
 import importlib
 import json
 import os
+import posixpath
+import re
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
 import hatchling
 from hatchling.config import RUN_KEYS, Params, load_params, validate_params
@@ -239,11 +242,48 @@ def dvc_params(stage: Stage) -> list[str]:
     return [*stage.params, *(f"run.{key}" for key in RUN_KEYS if key in inherited)]
 
 
-def dvc_yaml() -> dict:
-    """The dvc.yaml document for the registry."""
+def _named_paths(value, keywords: list[str]) -> list[str]:
+    """The paths in a reads_paths field's value (a path, a list of them, a {name: path} mapping)."""
+    values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, str) and v and v not in keywords and not re.match(r"\w+:(?![/\\])", v)]
+
+
+def param_paths(stage: Stage, params: Params) -> list[str]:
+    """The files and directories the stage's params sections name (the fields hatchling/config.py marks
+    with reads_paths, at any depth), in order, once each."""
+    found: list[str] = []
+
+    def visit(spec, value) -> None:
+        marked = spec.json_schema_extra if isinstance(spec.json_schema_extra, dict) else {}
+        if "reads_paths" in marked:
+            found.extend(_named_paths(value, marked["reads_paths"]))
+        elif isinstance(value, BaseModel):
+            for name, field_spec in type(value).model_fields.items():
+                visit(field_spec, getattr(value, name))
+
+    for section in stage.params:
+        visit(Params.model_fields[section], getattr(params, section))
+    return list(dict.fromkeys(found))
+
+
+def _within(path: str, places) -> bool:
+    path = posixpath.normpath(path)
+    return any(path == place or path.startswith(place.rstrip("/") + "/") for place in map(posixpath.normpath, places))
+
+
+def dvc_deps(stage: Stage, params: Params) -> list[str]:
+    """A stage's DVC deps: its declared inputs, the files its params name that lie outside them (a
+    changed sft.data file reruns sft; one inside its own outputs is not a dep), then its code."""
+    named = [posixpath.normpath(p) for p in param_paths(stage, params)]
+    extra = [p for p in dict.fromkeys(named) if not _within(p, [*stage.deps, *stage.written.values()])]
+    return [*stage.deps, *extra, *stage.code]
+
+
+def dvc_yaml(params: Params) -> dict:
+    """The dvc.yaml document for the registry, with the paths `params` (params.yaml) name as deps."""
     stages = {}
     for s in STAGES:
-        entry: dict = {"cmd": f"hatchling run {s.name}", "deps": [*s.deps, *s.code], "params": dvc_params(s),
+        entry: dict = {"cmd": f"hatchling run {s.name}", "deps": dvc_deps(s, params), "params": dvc_params(s),
                        "outs": [*s.outs, *({p: {"persist": True, "cache": False}} for p in s.persist.values()),
                                 *({r: {"cache": False}} for r in (*(p.path for p in s.plots.values()),
                                                                    *s.reports.values()))],
@@ -263,9 +303,10 @@ def dvc_yaml() -> dict:
     return {"stages": stages, "plots": plots}
 
 
-def dvc_yaml_text() -> str:
-    header = "# Generated from hatchling/stages.py by `hatchling dvc-yaml`: edit the registry, not this file.\n"
-    return header + yaml.safe_dump(dvc_yaml(), sort_keys=False)
+def dvc_yaml_text(params: Params) -> str:
+    header = ("# Generated from hatchling/stages.py and the paths params.yaml names, by `hatchling dvc-yaml`: edit "
+              "those, not this file.\n")
+    return header + yaml.safe_dump(dvc_yaml(params), sort_keys=False)
 
 
 def input_digests(stage: Stage, root: Path) -> dict[str, str]:

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tests.conftest import copy_project, hatchling_here
+from hatchling.model.config import ARCH_FIELDS, for_arch
+from tests.conftest import TINY_PARAMS, copy_project, hatchling_here, write_params
 
 # neither keeps packed conversations apart (LanguageModel.packing_unsupported): SFT lets them run together
 ARCHS = {"bdh": ["model.bdh.neurons=32", "sft.isolate_documents=false"],
@@ -17,6 +18,9 @@ EVAL_LAST = ["eval.checkpoints=[rlvr]"]           # eval is arch-agnostic: one c
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_every_stage_after_tokenize_runs(arch, tokenized_project, tmp_path):
     proj = copy_project(tokenized_project, tmp_path / arch)
+    # the test size without the fields this arch does not read (head_dim 16, chunk_size 16, ...: errors if set)
+    model = {k: v for k, v in TINY_PARAMS["model"].items() if k in ARCH_FIELDS[arch]}
+    write_params(proj, {**TINY_PARAMS, "model": model})
     overrides = [x for kv in [f"model.arch={arch}", *ARCHS[arch], *EVAL_LAST] for x in ("--set", kv)]
     for stage in ("pretrain", "sft", "rlvr", "eval", "export"):
         assert hatchling_here(proj, "run", stage, *overrides) == 0, stage
@@ -39,8 +43,8 @@ def test_int8_covers_raw_parameter_matrices_per_output_channel(arch):
 
     torch.manual_seed(0)
     options = {"bdh": {"neurons": 32}, "hope": {"hidden": 16, "chunk": 8}}
-    cfg = {"arch": arch, "vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 16,
-           arch: options[arch]}
+    cfg = for_arch(arch, {"vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 16,
+                          arch: options[arch]})
     model = build_model(cfg).eval()
     raw = {n for n, last in quantized_names(model).items() if last}
     assert raw == ({"layers.0.encoder", "layers.0.encoder_v", "layers.0.decoder", "layers.1.encoder",

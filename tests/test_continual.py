@@ -8,6 +8,7 @@ from hatchling.eval.continual import Memorizer, forgetting
 from hatchling.eval.harness import Evaluator
 from hatchling.eval.probes import ProbeItem, probe_accuracy
 from hatchling.model import build_model
+from hatchling.model.config import for_arch
 from hatchling.model.lm import lm_loss
 from hatchling.tasks.multiple_choice import MULTIPLE_CHOICE
 from tests.test_eval import CPU, CharTokenizer, cfg, records
@@ -19,7 +20,7 @@ ARCHS = {"hybrid": {}, "bdh": {"bdh": {"neurons": 16}}, "hope": {"hope": {"hidde
 
 def model(seed=0, **kw):
     torch.manual_seed(seed)
-    return build_model({**TINY, **kw}).eval()
+    return build_model({**for_arch(kw.get("arch", "hybrid"), TINY), **kw}).eval()
 
 
 def weights(m):

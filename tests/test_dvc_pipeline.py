@@ -1,6 +1,8 @@
 """The pipeline under real DVC (git repo, dvc repro / exp run / metrics / plots) and MLflow."""
 
+import contextlib
 import json
+import posixpath
 import re
 import shutil
 import sys
@@ -10,7 +12,8 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from hatchling.stages import STAGES, dvc_params, dvc_yaml, topological_order, upstream
+from hatchling.config import load_params, validate_params
+from hatchling.stages import STAGES, dvc_params, dvc_yaml, dvc_yaml_text, topological_order, upstream
 from tests.conftest import REPO, TINY_PARAMS, hatchling_cmd, run_cmd, write_params
 
 DVC = [sys.executable, "-m", "dvc"]
@@ -19,7 +22,7 @@ DVC = [sys.executable, "-m", "dvc"]
 def test_dvc_yaml_in_repo_is_generated_from_the_registry():
     run_cmd(hatchling_cmd("dvc-yaml", "--check"), REPO)
     on_disk = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    assert on_disk == dvc_yaml()
+    assert on_disk == dvc_yaml(load_params(REPO / "params.yaml"))
     assert list(on_disk["stages"]) == [s.name for s in STAGES]
     for s in STAGES:
         entry = on_disk["stages"][s.name]
@@ -33,8 +36,76 @@ def test_dvc_yaml_in_repo_is_generated_from_the_registry():
 
 def test_dvc_yaml_check_fails_when_stale(tmp_path):
     (tmp_path / "dvc.yaml").write_text("stages: {}\n")
-    proc = run_cmd(hatchling_cmd("dvc-yaml", "--check", "--path", str(tmp_path / "dvc.yaml")), tmp_path, check=False)
+    proc = run_cmd(hatchling_cmd("dvc-yaml", "--check", "--path", str(tmp_path / "dvc.yaml"), "--params",
+                                 str(REPO / "params.yaml")), tmp_path, check=False)
     assert proc.returncode == 1 and "out of date" in proc.stderr
+
+
+# -- files that params name are deps -------------------------------------------------------------------------------
+
+#: values that look like paths but name none of the project's files
+NOT_PROJECT_PATHS = ("crawl.mirror_start",       # a page inside the mirror
+                     "crawl.license")            # license keywords such as creativecommons.org/licenses/by-nc
+DATA_SUFFIXES = (".jsonl", ".gz", ".parquet", ".json", ".csv", ".txt", ".sqlite")
+
+
+def path_like_values(params, stage) -> dict[str, str]:
+    """Every value of the stage's params sections that looks like a path ("/" in it or a data file's suffix;
+    no URL, no space, no scheme such as package:), by dotted key: found without the schema's reads_paths
+    marks, so a path field left unmarked fails the tests below."""
+    found = {}
+
+    def walk(key, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{key}.{k}", v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(f"{key}[{i}]", v)
+        elif (isinstance(value, str) and ("/" in value or value.endswith(DATA_SUFFIXES)) and " " not in value
+              and "://" not in value and not re.match(r"\w+:(?![/\\])", value)):
+            found[key] = value
+
+    for section in stage.params:
+        walk(section, params.section(section))
+    return {k: v for k, v in found.items() if not k.startswith(NOT_PROJECT_PATHS)}
+
+
+def assert_param_paths_are_deps(params, document):
+    for s in STAGES:
+        deps = document["stages"][s.name]["deps"]
+        assert len(deps) == len(set(deps)), s.name
+        for key, path in path_like_values(params, s).items():
+            path = posixpath.normpath(path)
+            inside = [p for p in (*deps, *s.written.values()) if path == p or path.startswith(p.rstrip("/") + "/")]
+            assert inside, f"stage {s.name} reads {key} = {path!r}, which is not among its deps {deps}"
+
+
+def test_every_file_a_stage_param_names_is_among_its_deps():
+    assert_param_paths_are_deps(load_params(REPO / "params.yaml"), yaml.safe_load((REPO / "dvc.yaml").read_text()))
+
+
+def test_files_named_outside_the_declared_inputs_become_deps_and_dvc_takes_them(tmp_path):
+    tree = yaml.safe_load((REPO / "params.yaml").read_text())
+    tree["sft"] = {**tree["sft"], "data": ["chats/extra.jsonl", "data/tasks/sft_train.jsonl", "data/dedup/x.jsonl"],
+                   "val_data": ["./chats/val.jsonl"]}
+    tree["eval"] = {**tree["eval"], "gsm8k_fewshot_path": "fewshot/gsm8k_train.jsonl"}
+    tree["benchmarks"] = {**tree["benchmarks"], "arc_easy": "/srv/evals/arc_easy.jsonl.gz"}
+    tree["crawl"] = {**tree["crawl"], "mirror": "mirror/html"}
+    params = validate_params(tree)
+    document = dvc_yaml(params)
+    assert_param_paths_are_deps(params, document)
+    deps = {name: entry["deps"] for name, entry in document["stages"].items()}
+    assert deps["sft"][:4] == ["checkpoints/pretrain", "data/tasks", "chats/extra.jsonl", "data/dedup/x.jsonl"]
+    assert deps["sft"][4] == "chats/val.jsonl" and deps["sft"][5].startswith("hatchling/")
+    assert {"fewshot/gsm8k_train.jsonl", "/srv/evals/arc_easy.jsonl.gz"} <= set(deps["eval"])
+    assert "/srv/evals/arc_easy.jsonl.gz" in deps["tasks"] and "/srv/evals/arc_easy.jsonl.gz" in deps["dedup"]
+    assert "mirror/html" in deps["crawl"] and "data/tasks/math_heldout.jsonl" not in deps["tasks"]   # its own output
+    # DVC takes deps inside another stage's output (data/dedup/x.jsonl), inside a dep and outside the repo
+    (tmp_path / "dvc.yaml").write_text(dvc_yaml_text(params))
+    run_cmd(DVC + ["init", "--no-scm", "-q"], tmp_path)
+    dag = run_cmd(DVC + ["dag", "sft"], tmp_path).stdout
+    assert "dedup" in dag and "pretrain" in dag
 
 
 def _mtimes(project: Path) -> dict:
@@ -76,7 +147,8 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     assert [m.step for m in history] == list(range(1, TINY_PARAMS["pretrain"]["max_steps"] + 1))
     assert pre.data.params["pretrain.lr"] == "0.003" and pre.data.params["model.d_model"] == "32"
     assert len(pre.data.tags["hatchling.input_hash"]) == 64 and pre.data.tags["hatchling.git_commit"] != "unknown"
-    artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)}
+    with contextlib.chdir(project):     # MLflow reads the store-relative artifact location from here, as `mlflow ui`
+        artifacts = {a.path for a in client.list_artifacts(pre.info.run_id)}
     assert {"pretrain.json", "pretrain.csv", "pretrain_eval.csv"} <= artifacts
 
     # nothing changed: a no-op that runs no stage

@@ -19,6 +19,7 @@ from hatchling.data.tokenizer import TOKENIZER, train_tokenizer  # noqa: E402
 from hatchling.errors import ConfigError  # noqa: E402
 from hatchling.export.hf import MODELING, export_hf, modeling_source  # noqa: E402
 from hatchling.model import build_model  # noqa: E402
+from hatchling.model.config import for_arch  # noqa: E402
 from tests.conftest import TINY_PARAMS  # noqa: E402
 from tests.test_eval import _lm_eval_task  # noqa: E402
 
@@ -29,7 +30,8 @@ TEXTS = ["def loads(s):\n    return json.loads(s)\n" * 40, "The json module enco
 def _export(tmp_path, **model):
     """A seeded random model of the test size (hybrid unless `model` says otherwise) and its HF export."""
     torch.manual_seed(0)
-    lm = build_model({**TINY_PARAMS["model"], "vocab_size": 320, **model}).eval()
+    base = for_arch(model.get("arch", "hybrid"), TINY_PARAMS["model"])      # the test size, for that arch
+    lm = build_model({**base, "vocab_size": 320, **model}).eval()
     tokenizer = train_tokenizer(TEXTS, 320)
     tokenizer.save(str(tmp_path / TOKENIZER))
     export_hf(lm, tmp_path / TOKENIZER, tmp_path / "hf")

@@ -1,14 +1,18 @@
 """The hybrid LM: causality, streaming decode = full pass, sampling, sizes and config errors."""
 
+import json
+import typing
+
 import pytest
 import torch
 from pydantic import ValidationError
 
 from hatchling.config import ConfigError, load_params
 from hatchling.model import ModelConfig, build_model
+from hatchling.model.config import ARCH_FIELDS, BDHOptions, HOPEOptions, for_arch
 from hatchling.model.generate import sample_next
 from hatchling.model.kda_layer import CausalConv1d, KDALayer
-from tests.conftest import TINY_PARAMS, write_params
+from tests.conftest import REPO, TINY_PARAMS, write_params
 
 SMALL = dict(size="toddler", vocab_size=97, d_model=32, n_heads=2, head_dim=16, mlp_hidden=64,
              n_layers=4, chunk_size=16)
@@ -16,7 +20,7 @@ SMALL = dict(size="toddler", vocab_size=97, d_model=32, n_heads=2, head_dim=16, 
 
 def small_model(**over):
     torch.manual_seed(0)
-    return build_model({**SMALL, **over}).eval()
+    return build_model({**for_arch(over.get("arch", "hybrid"), SMALL), **over}).eval()
 
 
 def test_layer_pattern_is_three_kda_to_one_attention():
@@ -158,26 +162,103 @@ def test_bad_model_config_is_rejected(bad, field):
         ModelConfig(**bad)
 
 
-@pytest.mark.parametrize("arch, key", [("hybrid", "bdh"), ("gpt", "hope"), ("hope", "bdh"), ("bdh", "hope")])
-def test_options_of_another_arch_are_one_clear_error(arch, key, tmp_path):
+# -- what each arch reads (ARCH_FIELDS) ----------------------------------------------------------------
+
+OWN = {"hybrid": {"attn_every": 2, "chunk_size": 8, "spike": True, "memory_topk": 2},    # arch -> fields it reads
+       "gpt": {"mlp_hidden": 96, "rope_theta": 1e4, "checkpoint_attention": True},
+       "bdh": {"rope_theta": 1e4, "bdh": {"neurons": 32, "forget": True}},
+       "hope": {"head_dim": 8, "norm_eps": 1e-5, "hope": {"levels": 2, "hidden": 8}}}
+
+
+def test_every_field_is_read_by_some_arch_and_every_arch_is_mapped():
+    assert set(ARCH_FIELDS) == set(typing.get_args(ModelConfig.model_fields["arch"].annotation))
+    assert {f for fields in ARCH_FIELDS.values() for f in fields} == set(ModelConfig.model_fields)
+    assert all(set(own) <= set(ARCH_FIELDS[arch]) for arch, own in OWN.items())
+
+
+@pytest.mark.parametrize("arch, key, value", [
+    ("hybrid", "bdh", {"chunk": 8}), ("gpt", "hope", {"levels": 2}), ("hope", "bdh", {"forget": True}),
+    ("bdh", "hope", {"hidden": 8}), ("bdh", "memory_capacity", 8), ("gpt", "chunk_size", 16),
+    ("hope", "attn_every", 2), ("gpt", "spike", True), ("bdh", "head_dim", 16), ("hope", "mlp_hidden", 64),
+    ("hybrid", "rope_theta", 1e4), ("bdh", "norm_eps", 0.001), ("hope", "checkpoint_attention", True)])
+def test_a_field_the_arch_does_not_read_is_one_clear_error(arch, key, value, tmp_path):
+    readers = ", ".join(repr(a) for a, fields in ARCH_FIELDS.items() if key in fields)
     with pytest.raises(ValidationError) as err:
-        ModelConfig(arch=arch, **{key: {}})
+        ModelConfig(arch=arch, **{key: value})
     assert err.value.error_count() == 1
-    assert f"only arch {key!r} reads these options, and arch is {arch!r}" in str(err.value)
-    write_params(tmp_path, TINY_PARAMS)
+    assert f"{key} is read only by arch" in str(err.value) and f"{readers} (arch is {arch!r})" in str(err.value)
+    write_params(tmp_path, {**TINY_PARAMS, "model": {"size": "toddler"}})
     with pytest.raises(ConfigError) as err:                   # the config loader names the dotted key
-        load_params(tmp_path / "params.yaml", [f"model.arch={arch}", f"model.{key}.chunk=8"])
-    assert f"model.{key} = {{'chunk': 8}}: Value error, only arch {key!r} reads these options" in str(err.value)
+        load_params(tmp_path / "params.yaml", [f"model.arch={arch}", f"model.{key}={json.dumps(value)}"])
+    assert f"model.{key} = {value!r}: Value error, {key} is read only by arch" in str(err.value)
+    assert "more" not in str(err.value)
 
 
-@pytest.mark.parametrize("arch, options", [("bdh", {"neurons": 32, "forget": True}), ("hope", {"levels": 2})])
-def test_an_arch_reads_its_own_section_and_a_dump_holds_only_that(arch, options):
-    cfg = ModelConfig(arch=arch, **{arch: options})
-    assert getattr(cfg, arch).model_dump(include=set(options)) == options
-    dumped = cfg.model_dump(mode="json")                      # e.g. a checkpoint's sidecar
-    assert arch in dumped and not ({"bdh", "hope"} - {arch}) & set(dumped)
-    assert ModelConfig(**dumped) == cfg
-    assert not {"bdh", "hope"} & set(ModelConfig().model_dump())
+def test_at_its_default_a_field_the_arch_does_not_read_is_accepted_and_kept_at_its_default():
+    cfg = ModelConfig(arch="bdh", attn_every=4, kda_backend="auto", spike=False, memory_capacity=4096, bdh={})
+    assert cfg == ModelConfig(arch="bdh")
+    # a sidecar written before ARCH_FIELDS: every flat field, the xs preset's widths among them
+    old_sidecar = ModelConfig(size="xs").model_dump() | {"arch": "bdh"}
+    assert {"n_kv_heads", "mlp_hidden", "chunk_size"} <= set(old_sidecar)
+    assert ModelConfig(**old_sidecar) == ModelConfig(arch="bdh", size="xs")
+    assert ModelConfig(**old_sidecar).n_kv_heads == ModelConfig.model_fields["n_kv_heads"].default
+    cfg = ModelConfig(chunk_size=8)
+    with pytest.raises(ValidationError, match=r"chunk_size is read only by arch 'hybrid' \(arch is 'gpt'\)"):
+        cfg.arch = "gpt"
+
+
+@pytest.mark.parametrize("arch", sorted(OWN))
+def test_a_dump_holds_exactly_the_fields_its_arch_reads_and_loads_back(arch, tmp_path):
+    cfg = ModelConfig(arch=arch, size="xs", **OWN[arch])
+    for mode in ("python", "json"):                          # json: a checkpoint's sidecar
+        dumped = cfg.model_dump(mode=mode)
+        assert list(dumped) == [f for f in ModelConfig.model_fields if f in ARCH_FIELDS[arch]]
+        assert ModelConfig(**dumped) == cfg
+    for key, value in OWN[arch].items():
+        got = getattr(cfg, key)
+        assert (got.model_dump(include=set(value)) if isinstance(value, dict) else got) == value
+    write_params(tmp_path, {**TINY_PARAMS, "model": {"size": "xs", "arch": arch, **OWN[arch]}})
+    params = load_params(tmp_path / "params.yaml")
+    assert params.model == cfg and params.section("model") == cfg.model_dump(mode="json")   # MLflow's params
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", "params-gpu.yaml"])
+@pytest.mark.parametrize("arch", sorted(ARCH_FIELDS))
+def test_the_repo_params_go_with_every_arch(profile, arch):
+    """`dvc exp run -S model.arch=ARCH` on params.yaml's model section (its hybrid options at their defaults)."""
+    model = load_params(REPO / profile, [f"model.arch={arch}"]).model
+    assert model.arch == arch and set(model.model_dump()) == set(ARCH_FIELDS[arch])
+
+
+#: fields HatchlingLM would honour on arch gpt too, kept to the hybrid as its research switches
+HYBRID_RESEARCH = {"gpt": {"use_predictive_coding", "use_episodic_memory", "spike"}}
+OTHER_VALUE = {"kda_backend": "recurrent", "token_drop": 0.5, "memory_path": "memory.sqlite", "size": "xs",
+               "bdh": BDHOptions(neurons=32, forget=True), "hope": HOPEOptions(hidden=16, levels=1)}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_FIELDS))
+def test_no_field_outside_an_arch_changes_the_model_it_builds(arch):
+    """ARCH_FIELDS is what the models read: any other field at another value (validation bypassed) builds
+    the same parameters, the same logits and the same answer to packing."""
+    own = {"bdh": {"bdh": {"neurons": 16}}, "hope": {"hope": {"hidden": 8, "chunk": 4}}}.get(arch, {})
+    base = ModelConfig(**{**for_arch(arch, SMALL), "n_layers": 2, **own})
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def built(cfg):
+        torch.manual_seed(0)
+        model = build_model(cfg).eval()
+        with torch.no_grad():
+            return model.state_dict(), model(ids), model.packing_unsupported()
+
+    want_sd, want_logits, want_packing = built(base)
+    unread = [f for f in ModelConfig.model_fields if f not in {*ARCH_FIELDS[arch], *HYBRID_RESEARCH.get(arch, ())}]
+    assert unread or arch == "hybrid"
+    for name in unread:
+        default = getattr(base, name)
+        other = OTHER_VALUE.get(name) or ((not default) if isinstance(default, bool) else 2 * default)
+        sd, logits, packing = built(base.model_copy(update={name: other}))
+        assert sd.keys() == want_sd.keys() and all(torch.equal(sd[k], want_sd[k]) for k in sd), name
+        assert torch.equal(logits, want_logits) and packing == want_packing, name
 
 
 def test_causal_conv_step_by_step_equals_full_sequence():

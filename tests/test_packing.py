@@ -9,6 +9,7 @@ import torch
 from hatchling.config import SFTParams, TrainParams
 from hatchling.errors import InputError
 from hatchling.model import build_model
+from hatchling.model.config import for_arch
 from hatchling.model.segments import Segments, document_starts
 from hatchling.train.loop import Trainer
 
@@ -53,7 +54,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_each_packed_document_gets_its_logits_alone(case):
     torch.manual_seed(1)
-    model = build_model({**SMALL, **CASES[case]}).eval()
+    model = build_model({**for_arch(CASES[case].get("arch", "hybrid"), SMALL), **CASES[case]}).eval()
     if case == "token-drop":            # route about half the tokens around the middle block
         router = model.blocks[2].router
         torch.nn.init.normal_(router.score.weight, std=1.0)
@@ -87,7 +88,7 @@ def test_gradients_stay_inside_each_document():
 @pytest.mark.parametrize("cfg", [{"spike": True}, {"arch": "bdh", "bdh": {"neurons": 16}},
                                  {"arch": "hope", "hope": {"hidden": 8, "chunk": 4}}], ids=str)
 def test_models_that_cannot_keep_documents_apart_say_so(cfg):
-    model = build_model({**SMALL, **cfg})
+    model = build_model({**for_arch(cfg.get("arch", "hybrid"), SMALL), **cfg})
     _, ids, starts = packed_batch()
     reason = model.packing_unsupported()
     assert reason and "packed documents" in reason

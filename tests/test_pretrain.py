@@ -19,6 +19,7 @@ from hatchling.data.packed import load_split
 from hatchling.data.tokenize import split_documents
 from hatchling.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from hatchling.model import build_model
+from hatchling.model.config import for_arch
 from hatchling.model.lm import IGNORE, lm_loss, loss_sum, sample_batch
 from hatchling.train.loop import Trainer, overfit_one_batch, seq_len_at
 from hatchling.train.optim import lr_multiplier
@@ -92,7 +93,7 @@ def test_compiled_training_equals_eager(tokenized_project, tmp_path):
     for compiled in (False, True):
         proj = tmp_path / f"compile-{compiled}"
         shutil.copytree(tokenized_project, proj)
-        params = {**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "arch": "gpt", "n_layers": 1},
+        params = {**TINY_PARAMS, "model": {**for_arch("gpt", TINY_PARAMS["model"]), "n_layers": 1},
                   "pretrain": {**TINY_PARAMS["pretrain"], "max_steps": 4, "compile": compiled}}
         write_params(proj, params)
         counters.clear()

@@ -69,7 +69,7 @@ def test_each_switch_in_its_neutral_state_keeps_the_plain_outputs(switch):
 
 
 def test_research_switches_need_the_hybrid_arch():
-    with pytest.raises(ValidationError, match="spike.*need arch 'hybrid'"):
+    with pytest.raises(ValidationError, match=r"spike is read only by arch 'hybrid' \(arch is 'bdh'\)"):
         ModelConfig(arch="bdh", spike=True)
 
 

@@ -1,7 +1,8 @@
 """The model's hyper-parameters: one pydantic schema, with named sizes as presets.
 
 A preset (``size``) fills every field the caller did not set, so ``{"size": "xs", "n_layers": 6}``
-is the xs model with six layers. Exact parameter counts per size are in the README.
+is the xs model with six layers. Exact parameter counts per size are in the README. Each arch reads
+the fields ARCH_FIELDS lists, and a config shows (dumps) only those.
 """
 
 from __future__ import annotations
@@ -21,6 +22,40 @@ SIZES: dict[str, dict] = {
 
 
 RESEARCH_SWITCHES = ("use_predictive_coding", "use_episodic_memory", "spike", "token_drop", "checkpoint_attention")
+
+_SHARED = ("arch", "size", "vocab_size", "d_model", "n_layers", "n_heads", "init_std")
+_BLOCKS = ("head_dim", "n_kv_heads", "mlp_hidden", "norm_eps")      # GQA attention + SwiGLU (hatchling.py)
+
+#: The fields each arch reads (its model, and the code around it: sizing, the HF export), the one record
+#: of it. With an arch, any other field may be left out or set to its default only (else one
+#: error per field, naming the archs that read it), keeps its default, and is left out of a dump (checkpoint
+#: sidecars, MLflow params). tests/test_model.py checks that no other field changes the model an arch builds.
+ARCH_FIELDS: dict[str, tuple[str, ...]] = {
+    # KDA blocks (conv, chunked kernel, backend) with NoPE attention every attn_every layers; the switches
+    "hybrid": (*_SHARED, *_BLOCKS, "attn_every", "conv_size", "chunk_size", "kda_backend",
+               "use_predictive_coding", "predictive_weight", "use_episodic_memory", "memory_capacity", "memory_topk",
+               "memory_write_fraction", "memory_budget", "memory_penalty", "memory_path", "spike", "spike_threshold",
+               "spike_decay", "token_drop", "token_drop_weight", "checkpoint_attention"),
+    # RoPE attention in every layer (so no KDA option, and every layer is one checkpoint_attention recomputes)
+    "gpt": (*_SHARED, *_BLOCKS, "rope_theta", "checkpoint_attention"),
+    # heads of bdh.neurons, RoPE over them, LayerNorms without eps or affine parameters: model/bdh.py
+    "bdh": (*_SHARED, "rope_theta", "bdh"),
+    # memory heads of head_dim, RMSNorms, no attention: model/titans.py
+    "hope": (*_SHARED, "head_dim", "norm_eps", "hope"),
+}
+
+
+def for_arch(arch: str, cfg: dict) -> dict:
+    """The model section `cfg` (a dict) switched to `arch`: its fields that arch reads, with arch set
+    (e.g. a GPT as wide as a hybrid, without the hybrid's KDA options)."""
+    return {k: v for k, v in {**cfg, "arch": arch}.items() if k in ARCH_FIELDS[arch]}
+
+
+def _not_read(name: str, arch: str, default) -> str:
+    readers = [a for a, fields in ARCH_FIELDS.items() if name in fields]
+    return (f"{name} is read only by arch{'s' if len(readers) > 1 else ''} {', '.join(map(repr, readers))} "
+            f"(arch is {arch!r}): leave it out" + ("" if isinstance(default, BaseModel) else
+                                                   f" or at its default {default!r}"))
 
 
 class BDHOptions(BaseModel):
@@ -55,19 +90,19 @@ class HOPEOptions(BaseModel):
     chunk: int = Field(16, ge=1, description="tokens per memory update (level l: chunk * 4^l)")
 
 
-ARCH_OPTIONS = ("bdh", "hope")      # architectures with a section of their own, named as the arch
-
-
 class ModelConfig(BaseModel):
     """Architecture: the hybrid LM (KDA blocks with a NoPE attention block every few layers),
-    BDH-GPU with ``arch: bdh`` (which uses vocab_size, d_model, n_layers, n_heads, rope_theta,
-    init_std and the ``bdh`` section), HOPE with ``arch: hope`` (its own options in ``hope``), or
-    ``arch: gpt``: the same stack with RoPE attention in every layer, the same-size baseline the
-    hybrid is measured against (bench/train_throughput.py, ablations). Setting another arch's
-    section is an error."""
+    BDH-GPU with ``arch: bdh`` (its own options in the ``bdh`` section), HOPE with ``arch: hope``
+    (its own in ``hope``), or ``arch: gpt``: the same stack with RoPE attention in every layer, the
+    same-size baseline the hybrid is measured against (bench/train_throughput.py, ablations).
+
+    Each arch reads the fields ARCH_FIELDS lists. Any other field set to a value other than its
+    default is an error naming it (at its default it is accepted, so params.yaml's hybrid options
+    at their defaults go with every arch); a dump shows the arch's own fields only, and loads back."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # arch and size come first: the check of every later field reads them
     arch: Literal["hybrid", "bdh", "hope", "gpt"] = Field(
         "hybrid", description="hybrid KDA + NoPE, BDH-GPU (model/bdh.py), HOPE / Titans memory (model/titans.py) "
                               "or a GPT baseline (RoPE attention in every layer)")
@@ -84,8 +119,8 @@ class ModelConfig(BaseModel):
     chunk_size: int = Field(64, ge=1, description="KDA chunk length for the chunked kernel")
     kda_backend: Literal["auto", "fla", "chunked", "recurrent"] = "auto"
     rope_theta: float = Field(65536.0, gt=1, description="RoPE base: BDH over the neuron dimension, GPT per head")
-    bdh: BDHOptions = Field(default_factory=BDHOptions, description="BDH's own options (set with arch bdh only)")
-    hope: HOPEOptions = Field(default_factory=HOPEOptions, description="HOPE's own options (set with arch hope only)")
+    bdh: BDHOptions = Field(default_factory=BDHOptions, description="BDH's own options (arch bdh only)")
+    hope: HOPEOptions = Field(default_factory=HOPEOptions, description="HOPE's own options (arch hope only)")
     # Research switches (hybrid only; all off = exactly the plain model). See docs/ablations.md.
     use_predictive_coding: bool = Field(False, description="next-state head; curiosity = its per-token error")
     predictive_weight: float = Field(0.1, ge=0, description="loss weight of the next-state prediction")
@@ -108,34 +143,42 @@ class ModelConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _apply_size_preset(cls, data):
+        """The size's values of the fields the arch reads, under what the caller set."""
         if isinstance(data, dict):
-            size = data.get("size", "toddler")
-            if size in SIZES:
-                data = {**SIZES[size], **data}
+            size, arch = data.get("size", "toddler"), data.get("arch", "hybrid")
+            if isinstance(size, str) and size in SIZES:
+                reads = ARCH_FIELDS.get(arch) if isinstance(arch, str) else None     # None: a bad arch, named later
+                data = {**{k: v for k, v in SIZES[size].items() if reads is None or k in reads}, **data}
         return data
 
-    @field_validator(*ARCH_OPTIONS)
+    @field_validator("*")
     @classmethod
-    def _own_arch_only(cls, value, info: ValidationInfo):
-        """An arch's section may be set only with that arch (a default is never validated)."""
+    def _read_by_the_arch(cls, value, info: ValidationInfo):
+        """A field the arch does not read may be given only at its default (or at the size preset's value:
+        sidecars written before ARCH_FIELDS hold those); it keeps its default. A default is never validated."""
         arch = info.data.get("arch")
-        if arch is not None and arch != info.field_name:
-            raise ValueError(f"only arch {info.field_name!r} reads these options, and arch is {arch!r}")
-        return value
+        if arch is None or info.field_name in ARCH_FIELDS[arch]:
+            return value
+        default = cls.model_fields[info.field_name].get_default(call_default_factory=True)
+        if value != default and value != SIZES.get(info.data.get("size"), {}).get(info.field_name, default):
+            raise ValueError(_not_read(info.field_name, arch, default))
+        return default
 
     @model_serializer(mode="wrap")
-    def _without_other_archs_options(self, handler):
-        """A dump (params, checkpoint sidecars) shows only the options of its own arch, so it loads back."""
-        return {k: v for k, v in handler(self).items() if k not in ARCH_OPTIONS or k == self.arch}
+    def _only_what_the_arch_reads(self, handler):
+        """A dump (params, checkpoint sidecars) shows only the fields its arch reads, so it loads back."""
+        return {k: v for k, v in handler(self).items() if k in ARCH_FIELDS[self.arch]}
 
     @model_validator(mode="after")
-    def _check_heads(self):
-        if self.n_heads % self.n_kv_heads:
+    def _check(self):
+        reads = ARCH_FIELDS[self.arch]
+        if "n_kv_heads" in reads and self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if self.arch != "hybrid":
-            on = [k for k in RESEARCH_SWITCHES if getattr(self, k)]
-            if on:
-                raise ValueError(f"{', '.join(on)} need arch 'hybrid' (got arch {self.arch!r})")
+        defaults = {name: field.get_default(call_default_factory=True)      # other archs' fields: e.g. after
+                    for name, field in type(self).model_fields.items() if name not in reads}   # `cfg.arch = "bdh"`
+        set_elsewhere = [name for name, default in defaults.items() if getattr(self, name) != default]
+        if set_elsewhere:
+            raise ValueError("; ".join(_not_read(name, self.arch, defaults[name]) for name in set_elsewhere))
         return self
 
     def drops_tokens(self, layer: int) -> bool:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from hatchling.model.config import RESEARCH_SWITCHES, ModelConfig
+from hatchling.model.config import ModelConfig, for_arch
 
 WIDTH: dict[str, tuple[str, ...]] = {"gpt": ("mlp_hidden",), "bdh": ("bdh", "neurons"), "hope": ("hope", "hidden")}
 
@@ -34,8 +34,8 @@ def _with_width(cfg: dict, arch: str, width: int) -> dict:
 def matched(arch: str, reference: dict | ModelConfig, multiple: int = 1) -> dict:
     """The `arch` config (a dict for build_model) with the reference's shared fields (d_model,
     n_layers, heads, vocab, ...) and its own width set so its parameter count is the reference's,
-    the width rounded to a multiple of `multiple` (BDH's neurons also stay even). Options only the
-    reference's arch reads (its own section, the hybrid's research switches) are left out; the
+    the width rounded to a multiple of `multiple` (BDH's neurons also stay even). Fields `arch` does not
+    read (the reference's own section, the hybrid's KDA options and research switches) are left out; the
     reference's own arch returns the reference unchanged."""
     ref = reference.model_dump() if isinstance(reference, ModelConfig) else dict(reference)
     if ref.get("arch", "hybrid") == arch:
@@ -43,8 +43,7 @@ def matched(arch: str, reference: dict | ModelConfig, multiple: int = 1) -> dict
     if arch not in WIDTH:
         raise ValueError(f"no width to match for arch {arch!r} (choose from {', '.join(WIDTH)})")
     target = count_params(ref)
-    cfg = {k: v for k, v in ref.items() if k not in ("bdh", "hope", *RESEARCH_SWITCHES)}
-    cfg["arch"] = arch
+    cfg = for_arch(arch, ref)
     base = ModelConfig(**cfg)
     if arch == "bdh":
         multiple = math.lcm(multiple, 2)               # RoPE over the neurons rotates pairs
