@@ -1,6 +1,8 @@
 """Planted-leak benchmark of the contamination check (hatchling/data/decontam.py) on the shipped eval sets.
 
     python bench/contamination.py [--items 40] [--seed 0] [--set KEY=VALUE ...] [--out reports/bench_contamination.json]
+    python bench/contamination.py --calibrate      # the probe behind decontam.UNIT_BITS, then exit
+    python bench/contamination.py --stage [--docs 12000] [--repeats 3]     # the dedup stage's rate, then exit
 
 Every benchmark that params.yaml lists and that has data. Per benchmark, --items items are drawn
 (seeded) as leaks and --items more as look-alikes:
@@ -19,12 +21,25 @@ Each plant is buried at a random place in a page of real prose: the pydoc text o
 library modules the crawl's pydoc mirror serves (params crawl.pydoc_modules). Reports recall per
 form, per benchmark and by question length, every false positive, and the index's build time and
 scan rate on 300-word pages (bench/dedup.py's page size) beside dedup's own per-core rate on them.
+
+--calibrate runs the probe that sets decontam.UNIT_BITS instead: every short anchor of one item in
+the index of all items, searched in the text of every other item's fields (the shipped sets'
+questions, passages, WikiHow and ActivityNet contexts, choices, solutions); those it finds standing
+as a line or sentence there are ordinary text of that size and information, so UNIT_BITS must lie
+above the most informative of them. Its table lists them, most bits first.
+
+--stage times the dedup stage itself (hatchling/data/dedup_stage.py, 1 worker: read, dedup, then
+the check on the kept documents and the write) on bench/dedup.py's corpus (--docs documents of ~300
+words in 8 shards), once with every benchmark params.yaml lists indexed and once with none, the two
+interleaved --repeats times: documents per second per core, and where the seconds go (dedup, loading
+the benchmarks, the index build, reading the kept documents again with the scan).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import pydoc
@@ -36,8 +51,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from hatchling.config import load_params
-from hatchling.data.benchmarks import SCHEMAS, item_fields, load_records
-from hatchling.data.decontam import ContaminationIndex, Item
+from hatchling.data.benchmarks import SCHEMAS, item_fields, load_benchmarks, load_records
+from hatchling.data.decontam import UNIT_BITS, ContaminationIndex, Item, Page
 from hatchling.data.dedup import deduplicate, iter_signatures
 from hatchling.data.textnorm import ngrams, normalized_words
 from hatchling.io import write_jsonl
@@ -194,6 +209,114 @@ def throughput(index_of, items: dict[str, list[Item]], words: list[str], repeats
             "cpus": os.cpu_count()}
 
 
+def calibrate(items: dict[str, list[Item]], n: int) -> list[dict]:
+    """Each short anchor of one item (with its information, ``ContaminationIndex.bits``) found standing
+    as a line or sentence in the field text of another item, once per anchor and holding benchmark."""
+    index = ContaminationIndex(items, n)
+    owner: dict[str, tuple[str, str]] = {}
+    for bench, item in index.items:
+        for anchor in item.anchors:
+            owner.setdefault(" ".join(normalized_words(anchor)), (bench, item.id))
+    users: dict[str, set[tuple[str, str]]] = defaultdict(set)             # raw field text -> the items using it
+    for bench, item in index.items:
+        for text in item.anchors + item.supports:
+            users[text].add((bench, item.id))
+    texts = list(users)
+    probe = ContaminationIndex({"probe": [Item(a, (a,)) for a in index.bits]}, n)
+    found: dict[tuple[str, str], dict] = {}
+    for text, hits in zip(texts, scan_all(probe, texts), strict=True):
+        page = Page(normalized_words(text), n, text)
+        for h in hits:
+            anchor = h.item_id
+            if not users[text] - {owner[anchor]}:
+                continue
+            words = anchor.split()
+            if not any(page.stands(a, b) for a, b in page.occurrences(words, 1.0)):
+                continue
+            holders = sorted({b for b, _ in users[text] - {owner[anchor]}})
+            for holder in holders:
+                found.setdefault((anchor, holder), {
+                    "bits": round(index.bits[anchor], 2), "anchor": anchor, "benchmark": owner[anchor][0],
+                    "item": owner[anchor][1], "in": holder, "text": text[:200]})
+    return sorted(found.values(), key=lambda r: -r["bits"])
+
+
+def stage_throughput(params, docs: int, repeats: int) -> dict:
+    """The dedup stage's seconds on bench/dedup.py's corpus, with all benchmarks indexed and with none."""
+    from hatchling.context import Declared, StageContext
+    from hatchling.data import dedup_stage
+    from hatchling.stages import context
+
+    spec = importlib.util.spec_from_file_location("bench_dedup", Path(__file__).with_name("dedup.py"))
+    corpus = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(corpus)
+    documents = corpus.Corpus(docs).docs
+    timed: dict[str, float] = {}
+
+    def timing(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            timed[name] = timed.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return wrapper
+
+    untimed = dedup_stage.scanned
+
+    def scanned(index, kept):          # the stage's generator, timed: reading the kept documents, the scan
+        it = untimed(index, kept)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                pair = next(it)
+            except StopIteration:
+                return
+            finally:
+                timed["scan"] = timed.get("scan", 0.0) + time.perf_counter() - t0
+            yield pair
+
+    rows: dict[str, list[dict]] = {"none": [], "all": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "data/crawl").mkdir(parents=True)
+        for s in range(8):
+            write_jsonl(root / f"data/crawl/shard-{s:05d}.jsonl", documents[s::8])
+        (root / "data/benchmarks").symlink_to(Path("data/benchmarks").resolve())
+        p = params.model_copy(update={"dedup": params.dedup.model_copy(update={"workers": 1})})
+        full = context("dedup", p, root)
+        values = {name: getattr(full.params, name) for name in ("dedup", "contamination", "benchmarks")}
+        none = StageContext("dedup", full.root, Declared("dedup", "params section", {**values, "benchmarks": {}}),
+                            full.inputs, full.outputs)
+        original = dedup_stage.ContaminationIndex, dedup_stage.scanned, dedup_stage.load_benchmarks
+        dedup_stage.ContaminationIndex, dedup_stage.scanned = timing("build", dedup_stage.ContaminationIndex), scanned
+        dedup_stage.load_benchmarks = timing("load", dedup_stage.load_benchmarks)
+        try:
+            for r in range(repeats):
+                for name, ctx in (("none", none), ("all", full)) if r % 2 == 0 else (("all", full), ("none", none)):
+                    timed.clear()
+                    t0 = time.perf_counter()
+                    metrics = dedup_stage.run(ctx)
+                    total = time.perf_counter() - t0
+                    rows[name].append({"seconds": total, "dedup": metrics["dedup_seconds"], "load": timed["load"],
+                                       "build": timed["build"],
+                                       "scan": timed["scan"], "docs": metrics["docs_in"], "kept": metrics["kept"]})
+        finally:
+            dedup_stage.ContaminationIndex, dedup_stage.scanned, dedup_stage.load_benchmarks = original
+    out = {}
+    for name, runs in rows.items():
+        per_s = sorted(r["docs"] / r["seconds"] for r in runs)
+        scan = sorted(r["kept"] / r["scan"] for r in runs)
+        out[name] = {"docs": runs[0]["docs"], "kept": runs[0]["kept"],
+                     "stage_docs_per_s": [round(x) for x in per_s],
+                     "stage_less_load_and_build_docs_per_s": sorted(
+                         round(r["docs"] / (r["seconds"] - r["load"] - r["build"])) for r in runs),
+                     "load_s": sorted(round(r["load"], 2) for r in runs),
+                     "dedup_s": sorted(round(r["dedup"], 2) for r in runs),
+                     "build_s": sorted(round(r["build"], 2) for r in runs),
+                     "read_and_scan_docs_per_s": [round(x) for x in scan]}
+    return out
+
+
 def rate(hits: int, total: int) -> str:
     return f"{hits}/{total} ({100 * hits / max(1, total):.1f}%)"
 
@@ -205,9 +328,36 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timing runs (the best counts)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a params override")
     ap.add_argument("--out", default="reports/bench_contamination.json")
+    ap.add_argument("--calibrate", action="store_true", help="run the probe behind decontam.UNIT_BITS and exit")
+    ap.add_argument("--stage", action="store_true", help="time the dedup stage with and without benchmarks, exit")
+    ap.add_argument("--docs", type=int, default=12000, help="--stage: bench/dedup.py's corpus size")
     args = ap.parse_args()
     params = load_params("params.yaml", args.set)
     c = params.contamination
+    if args.stage:
+        result = stage_throughput(params, args.docs, args.repeats)
+        for name, row in result.items():
+            print(f"benchmarks indexed: {name}")
+            for key, value in row.items():
+                print(f"  {key:32} {value}")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+        return
+    if args.calibrate:
+        found = calibrate(load_benchmarks(params.benchmarks)[0], c.ngram)
+        print(f"short anchors of one item standing as a line or sentence in another item's text: {len(found)} "
+              f"(anchor, benchmark holding it); UNIT_BITS = {UNIT_BITS}\n")
+        print(f"{'bits':>6}  {'anchor':40} {'of':14} {'in':14}")
+        for r in found:
+            print(f"{r['bits']:6.1f}  {r['anchor'][:40]:40} {r['benchmark']:14} {r['in']:14}")
+        cross = [r for r in found if r["in"] != r["benchmark"]]
+        print(f"\nmost bits: {found[0]['bits'] if found else 0} (any other item), "
+              f"{cross[0]['bits'] if cross else 0} (another benchmark's item)")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"unit_bits": UNIT_BITS, "found": found}, indent=2))
+        print(f"wrote {args.out}")
+        return
     rng = random.Random(args.seed)
     pages = Pages(prose(params.crawl.pydoc_modules), rng)
 

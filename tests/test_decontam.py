@@ -12,8 +12,9 @@ import pytest
 
 from bench.contamination import leak_forms, noisy
 from hatchling.config import load_params
-from hatchling.data.benchmarks import SCHEMAS, item_fields, load_records, resolve_path
-from hatchling.data.decontam import ContaminationIndex, Item, redact
+from hatchling.data import decontam
+from hatchling.data.benchmarks import SCHEMAS, item_fields, load_benchmarks, load_records, resolve_path
+from hatchling.data.decontam import UNIT_BITS, ContaminationIndex, Item, redact, unit_breaks
 from hatchling.data.textnorm import normalized_words, words_with_spans
 from tests.conftest import REPO
 
@@ -163,10 +164,68 @@ def test_a_common_short_question_on_an_ordinary_page_is_not_flagged():
     assert not found(arc, f"{PROSE}{day} {PROSE}")
 
 
-def test_distinctive_anchors_equal_the_reference_and_scan_agrees_on_random_pages():
-    """``alone`` (hashed windows) equals ``reference_distinctive`` (the words), on random items from a
-    vocabulary of common and rare words where anchors repeat inside other items; and the scan with
-    short anchors counting alone equals the reference scan on random pages."""
+@pytest.fixture(scope="module")
+def everything():
+    """An index of every item of every shipped set, as the dedup stage builds it."""
+    c = PARAMS.contamination
+    return ContaminationIndex(load_benchmarks(SHIPPED, REPO)[0], c.ngram, c.threshold)
+
+
+def test_an_informative_short_question_standing_as_a_line_or_sentence_is_found(everything):
+    """The second rule: a short anchor of one item, held by no other item's text, of UNIT_BITS or more
+    (a PIQA goal and an OpenBookQA stem of 5 words, too short for the first rule) is found printed
+    alone as its own line or sentence, as is and with noise, also after "Question:"; not inside a
+    sentence, where its words are ordinary prose."""
+    rng = random.Random(7)
+    cases = {"ab00f8ac-0342-46bf-b7f0-a25ba012293e": "Remove greasy prints from walls.",      # PIQA, 39 bits
+             "474": "Fruit comes from what source"}                                           # OpenBookQA, 32 bits
+    for item_id, question in cases.items():
+        key = " ".join(normalized_words(question))
+        assert len(key.split()) < decontam.ALONE_WORDS and key not in everything.alone
+        assert key in everything.units and everything.bits[key] >= UNIT_BITS
+        for variant in (question, noisy(question, rng), question.upper()):
+            assert item_id in found(everything, page(variant, rng)), variant
+        assert item_id in found(everything, f"{PROSE}Question: {question}\nAnswer: ask a friend.\n{PROSE}")
+        assert not found(everything, f"{PROSE}We read how to {question.lower().rstrip('.')} in class. {PROSE}")
+        assert not found(everything, f"{PROSE}Then {question.lower()}\n{PROSE}")      # begins mid-sentence
+
+
+def test_an_ordinary_title_or_generic_question_alone_is_not_flagged(everything):
+    """Short anchors under UNIT_BITS, though held by no other item: PIQA goals worded like web titles
+    ("How to get great cookies", 23 bits; "How to grow a beard", 22 bits, is also a HellaSwag WikiHow
+    title) and a generic quiz question (ARC-Challenge's "Which substance is a compound?", 23 bits: its
+    words are common in ARC). A page with them as its title or a quiz line is not flagged; printed with
+    their choices they are."""
+    for question in ("how to get great cookies", "which substance is a compound"):
+        assert question not in everything.alone | everything.units and everything.bits[question] < UNIT_BITS
+    assert everything.bits["how to grow a beard"] < UNIT_BITS
+    assert not found(everything, "How to Get Great Cookies\n\nStart with cold butter and a hot oven.\n" + PROSE)
+    assert not found(everything, "How to Grow a Beard\n\nLet it grow for a month before you trim it.\n" + PROSE)
+    assert not found(everything, f"{PROSE}\nQuiz 3\nWhich substance is a compound?\n\n{PROSE}")
+    records, _ = load_records("arc_challenge", SHIPPED["arc_challenge"], REPO)
+    (r,) = [r for r in records if r["question"] == "Which substance is a compound?"]
+    assert r["id"] in found(everything, f"{PROSE}\n{leak_forms('arc', r, random.Random(8))['labelled']}\n{PROSE}")
+
+
+def test_lines_and_sentences_begin_and_end_where_the_text_says():
+    """unit_breaks: a break before each word that starts a line or sentence (after a line break, a
+    sentence end or a colon, whatever punctuation surrounds them), none inside a token NFKC splits."""
+    text = "Question: Prey are eaten by\n(A) owls, (B) grass. Then \ufb01ne? yes x\u00a8y \u2014 z"
+    words = normalized_words(text)
+    assert words[:12] == ["question", "prey", "are", "eaten", "by", "a", "owls", "b", "grass", "then", "fine", "yes"]
+    breaks = unit_breaks(text)
+    assert len(breaks) == len(words) + 1 and breaks[0] and breaks[-1]
+    assert [i for i, b in enumerate(breaks[:-1]) if b] == [0, 1, 5, 9, 11]
+    assert unit_breaks("") == [True] and unit_breaks("one") == [True, True]
+
+
+def test_distinctive_anchors_equal_the_reference_and_scan_agrees_on_random_pages(monkeypatch):
+    """``alone`` and ``units`` (hashed windows, numpy frequencies) equal ``reference_distinctive`` (the
+    words), on random items from a vocabulary of common and rare words where anchors repeat inside
+    other items; and the scan with short anchors counting alone (anywhere, or standing as a line or
+    sentence) equals the reference scan on random pages whose parts are joined by spaces, line breaks
+    and sentence ends. UNIT_BITS is lowered to this small index's scale (~200 fields, <= 7.7 bits a word)."""
+    monkeypatch.setattr(decontam, "UNIT_BITS", 18.0)
     rng = random.Random(6)
     common = [f"c{i}" for i in range(30)]
     rare = iter(f"r{i}" for i in range(10_000))
@@ -182,17 +241,25 @@ def test_distinctive_anchors_equal_the_reference_and_scan_agrees_on_random_pages
         supports = [" ".join(words(rng.randint(1, 5))) for _ in range(rng.randint(0, 3))]
         items.append(Item(f"i{k}", (anchor,), tuple(supports + ([quoted] if rng.random() < 0.2 else []))))
     index = ContaminationIndex({"a": items[:60], "b": items[60:]}, n=10, threshold=0.5)
-    assert index.alone == index.reference_distinctive()
+    assert (index.alone, index.units) == index.reference_distinctive()
     assert 5 < len(index.alone) < len({" ".join(normalized_words(i.anchors[0])) for i in items})
+    assert len(index.units) > 5 and not index.units & index.alone
+    assert all(index.bits[u] >= 18.0 for u in index.units)
     pages = []
-    for _ in range(200):
-        item = rng.choice(items)
+    unit_items = [i for i in items if " ".join(normalized_words(i.anchors[0])) in index.units]
+    for _ in range(300):
+        item = rng.choice(unit_items if rng.random() < 0.2 else items)
         fields = [item.anchors[0]] + (list(item.supports) if rng.random() < 0.5 else [])
         parts = [f if rng.random() < 0.8 else " ".join(f.split()[1:]) for f in fields]
-        pages.append(" ".join([" ".join(words(rng.randint(0, 20))), *parts, " ".join(words(rng.randint(0, 20)))]))
+        parts = [" ".join(words(rng.randint(0, 20))), *parts, " ".join(words(rng.randint(0, 20)))]
+        pages.append("".join(part + rng.choice([" ", " ", "\n", ". ", "? ", ", "]) for part in parts))
     batched = index.scan_batch(pages)
     assert batched == [index.reference_scan(p) for p in pages]
-    assert sum(map(bool, batched)) > 60
+    assert sum(map(bool, batched)) > 90
+    monkeypatch.setattr(decontam, "UNIT_BITS", float("inf"))     # without the second rule: fewer hits
+    without = ContaminationIndex({"a": items[:60], "b": items[60:]}, n=10, threshold=0.5).scan_batch(pages)
+    assert not any(set(map(str, b)) - set(map(str, a)) for a, b in zip(batched, without, strict=True))
+    assert sum(map(len, without)) + 5 < sum(map(len, batched))
 
 
 def test_an_empty_index_or_page_finds_nothing():

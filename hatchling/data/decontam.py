@@ -26,22 +26,38 @@ the item's word count (the anchor and all its supports). Hence:
   or answer, a GSM8K problem without its solution, a HumanEval prompt without its solution;
 - a shorter question needs enough of its choices beside it, in any order, labelled or not; an
   item shorter than n words in all must appear whole;
-- except a *distinctive* short anchor, which is found alone wherever it occurs whole: one of
-  ALONE_WORDS (6) to n - 1 words, anchoring one item and used by no other, that no field of any
-  other indexed item holds as a run of words, and with at least one rare word (held by at most
-  RARE_WORDS, 1 %, of the index's fields);
+- except a *distinctive* short anchor, which counts alone: one anchoring one item and used by no
+  other, that no field of any other indexed item holds as a run of words, and either
+  (1) of ALONE_WORDS (6) to n - 1 words with at least one rare word (held by at most RARE_WORDS,
+  1 %, of the index's fields): found wherever it occurs whole; or
+  (2) of at least UNIT_BITS (27) bits of information: found where it occurs whole *as a unit*, a
+  whole line or sentence of the page (a line break, a sentence end . ? ! or a colon, or the page's
+  edge, before its first word and after its last: ``unit_breaks``), not inside running text;
 - supports never count without their anchor, however many occur.
+
+An anchor's *information* is the sum over its words of -log2 of the larger of the word's share of
+the index's fields and its share of the fields of the anchor's own benchmark: a word common in the
+set's own text ("which", "statement", "how to" in PIQA's goals) says little about which item it
+is, wherever else it is rare. The second rule's threshold comes from the index's own text
+(``bench/contamination.py --calibrate``): of the shipped sets' ~4,500 short one-item anchors, five
+stand as a line or sentence in another item's text ("Which statement is an inference?", 26.6
+bits, ends another ARC-Easy question; "How to grow a beard", 21.9 bits, is a HellaSwag WikiHow
+title; "whisk", "shampoo"), so UNIT_BITS lies above the most informative of them.
 
 Why other short questions need their choices: the shipped sets themselves hold distinct items with
 the same 5-9-word question ("What causes day and night on Earth?" is two ARC-Easy items, "Which is
 a chemical change?" two ARC-Challenge ones), so such a question alone names none of them, and a
 science page asking it is no leak; a question made of common words ("What is the capital of
-France?" once other fields hold each of its words) or of five words or fewer ("How to make hot
-chocolate", a PIQA goal that HellaSwag's WikiHow contexts also hold) is ordinary web text.
-Choices printed beside it are what tells the item apart. The other items' text (Wikipedia
-passages, WikiHow and ActivityNet contexts, science questions: ~110,000 fields) is the frequency
-check: with 6 words no distinctive anchor of one set occurred in another set's text, with 5 words
-four did (docs/benchmarks.md).
+France?" once other fields hold each of its words, "Which substance is a compound?", 23 bits) or
+worded like a web title ("How to make hot chocolate", a PIQA goal that HellaSwag's WikiHow contexts
+also hold; "How to get great cookies", 23 bits) is ordinary web text. Choices printed beside it
+are what tells the item apart. The other items' text (Wikipedia passages, WikiHow and ActivityNet
+contexts, science questions: ~110,000 fields) is the frequency check: with 6 words and a rare word
+no distinctive anchor of one set occurred in another set's text, with 5 words four did; none of
+27 bits or more stands as a line or sentence in another item's text (docs/benchmarks.md).
+The information is measured on benchmark text only (nothing else ships offline): web how-to
+titles are far more common on the web than in it, so on a web-scale crawl the second rule may flag
+pages titled like a PIQA goal ("Get rid of flies indoors", 35.6 bits).
 `threshold` keeps templates apart: a GSM8K train problem with other numbers shares exactly half
 of the n-grams of one test question, so 0.5 flags it and anything above does not (the planted-leak
 benchmark, bench/contamination.py, and its results in docs/benchmarks.md).
@@ -57,6 +73,7 @@ slow reference the filter is tested against (tests/test_decontam.py).
 from __future__ import annotations
 
 import itertools
+import unicodedata
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -86,10 +103,19 @@ class Hit:
 
 
 class Page:
-    """A document's normalized words, with the lookups the exact rule needs (built on first use)."""
+    """A document's normalized words, with the lookups the exact rule needs (built on first use);
+    `text`, the document itself, tells where its lines and sentences begin and end (``unit_breaks``)."""
 
-    def __init__(self, words: list[str], n: int):
-        self.words, self.n = words, n
+    def __init__(self, words: list[str], n: int, text: str | None = None):
+        self.words, self.n, self.text = words, n, text
+
+    @cached_property
+    def breaks(self) -> list[bool]:
+        return unit_breaks(self.text) if self.text is not None else [False] * (len(self.words) + 1)
+
+    def stands(self, start: int, end: int) -> bool:
+        """Whether words[start:end] are a whole line or sentence of the text (a unit, module doc)."""
+        return self.breaks[start] and self.breaks[end]
 
     @cached_property
     def starts(self) -> dict[str, list[int]]:
@@ -120,11 +146,12 @@ class Page:
         return merge_spans((p, p + n) for positions in matched for p in positions)
 
 
-def find(item: Item, page: Page, threshold: float,
-         alone: frozenset[str] = frozenset()) -> tuple[float, list[tuple[int, int]]] | None:
+def find(item: Item, page: Page, threshold: float, alone: frozenset[str] = frozenset(),
+         units: frozenset[str] = frozenset()) -> tuple[float, list[tuple[int, int]]] | None:
     """(coverage, word intervals) of `item` in `page` by the module's rule, else None: the rule written
-    plainly, on the words themselves, which decides every candidate of ``scan_batch``. `alone`: the
-    normalized texts of the short anchors that are distinctive (``ContaminationIndex.distinctive``)."""
+    plainly, on the words themselves, which decides every candidate of ``scan_batch``. `alone` and
+    `units`: the normalized texts of the short anchors that count alone anywhere, and of those that
+    count alone standing as a line or sentence (``ContaminationIndex.alone``, ``.units``)."""
     n = page.n
     supports = [normalized_words(s) for s in item.supports]
     support_words = sum(map(len, supports))
@@ -132,7 +159,7 @@ def find(item: Item, page: Page, threshold: float,
     coverage, intervals = 0.0, []
     for anchor in map(normalized_words, item.anchors):
         occurrences = page.occurrences(anchor, threshold)
-        distinctive = " ".join(anchor) in alone
+        distinctive, unit = " ".join(anchor) in alone, " ".join(anchor) in units
         if not occurrences:
             continue
         if placed is None:
@@ -143,7 +170,7 @@ def find(item: Item, page: Page, threshold: float,
             lo, hi = region[0][0] - total - n, region[-1][1] + total + n
             near = [[(a, b) for a, b in spans if a < hi and b > lo] for spans in placed]
             words = len(anchor) + sum(len(s) for s, spans in zip(supports, near, strict=True) if spans)
-            if words >= min(n, total) or distinctive:
+            if words >= min(n, total) or distinctive or (unit and page.stands(*region[0])):
                 coverage = max(coverage, words / total)
                 intervals += region + [span for spans in near for span in spans]
     return (round(coverage, 4), merge_spans(intervals)) if intervals else None
@@ -151,6 +178,29 @@ def find(item: Item, page: Page, threshold: float,
 
 ALONE_WORDS = 6              # a short anchor of this many words or more may count alone (module doc)
 RARE_WORDS = 0.01            # ... when one of its words is held by at most this share of the index's fields
+UNIT_BITS = 27.0             # a short anchor of this much information counts alone as a line or sentence
+# what ends a line or sentence: line breaks, sentence ends and the colon of "Question: ..." (after NFKC)
+UNIT_BREAKS = frozenset(".?!:\u2026\u3002\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def unit_breaks(text: str) -> list[bool]:
+    """For i = 0 .. len(normalized_words(text)): whether a line or sentence may begin at word i and end
+    before it. True at both ends; between two words when the text between their letters (the first
+    one's trailing and the second one's leading punctuation and what lies between) holds a UNIT_BREAKS
+    character. Two words from one token (NFKC split it) are never apart."""
+    spans = words_with_spans(text)[1]
+    out = [True] * (len(spans) + 1)
+    for i in range(1, len(spans)):
+        (a0, b0), (a1, b1) = spans[i - 1], spans[i]
+        if (a0, b0) == (a1, b1):
+            out[i] = False
+            continue
+        while b0 > a0 and unicodedata.category(text[b0 - 1])[0] == "P":
+            b0 -= 1
+        while a1 < b1 and unicodedata.category(text[a1])[0] == "P":
+            a1 += 1
+        out[i] = not UNIT_BREAKS.isdisjoint(unicodedata.normalize("NFKC", text[b0:a1]))
+    return out
 MAX_N = 64                   # a word's edge bits (one per window length) fill a uint64
 _SEED, _P = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)   # rolling-hash start, odd base
 
@@ -183,6 +233,9 @@ class ContaminationIndex:
     Two cheap tests run before a window's key is looked up: its first and last words must begin
     and end some field's window of its length (a bit per length for each word), and its key must
     pass a two-probe Bloom filter (~32 bits a key, so ~0.4% of other windows pass).
+
+    ``alone`` and ``units`` are the normalized texts of the distinctive short anchors of the module
+    doc's first and second rule; ``bits``, every short anchor of one item's information.
     """
 
     def __init__(self, benchmarks: dict[str, list[Item]], n: int = 13, threshold: float = 0.5):
@@ -214,8 +267,9 @@ class ContaminationIndex:
         ids = np.fromiter(map(self._vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
         self._index_windows(ids)
         self._fields = fields
-        self._alone = self._distinctive(ids)
+        self._alone, self._unit = self._distinctive(ids)
         self.alone = frozenset(" ".join(fields[f]) for f in np.flatnonzero(self._alone).tolist())
+        self.units = frozenset(" ".join(fields[f]) for f in np.flatnonzero(self._unit).tolist())
 
     def _owners(self) -> np.ndarray:
         """Field -> the one item that uses it (as anchor or support), or -1 when several do."""
@@ -225,39 +279,69 @@ class ContaminationIndex:
                 owner[f] = idx if owner[f] == -2 else -1
         return owner
 
-    def _short_candidates(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(owner of each field, whether each field passes the distinctiveness tests that need no search:
-        an anchor of one item, of ALONE_WORDS to n - 1 words, with a rare word)."""
-        owner, df = self._owners(), self._document_frequency(ids)
+    def _short_candidates(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(owner of each field, whether each field passes the tests of the first rule that need no
+        search: an anchor of one item, of ALONE_WORDS to n - 1 words, with a rare word; whether it
+        passes those of the second: an anchor of one item, under n words, of UNIT_BITS or more)."""
+        owner, (df, bench_df, bench_fields) = self._owners(), self._document_frequency(ids)
         rare = df <= max(1, RARE_WORDS * len(self._length))
-        anchors = np.zeros(len(self._length), dtype=bool)
-        anchors[list(self._readers)] = True
-        has_rare = np.array([bool(rare[[self._vocab[w] for w in words]].any()) if anchors[f] else False
+        short = np.zeros(len(self._length), dtype=bool)
+        short[list(self._readers)] = True
+        short &= (owner >= 0) & (self._length < self.n)
+        has_rare = np.array([bool(rare[[self._vocab[w] for w in words]].any()) if short[f] else False
                              for f, words in enumerate(self._fields)], dtype=bool)
-        ok = anchors & (owner >= 0) & (self._length >= ALONE_WORDS) & (self._length < self.n) & has_rare
-        return owner, ok
+        bench = self._bench_numbers()
+        bits = np.zeros(len(self._length))
+        for f in np.flatnonzero(short).tolist():
+            b = bench[owner[f]]
+            words = [self._vocab[w] for w in self._fields[f]]
+            share = np.maximum(df[words] / len(self._length), bench_df[b, words] / bench_fields[b])
+            bits[f] = -np.log2(share).sum()
+        self.bits = {" ".join(self._fields[f]): float(bits[f]) for f in np.flatnonzero(short).tolist()}
+        return owner, short & (self._length >= ALONE_WORDS) & has_rare, short & (bits >= UNIT_BITS)
 
-    def _document_frequency(self, ids: np.ndarray) -> np.ndarray:
-        """Word id -> how many fields hold it (`ids`: all fields' words, concatenated)."""
-        field = np.repeat(np.arange(len(self._length)), self._length)
-        pairs = np.sort(field * len(self._values) + ids)           # a sort: np.unique's hashing is slower here
+    def _bench_numbers(self) -> np.ndarray:
+        """Item -> the number of its benchmark (in order of first appearance)."""
+        names = {b: k for k, b in enumerate(dict.fromkeys(b for b, _ in self.items))}
+        return np.array([names[b] for b, _ in self.items], dtype=np.int64)
+
+    def _document_frequency(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(word id -> how many fields hold it, (benchmark, word id) -> how many of the fields the
+        benchmark's items use hold it, benchmark -> how many fields its items use); `ids`: all fields'
+        words, concatenated."""
+        vocab, fields = len(self._values), len(self._length)
+        field = np.repeat(np.arange(fields), self._length)
+        pairs = np.sort(field * vocab + ids)           # a sort: np.unique's hashing is slower here
         pairs = pairs[np.append(True, pairs[1:] != pairs[:-1])[:len(pairs)]]
-        return np.bincount(pairs % len(self._values), minlength=len(self._values))
+        holder, word = np.divmod(pairs, vocab)
+        df = np.bincount(word, minlength=vocab)
+        bench = self._bench_numbers()
+        used = np.unique([bench[idx] * fields + f for idx, (a, s) in enumerate(zip(self._anchors, self._supports,
+                                                                                   strict=True)) for f in a + s])
+        used_bench, used_field = np.divmod(used.astype(np.int64), fields)
+        benches = int(bench.max()) + 1 if len(bench) else 0
+        first = np.searchsorted(holder, np.arange(fields + 1))      # field f's distinct words: first[f]:first[f + 1]
+        count = first[used_field + 1] - first[used_field]
+        rows = np.repeat(used_bench, count) * vocab + word[segment_starts(first[used_field], count)]
+        bench_df = np.bincount(rows, minlength=benches * vocab).reshape(benches, vocab)
+        return df, bench_df, np.bincount(used_bench, minlength=benches)
 
-    def _distinctive(self, ids: np.ndarray) -> np.ndarray:
-        """Field -> whether it is a short anchor that counts alone when it occurs whole (module doc):
-        the candidates of ``_short_candidates`` that no other item's field holds as a window. Windows
-        are compared by their 64-bit keys (a collision can only make a field not distinctive);
-        ``reference_distinctive`` is the same test on the words."""
-        owner, ok = self._short_candidates(ids)
+    def _distinctive(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(field -> whether it is a short anchor that counts alone wherever it occurs whole, field ->
+        whether one that counts alone standing as a line or sentence; module doc): the candidates of
+        ``_short_candidates`` that no other item's field holds as a window. Windows are compared by
+        their 64-bit keys (a collision can only make a field not distinctive); ``reference_distinctive``
+        is the same test on the words."""
+        owner, alone, unit = self._short_candidates(ids)
+        ok = alone | unit
         if not ok.any():
-            return ok
+            return ok, ok
         length = self._length
         offsets = np.cumsum(length) - length
         field_of = np.repeat(np.arange(len(length)), length)
         for size, h in window_keys(self._values[ids], self.n - 1):
             cand = np.flatnonzero(ok & (length == size))
-            if size < ALONE_WORDS or not len(cand):
+            if not len(cand):
                 continue
             keys = h[offsets[cand]]
             order = np.argsort(keys)
@@ -269,26 +353,36 @@ class ContaminationIndex:
             hit = window[keys[at] == h[window]]
             holder, held = field_of[hit], cand[at[keys[at] == h[window]]]
             ok[held[owner[holder] != owner[held]]] = False
-        return ok
+        return ok & alone, ok & unit & ~alone
 
-    def reference_distinctive(self) -> frozenset[str]:
-        """``alone`` computed plainly: each short anchor of one item, of ALONE_WORDS to n - 1 words, with
-        a word held by at most RARE_WORDS of the fields, that no field of another item holds (slow)."""
+    def reference_distinctive(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(``alone``, ``units``) computed plainly: each short anchor of one item that no field of another
+        item holds, (alone) of ALONE_WORDS to n - 1 words with a word held by at most RARE_WORDS of the
+        fields, or else (units) of at least UNIT_BITS (slow)."""
         users: dict[int, set[int]] = defaultdict(set)
         for idx, fs in enumerate(zip(self._anchors, self._supports, strict=True)):
             for f in fs[0] + fs[1]:
                 users[f].add(idx)
         texts = [f" {' '.join(words)} " for words in self._fields]
+        sets = [set(words) for words in self._fields]
         rare = max(1, RARE_WORDS * len(self._fields))
-        out = set()
+        alone, units = set(), set()
         for f, words in enumerate(self._fields):
-            if not (f in self._readers and len(users[f]) == 1 and ALONE_WORDS <= len(words) < self.n):
+            if not (f in self._readers and len(users[f]) == 1 and len(words) < self.n):
                 continue
-            if not any(sum(w in other for other in map(set, self._fields)) <= rare for w in words):
+            if any(texts[f] in texts[g] and users[g] != users[f] for g in range(len(self._fields))):
                 continue
-            if all(texts[f] not in texts[g] or users[g] == users[f] for g in range(len(self._fields))):
-                out.add(texts[f].strip())
-        return frozenset(out)
+            bench = self.items[next(iter(users[f]))][0]
+            mine = [g for g in range(len(self._fields)) if any(self.items[i][0] == bench for i in users[g])]
+            bits = 0.0
+            for w in words:
+                share = max(sum(w in other for other in sets) / len(sets), sum(w in sets[g] for g in mine) / len(mine))
+                bits -= float(np.log2(share))
+            if len(words) >= ALONE_WORDS and any(sum(w in other for other in sets) <= rare for w in words):
+                alone.add(texts[f].strip())
+            elif bits >= UNIT_BITS:
+                units.add(texts[f].strip())
+        return frozenset(alone), frozenset(units)
 
     def _index_windows(self, ids: np.ndarray) -> None:
         """Keys, edge bits and Bloom filter of every field's windows (`ids`: all fields' words, concatenated)."""
@@ -344,17 +438,17 @@ class ContaminationIndex:
         words = [normalized_words(t) for t in texts] if words is None else words
         hits: list[list[Hit]] = [[] for _ in texts]
         for doc, candidates in self._candidates(words).items():
-            page = Page(words[doc], self.n)
+            page = Page(words[doc], self.n, texts[doc])
             found = [(self.items[idx], f) for idx in sorted(candidates)
-                     if (f := find(self.items[idx][1], page, self.threshold, self.alone))]
+                     if (f := find(self.items[idx][1], page, self.threshold, self.alone, self.units))]
             hits[doc] = located(texts[doc], found)
         return hits
 
     def reference_scan(self, text: str) -> list[Hit]:
         """``scan`` without the hash filter: the rule tried on every item (slow; for tests)."""
-        page = Page(normalized_words(text), self.n)
+        page = Page(normalized_words(text), self.n, text)
         return located(text, [(entry, f) for entry in self.items
-                              if (f := find(entry[1], page, self.threshold, self.alone))])
+                              if (f := find(entry[1], page, self.threshold, self.alone, self.units))])
 
     def _candidates(self, words: list[list[str]]) -> dict[int, set[int]]:
         """{document: the items whose anchor and supports may hold enough words there}."""
@@ -397,7 +491,7 @@ class ContaminationIndex:
 
     def _may_hold(self, idx: int, anchor: int, here: set[int]) -> bool:
         """Whether the anchor and the item's supports present anywhere may reach the rule's word count."""
-        if self._alone[anchor]:
+        if self._alone[anchor] or self._unit[anchor]:
             return True
         supports = self._supports[idx]
         total = int(self._length[anchor] + self._length[supports].sum())
