@@ -22,6 +22,7 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 import hatchling
+from hatchling import tracking
 from hatchling.checkpoint import load_for_inference
 from hatchling.data.chat import render_chat, stop_ids
 from hatchling.data.tokenizer import EOT
@@ -64,13 +65,15 @@ def log_model(run_id: str, tracking_uri: str, checkpoint: Path, register: bool) 
     """Log `checkpoint` as the run's MLflow model; with `register`, as a new version of the registered
     model aliased `candidate`. Returns the model's URI."""
     requirements = [f"{name}=={version(name)}" for name in ("torch", "tokenizers", "safetensors", "pydantic")]
+    checkpoint, code = Path(checkpoint).resolve(), Path(hatchling.__file__).resolve().parent
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)          # MLflow's fluent API (log_model) uses the global URI ...
     try:
-        with mlflow.start_run(run_id=run_id):
+        # the model's artifacts go where the experiment's (store-relative) location says
+        with tracking.in_store_dir(tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(name="model", python_model=TextGenerator(),
                                            artifacts={"checkpoint": str(checkpoint)},
-                                           code_paths=[str(Path(hatchling.__file__).parent)], signature=SIGNATURE,
+                                           code_paths=[str(code)], signature=SIGNATURE,
                                            input_example=EXAMPLE, pip_requirements=requirements)
         if register:
             registered = mlflow.register_model(info.model_uri, REGISTERED_MODEL)

@@ -11,6 +11,14 @@ Runs are written with an explicit ``MlflowClient`` (no fluent global state), so 
 in threads of one process never mix their runs. The store defaults to ``sqlite:///mlflow.db``
 in the project (``MLFLOW_TRACKING_URI`` overrides).
 
+Artifact locations are relative to the store: in a SQLite store the experiment's location is
+``mlruns/<id>`` (MLflow would store the absolute ``<cwd>/mlruns/<id>``), so its runs' artifacts and
+models live in ``mlruns/`` beside ``mlflow.db`` and a moved or copied project records into its own
+``mlruns/``. MLflow reads a relative location against the working directory, which is the store's
+directory under ``dvc repro``, ``hatchling run`` and ``mlflow ui`` in the project root; hatchling's
+own artifact writes go through :func:`in_store_dir`, so a flow run with ``root`` elsewhere writes
+beside the store too.
+
 MLflow errors are not swallowed: a run that cannot be recorded fails its stage with MLflow's own
 error. The one exception is marking a run FAILED while the stage's error is on its way out: an
 MLflow error then is logged as a warning (see :func:`end_failed`), as raising it would hide why the
@@ -24,6 +32,7 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +40,7 @@ from pathlib import Path
 EXPERIMENT = "hatchling"
 PARENT_ENV = "HATCHLING_PARENT_RUN_ID"
 PIPELINE_KEY_TAG = "hatchling.pipeline_key"
+ARTIFACTS = "mlruns"          # beside the store, as MLflow's own default
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +55,74 @@ def client(root: Path = Path(".")):
     return MlflowClient(tracking_uri=tracking_uri(root))
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a local SQLite store; None for any other store."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(uri)
+    except ArgumentError:
+        return None
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database).resolve()
+
+
+def store_dir(uri: str) -> Path | None:
+    """The directory of a local SQLite store (its artifacts go to `mlruns/` there); None for any other."""
+    db = sqlite_file(uri)
+    return db.parent if db else None
+
+
 def experiment_id(mlf) -> str:
-    exp = mlf.get_experiment_by_name(EXPERIMENT)
-    return exp.experiment_id if exp else mlf.create_experiment(EXPERIMENT)
+    """The hatchling experiment's id, created if missing. In a SQLite store its artifact location is
+    `mlruns/<id>`, relative to the store; one that MLflow made absolute (`<some dir>/mlruns/<id>`, as
+    hatchling before this created it) is made relative. Past runs keep the locations they have."""
+    exp = mlf.get_experiment_by_name(EXPERIMENT) or mlf.get_experiment(mlf.create_experiment(EXPERIMENT))
+    relative = f"{ARTIFACTS}/{exp.experiment_id}"
+    db = sqlite_file(mlf.tracking_uri)
+    if db is not None and _mlflow_default_location(exp.artifact_location, exp.experiment_id):
+        # MLflow makes a relative location absolute (against the working directory) when it creates an
+        # experiment, and has no call that changes one: set it in the store's own table
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn, conn:
+            conn.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                         (relative, int(exp.experiment_id)))
+    return exp.experiment_id
+
+
+def _mlflow_default_location(location: str, exp_id: str) -> bool:
+    """An absolute local `.../mlruns/<id>` (or `file:` URI): MLflow's default, not a location chosen."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(location)
+    if parsed.scheme not in ("", "file") or parsed.netloc not in ("", "localhost"):
+        return False
+    path = Path(parsed.path)
+    return path.is_absolute() and path.parts[-2:] == (ARTIFACTS, str(exp_id))
+
+
+_CWD_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def in_store_dir(uri: str):
+    """Run MLflow artifact writes (log_artifact, log_model) from the store's directory, where MLflow
+    resolves the experiment's relative artifact location. Pass absolute paths in: the working
+    directory changes (for the whole process, one switch at a time) only when it is not there already."""
+    where = store_dir(uri)
+    with _CWD_LOCK:
+        previous = os.getcwd()
+        move = where is not None and Path(previous).resolve() != where
+        if move:
+            os.chdir(where)
+        try:
+            yield
+        finally:
+            if move:
+                os.chdir(previous)
 
 
 def git_commit(root: Path = Path(".")) -> str:
@@ -210,8 +285,10 @@ class StageRun:
         self._buffer = []
 
     def log_artifact(self, path: Path) -> None:
-        if Path(path).exists():
-            self.mlf.log_artifact(self.run_id, str(path))
+        path = Path(path).resolve()
+        if path.exists():
+            with in_store_dir(self.uri):
+                self.mlf.log_artifact(self.run_id, str(path))
 
     def end(self, status: str = "FINISHED") -> None:
         self.flush()

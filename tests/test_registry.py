@@ -29,7 +29,8 @@ def _stage_runs(client: MlflowClient) -> dict[str, object]:
 
 def test_stages_log_models_and_rlvr_registers_the_candidate(pretrained_project, tmp_path, monkeypatch):
     proj = copy_project(pretrained_project, tmp_path / "proj")
-    shutil.copy(pretrained_project / "mlflow.db", proj / "mlflow.db")
+    shutil.copy(pretrained_project / "mlflow.db", proj / "mlflow.db")     # a copy of the store: its database
+    shutil.copytree(pretrained_project / "mlruns", proj / "mlruns")       # and its artifacts, store-relative
     monkeypatch.chdir(proj)
     uri = f"sqlite:///{proj / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -54,11 +55,17 @@ def test_stages_log_models_and_rlvr_registers_the_candidate(pretrained_project, 
                 for q in ("What is 2 + 3?", "Write a function")]
     assert list(answers) == expected
 
-    # logging a model in-process leaves the environment's tracking URI as it found it (MLflow exports its own)
+    # logging a model in-process leaves the environment's tracking URI as it found it (MLflow exports its own),
+    # and from another working directory (a flow run given the root) puts it beside this copy's store
     before = os.environ.get("MLFLOW_TRACKING_URI")
     fresh = client.create_run(exp).info.run_id
-    log_model(fresh, uri, proj / "checkpoints/sft", register=False)
-    assert os.environ.get("MLFLOW_TRACKING_URI") == before
+    monkeypatch.chdir(tmp_path)
+    model_uri = log_model(fresh, uri, proj / "checkpoints/sft", register=False)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before and os.getcwd() == str(tmp_path)
+    location = client.get_logged_model(model_uri.removeprefix("models:/")).artifact_location
+    assert (proj / location / "MLmodel").is_file() and not (tmp_path / "mlruns").exists()
+    assert not list((pretrained_project / "mlruns").rglob(model_uri.removeprefix("models:/")))
+    monkeypatch.chdir(proj)
 
     assert hatchling_here(proj, "promote", runs["rlvr"].info.run_id) == 0
     assert client.get_model_version_by_alias(REGISTERED_MODEL, "champion").version == candidate.version
