@@ -8,6 +8,7 @@ Anything wrong - an unknown key, a wrong type, a value out of range - raises one
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -73,6 +74,8 @@ class CrawlParams(Section):
 
     seeds: list[str] = Field(default_factory=list, description="start URLs; empty = crawl the local mirror")
     allowed_domains: list[str] = Field(default_factory=list, description="hosts beyond the seeds' own")
+    allow_private: list[str] = Field(default_factory=list, description="non-public networks the crawl may reach "
+                                     "beyond the seeds' own addresses, e.g. 10.0.0.0/8 (none by default)")
     mirror: str = Field("auto", description="auto | python3-doc | pydoc | a directory, served on 127.0.0.1",
                         json_schema_extra=reads_paths("auto", "python3-doc", "pydoc"))
     mirror_start: str = "library/index.html"
@@ -105,6 +108,17 @@ class CrawlParams(Section):
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ValueError(f"seeds[{i}] = {url!r} is not an http(s) URL with a host")
         return seeds
+
+    @field_validator("allow_private")
+    @classmethod
+    def _networks(cls, networks):
+        for i, net in enumerate(networks):
+            try:
+                ipaddress.ip_network(net)
+            except ValueError as error:
+                raise ValueError(f"allow_private[{i}] = {net!r} is not an IP network such as 10.0.0.0/8 "
+                                 f"or 127.0.0.2 ({error})") from None
+        return networks
 
     @model_validator(mode="after")
     def _pydoc_mirror_has_pages(self):

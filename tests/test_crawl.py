@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import http.server
+import json
 import os
 import re
 import socket
@@ -351,3 +353,166 @@ def test_depth_and_page_caps(tmp_path):
     assert capped["requested"] == 3
     # breadth-first in link order: the seed, then its first two on-site links
     assert [d["url"].rsplit("/", 1)[-1] for d in shard_docs(tmp_path / "pages")] == ["index.html", "a.html"]
+
+
+# --- the address guard: no request reaches a non-public address (hatchling/data/crawl/guard.py) ---
+
+@pytest.mark.parametrize("address", ["127.0.0.2", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254",
+                                     "100.64.0.1", "224.0.0.1", "240.0.0.1", "0.0.0.0", "255.255.255.255", "::1",
+                                     "::", "fe80::1", "fd00::1", "ff02::1", "::ffff:169.254.169.254",
+                                     "64:ff9b::a9fe:a9fe", "2002:a00:1::1"])
+def test_non_public_addresses_are_refused(address):
+    from ipaddress import ip_address
+
+    from hatchling.data.crawl.guard import AddressGuard, is_public
+
+    assert not is_public(ip_address(address))
+    assert not AddressGuard().permits(ip_address(address), 80)
+
+
+def test_public_addresses_the_seeds_own_and_allowed_networks_are_permitted():
+    from ipaddress import ip_address as ip
+
+    from hatchling.data.crawl.guard import AddressGuard
+
+    assert AddressGuard().permits(ip("93.184.216.34"), 80) and AddressGuard().permits(ip("2606:4700::1"), 443)
+    guard = AddressGuard.for_seeds(["http://127.0.0.1:8000/docs/", "https://93.184.216.34/"], allow=["10.0.0.0/8"])
+    assert guard.exempt == {(ip("127.0.0.1"), 8000)}                       # only the non-public seed, its port too
+    assert (ip("127.0.0.1"), 8000) in AddressGuard.for_seeds(["http://localhost:8000/"]).exempt   # as resolved
+    assert guard.permits(ip("127.0.0.1"), 8000) and guard.permits(ip("::ffff:127.0.0.1"), 8000)
+    assert not guard.permits(ip("127.0.0.1"), 8001) and not guard.permits(ip("127.0.0.2"), 8000)
+    assert guard.permits(ip("10.1.2.3"), 22) and guard.permits(ip("::ffff:10.1.2.3"), 22)
+    assert not guard.permits(ip("169.254.169.254"), 80)
+    assert guard.check("metadata.test", 80, [ip("169.254.169.254")]) == []
+    assert guard.refusals == {("metadata.test", 80): "metadata.test resolves to non-public 169.254.169.254"}
+
+
+def test_allow_private_is_validated():
+    assert crawl_params([], mirror="pydoc", pydoc_modules=["json"],
+                        allow_private=["10.0.0.0/8", "127.0.0.2", "fd00::/8"]).crawl.allow_private
+    with pytest.raises(ConfigError, match=r"crawl\.allow_private.*'10\.0\.0\.1/8' is not an IP network"):
+        crawl_params([], mirror="pydoc", pydoc_modules=["json"], allow_private=["10.0.0.1/8"])
+
+
+# Installed in the crawl process through PYTHONPATH: names resolve through a mapping file the test
+# (and its server) can change at any time, and every outgoing connection is written to a log.
+RESOLVER_OVERRIDE = """import json, socket
+
+_getaddrinfo, _connect_ex, _connect = socket.getaddrinfo, socket.socket.connect_ex, socket.socket.connect
+
+
+def getaddrinfo(host, port, *args, **kwargs):
+    with open({hosts!r}) as f:
+        mapped = json.load(f).get(host.decode() if isinstance(host, bytes) else host)
+    if mapped is None:
+        return _getaddrinfo(host, port, *args, **kwargs)
+    return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (mapped, int(port or 0)))]
+
+
+def log(address):
+    with open({connections!r}, "a") as f:
+        f.write(f"{{address[0]}} {{address[1]}}\\n")
+
+
+def connect_ex(self, address):
+    log(address)
+    return _connect_ex(self, address)
+
+
+def connect(self, address):
+    log(address)
+    return _connect(self, address)
+
+
+socket.getaddrinfo, socket.socket.connect_ex, socket.socket.connect = getaddrinfo, connect_ex, connect
+"""
+
+
+def map_hosts(path: Path, hosts: dict[str, str]) -> None:
+    path.with_suffix(".tmp").write_text(json.dumps(hosts))
+    path.with_suffix(".tmp").replace(path)
+
+
+@contextlib.contextmanager
+def logging_server(host: str, pages: dict[str, tuple[int, bytes, dict]], log: list, on_get=None):
+    """An HTTP server on `host` (any loopback address) that serves `pages` and logs (path, Host)."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            log.append((self.path, self.headers.get("Host", "")))
+            if on_get:
+                on_get(self.path, self.headers.get("Host", ""))
+            status, body, extra = pages.get(self.path, (404, b"no", {}))
+            self.send_response(status)
+            self.send_header("Content-Type", "text/plain" if self.path == "/robots.txt" else "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in extra.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer((host, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_the_crawler_never_reaches_a_non_public_address_unless_allowed(tmp_path, monkeypatch):
+    hosts, connections = tmp_path / "hosts.json", tmp_path / "connections.log"
+    map_hosts(hosts, {"metadata.test": "169.254.169.254", "rebind.test": "127.0.0.1"})
+    fake_package(tmp_path, monkeypatch, "", name="placeholder")      # puts fake-site/ on the crawl's PYTHONPATH
+    (tmp_path / "fake-site/sitecustomize.py").write_text(
+        RESOLVER_OVERRIDE.format(hosts=str(hosts), connections=str(connections)))
+    seed_log, private_log = [], []
+
+    def rebind(path, host):     # DNS rebinding: once rebind.test served robots.txt, it points at the metadata address
+        if path == "/robots.txt" and host.startswith("rebind.test"):
+            map_hosts(hosts, {"metadata.test": "169.254.169.254", "rebind.test": "169.254.169.254"})
+
+    private_pages = {"/robots.txt": (200, b"User-agent: *\nAllow: /\n", {}),
+                     "/secret.html": (200, html_page(english("lanterns")), {})}
+    with logging_server("127.0.0.2", private_pages, private_log) as private_port:
+        private = f"http://127.0.0.2:{private_port}/secret.html"
+        pages = {"/robots.txt": (200, b"User-agent: *\nAllow: /\n", {}),
+                 "/to-private": (302, b"", {"Location": private}),
+                 "/a.html": (200, html_page(english("rivers")), {})}
+        with logging_server("127.0.0.1", pages, seed_log, on_get=rebind) as port:
+            pages["/index.html"] = (200, html_page(english("gardens") + "".join(link(u) for u in (
+                f"http://metadata.test:{port}/latest/meta-data/", f"http://10.0.0.1:{port}/admin.html",
+                "/to-private", f"http://rebind.test:{port}/rebound.html", "a.html"))), {})
+            seed = f"http://127.0.0.1:{port}/index.html"
+            params = dict(max_depth=1, max_pages=10, retries=0, timeout_s=3, max_seconds=30,
+                          allowed_domains=["metadata.test", "10.0.0.1", "127.0.0.2", "rebind.test"])
+            t0 = time.monotonic()
+            refused = crawl_stage.run(context("crawl", crawl_params([seed], **params), tmp_path / "refused"))
+            map_hosts(hosts, {"metadata.test": "169.254.169.254", "rebind.test": "127.0.0.1"})
+            allowed = crawl_stage.run(context("crawl", crawl_params([seed], allow_private=["127.0.0.2/32"],
+                                                                    **params), tmp_path / "allowed"))
+            assert time.monotonic() - t0 < 60
+    reasons = {r["url"]: r["reason"] for r in refused["refused"]}
+    assert refused["refused_non_public"] == 4 and refused["dropped"]["error"] == 0, refused
+    assert reasons == {
+        f"http://metadata.test:{port}/latest/meta-data/":
+            "refused: metadata.test resolves to non-public 169.254.169.254",
+        f"http://10.0.0.1:{port}/admin.html": "refused: 10.0.0.1 is a non-public address",
+        private: "refused: 127.0.0.2 is a non-public address",            # the redirect's target
+        # rebind.test resolved to the seed's own address for its robots.txt, to 169.254.169.254 when its page
+        # connected: the check sits at connect time
+        f"http://rebind.test:{port}/rebound.html": "refused at connect: rebind.test resolves to non-public "
+                                                   "169.254.169.254"}
+    assert ("/robots.txt", f"rebind.test:{port}") in seed_log and not [p for p, _ in seed_log if p == "/rebound.html"]
+    assert [d["url"].rsplit("/", 1)[-1] for d in shard_docs(tmp_path / "refused")] == ["index.html", "a.html"]
+    # allowed explicitly, the private server is reached (through the same redirect); the rest is still refused
+    assert allowed["refused_non_public"] == 3 and [p for p, _ in private_log] == ["/robots.txt", "/secret.html"]
+    assert "secret.html" in {d["url"].rsplit("/", 1)[-1] for d in shard_docs(tmp_path / "allowed")}
+    # not one connection attempt went to a refused address: only the seed's server, and the allowed one
+    attempts = set(connections.read_text().split("\n")) - {""}
+    assert attempts == {f"127.0.0.1 {port}", f"127.0.0.2 {private_port}"}, attempts

@@ -4,7 +4,9 @@ Politeness is set explicitly (Scrapy run from a script would not obey robots.txt
 connections per domain): robots.txt rules and its Crawl-delay, <meta name="robots"> noindex and
 nofollow, an identifying User-Agent, one request at a time with a delay (AutoThrottle on), caps on
 depth, pages, time and page size, retries with exponential backoff, a redirect limit, HTML and
-plain text only.
+plain text only. It never connects to a non-public address (hatchling/data/crawl/guard.py) but the
+seeds' own and those ``crawl.allow_private`` allows, and uses no proxy from the environment (a proxy
+would resolve names where the guard cannot see them).
 
 Determinism: the spider keeps its own breadth-first frontier and has exactly one request in flight,
 issuing the next only when the previous one has been answered (or has failed). The pages fetched,
@@ -28,12 +30,20 @@ from urllib.parse import urlsplit
 import scrapy
 from scrapy import signals
 from scrapy.downloadermiddlewares.robotstxt import RobotsTxtMiddleware
-from scrapy.exceptions import CloseSpider, DownloadCancelledError, IgnoreRequest, StopDownload
+from scrapy.exceptions import (
+    CannotResolveHostError,
+    CloseSpider,
+    DownloadCancelledError,
+    IgnoreRequest,
+    StopDownload,
+)
 from scrapy.http import TextResponse
 from scrapy.utils.httpobj import urlparse_cached
 from tqdm import tqdm
 from twisted.internet.defer import CancelledError
+from twisted.internet.error import DNSLookupError
 
+from hatchling.data.crawl.guard import AddressGuard, RefusedAddress, resolver_factory, url_host_port
 from hatchling.data.crawl.page import (
     HTML_TYPES,
     TEXT_TYPES,
@@ -88,12 +98,16 @@ class PoliteRobotsMiddleware(RobotsTxtMiddleware):
             await asyncio.sleep(start - now)
 
 
-def crawl_settings(cfg: dict) -> dict:
-    """Scrapy settings from the crawl params: every politeness knob set explicitly."""
+def crawl_settings(cfg: dict, guard: AddressGuard) -> dict:
+    """Scrapy settings from the crawl params: every politeness knob set explicitly; every connection
+    made through `guard`'s resolver, every request checked by its middleware first."""
     return {
         "USER_AGENT": cfg["user_agent"],
         "ROBOTSTXT_OBEY": cfg["obey_robots"],
+        "TWISTED_DNS_RESOLVER": resolver_factory(guard),
+        "HTTPPROXY_ENABLED": False,
         "DOWNLOADER_MIDDLEWARES": {
+            "hatchling.data.crawl.guard.AddressGuardMiddleware": 50,
             "scrapy.downloadermiddlewares.robotstxt.RobotsTxtMiddleware": None,
             "hatchling.data.crawl.spider.PoliteRobotsMiddleware": 100,
         },
@@ -122,9 +136,11 @@ def crawl_settings(cfg: dict) -> dict:
 class PoliteSpider(scrapy.Spider):
     name = "hatchling"
 
-    def __init__(self, config: dict, **kwargs):
+    def __init__(self, config: dict, guard: AddressGuard, **kwargs):
         super().__init__(**kwargs)
         self.cfg = config
+        self.guard = guard
+        self.refused: list[dict] = []         # the first requests refused for their address: {"url", "reason"}
         self.bot_name = config["user_agent"].split("/")[0]
         self.allowed_hosts = {urlsplit(s).hostname for s in config["seeds"]} | set(config["allowed_domains"])
         self.allowed_domains = sorted(self.allowed_hosts)        # Scrapy's offsite check (redirects)
@@ -137,7 +153,7 @@ class PoliteSpider(scrapy.Spider):
         self.fatal: dict | None = None        # what stopped the crawl (an error of the environment)
         self.progress = tqdm(total=config["max_pages"], desc="crawl", unit="page", file=sys.stdout,
                              disable=not config["progress"], mininterval=2)
-        self.requested = self.fetched = self.bytes = self.offsite_links = 0
+        self.requested = self.fetched = self.bytes = self.offsite_links = self.refused_non_public = 0
         for seed in config["seeds"]:
             self._enqueue(seed, 0)
 
@@ -246,9 +262,28 @@ class PoliteSpider(scrapy.Spider):
                "lang": lang, "license": label or "unknown", "fetched_at": self.cfg["fetched_at"],
                "sha1": digest, "depth": depth}
 
+    def _refusal(self, failure) -> str | None:
+        """Why the guard refused the request (before it was sent, or at connect time), else None."""
+        if failure.check(RefusedAddress):
+            return str(failure.value)
+        if failure.check(CannotResolveHostError, DNSLookupError):
+            host, port = url_host_port(failure.request.url)
+            why = self.guard.refusals.get((host.lower(), port))
+            return f"refused at connect: {why}" if why else None
+        return None
+
     def failed(self, failure):
         self.progress.update()
         request = failure.request
+        refused = self._refusal(failure)
+        if refused:
+            self.refused_non_public += 1
+            if len(self.refused) < LISTED_ERRORS:
+                self.refused.append({"url": request.url, "reason": refused})
+            if request.meta.get("seed"):
+                self.seed_errors[request.url] = refused
+            yield from self._next()
+            return
         if failure.check(IgnoreRequest):
             reason = "robots" if "robots" in str(failure.value).lower() else "error"
         elif failure.check(StopDownload):
@@ -271,7 +306,8 @@ def crawl(config: dict) -> dict:
     timings, or only what stopped it (``fatal``) when it could not start."""
     from scrapy.crawler import CrawlerProcess
 
-    process = CrawlerProcess(settings=crawl_settings(config), install_root_handler=False)
+    guard = AddressGuard.for_seeds(config["seeds"], config["allow_private"])
+    process = CrawlerProcess(settings=crawl_settings(config, guard), install_root_handler=False)
     crawler = process.create_crawler(PoliteSpider)
     docs: list[dict] = []
 
@@ -281,7 +317,7 @@ def crawl(config: dict) -> dict:
     crawler.signals.connect(collect, signal=signals.item_scraped, weak=False)
     not_started: list = []      # Scrapy would only log why a crawl could not start (e.g. a middleware's import)
     t0 = time.perf_counter()
-    process.crawl(crawler, config=config).addErrback(not_started.append)
+    process.crawl(crawler, config=config, guard=guard).addErrback(not_started.append)
     process.start()
     if not_started:
         return {"fatal": fatal(not_started[0].value, url=None)}
@@ -291,6 +327,7 @@ def crawl(config: dict) -> dict:
     return {"docs": docs, "counts": dict(spider.counts), "seed_errors": spider.seed_errors,
             "errors": list(spider.errors.values()), "fatal": spider.fatal,
             "requested": spider.requested, "offsite_links": spider.offsite_links, "fetched": spider.fetched,
+            "refused_non_public": spider.refused_non_public, "refused": spider.refused,
             "bytes": spider.bytes,
             "retries": stats.get("retry/count", 0), "finish_reason": stats.get("finish_reason", ""),
             "seconds": seconds}

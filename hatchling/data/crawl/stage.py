@@ -1,7 +1,8 @@
 """Stage `crawl`: crawl the seeds (or the local documentation mirror) into JSONL shards.
 
 Writes data/crawl/shard-*.jsonl in the shared schema and reports/crawl.json (pages requested,
-fetched, kept, dropped by reason, the first distinct errors, bytes, pages per second, duration).
+fetched, kept, dropped by reason, the first distinct errors, requests refused for a non-public
+address, bytes, pages per second, duration).
 A page that fails to be processed is dropped as `error`, its error listed in the report and logged
 as a warning; an error of the environment (a package that fails to import) stops the crawl at
 once. That, a crawl that keeps nothing, an unreachable seed or a malformed URL is an error with a
@@ -96,18 +97,22 @@ def run(ctx) -> dict:
     check_result(result, seeds)
     docs, errors = result["docs"], result["errors"]
     if base is not None:      # the mirror's port changes per run: name its pages by the mirror instead
-        for page in (*docs, *errors):
+        for page in (*docs, *errors, *(r for r in result["refused"] if r["url"].startswith(base))):
             page["url"] = f"mirror://{mirror_name}/" + page["url"][len(base):]
         for doc in docs:
             doc["id"] = doc_id(doc["url"])
     if errors:
         logger.warning("crawl: pages dropped for errors (%d): %s", result["counts"]["error"], describe_errors(errors))
+    if result["refused_non_public"]:
+        logger.warning("crawl: requests refused for a non-public address (%d): %s", result["refused_non_public"],
+                       "; ".join(f"{r['url']} ({r['reason']})" for r in result["refused"]))
     shards = write_shards(docs, ctx.outputs.crawl, p.docs_per_shard)
     dropped = {reason: result["counts"].get(reason, 0) for reason in DROP_REASONS}
     seconds = result["seconds"]
     return {"seeds": seeds if base is None else [f"mirror://{mirror_name}/{p.mirror_start}"],
             "requested": result["requested"], "fetched": result["fetched"], "kept": len(docs),
             "dropped": dropped, "errors": errors, "offsite_links": result["offsite_links"],
+            "refused_non_public": result["refused_non_public"], "refused": result["refused"],
             "retries": result["retries"], "bytes": result["bytes"],
             "characters": sum(len(d["text"]) for d in docs), "shards": shards,
             "pages_per_s": round(result["fetched"] / max(seconds, 1e-9), 2), "seconds": round(seconds, 3),
