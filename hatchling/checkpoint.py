@@ -5,11 +5,15 @@ inference, the eval and the export. A checkpoint loads in a fresh process with n
 directory: model.safetensors, model.json and (from pretraining on) tokenizer.json; no params.yaml,
 no run state. The sidecar's ``format`` says how the weights are stored: ``fp32`` (training
 checkpoints), ``int8`` or ``bf16`` (exports, hatchling/model/int8.py). A training checkpoint adds
-optimizer and RNG state (trainer.pt) so a killed run resumes bit for bit.
+optimizer and RNG state (trainer.pt) so a killed run resumes bit for bit. The sidecar records the
+sha256 of the weights file (``weights_sha256``), checked at every load: a truncated or tampered
+file (even one flipped byte inside a tensor, which the safetensors format cannot see) is refused by
+name instead of loading wrong weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -28,6 +32,15 @@ WEIGHTS, SIDECAR, TRAINER = "model.safetensors", "model.json", "trainer.pt"
 FORMATS = ("fp32", "bf16", "int8")
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (about 1 GB/s: seconds for a big checkpoint)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _state_dict(model: torch.nn.Module) -> dict:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
@@ -40,7 +53,8 @@ def save_model(model: LanguageModel, directory: str | Path, sidecar: dict, train
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         save_file(weights if weights is not None else _state_dict(model), str(tmp / WEIGHTS))
-        meta = {"format": "fp32", "model_config": model.config.model_dump(mode="json"), **sidecar}
+        meta = {"format": "fp32", "model_config": model.config.model_dump(mode="json"), **sidecar,
+                "weights_sha256": file_sha256(tmp / WEIGHTS)}
         (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for name, source in (files or {}).items():
             shutil.copyfile(source, tmp / name)
@@ -60,11 +74,19 @@ def read_sidecar(directory: str | Path) -> dict:
 
 
 def load_weights(directory: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """The stored tensors of a checkpoint, with one clear error for a truncated or garbled file."""
+    """The stored tensors of a checkpoint, with one clear error for a truncated, garbled or tampered
+    file: its sha256 is checked against the sidecar's ``weights_sha256`` (when the sidecar has one)."""
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise MissingInputError(f"no checkpoint weights at {path}")
+    expected = read_sidecar(directory).get("weights_sha256")
+    if expected and (got := file_sha256(path)) != expected:
+        raise InputError(f"corrupted checkpoint weights {path}: sha256 {got} is not the {expected} recorded in "
+                         f"{Path(directory) / SIDECAR} at save time (truncated, tampered or replaced)")
     try:
-        return load_file(str(Path(directory) / WEIGHTS), device=device)
+        return load_file(str(path), device=device)
     except Exception as e:  # safetensors raises its own error types for truncated files
-        raise InputError(f"corrupted checkpoint weights in {directory}: {e}") from None
+        raise InputError(f"corrupted checkpoint weights {path}: {e}") from None
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu",
@@ -91,7 +113,12 @@ def load_for_inference(directory: str | Path, compute: str = "fp32",
     """(model in eval mode on `device`, its tokenizer, sidecar): what generation, the eval and the
     export (which measures CPU latency, so loads on the CPU) need."""
     model, meta = load_model(directory, device, compute)
-    return model.eval(), load_tokenizer(Path(directory) / TOKENIZER), meta
+    tokenizer_path = Path(directory) / TOKENIZER
+    expected = meta.get("tokenizer_sha256")
+    if expected and tokenizer_path.is_file() and (got := file_sha256(tokenizer_path)) != expected:
+        raise InputError(f"{tokenizer_path}: sha256 {got} is not the tokenizer_sha256 {expected} that "
+                         f"{Path(directory) / SIDECAR} records (the checkpoint's tokenizer was replaced)")
+    return model.eval(), load_tokenizer(tokenizer_path), meta
 
 
 def load_trainer_state(directory: str | Path) -> dict:

@@ -53,13 +53,22 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> None:
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    """The objects of a JSONL file, one a line (blank lines skipped); a line that is not UTF-8, not
+    JSON or not a JSON object is refused as ``path:line: what is wrong``."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                yield record
 
 
 def sha1_text(text: str) -> str:

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import re
+import zlib
 from pathlib import Path
 
 from hatchling.data.decontam import Item
@@ -56,8 +57,11 @@ def published(path: Path) -> tuple[str, int] | None:
 
 def _content(path: Path) -> bytes:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        return f.read()
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:     # cut short, or its bytes changed
+        raise InputError(f"{path}: not a readable gzip file ({e}): corrupt or truncated") from None
 
 
 def verify_sha256(path: Path, data: bytes, expected: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hatchling.checkpoint import load_for_inference
 from hatchling.data.benchmarks import load_records
-from hatchling.data.packed import load_split
+from hatchling.data.packed import check_same_tokenizer, load_split
 from hatchling.errors import MissingInputError
 from hatchling.eval.continual import forgetting
 from hatchling.eval.harness import Evaluator, Row, mean_row, run_task, tier_about
@@ -113,6 +113,7 @@ def run(ctx) -> dict:
     needles, forgot = {}, {}
     for ckpt in cfg.checkpoints:
         model, tokenizer, meta = load_for_inference(ctx.inputs[ckpt], device=device)
+        check_same_tokenizer(ctx.inputs.tokenized, ctx.inputs[ckpt], meta.get("tokenizer_sha256"))
         ev = Evaluator(model, tokenizer, cfg, device=device, chat=meta.get("stage") in ("sft", "rlvr"))
         for name, records in data.items():
             for row in run_task(ev, name, records, shots):

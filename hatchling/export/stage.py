@@ -16,7 +16,7 @@ import time
 import torch
 
 from hatchling.checkpoint import WEIGHTS, load_for_inference, save_model
-from hatchling.data.packed import load_split
+from hatchling.data.packed import check_same_tokenizer, load_split
 from hatchling.data.tokenizer import TOKENIZER
 from hatchling.io import atomic_path
 from hatchling.model.int8 import quantize_state_dict
@@ -52,6 +52,7 @@ def run(ctx) -> dict:
     p, data = ctx.params.export, ctx.inputs.tokenized
     source = ctx.inputs[p.source]
     model, _, meta = load_for_inference(source)
+    check_same_tokenizer(data, source, meta.get("tokenizer_sha256"))
     if p.hf:
         from hatchling.export.hf import check_exportable, export_hf
 

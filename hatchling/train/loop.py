@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from hatchling.checkpoint import load_trainer_state, load_weights, read_sidecar, save_model
-from hatchling.errors import InputError
+from hatchling.errors import InputError, StageError
 from hatchling.io import atomic_write_text
 from hatchling.model.base import LanguageModel
 from hatchling.model.device import autocast, resolve_device
@@ -92,6 +92,7 @@ class Trainer:
         self.sparsity = SparsityController(self.model, sp.mlp, sp.mixer, sp.every, sp.regrow, sp.start_step,
                                            round(sp.end_fraction * params.max_steps)) if sp.mlp or sp.mixer else None
         self.step = 0
+        self.saved_step: int | None = None    # the step of the checkpoint in run_dir, once one is there
         self.best_val = math.inf
         self.stale_evals = 0
         self.steps: list[dict] = []       # one row per step (csv_path)
@@ -114,12 +115,14 @@ class Trainer:
         if gathered is None:
             return
         weights, opt_states = gathered
+        self.check_weights(weights)
         state = {"step": self.step, "best_val": self.best_val, "stale_evals": self.stale_evals,
                  "steps": self.steps, "history": self.history, "tokens_seen": self.tokens_seen,
                  "fingerprint": self.fingerprint,
                  "optimizers": opt_states, "sparsity": self.sparsity.state_dict() if self.sparsity else None,
                  "torch_rng": torch.get_rng_state()}
         save_model(self.model, self.run_dir, {**self.sidecar, "step": self.step}, state, self.files, weights=weights)
+        self.saved_step = self.step
 
     def try_resume(self) -> bool:
         """Continue from run_dir if it holds a checkpoint of this very run (same fingerprint)."""
@@ -143,6 +146,7 @@ class Trainer:
         self.step, self.best_val = state["step"], state["best_val"]
         self.stale_evals, self.steps, self.history = state["stale_evals"], state["steps"], state["history"]
         self.tokens_seen = state["tokens_seen"]
+        self.saved_step = self.step
         return True
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -193,6 +197,7 @@ class Trainer:
                 self.step_stats[name] = self.step_stats.get(name, 0.0) + float(value.detach()) / p.grad_accum
             total += float(self.world.sum(local_sum.detach())) / float(count) / p.grad_accum
             self.tokens_seen += int(count)
+        self.check_finite(total, {k: v for k, v in self.step_stats.items() if k in aux})
         self.step_stats.update(self.model.pass_stats())
         if p.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), p.grad_clip)
@@ -207,6 +212,30 @@ class Trainer:
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         return total, p.lr * mult, length
+
+    def check_finite(self, loss: float, aux: dict[str, float]) -> None:
+        """Stop at once when the loss of the step under way is NaN or infinite: before its update, so
+        no checkpoint of diverged weights is ever written and run_dir keeps the last good one."""
+        bad = {name: value for name, value in {"training loss": loss, **aux}.items() if not math.isfinite(value)}
+        if not bad:
+            return
+        raise StageError(f"training diverged at step {self.step + 1}: "
+                         + ", ".join(f"{name} is {value}" for name, value in bad.items())
+                         + f"; stopped before that step's update, nothing of it saved ({self._kept()}). "
+                         "Lower the learning rate, add warmup or set grad_clip, then run again")
+
+    def check_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Never save diverged weights: an update can turn them NaN or infinite (an overflowing
+        gradient) while the loss that produced it was still finite."""
+        bad = [name for name, w in weights.items() if w.is_floating_point() and not torch.isfinite(w).all()]
+        if bad:
+            raise StageError(f"training diverged at step {self.step}: its update left {len(bad)} weight tensors "
+                             f"not finite ({bad[0]}, ...); not saved ({self._kept()}). Lower the learning rate, "
+                             "add warmup or set grad_clip, then run again")
+
+    def _kept(self) -> str:
+        return (f"the last good checkpoint, of step {self.saved_step}, stays in {self.run_dir}"
+                if self.saved_step is not None else f"this run had written no checkpoint to {self.run_dir} yet")
 
     def fit(self) -> dict:
         p = self.p
@@ -246,6 +275,7 @@ class Trainer:
         final = self.history[-1] if self.history else self.evaluate()
         gathered = self._gathered_state([])
         if gathered is not None:
+            self.check_weights(gathered[0])
             save_model(self.model, self.out_dir, {**self.sidecar, "step": self.step}, files=self.files,
                        weights=gathered[0])
         return {"steps": self.step, "final_train_loss": train_loss, "val_loss": final["val_loss"],
