@@ -31,6 +31,7 @@ from typing import get_args
 
 from hatchling.config import Device, load_params
 from hatchling.errors import BrokenEnvironment, ConfigError, HatchlingError, StageError
+from hatchling.io import atomic_write_text
 from hatchling.stages import STAGES, dvc_params, dvc_yaml_text, run_stage, upstream
 
 
@@ -85,7 +86,7 @@ def _dvc_yaml(args) -> int:
                   f"`hatchling dvc-yaml`", file=sys.stderr)
             return 1
         return 0
-    path.write_text(text)
+    atomic_write_text(path, text)
     print(f"wrote {path}")
     return 0
 

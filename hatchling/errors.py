@@ -32,6 +32,12 @@ class StageError(HatchlingError, RuntimeError):
     """A stage that cannot run, or that finished without a usable result."""
 
 
+class DiskFullError(HatchlingError, OSError):
+    """An output that could not be written because the disk (or the file-size limit, or the quota)
+    was full: ENOSPC, EFBIG or EDQUOT, in ``errno``. The message names the output; the previous
+    version of it is left as it was and no partial file remains (hatchling/io.py's atomic_path)."""
+
+
 class BrokenEnvironment(StageError):
     """A stage stopped because the installed environment is broken, not its input: a package that
     fails to import, or one whose API is not the one the code was written against. Raised where the

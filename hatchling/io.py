@@ -1,40 +1,118 @@
 """Atomic writes, JSONL shards and content hashes.
 
 Every output is written to a temporary sibling and renamed into place, so a stage that fails
-(or is killed) leaves either the previous output or the new one, never half a file.
+(or is killed) leaves either the previous output or the new one, never half a file. A full disk
+(ENOSPC), a file-size limit (EFBIG) or a quota (EDQUOT) met while writing one is raised as one
+DiskFullError naming the output, after the temporary files are removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
+import resource
 import shutil
 import tempfile
+import traceback
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from hatchling.errors import InputError
+from hatchling.errors import DiskFullError, HatchlingError, InputError
+
+FULL_DISK = {errno.ENOSPC: "no space left on the device (ENOSPC)",
+             errno.EFBIG: "a file reached the file-size limit (EFBIG)",
+             errno.EDQUOT: "the disk quota is exceeded (EDQUOT)"}
+NEARLY_FULL = 1 << 20       # bytes free under which a write that failed without an errno is put down to the disk
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error` and the errors it was raised from or while handling."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _full_disk_errno(error: BaseException, tmp: Path | None) -> int | None:
+    """The errno of a full disk behind `error` (or its causes), else None. Writers in C or Rust hide
+    it: safetensors says "(os error 28)" in its message, numpy's tofile and torch.save only that a
+    write fell short; for those, whether the disk is (nearly) full or a file under `tmp` has reached
+    the file-size limit is checked while the temporary files are still there."""
+    for e in _chain(error):
+        if isinstance(e, OSError) and e.errno in FULL_DISK:
+            return e.errno
+        if (m := re.search(r"os error (\d+)", str(e))) and int(m.group(1)) in FULL_DISK:
+            return int(m.group(1))
+    if not isinstance(error, (OSError, RuntimeError)) or tmp is None:
+        return None
+    with contextlib.suppress(OSError):
+        st = os.statvfs(tmp)
+        free = (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+        if (st.f_blocks and free < NEARLY_FULL) or (st.f_files and not st.f_favail):
+            return errno.ENOSPC
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        with contextlib.suppress(OSError):
+            if any(f.is_file() and f.stat().st_size >= limit for f in tmp.rglob("*")):
+                return errno.EFBIG
+    return None
+
+
+def _raise_if_full_disk(error: Exception, path: Path, existed: bool, tmp: Path | None) -> None:
+    if isinstance(error, HatchlingError) or (code := _full_disk_errno(error, tmp)) is None:
+        return
+    kept = f"the previous {path.name} is kept as it was" if existed else f"{path.name} was not created"
+    full = DiskFullError(f"cannot write {path}: {FULL_DISK[code]}; {kept} and no partial file is left "
+                         f"(free space or raise the limit, then rerun)")
+    full.errno = code
+    for e in _chain(error):         # so that a writer's open handle on a temp file gives its space back now
+        traceback.clear_frames(e.__traceback__)
+    raise full from error
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` (file or directory)."""
+    """Yield a temporary path beside `path`; on success it replaces `path` (file or directory).
+    On any failure the temporary path is removed and `path` is left as it was; a full disk is
+    raised as DiskFullError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    existed = path.exists()
     try:
-        yield tmp
-        if path.is_dir() and not path.is_symlink():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as error:
+        _raise_if_full_disk(error, path, existed, None)
+        raise
+    tmp = tmp_dir / path.name
+    try:
+        try:
+            yield tmp
+            _swap(tmp, path)
+        except Exception as error:
+            _raise_if_full_disk(error, path, existed, tmp_dir)
+            raise
     finally:
-        shutil.rmtree(tmp.parent, ignore_errors=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    """Put `tmp` in the place of `path`; a directory is moved aside first, and back if that fails."""
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(f".{path.name}.old.{os.getpid()}")
+        path.rename(old)
+        try:
+            tmp.rename(path)
+        except BaseException:
+            old.rename(path)
+            raise
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
