@@ -9,8 +9,11 @@ process and never lets it hang or harm the harness. Layers, outermost first:
 2. **Resource limits** (setrlimit): CPU seconds, address space, file size (which also caps
    output: stdout and stderr go to files), open files, and for non-root users process count.
 3. **A guard** inside the interpreter (an audit hook, installed before the code runs and not
-   removable from Python): no process creation (fork, exec, spawn, system, subprocess), no
-   signals to other processes, no sockets, no ctypes, no writes outside the working directory.
+   removable from Python): no process creation (fork, exec, spawn, system, subprocess, fork_exec),
+   no signals to other processes (kill, pidfd), no sockets, no ctypes, no writes or other changes
+   to files outside the working directory (dir_fds and file descriptors resolved), no reads of
+   other processes' /proc entries (their environment) or of home directories.
+   bench/sandbox_escapes.py measures every layer against the escapes (docs/benchmarks.md).
 4. **The harness**: a wall-clock timeout, then the whole process group is killed.
 
 ``Result.isolation`` says which outer layer was in force: ``"bwrap"`` or ``"guard"`` (limits,
@@ -44,31 +47,89 @@ logger = logging.getLogger(__name__)
 
 # Installed in the child before the untrusted code runs (the child runs `python -I guard.py`).
 GUARD = r'''
-import os, sys
+import os, sys, signal, _signal, _posixsubprocess
 _ROOT = os.path.realpath(os.getcwd())
+_PID = str(os.getpid())
+# the interpreter may live under a home directory (pyenv): its own files stay readable
+_PREFIXES = tuple({os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                                           sys.base_exec_prefix)})
 _BLOCKED = {"os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.kill",
             "os.killpg", "subprocess.Popen", "socket.__new__", "socket.connect", "socket.bind",
             "socket.sendto", "ctypes.dlopen", "ctypes.dlsym", "ctypes.addressof", "ctypes.cdata",
             "sys.addaudithook", "os.chdir", "os.putenv", "os.setuid", "os.setgid", "pty.spawn"}
+# modules the guard has disarmed below: loading a fresh copy would arm them again
+_NO_IMPORT = {"ctypes", "_ctypes", "_posixsubprocess", "_signal", "posix"}
+# events that change the file system: (where a path is, where the dir_fd it is relative to is)
+_PATH_EVENTS = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.rename": ((0, 2), (1, 3)),
+                "os.link": ((0, 2), (1, 3)), "os.symlink": ((0, None), (1, 2)), "os.chmod": ((0, 2),),
+                "os.chown": ((0, 3),), "os.utime": ((0, 3),), "os.truncate": ((0, None),),
+                "shutil.rmtree": ((0, 1),)}
 _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
+def _real(path):
+    return os.path.realpath(os.fsdecode(path))
+
+
 def _inside(path):
-    real = os.path.realpath(path if isinstance(path, str) else os.fsdecode(path))
+    real = _real(path)
     return real == _ROOT or real.startswith(_ROOT + os.sep)
 
 
+def _target(args, where, dir_fd):
+    """The path an event acts on: a file descriptor's own path, or a path relative to a dir_fd joined to it."""
+    path = args[where]
+    fd = args[dir_fd] if dir_fd is not None and dir_fd < len(args) else None
+    if isinstance(path, int):
+        return os.readlink(f"/proc/self/fd/{path}")
+    if fd not in (None, -1) and not os.path.isabs(path):
+        return os.path.join(os.readlink(f"/proc/self/fd/{fd}"), os.fsdecode(path))
+    return path
+
+
+def _secret(path):
+    # other processes' /proc entries (their environment, memory, command line) and home directories
+    real = _real(path) + os.sep
+    if real.startswith("/proc/"):
+        pid = real.split(os.sep)[2]
+        return pid.isdigit() and pid != _PID
+    return real.startswith(("/root/", "/home/")) and not real.startswith(_PREFIXES)
+
+
+def _refuse(*args, **kwargs):
+    raise PermissionError("MARK process creation and signals by pidfd are not allowed")
+
+
 def _guard(event, args):
-    if event in _BLOCKED or (event == "import" and args[0] in ("ctypes", "_ctypes")):
-        raise PermissionError(f"MARK {event} is not allowed")
+    if event in _BLOCKED or (event == "import" and args[0] in _NO_IMPORT):
+        what = f"import of {args[0]}" if event == "import" else event
+        raise PermissionError(f"MARK {what} is not allowed")
     if event == "open" and args[0] is not None and not isinstance(args[0], int):
         mode, flags = args[1] or "", args[2] or 0
         if (any(c in mode for c in "wax+") or flags & _WRITE) and not _inside(args[0]):
             raise PermissionError(f"MARK writing {args[0]} outside the sandbox is not allowed")
-    if event in ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "shutil.rmtree") and not _inside(args[0]):
-        raise PermissionError(f"MARK {event} outside the sandbox is not allowed")
+        if _secret(args[0]):
+            raise PermissionError(f"MARK reading {args[0]} is not allowed")
+        if args[1] is None and not _inside(args[0]) and (flags & _WRITE or not os.path.isfile(args[0])):
+            # os.open: a relative path may be relative to any dir_fd, and a directory's fd is a dir_fd
+            raise PermissionError(f"MARK os.open of {args[0]} is not allowed")
+    if event in ("os.listdir", "os.scandir") and isinstance(args[0], (str, bytes)) and _secret(args[0]):
+        raise PermissionError(f"MARK listing {args[0]} is not allowed")
+    if event in _PATH_EVENTS:
+        try:
+            inside = all(_inside(_target(args, where, fd)) for where, fd in _PATH_EVENTS[event] if where < len(args))
+        except OSError:
+            inside = False
+        if not inside:
+            raise PermissionError(f"MARK {event} outside the sandbox is not allowed")
 
 
+# calls that raise no audit event: a child made by fork_exec, a signal sent through a pidfd
+_posixsubprocess.fork_exec = _refuse
+for _module, _name in ((os, "pidfd_open"), (sys.modules["posix"], "pidfd_open"), (signal, "pidfd_send_signal"),
+                       (_signal, "pidfd_send_signal")):
+    if hasattr(_module, _name):
+        setattr(_module, _name, _refuse)
 sys.addaudithook(_guard)
 del _guard
 _ready = int(sys.argv.pop())        # the harness's pipe: one byte says the guard is in place

@@ -152,3 +152,25 @@ def test_bwrap_that_refuses_namespaces_is_warned_with_its_reason(fake_bwrap, cap
     assert r.passed and r.isolation == "guard"
     assert f"{exe} cannot isolate here (bwrap: No permissions to create new namespace); untrusted code runs " \
            "under resource limits" in caplog.text
+
+
+def test_escapes_that_raise_no_audit_event_or_skirt_the_path_checks_are_blocked(isolation, tmp_path, monkeypatch):
+    """Found by bench/sandbox_escapes.py in guard mode: reads of the harness's environment and of home
+    directories, fork_exec and pidfd signals (no audit event), and writes by truncate, rename or dir_fd."""
+    monkeypatch.setenv("HATCHLING_TEST_SECRET", "hunter2")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    me = os.getpid()
+    for attack in (f"print(open('/proc/{me}/environ').read())",
+                   "import os\nprint(open(f'/proc/{os.getppid()}/environ').read())",
+                   "print(open('/home/nobody/.ssh/id_rsa').read())",
+                   "import os\nprint(os.listdir('/root'))",
+                   f"import os, signal\nsignal.pidfd_send_signal(os.pidfd_open({me}), signal.SIGTERM)",
+                   "import _posixsubprocess\n_posixsubprocess.fork_exec([b'/bin/echo', b'pwned'])",
+                   f"import os\nos.truncate({str(victim)!r}, 0)",
+                   f"open('x', 'w').close()\nimport os\nos.rename('x', {str(tmp_path / 'moved')!r})",
+                   f"import os\nd = os.open({str(tmp_path)!r}, os.O_RDONLY)\n"
+                   "os.close(os.open('escaped', os.O_WRONLY | os.O_CREAT, dir_fd=d))"):
+        r = run_python(attack, isolation=isolation)
+        assert r.status == "blocked" and "hunter2" not in r.stdout and "pwned" not in r.stdout, attack
+    assert victim.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt"]
