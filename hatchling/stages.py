@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import fcntl
 import functools
 import hashlib
 import importlib
 import json
+import logging
 import os
 import posixpath
 import re
+import shlex
+import socket
 import subprocess
-from collections.abc import Callable, Mapping
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
@@ -33,6 +40,9 @@ from hatchling.errors import ConfigError, StageError
 from hatchling.io import atomic_write_json, hash_paths
 
 PACKAGE = Path(hatchling.__file__).resolve().parent      # hatchling/ ; its parent is the repo the code lists name
+LOCKS = ".hatchling/locks"      # under the project root: one <stage>.lock per stage (git- and DVC-ignored)
+_HELD: set[int] = set()         # the lock descriptors this process holds
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,9 @@ class Stage:
     params: tuple[str, ...]         # params.yaml sections it reads
     inputs: Mapping[str, str] = field(default_factory=dict)    # name -> data it reads (path under the root)
     outputs: Mapping[str, str] = field(default_factory=dict)   # name -> what it writes, cached by DVC
-    persist: Mapping[str, str] = field(default_factory=dict)   # outputs kept across reruns (resume state)
+    # resume state, kept across reruns: written by the stage but no DVC output (a queued or --temp
+    # experiment's workspace, or a clone, lacks it and that must not rerun the stage)
+    persist: Mapping[str, str] = field(default_factory=dict)
     plots: Mapping[str, Plot] = field(default_factory=dict)    # CSV logs with a `step` column
     reports: Mapping[str, str] = field(default_factory=dict)   # further human-readable reports (not cached)
     network: bool = False           # retried by the Prefect flow
@@ -280,13 +292,15 @@ def dvc_deps(stage: Stage, params: Params) -> list[str]:
 
 
 def dvc_yaml(params: Params) -> dict:
-    """The dvc.yaml document for the registry, with the paths `params` (params.yaml) name as deps."""
+    """The dvc.yaml document for the registry, with the paths `params` (params.yaml) name as deps. A
+    stage's resume state (`persist`) is not among its outs: DVC would count it missing, and rerun the
+    stage, wherever it is absent (a queued or --temp experiment's workspace, a fresh clone after
+    `dvc pull`), and a stage with a persisted output gets no run-cache entry."""
     stages = {}
     for s in STAGES:
-        entry: dict = {"cmd": f"hatchling run {s.name}", "deps": dvc_deps(s, params), "params": dvc_params(s),
-                       "outs": [*s.outs, *({p: {"persist": True, "cache": False}} for p in s.persist.values()),
-                                *({r: {"cache": False}} for r in (*(p.path for p in s.plots.values()),
-                                                                   *s.reports.values()))],
+        entry: dict = {"cmd": f"python -m hatchling run {s.name}", "deps": dvc_deps(s, params), "params": dvc_params(s),
+                       "outs": [*s.outs, *({r: {"cache": False}} for r in (*(p.path for p in s.plots.values()),
+                                                                        *s.reports.values()))],
                        "metrics": [{s.metrics: {"cache": False}}]}
         if s.description:
             entry["desc"] = s.description
@@ -357,22 +371,167 @@ def headline(stage: Stage, metrics: dict) -> dict[str, float]:
     return out
 
 
+class StageLocked(StageError):
+    """A stage that another process is running in this project, or whose inputs or readers another
+    process's stage is rewriting or reading; the message names that process's PID, command and start.
+    (Defined here, by the runner, and not in errors.py: the stages' own code, whose change reruns them
+    all under DVC, need not know of it.)"""
+
+
+def _try_lock(path: str | Path, shared: bool = False) -> int | None:
+    """Open `path` (made with its folders if missing) and take an OS lock on it (flock: exclusive, or
+    shared with other shared holders) without waiting: the open descriptor, or None when another
+    holder has a conflicting lock. `_release` releases it, and so does the end of the process however
+    it ends (SIGKILL included; its forked children close their copies), so a lock never outlives its holder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        _HELD.add(fd)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _release(fd: int) -> None:
+    if fd in _HELD:
+        _HELD.discard(fd)
+        os.close(fd)
+
+
+def _forget_locks() -> None:
+    """In a forked child (a worker pool's): close the inherited lock descriptors, so that the lock
+    ends with the process that took it and is not kept by its workers should it be killed."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks)
+
+
+def _holder(path: Path, holding: bool = True) -> str:
+    """Who holds (or, `holding` False, last held) a stage's lock, from what its holder wrote in the file."""
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not isinstance(info, dict) or not info.get("pid"):
+        return "another process"
+    here = info.get("host") in (None, socket.gethostname())
+    who = (f"PID {info['pid']}{'' if here else ' on ' + str(info['host'])} ({info.get('command', '?')}) "
+           f"since {info.get('since', '?')}")
+    if holding and here:
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:      # it died, but a process it forked still has the lock open
+            who += " (that process has ended: a process it started still holds the lock)"
+        except (OSError, ValueError):
+            pass
+    return who
+
+
+def _running(path: Path) -> bool:
+    """Whether a stage's own run holds its lock (exclusively: readers of its outputs share it)."""
+    probe = _try_lock(path, shared=True)
+    if probe is not None:
+        _release(probe)
+    return probe is None
+
+
+def _take_locks(stage: Stage, locks: Path) -> tuple[list[int], str]:
+    """The stage's own lock (exclusive) and its upstream stages' (shared), all or none: the open
+    descriptors, or none and why not."""
+    own = locks / f"{stage.name}.lock"
+    fd = _try_lock(own)
+    if fd is None:
+        if _running(own):
+            return [], f"stage {stage.name} is locked by {_holder(own)}"
+        readers = [s.name for s in STAGES if stage.name in upstream(s) and _running(locks / f"{s.name}.lock")]
+        return [], (f"stage {stage.name} cannot rewrite its outputs while stage {readers[0]} reads them: "
+                    f"{readers[0]} is locked by {_holder(locks / f'{readers[0]}.lock')}" if readers else
+                    f"stage {stage.name} is locked by another process")
+    taken = [fd]
+    for name in upstream(stage):
+        fd = _try_lock(locks / f"{name}.lock", shared=True)
+        if fd is None:
+            for taken_fd in taken:
+                _release(taken_fd)
+            return [], (f"stage {stage.name} cannot read the outputs of stage {name} while they are rewritten: "
+                        f"{name} is locked by {_holder(locks / f'{name}.lock')}")
+        taken.append(fd)
+    return taken, ""
+
+
+@contextlib.contextmanager
+def stage_lock(name: str, root: Path = Path("."), timeout: float = 0.0) -> Iterator[Path]:
+    """Hold stage `name`'s lock in the project at `root` (yields the lock file): one writer at a time
+    per stage, and no stage rewrites outputs that a running stage reads (it holds its upstream
+    stages' locks shared). Waits up to `timeout` seconds, then raises StageLocked naming the holder's
+    PID, command and start time. The OS drops a lock when its holder dies (SIGKILL included), so a
+    lock left by a killed run is simply taken over."""
+    stage = get_stage(name)
+    locks = Path(root).resolve() / LOCKS
+    deadline = time.monotonic() + timeout
+    while True:
+        taken, why = _take_locks(stage, locks)
+        if taken:
+            break
+        if time.monotonic() >= deadline:
+            raise StageLocked(why)
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+    own = taken[0]
+    try:
+        left = os.pread(own, 4096, 0)          # a holder that ended cleanly emptied it: one that was killed did not
+        if left.strip():
+            log.info("stage %s: taking over the lock left by %s", name, _holder(locks / f"{name}.lock", False))
+        program = Path(sys.argv[0]) if sys.argv and sys.argv[0] not in ("", "-c") else Path("python -c")
+        program = f"python -m {program.parent.name}" if program.name == "__main__.py" else program.name
+        command = " ".join([program, *map(shlex.quote, sys.argv[1:])])
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                "since": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")}
+        os.ftruncate(own, 0)
+        os.pwrite(own, (json.dumps(info) + "\n").encode(), 0)
+        yield locks / f"{name}.lock"
+    finally:
+        if own in _HELD:           # not in a forked child, which closed its copies at the fork
+            with contextlib.suppress(OSError):
+                os.ftruncate(own, 0)
+        for fd in taken:
+            _release(fd)
+
+
 def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
               params_path: str | Path = "params.yaml", overrides: list[str] = ()) -> dict:
-    """Run one stage: validate params and inputs first, track it in MLflow, write its report."""
-    from hatchling.tracking import StageRun, end_failed, record_skipped
-
+    """Run one stage: validate params and inputs first, track it in MLflow, write its report. It holds
+    the stage's lock (:func:`stage_lock`) throughout, so a second run of it, or of a stage that reads
+    or writes its outputs, in the same project stops with StageLocked instead of interleaving."""
     stage = get_stage(name)
     root = Path(root)
     if params is None:
         params = load_params(root / params_path, overrides)     # an absolute params_path stays as it is
+    leader = int(os.environ.get("RANK", "0")) == 0       # torchrun: rank 0 alone locks, tracks and reports
+    with stage_lock(name, root) if leader else contextlib.nullcontext():
+        return _run_locked(stage, params, root, leader)
+
+
+def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
+    from hatchling.tracking import StageRun, end_failed, record_skipped
+
+    name = stage.name
     for dep in stage.deps:
         if not (root / dep).exists():
             producer = next((s.name for s in STAGES if dep in s.written.values()), None)
             hint = f" (output of stage {producer}: run `hatchling run {producer}` first)" if producer else ""
             raise StageError(f"stage {name} needs {dep}{hint}")
     fn = stage.function()
-    if int(os.environ.get("RANK", "0")) != 0:     # torchrun: rank 0 alone tracks and reports
+    if not leader:
         return fn(context(name, params, root))
     sections = {sec: params.section(sec) for sec in stage.params}
     digests = input_digests(stage, root)
