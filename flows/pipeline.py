@@ -7,16 +7,20 @@ code, so a second run with nothing changed completes from cache (and says so in 
 Stages that touch the network retry with backoff, unless the environment is broken (a retry
 would fail the same way). Each task waits for its upstream stages' tasks (the UI draws the DAG),
 logs its headline numbers and publishes its metrics as a table artifact (`<stage>-metrics`) and
-its markdown reports as markdown artifacts (`eval-report`: the report card). flows/prefect.yaml
+its markdown reports as markdown artifacts (`eval-report`: the report card, its figures embedded,
+as the UI cannot follow the report's relative links). flows/prefect.yaml
 deploys this flow to a process work pool on a GPU host (see the README).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
+import posixpath
+import re
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -64,6 +68,53 @@ def worth_retrying(task, task_run, state) -> bool:
     return not environment_fault(state.result(raise_on_failure=False))
 
 
+FIGURES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+           ".svg": "image/svg+xml"}
+EMBED_LIMIT = 512 * 1024        # bytes of one figure embedded in an artifact; a larger one is only named
+LINK = re.compile(r"(!?)\[([^\]]*)\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def for_the_ui(markdown: str, report: str, root: Path) -> str:
+    """A markdown report (`report`: its path under `root`) as a Prefect artifact. The UI resolves a
+    link against its own page (/artifacts/artifact/...), not the report's folder, so a relative link
+    (eval.md's figures) would show nothing there: each names the file's path under the project
+    instead, and a figure among them is embedded as a data: URI (the UI renders those) in a Figures
+    section at the end, or in place for an image. Links with a scheme or an anchor stay as they are."""
+    folder = posixpath.dirname(report)
+    figures: dict[str, str] = {}
+
+    def embedded(path: str) -> str | None:
+        file = root / path
+        kind = FIGURES.get(posixpath.splitext(path)[1].lower())
+        if kind and file.is_file() and file.stat().st_size <= EMBED_LIMIT:
+            return f"data:{kind};base64,{base64.b64encode(file.read_bytes()).decode()}"
+        return None
+
+    def rewrite(match: re.Match) -> str:
+        image, text, target = match.groups()
+        if re.match(r"[a-zA-Z][\w+.-]*:|#|/", target):            # a URL, a data: URI, an anchor, a site path
+            return match.group(0)
+        path = posixpath.normpath(posixpath.join(folder, target.split("#")[0]))
+        named = f"`{path}`" if text.strip() in ("", target, posixpath.basename(target)) else f"{text} (`{path}`)"
+        uri = embedded(path)
+        if uri and image:
+            return f"![{text or path}]({uri})"
+        if uri:
+            figures.setdefault(path, uri)
+        return named
+
+    out, fenced = [], False
+    for line in markdown.splitlines(keepends=True):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        out.append(line if fenced else LINK.sub(rewrite, line))
+    text = "".join(out)
+    if figures:
+        text = text.rstrip("\n") + "\n\n## Figures\n\n" + "".join(
+            f"`{path}`\n\n![{posixpath.basename(path)}]({uri})\n\n" for path, uri in figures.items())
+    return text
+
+
 def publish(stage: Stage, metrics: dict, root: Path) -> None:
     """What the Prefect UI shows of a stage: its headline numbers in the task's log, its metrics as a
     table artifact and its markdown reports (the eval's report card) as markdown artifacts."""
@@ -74,8 +125,8 @@ def publish(stage: Stage, metrics: dict, root: Path) -> None:
                           description=f"stage {stage.name}: {stage.metrics}")
     for name, path in stage.reports.items():
         if path.endswith(".md") and (root / path).is_file():
-            create_markdown_artifact(markdown=(root / path).read_text(), key=f"{stage.name}-{name}",
-                                     description=f"stage {stage.name}: {path}")
+            create_markdown_artifact(markdown=for_the_ui((root / path).read_text(), path, root),
+                                     key=f"{stage.name}-{name}", description=f"stage {stage.name}: {path}")
 
 
 def make_task(stage: Stage):

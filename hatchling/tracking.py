@@ -9,7 +9,8 @@ Who owns the parent run depends on who runs the pipeline:
 
 Runs are written with an explicit ``MlflowClient`` (no fluent global state), so stages running
 in threads of one process never mix their runs. The store defaults to ``sqlite:///mlflow.db``
-in the project (``MLFLOW_TRACKING_URI`` overrides).
+in the project (``MLFLOW_TRACKING_URI`` overrides); an experiment DVC runs from its queue (or with
+``--temp``) records into the store of the project that queued it, not into its temporary workspace.
 
 Artifact locations are relative to the store: in a SQLite store the experiment's location is
 ``mlruns/<id>`` (MLflow would store the absolute ``<cwd>/mlruns/<id>``), so its runs' artifacts and
@@ -46,7 +47,19 @@ logger = logging.getLogger(__name__)
 
 
 def tracking_uri(root: Path = Path(".")) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path(root) / 'mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(project_root(root) / 'mlflow.db').resolve()}"
+
+
+def project_root(root: Path = Path(".")) -> Path:
+    """The project whose store a run in `root` records into: `root` itself, except in the temporary
+    workspace DVC runs a queued or `--temp` experiment in (under `<project>/.dvc/tmp/exps/`, deleted
+    when the experiment ends): there, the project that queued it, which DVC names in `DVC_ROOT`."""
+    dvc_root = os.environ.get("DVC_ROOT")
+    if dvc_root:
+        project = Path(dvc_root).resolve()
+        if project != Path(root).resolve() and Path(root).resolve().is_relative_to(project / ".dvc" / "tmp" / "exps"):
+            return project
+    return Path(root)
 
 
 def client(root: Path = Path(".")):

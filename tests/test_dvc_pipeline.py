@@ -26,7 +26,7 @@ def test_dvc_yaml_in_repo_is_generated_from_the_registry():
     assert list(on_disk["stages"]) == [s.name for s in STAGES]
     for s in STAGES:
         entry = on_disk["stages"][s.name]
-        assert entry["cmd"] == f"hatchling run {s.name}" and entry["params"] == dvc_params(s)
+        assert entry["cmd"] == f"python -m hatchling run {s.name}" and entry["params"] == dvc_params(s)
         assert entry["deps"][:len(s.deps)] == list(s.deps) and set(entry["deps"][len(s.deps):]) == set(s.code)
         for up in upstream(s):                       # an upstream stage is one that writes a declared dep
             assert set(next(x for x in STAGES if x.name == up).written.values()) & set(s.deps)
@@ -123,6 +123,7 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     run_cmd(DVC + ["init", "-q"], project)
     for name in ("config", "plots-offline.html"):             # the project's DVC settings, as a clone has them
         shutil.copy(REPO / ".dvc" / name, project / ".dvc" / name)
+    shutil.copy(REPO / ".gitignore", project / ".gitignore")  # ... and what git leaves out: the MLflow store
     run_cmd(["git", "add", "-A"], project)
     run_cmd(["git", "commit", "-qm", "init"], project)
 
@@ -201,3 +202,19 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     assert set(under) == {s.name for s in STAGES} - {"eval"}                # eval does not read export
     assert under["export"].data.tags["mlflow.runName"] == f"export @ {name}"
     assert under["pretrain"].data.tags["hatchling.cache_reason"] == "skipped by DVC: outputs up to date"
+
+    # a queued experiment's run: DVC runs it in a temporary workspace under .dvc/tmp/exps/ (`--temp`
+    # runs it as `dvc queue start` does, in the foreground) holding the commit, the workspace's tracked
+    # changes and the DVC-cached outputs. Only export runs (the trainers' resume state is no DVC
+    # output, so its absence there reruns nothing), and MLflow records into the project's store
+    proc = run_cmd(DVC + ["exp", "run", "--temp", "-S", "export.new_tokens=5", "-n", "temp5"], project, timeout=600)
+    ran = re.findall(r"Running stage '(\w+)'", proc.stdout + proc.stderr)
+    assert ran == ["export"], proc.stdout + proc.stderr
+    client, runs = _runs(project)
+    (parent,) = [r for r in runs if r.data.tags.get("hatchling.dvc_experiment") == "temp5"]
+    assert parent.data.tags["mlflow.runName"] == "temp5: export.new_tokens=5"
+    under = {r.data.tags["hatchling.stage"]: r for r in runs
+             if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert "hatchling.cached" not in under["export"].data.tags and under["pretrain"].data.tags["hatchling.cached"]
+    with contextlib.chdir(project):
+        assert "export.json" in {a.path for a in client.list_artifacts(under["export"].info.run_id)}

@@ -1,5 +1,6 @@
 """The pipeline as a real Prefect flow: runs every stage, then completes from cache."""
 
+import base64
 import json
 import os
 import re
@@ -86,9 +87,26 @@ def _check_the_ui_shows_the_dag_and_artifacts(project):
         artifacts = {a.key: a for a in prefect.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=keys)))}
     assert set(artifacts) == set(keys) and artifacts["eval-report"].type == "markdown"
-    assert artifacts["eval-report"].data == (project / "reports/eval.md").read_text()
+    _check_the_report_card_shows_its_figures(artifacts["eval-report"].data, project)
     table = artifacts["pretrain-metrics"].data         # Prefect stores a table artifact as JSON text
     assert {"metric": "steps", "value": TINY_PARAMS["pretrain"]["max_steps"]} in json.loads(table)
+
+
+def _check_the_report_card_shows_its_figures(card: str, project):
+    """The report card on disk links its figures relatively (right beside it, and in DVC's and MLflow's
+    views); in the UI such a link would point at /artifacts/artifact/<figure>: the artifact embeds each
+    figure as a data: URI and names its file, and holds no relative link."""
+    on_disk = (project / "reports/eval.md").read_text()
+    figures = re.findall(r"\]\(([\w.-]+\.png)\)", on_disk)
+    assert figures == ["eval_training.png", "eval_probes.png"]
+    for name in figures:
+        embedded = base64.b64encode((project / "reports" / name).read_bytes()).decode()
+        assert f"![{name}](data:image/png;base64,{embedded})" in card and f"`reports/{name}`" in card
+    targets = re.findall(r"\]\(([^)\s]+)", card)
+    assert targets and all(t.startswith(("data:image/png;base64,", "https://", "http://", "#")) for t in targets)
+    kept = [line for line in on_disk.splitlines() if "](" not in line]
+    assert all(line in card.splitlines() for line in kept)       # the rest of the card as it is
+    assert len(card) < len(on_disk) + 2 * sum((project / "reports" / n).stat().st_size for n in figures)
 
 
 def test_flow_rejects_bad_params_before_any_stage(prefect_env, project):

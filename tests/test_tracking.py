@@ -25,6 +25,7 @@ class Echo(mlflow.pyfunc.PythonModel):
 def _own_store(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -134,3 +135,25 @@ def test_only_local_sqlite_stores_have_a_directory(tmp_path, monkeypatch):
     with tracking.in_store_dir(f"sqlite:///{tmp_path / 'x' / 'm.db'}"):
         assert Path(os.getcwd()) == tmp_path / "x"
     assert Path.cwd() == tmp_path
+
+
+def test_a_queued_dvc_experiment_records_into_the_project_that_queued_it(tmp_path, monkeypatch):
+    """`dvc exp run --queue` (and `--temp`) runs the stages in <project>/.dvc/tmp/exps/tmpXXXX, deleted
+    when the experiment ends, and names the project in DVC_ROOT: the runs and their artifacts go to the
+    project's store. Anywhere else (`dvc repro`, where DVC_ROOT is the project itself) `root` decides."""
+    project = tmp_path / "project"
+    workspace = project / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    workspace.mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(project))
+    monkeypatch.chdir(workspace)
+    assert tracking.tracking_uri(Path(".")) == f"sqlite:///{project / 'mlflow.db'}"
+    run_id = _record(workspace, "queued")
+    report, model = _files_of(project, run_id)          # read as `mlflow ui` in the project reads it
+    assert report.read_text() == '{"note": "queued"}' and model.is_file()
+    assert report.is_relative_to(project / "mlruns") and model.is_relative_to(project / "mlruns")
+    assert not (workspace / "mlflow.db").exists() and not (workspace / "mlruns").exists()
+
+    monkeypatch.chdir(project)                          # `dvc repro` in the project: DVC_ROOT is the project
+    assert tracking.tracking_uri(Path(".")) == f"sqlite:///{project / 'mlflow.db'}"
+    other = tmp_path / "other"                          # a root that is no workspace of DVC_ROOT's
+    assert tracking.tracking_uri(other) == f"sqlite:///{other / 'mlflow.db'}"
