@@ -35,6 +35,17 @@ CRAWL_DELAY = 0.3
 TOPICS = ["gardens", "rivers", "bridges", "lanterns", "orchards", "harbors", "meadows", "libraries", "bicycles"]
 
 
+def respond(handler, status: int, ctype: str, body: bytes, extra: dict) -> None:
+    """Write one HTTP response from a test server's handler."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", ctype)
+    handler.send_header("Content-Length", str(len(body)))
+    for k, v in extra.items():
+        handler.send_header(k, v)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def english(topic: str) -> str:
     return (f"This page is about {topic}. People who care for {topic} often write long notes about what they "
             f"learned, and those notes help the next person who wants to understand {topic} well. The weather, the "
@@ -105,13 +116,7 @@ class Site:
                                                   else (200, "text/html", html_page(english("harbors and kites")), {}))
                 else:
                     status, ctype, body, extra = site.pages().get(self.path, (404, "text/plain", b"no", {}))
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in extra.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
+                respond(self, status, ctype, body, extra)
 
             def log_message(self, *args):
                 pass
@@ -443,13 +448,7 @@ def logging_server(host: str, pages: dict[str, tuple[int, bytes, dict]], log: li
             if on_get:
                 on_get(self.path, self.headers.get("Host", ""))
             status, body, extra = pages.get(self.path, (404, b"no", {}))
-            self.send_response(status)
-            self.send_header("Content-Type", "text/plain" if self.path == "/robots.txt" else "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in extra.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
+            respond(self, status, "text/plain" if self.path == "/robots.txt" else "text/html", body, extra)
 
         def log_message(self, *args):
             pass

@@ -134,20 +134,20 @@ def test_a_benchmark_file_cut_short_is_refused_naming_it(tmp_path):
         load_records("piqa", str(path))
 
 
-def tiny_run():
-    """Params of a two-layer model trained a few steps, checkpointed every 2."""
-    return validate_params({**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "n_layers": 2},
-                            "pretrain": {**TINY_PARAMS["pretrain"], "max_steps": 6, "checkpoint_every": 2,
-                                         "eval_every": 100}})
-
-
-def test_a_diverging_run_stops_at_that_step_and_keeps_its_last_good_checkpoint(tmp_path):
-    params = tiny_run()
+def tiny_trainer(tmp_path):
+    """A two-layer model and its trainer for a few steps, checkpointed every 2, on random tokens."""
+    params = validate_params({**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "n_layers": 2},
+                              "pretrain": {**TINY_PARAMS["pretrain"], "max_steps": 6, "checkpoint_every": 2,
+                                           "eval_every": 100}})
     torch.manual_seed(0)
     model = build_model(params.model.model_copy(update={"vocab_size": 64}))
     tokens = np.random.default_rng(0).integers(0, 64, 512).astype(np.uint16)
-    trainer = Trainer(model, params.pretrain, tokens, tokens, run_dir=tmp_path / "run", out_dir=tmp_path / "out",
-                      sidecar={}, val_tokens_per_byte=1.0)
+    return model, Trainer(model, params.pretrain, tokens, tokens, run_dir=tmp_path / "run", out_dir=tmp_path / "out",
+                          sidecar={}, val_tokens_per_byte=1.0)
+
+
+def test_a_diverging_run_stops_at_that_step_and_keeps_its_last_good_checkpoint(tmp_path):
+    model, trainer = tiny_trainer(tmp_path)
     set_train_step = model.set_train_step
 
     def blow_up(step: int) -> None:     # the weights go NaN just before the 5th step (a blown-up update)
@@ -168,12 +168,7 @@ def test_a_diverging_run_stops_at_that_step_and_keeps_its_last_good_checkpoint(t
 
 def test_an_update_that_leaves_weights_not_finite_is_never_saved(tmp_path):
     """The loss of a step can be finite while its update overflows: the checkpoint after it refuses."""
-    params = tiny_run()
-    torch.manual_seed(0)
-    model = build_model(params.model.model_copy(update={"vocab_size": 64}))
-    tokens = np.random.default_rng(0).integers(0, 64, 512).astype(np.uint16)
-    trainer = Trainer(model, params.pretrain, tokens, tokens, run_dir=tmp_path / "run", out_dir=tmp_path / "out",
-                      sidecar={}, val_tokens_per_byte=1.0)
+    model, trainer = tiny_trainer(tmp_path)
 
     def overflow(optimizer, args, kwargs) -> None:      # the 4th update sends one weight to infinity
         if trainer.step == 3:
