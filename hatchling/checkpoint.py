@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from hatchling.io import atomic_path
 from hatchling.model import build_model
 from hatchling.model.base import LanguageModel
 from hatchling.model.int8 import dequantize_state_dict, use_int8_linears
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS, SIDECAR, TRAINER = "model.safetensors", "model.json", "trainer.pt"
 FORMATS = ("fp32", "bf16", "int8")
@@ -121,5 +124,17 @@ def load_for_inference(directory: str | Path, compute: str = "fp32",
     return model.eval(), load_tokenizer(tokenizer_path), meta
 
 
-def load_trainer_state(directory: str | Path) -> dict:
-    return torch.load(Path(directory) / TRAINER, weights_only=True)
+def load_resume_state(directory: str | Path, fingerprint: str) -> dict | None:
+    """The trainer state of the checkpoint in `directory` when it is one of this very run (the same
+    `fingerprint`), to resume from; None when there is none or it is another run's. An unreadable one
+    (cut short, garbled) is said in a warning and not resumed: the run starts from step 0."""
+    try:
+        state = torch.load(Path(directory) / TRAINER, weights_only=True)
+        read_sidecar(directory)
+    except FileNotFoundError:                   # no checkpoint yet
+        return None
+    except (RuntimeError, ValueError) as e:     # unreadable (torch's RuntimeError, or a bad sidecar)
+        logger.warning("not resuming from %s: its checkpoint is unreadable (%s: %s); training starts from step 0",
+                       directory, type(e).__name__, e)
+        return None
+    return state if state.get("fingerprint") == fingerprint else None

@@ -276,6 +276,7 @@ class RLVRParams(Section):
     eval_items: int = Field(0, ge=0, description="held-out items of the tier scored greedily before and after "
                                                  "(0 = all)")
     sandbox_timeout_s: float = Field(5.0, gt=0)
+    checkpoint_every: int = Field(10, ge=1, description="steps between the resume checkpoints in checkpoints/rlvr-run")
     device: Device | None = Field(None, description="where the policy, its reference and the sampling run")
     progress: bool | None = None
 

@@ -9,7 +9,9 @@ DiskFullError naming the output, after the temporary files are removed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -75,16 +77,46 @@ def _raise_if_full_disk(error: Exception, path: Path, existed: bool, tmp: Path |
     raise full from error
 
 
+TEMP = ".tmp-"           # .NAME.tmp-PID-XXXX: a writer's temporary sibling of NAME
+PREVIOUS = ".previous-"  # inside it, .previous-NAME: the old NAME, while it cannot be exchanged in one call
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # another user's process
+        return True
+    return True
+
+
+def sweep(path: Path) -> None:
+    """Clear what a writer of `path` killed mid-write left beside it: its temporary sibling, and,
+    had it been killed between moving the old `path` aside and putting the new one in place (where
+    the two cannot be exchanged in one call), the old `path`, which goes back."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}{TEMP}*"):
+        pid = tmp.name[len(path.name) + 1 + len(TEMP):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        previous = tmp / f"{PREVIOUS}{path.name}"
+        if not os.path.lexists(path) and os.path.lexists(previous):
+            previous.rename(path)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` (file or directory).
-    On any failure the temporary path is removed and `path` is left as it was; a full disk is
-    raised as DiskFullError naming `path`."""
+    """Yield a temporary path beside `path`; on success it replaces `path` (file or directory) in one
+    step. On any failure the temporary path is removed and `path` is left as it was; a full disk is
+    raised as DiskFullError naming `path`. A writer killed at any moment leaves `path` as it was (or
+    complete, once replaced) and a temporary sibling, which the next write of `path` removes."""
     path = Path(path)
     existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        sweep(path)
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}{TEMP}{os.getpid()}-", dir=path.parent))
     except OSError as error:
         _raise_if_full_disk(error, path, existed, None)
         raise
@@ -100,19 +132,38 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux's renameat2 with RENAME_EXCHANGE); False where the
+    system or the filesystem cannot."""
+    renameat2 = getattr(_libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(-100, os.fsencode(a), -100, os.fsencode(b), RENAME_EXCHANGE) == 0:     # -100: AT_FDCWD
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
 def _swap(tmp: Path, path: Path) -> None:
-    """Put `tmp` in the place of `path`; a directory is moved aside first, and back if that fails."""
-    if path.is_dir() and not path.is_symlink():
-        old = path.with_name(f".{path.name}.old.{os.getpid()}")
-        path.rename(old)
+    """Put `tmp` in the place of `path`. A file is replaced by a rename; a directory is exchanged with
+    `tmp` (which then holds the old one, removed with it), or, where that cannot be done in one step,
+    moved aside beside `tmp` first (and back if the rename fails; see sweep for a kill in between)."""
+    if not (path.is_dir() and not path.is_symlink()):
+        os.replace(tmp, path)
+    elif not exchange(tmp, path):
+        previous = tmp.with_name(f"{PREVIOUS}{path.name}")
+        path.rename(previous)
         try:
             tmp.rename(path)
         except BaseException:
-            old.rename(path)
+            previous.rename(path)
             raise
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -137,6 +137,7 @@ STAGES: tuple[Stage, ...] = (
           description="chat SFT of the pretrained model, loss on assistant tokens only"),
     Stage("rlvr", "hatchling.train.rlvr:run", params=("rlvr",),
           inputs={"init": "checkpoints/sft", "tasks": "data/tasks"}, outputs={"model": "checkpoints/rlvr"},
+          persist={"run": "checkpoints/rlvr-run"},
           plots={"log": Plot("logs/rlvr.csv", {"reward": ("reward_mean", "pass_rate"), "KL": ("kl", "kl_coef")})},
           headline=("tier", "heldout_pass_before", "heldout_pass_after", "heldout_gain"), model="model", registers=True,
           description="PPO-lite RL with verifiable math/code rewards and adaptive KL to the SFT policy"),

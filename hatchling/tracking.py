@@ -32,11 +32,15 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from hatchling.io import TEMP, sweep
 
 EXPERIMENT = "hatchling"
 PARENT_ENV = "HATCHLING_PARENT_RUN_ID"
@@ -65,7 +69,29 @@ def project_root(root: Path = Path(".")) -> Path:
 def client(root: Path = Path(".")):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(root))
+    uri = tracking_uri(root)
+    db = sqlite_file(uri)
+    if db is not None and not db.exists():
+        _create_store(db)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _create_store(db: Path) -> None:
+    """A new SQLite store, its tables made by MLflow in a temporary sibling that is then linked into
+    place (never over a store another process made meanwhile): a run killed while MLflow builds the
+    tables leaves no half-made store behind, only the sibling, which the next creation sweeps up."""
+    from mlflow.tracking import MlflowClient
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    sweep(db)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{db.name}{TEMP}{os.getpid()}-", dir=db.parent))
+    try:
+        made = tmp / db.name
+        MlflowClient(tracking_uri=f"sqlite:///{made}").search_experiments()      # MLflow migrates on first use
+        with contextlib.suppress(FileExistsError):
+            os.link(made, db)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sqlite_file(uri: str) -> Path | None:

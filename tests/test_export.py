@@ -155,7 +155,7 @@ def test_the_export_is_replaced_whole_or_not_at_all(exported, tmp_path, monkeypa
         assert hatchling_here(proj, "run", "export", "--set", "export.hf=true") == 1
     after = {p.relative_to(proj): p.read_bytes() for p in (proj / "checkpoints/export").rglob("*") if p.is_file()}
     assert after == before and sorted(p.name for p in (proj / "checkpoints").iterdir()) == [
-        "export", "pretrain", "pretrain-run", "rlvr", "sft", "sft-run"]
+        "export", "pretrain", "pretrain-run", "rlvr", "rlvr-run", "sft", "sft-run"]
     assert hatchling_here(proj, "run", "export", "--set", "export.hf=true") == 0
     written = {p.name for p in (proj / "checkpoints/export").iterdir()}
     assert written == {"int8", "bf16", "hf"} and (proj / "checkpoints/export/hf/config.json").is_file()

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+import hatchling.io
 from hatchling.errors import DiskFullError
 from hatchling.io import atomic_path
 from tests.conftest import REPO, TINY_PARAMS
@@ -206,7 +207,10 @@ def test_a_full_disk_raises_one_clear_error_keeps_the_previous_output_and_leaves
     assert "RuntimeError" in results["trainer_state"]["error"]["cause"], results["trainer_state"]["error"]
 
 
-def test_a_directory_swap_that_fails_puts_the_previous_directory_back(tmp_path, monkeypatch):
+@pytest.mark.parametrize("exchange", ["fails", "unsupported"])
+def test_a_directory_swap_that_fails_puts_the_previous_directory_back(tmp_path, monkeypatch, exchange):
+    """The one-call exchange failing, or (where the system cannot exchange) the second of the two
+    renames that replace it failing."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "a.txt").write_text("previous")
@@ -217,6 +221,10 @@ def test_a_directory_swap_that_fails_puts_the_previous_directory_back(tmp_path, 
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_rename(self, target)
 
+    def fails(a, b):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hatchling.io, "exchange", fails if exchange == "fails" else lambda a, b: False)
     monkeypatch.setattr(Path, "rename", rename)
     with pytest.raises(DiskFullError, match=rf"^cannot write {out}: no space left on the device \(ENOSPC\); "
                                             r"the previous out is kept as it was"):

@@ -8,7 +8,8 @@ from hatchling.stages import PACKAGE, module_imports
 # import each other). The README's Layout section describes each.
 LAYERS: list[set[str]] = [
     {"errors"},
-    {"io", "sandbox", "tracking", "context", "stats"},
+    {"io"},
+    {"sandbox", "tracking", "context", "stats"},
     {"model"},
     {"data"},
     {"tasks"},

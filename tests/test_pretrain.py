@@ -1,12 +1,8 @@
 """Tokenize and pretrain stages: determinism, resume after SIGKILL, smoke checks, checkpoints."""
 
-import csv
 import json
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -21,9 +17,9 @@ from hatchling.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from hatchling.model import build_model
 from hatchling.model.config import for_arch
 from hatchling.model.lm import IGNORE, lm_loss, loss_sum, sample_batch
-from hatchling.train.loop import Trainer, overfit_one_batch, seq_len_at
+from hatchling.train.loop import Trainer, overfit_one_batch, run_fingerprint, seq_len_at
 from hatchling.train.optim import lr_multiplier
-from tests.conftest import TINY_PARAMS, hatchling_cmd, hatchling_here, make_project, project_env, run_cmd, write_params
+from tests.conftest import TINY_PARAMS, hatchling_cmd, hatchling_here, make_project, run_cmd, write_params
 
 
 def test_tokenize_outputs(tokenized_project):
@@ -109,52 +105,37 @@ def _final_weights(project):
     return load_file(str(project / "checkpoints/pretrain/model.safetensors"))
 
 
-def test_killed_run_resumes_to_bitwise_identical_weights(tokenized_project, tmp_path):
-    params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "max_steps": 16, "checkpoint_every": 3,
-                                           "eval_every": 4, "optimizer": "muon"}}
-    runs = {}
-    for name in ("straight", "killed"):
-        proj = make_project(tmp_path / name, params)
-        shutil.copytree(tokenized_project / "data", proj / "data", dirs_exist_ok=True)
-        runs[name] = proj
-    run_cmd(hatchling_cmd("run", "pretrain"), runs["straight"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "adapm"])
+def test_a_run_stopped_mid_way_resumes_to_the_weights_and_logs_of_an_uninterrupted_one(tmp_path, optimizer):
+    """The trainer's own resume (a stage killed from outside: tests/test_kill.py): weights, every
+    optimizer's state, RNG and logs come back, so the run ends bit-identical; another run's checkpoint
+    (any param changed) is never resumed."""
+    params = validate_params(TINY_PARAMS).pretrain.model_copy(
+        update={"optimizer": optimizer, "max_steps": 10, "checkpoint_every": 3, "eval_every": 4})
+    data = np.random.default_rng(0).integers(0, 64, 4096).astype(np.uint16)
 
-    proj = runs["killed"]
-    proc = subprocess.Popen(hatchling_cmd("run", "pretrain"), cwd=proj, env=project_env(proj),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sidecar = proj / "checkpoints/pretrain-run/model.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if sidecar.exists() and json.loads(sidecar.read_text())["step"] >= 6:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = json.loads(sidecar.read_text())["step"]
-    assert 6 <= killed_at < 16 and not (proj / "checkpoints/pretrain/model.safetensors").exists()
+    def trainer(name: str, params=params, log=lambda metrics, step: None) -> Trainer:
+        torch.manual_seed(0)
+        model = build_model(validate_params(TINY_PARAMS).model.model_copy(update={"vocab_size": 64}))
+        return Trainer(model, params, data, data, run_dir=tmp_path / name / "run", out_dir=tmp_path / name / "out",
+                       sidecar={}, val_tokens_per_byte=1.0, log=log, csv_path=tmp_path / name / "steps.csv",
+                       eval_csv_path=tmp_path / name / "evals.csv", fingerprint=run_fingerprint(params))
 
-    run_cmd(hatchling_cmd("run", "pretrain"), proj)
-    report = json.loads((proj / "reports/pretrain.json").read_text())
-    assert report["resumed_from_step"] == killed_at and report["steps"] == 16
-    a, b = _final_weights(runs["straight"]), _final_weights(proj)
+    def stops_at_step_8(metrics, step):
+        if step == 8:
+            raise RuntimeError("the machine went away")
+
+    straight = trainer("straight").fit()
+    with pytest.raises(RuntimeError, match="went away"):
+        trainer("stopped", log=stops_at_step_8).fit()
+    assert not trainer("stopped", params.model_copy(update={"lr": params.lr * 2})).try_resume()
+    resumed = trainer("stopped").fit()
+    assert resumed["resumed_from_step"] == 6 and straight["resumed_from_step"] is None
+    assert resumed["final_train_loss"] == straight["final_train_loss"]
+    a, b = (load_file(str(tmp_path / name / "out/model.safetensors")) for name in ("straight", "stopped"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for log in ("logs/pretrain.csv", "logs/pretrain_eval.csv"):      # the logs, too, as if never killed
-        assert (proj / log).read_text() == (runs["straight"] / log).read_text()
-    steps = list(csv.DictReader((proj / "logs/pretrain.csv").open()))
-    evals = list(csv.DictReader((proj / "logs/pretrain_eval.csv").open()))
-    assert [int(r["step"]) for r in steps] == list(range(1, 17)) and all(r["train_loss"] for r in steps)
-    assert [int(r["step"]) for r in evals] == [4, 8, 12, 16] and all(float(r["val_loss"]) > 0 for r in evals)
-
-
-def test_changed_params_never_resume_a_foreign_checkpoint(tokenized_project, tmp_path):
-    proj = make_project(tmp_path / "p")
-    shutil.copytree(tokenized_project / "data", proj / "data", dirs_exist_ok=True)
-    run_cmd(hatchling_cmd("run", "pretrain"), proj)
-    params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "lr": 0.001}}
-    write_params(proj, params)
-    run_cmd(hatchling_cmd("run", "pretrain"), proj)
-    assert json.loads((proj / "reports/pretrain.json").read_text())["resumed_from_step"] is None
+    for log in ("steps.csv", "evals.csv"):
+        assert (tmp_path / "stopped" / log).read_text() == (tmp_path / "straight" / log).read_text()
 
 
 def test_an_unreadable_resume_checkpoint_is_not_resumed_and_says_why(tmp_path, caplog):

@@ -12,7 +12,6 @@ import csv
 import hashlib
 import io
 import json
-import logging
 import math
 import os
 import sys
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hatchling.checkpoint import load_trainer_state, load_weights, read_sidecar, save_model
+from hatchling.checkpoint import load_resume_state, load_weights, save_model
 from hatchling.errors import InputError, StageError
 from hatchling.io import atomic_write_text
 from hatchling.model.base import LanguageModel
@@ -34,8 +33,6 @@ from hatchling.train.adapm import AdaPM
 from hatchling.train.distributed import full_state, init_world, load_full_state, wrap_for_training
 from hatchling.train.optim import build_optimizers, lr_multiplier, set_lr
 from hatchling.train.sparsity import SparsityController
-
-logger = logging.getLogger(__name__)
 
 
 def seq_len_at(step: int, base: int, curriculum: list[tuple[int, int]]) -> int:
@@ -98,6 +95,7 @@ class Trainer:
         self.steps: list[dict] = []       # one row per step (csv_path)
         self.history: list[dict] = []     # one row per evaluation (eval_csv_path)
         self.tokens_seen = 0
+        self.train_loss = math.nan        # of the last step
         self.step_stats: dict[str, float] = {}
         self.autocast = autocast(self.device)      # bf16 on CUDA; reused step after step, never nested
 
@@ -118,7 +116,7 @@ class Trainer:
         self.check_weights(weights)
         state = {"step": self.step, "best_val": self.best_val, "stale_evals": self.stale_evals,
                  "steps": self.steps, "history": self.history, "tokens_seen": self.tokens_seen,
-                 "fingerprint": self.fingerprint,
+                 "train_loss": self.train_loss, "fingerprint": self.fingerprint,
                  "optimizers": opt_states, "sparsity": self.sparsity.state_dict() if self.sparsity else None,
                  "torch_rng": torch.get_rng_state()}
         save_model(self.model, self.run_dir, {**self.sidecar, "step": self.step}, state, self.files, weights=weights)
@@ -126,16 +124,8 @@ class Trainer:
 
     def try_resume(self) -> bool:
         """Continue from run_dir if it holds a checkpoint of this very run (same fingerprint)."""
-        try:
-            state = load_trainer_state(self.run_dir)
-            read_sidecar(self.run_dir)
-        except FileNotFoundError:                   # no checkpoint yet
-            return False
-        except (RuntimeError, ValueError) as e:     # unreadable (torch's RuntimeError, or a bad sidecar)
-            logger.warning("not resuming from %s: its checkpoint is unreadable (%s: %s); training starts from step 0",
-                           self.run_dir, type(e).__name__, e)
-            return False
-        if state.get("fingerprint") != self.fingerprint:
+        state = load_resume_state(self.run_dir, self.fingerprint)
+        if state is None:
             return False
         load_full_state(self.model, self.optimizers, load_weights(self.run_dir, str(self.device)),
                         state["optimizers"], self.strategy)
@@ -145,7 +135,7 @@ class Trainer:
             self.sparsity.load_state_dict(state["sparsity"])
         self.step, self.best_val = state["step"], state["best_val"]
         self.stale_evals, self.steps, self.history = state["stale_evals"], state["steps"], state["history"]
-        self.tokens_seen = state["tokens_seen"]
+        self.tokens_seen, self.train_loss = state["tokens_seen"], state.get("train_loss", math.nan)
         self.saved_step = self.step
         return True
 
@@ -246,18 +236,17 @@ class Trainer:
                    desc="train", unit="step",
                    mininterval=1.0 if sys.stderr.isatty() else 15.0)
         stopped_early = False
-        train_loss = float("nan")
         while self.step < p.max_steps and not stopped_early:
-            train_loss, lr, length = self.train_step()
+            self.train_loss, lr, length = self.train_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{train_loss:.3f}", refresh=False)
-            stats = {"train_loss": train_loss, "lr": lr, "seq_len": length, **self.step_stats}
+            bar.set_postfix(loss=f"{self.train_loss:.3f}", refresh=False)
+            stats = {"train_loss": self.train_loss, "lr": lr, "seq_len": length, **self.step_stats}
             self.log(stats, self.step)
             self.steps.append({"step": self.step, "tokens": self.tokens_seen,
                                **{k: round(v, 6) if isinstance(v, float) else v for k, v in stats.items()}})
             if self.step % p.eval_every == 0 or self.step == p.max_steps:
                 metrics = self.evaluate()
-                row = {"step": self.step, "train_loss": round(train_loss, 5), "lr": lr, "seq_len": length,
+                row = {"step": self.step, "train_loss": round(self.train_loss, 5), "lr": lr, "seq_len": length,
                        "val_loss": round(metrics["val_loss"], 5), "val_bpb": round(metrics["val_bpb"], 5),
                        "tokens": self.tokens_seen,
                        **{k: round(v, 5) for k, v in metrics.items() if k not in ("val_loss", "val_bpb")}}
@@ -278,7 +267,7 @@ class Trainer:
             self.check_weights(gathered[0])
             save_model(self.model, self.out_dir, {**self.sidecar, "step": self.step}, files=self.files,
                        weights=gathered[0])
-        return {"steps": self.step, "final_train_loss": train_loss, "val_loss": final["val_loss"],
+        return {"steps": self.step, "final_train_loss": self.train_loss, "val_loss": final["val_loss"],
                 "val_bpb": final["val_bpb"], "best_val_loss": self.best_val, "stopped_early": stopped_early,
                 "resumed_from_step": resumed_from, "seconds": round(time.perf_counter() - t0, 3)}
 

@@ -5,7 +5,11 @@ chat template; each completion gets its task family's reward (hatchling/tasks: m
 after ``####`` or the last number equals the answer; code, the function passes its unit tests in
 the sandbox), plus the format bonus for a well-formed answer (math: marked with ``####``; code: it
 parses). The algorithm lives in hatchling/train/rl.py. Held-out reward (greedy, on the held-out
-split) is measured before and after, and every step goes to MLflow and logs/rlvr.csv. The policy,
+split) is measured before and after, and every step goes to MLflow and logs/rlvr.csv. Every
+`checkpoint_every` steps the whole state of the run (policy, optimizer, KL coefficient, the prompt
+sampler's and the token sampler's RNG states, the step, the log so far) is saved in
+checkpoints/rlvr-run: a killed run started again with the same params and inputs continues from
+there and ends as an uninterrupted run would. The policy,
 its frozen reference and the sampling run on `rlvr.device` (by default the run's device).
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import math
 import random
 import time
 from pathlib import Path
@@ -21,17 +26,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hatchling.checkpoint import load_model, read_sidecar, save_model
+from hatchling.checkpoint import load_model, load_resume_state, load_weights, read_sidecar, save_model
 from hatchling.data.chat import render_chat, stop_ids
 from hatchling.data.tokenizer import TOKENIZER, load_tokenizer
-from hatchling.errors import ConfigError, MissingInputError
+from hatchling.errors import ConfigError, MissingInputError, StageError
 from hatchling.inference import generate_texts
-from hatchling.io import atomic_write_text, read_jsonl
+from hatchling.io import atomic_write_text, hash_paths, read_jsonl
 from hatchling.model.device import resolve_device
 from hatchling.stats import wilson_interval
 from hatchling.tasks.base import Task, by_tier
 from hatchling.tasks.code import Code
 from hatchling.tasks.math import Math
+from hatchling.train.loop import run_fingerprint
 from hatchling.train.rl import KLController, RLConfig, rl_step
 
 
@@ -69,7 +75,7 @@ def choose_tier(rates: dict[int, float]) -> int:
 
 
 def run(ctx) -> dict:
-    p, init_dir = ctx.params.rlvr, ctx.inputs.init
+    p, init_dir, run_dir = ctx.params.rlvr, ctx.inputs.init, ctx.outputs.run
     t0 = time.perf_counter()
     init = read_sidecar(init_dir)
     tokenizer = load_tokenizer(init_dir / TOKENIZER)
@@ -82,11 +88,27 @@ def run(ctx) -> dict:
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     tasks = families(p.sandbox_timeout_s)
     train_tiers = by_tier(load_items(ctx.inputs.tasks, p.tasks, "train"))
-    rates = {}
-    if p.tier == "auto":
-        rates = {t: pass_rate(policy, tokenizer, items[:p.tier_probe_items], p.max_new_tokens, tasks, device)
-                 for t, items in train_tiers.items()}
-    tier = choose_tier(rates) if p.tier == "auto" else p.tier
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    kl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
+    rng, generator = random.Random(p.seed), torch.Generator(device).manual_seed(p.seed)
+    fingerprint = run_fingerprint(p, inputs=hash_paths([init_dir, ctx.inputs.tasks], ctx.root))
+    state = load_resume_state(run_dir, fingerprint)
+    if state is None:
+        rates = {}
+        if p.tier == "auto":
+            rates = {t: pass_rate(policy, tokenizer, items[:p.tier_probe_items], p.max_new_tokens, tasks, device)
+                     for t, items in train_tiers.items()}
+        state = {"step": 0, "history": [], "tier": choose_tier(rates) if p.tier == "auto" else p.tier,
+                 "tier_pass_rates": rates, "fingerprint": fingerprint}
+    else:                                        # the run killed after this checkpoint, continued as it was
+        policy.load_state_dict(load_weights(run_dir, str(device)))
+        policy.load_state_files(run_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        kl.value = state["kl_coef"]
+        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+    tier, history = state["tier"], state["history"]
     if tier not in train_tiers:
         raise ConfigError(f"rlvr.tier = {tier}: the tasks {', '.join(p.tasks)} have tiers "
                           f"{', '.join(map(str, train_tiers))}")
@@ -95,14 +117,13 @@ def run(ctx) -> dict:
     heldout = heldout[:p.eval_items] if p.eval_items else heldout
     prompts = [render_chat(tokenizer, [{"role": "user", "content": tasks[x["kind"]].question(x)}],
                            add_generation_prompt=True) for x in train]
-    before = pass_rate(policy, tokenizer, heldout, p.max_new_tokens, tasks, device)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    kl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
+    if "heldout_pass_before" not in state:
+        state["heldout_pass_before"] = pass_rate(policy, tokenizer, heldout, p.max_new_tokens, tasks, device)
+    resumed_from = state["step"] or None
     cfg = RLConfig(p.k, p.max_new_tokens, p.temperature, p.epsilon_clip, p.rho_max, p.ppo_epochs,
                    curiosity_coef=p.curiosity_coef if p.use_curiosity_bonus else 0.0)
-    rng, generator = random.Random(p.seed), torch.Generator(device).manual_seed(p.seed)
-    history = []
-    for step in tqdm(range(1, p.max_steps + 1), desc="rlvr", disable=not p.progress, unit="step"):
+    for step in tqdm(range(state["step"] + 1, p.max_steps + 1), desc="rlvr", disable=not p.progress, unit="step",
+                     initial=state["step"], total=p.max_steps):
         chosen = rng.sample(range(len(train)), min(p.prompts_per_step, len(train)))
 
         def reward(i: int, completion: list[int], chosen=chosen) -> float:
@@ -111,8 +132,18 @@ def run(ctx) -> dict:
 
         stats = rl_step(policy, ref, optimizer, [prompts[i] for i in chosen], reward, cfg, kl,
                         stop_ids(tokenizer), generator, p.grad_clip, device=device)
+        if not all(math.isfinite(v) for v in stats.values()):
+            raise StageError(f"RL diverged at step {step}: " + ", ".join(f"{k} is {v}" for k, v in stats.items()
+                                                                        if not math.isfinite(v))
+                             + f"; the last checkpoint stays in {run_dir}. Lower rlvr.lr, then run again")
         history.append({"step": step, **{k: round(v, 6) for k, v in stats.items()}})
         ctx.log(stats, step)
+        if step % p.checkpoint_every == 0 or step == p.max_steps:
+            state.update(step=step, optimizer=optimizer.state_dict(), kl_coef=kl.value, rng=rng.getstate(),
+                         generator=generator.get_state(), torch_rng=torch.get_rng_state())
+            save_model(policy, run_dir, {"tokenizer_sha256": init["tokenizer_sha256"], "stage": "rlvr-run",
+                                         "step": step}, state)
+    before = state["heldout_pass_before"]
     after = pass_rate(policy, tokenizer, heldout, p.max_new_tokens, tasks, device)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
@@ -123,7 +154,8 @@ def run(ctx) -> dict:
                                     "step": p.max_steps, "init_step": init.get("step")},
                files={TOKENIZER: init_dir / TOKENIZER})
     n = len(heldout)
-    return {"steps": p.max_steps, "tier": tier, "tier_pass_rates": rates,
+    return {"steps": p.max_steps, "resumed_from_step": resumed_from, "tier": tier,
+            "tier_pass_rates": state["tier_pass_rates"],
             "heldout_pass_before": before, "heldout_pass_after": after, "heldout_gain": after - before,
             "heldout_pass_before_ci": list(wilson_interval(before * n, n)),
             "heldout_pass_after_ci": list(wilson_interval(after * n, n)),

@@ -1,0 +1,236 @@
+"""kill -9 anywhere: a writer killed at any line of an atomic write, and every stage killed at seeded
+random moments, leave the previous outputs intact and no partial output; the next run completes
+(the trainers resuming), sweeping up what the killed one left."""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from hatchling.io import sweep
+from hatchling.stages import STAGES, get_stage
+from tests.conftest import REPO, TINY_PARAMS, copy_project, hatchling_cmd, project_env, run_cmd, write_params
+
+WRITER = r"""
+import os, signal, sys
+from pathlib import Path
+import hatchling.io as hio
+
+mode, kill_at, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+if mode == "rename":                       # a system or filesystem that cannot exchange two paths
+    hio.exchange = lambda a, b: False
+mine = {hio.__file__, __file__}
+lines = 0
+
+def tracer(frame, event, arg):
+    global lines
+    if frame.f_code.co_filename not in mine:
+        return None
+    if event == "line":
+        lines += 1
+        if lines == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return tracer
+
+sys.settrace(tracer)
+with hio.atomic_path(out) as tmp:
+    if out.suffix:
+        tmp.write_text("new file")
+    else:
+        tmp.mkdir()
+        for i in range(3):
+            (tmp / f"part{i}").write_text("new" * (i + 1))
+sys.settrace(None)
+print(lines)
+"""
+
+
+def _tree(path: Path) -> dict[str, str] | str | None:
+    if path.is_file():
+        return path.read_text()
+    if path.is_dir():
+        return {p.name: p.read_text() for p in sorted(path.iterdir())}
+    return None
+
+
+@pytest.mark.parametrize(("name", "mode"), [("shards", "exchange"), ("shards", "rename"), ("report.json", "exchange")])
+def test_a_writer_killed_at_any_line_leaves_the_old_or_the_new_output_and_the_next_write_sweeps_up(
+        tmp_path, mode, name):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+
+    def write(kill_at: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), mode, str(kill_at), str(out)], capture_output=True,
+                              text=True, cwd=REPO, timeout=60)
+
+    out = tmp_path / name
+    old = "old file" if out.suffix else {"part0": "old", "stale": "old"}
+    new = "new file" if out.suffix else {f"part{i}": "new" * (i + 1) for i in range(3)}
+
+    def reset():
+        for p in tmp_path.iterdir():
+            if p != script:
+                subprocess.run(["rm", "-rf", str(p)], check=True)
+        if out.suffix:
+            out.write_text(old)
+        else:
+            out.mkdir()
+            for k, v in old.items():
+                (out / k).write_text(v)
+
+    reset()
+    full = write(0)
+    assert full.returncode == 0, full.stderr
+    assert _tree(out) == new and sorted(p.name for p in tmp_path.iterdir()) == sorted([name, script.name])
+    lines = int(full.stdout)
+    outcomes = set()
+    for kill_at in range(1, lines + 1):
+        reset()
+        killed = write(kill_at)
+        assert killed.returncode == -9, (kill_at, killed.stderr)
+        seen = _tree(out)
+        if seen is None and mode == "rename":       # killed between moving the old one aside and the new in:
+            sweep(out)                              # the sweep that begins the next write puts it back
+            seen = _tree(out)
+        assert seen in (old, new), f"killed at line {kill_at} of {lines}: {name} is {seen}"
+        outcomes.add("new" if seen == new else "old")
+        assert write(0).returncode == 0                     # the next write completes, and sweeps up
+        assert _tree(out) == new and sorted(p.name for p in tmp_path.iterdir()) == sorted([name, script.name]), \
+            f"killed at line {kill_at}: left {sorted(p.name for p in tmp_path.iterdir())}"
+    assert outcomes == {"old", "new"}           # the kills fell both before and after the swap
+
+
+# -- every stage -------------------------------------------------------------------------------------
+VOLATILE = re.compile(r"seconds|_ms|latency|per_s$|resumed_from_step")     # timings, and whether it resumed
+
+
+def _steady(value):
+    """A metrics document less what differs between two runs of the same work (timings)."""
+    if isinstance(value, dict):
+        return {k: _steady(v) for k, v in value.items() if not VOLATILE.search(k)}
+    return [_steady(v) for v in value] if isinstance(value, list) else value
+
+
+def _files(proj: Path, paths) -> dict[str, bytes]:
+    found = {}
+    for rel in paths:
+        top = proj / rel
+        for f in [top] if top.is_file() else sorted(p for p in top.rglob("*") if p.is_file()):
+            found[str(f.relative_to(proj))] = f.read_bytes()
+    return found
+
+
+def _same_work(a: dict[str, bytes], b: dict[str, bytes]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if name.endswith(".json"):
+            assert _steady(json.loads(a[name])) == _steady(json.loads(b[name])), name
+        elif name not in RENDERED:
+            assert a[name] == b[name], name
+
+
+RENDERED = {"reports/dedup.md", "reports/eval.md", "reports/eval_training.png", "reports/eval_probes.png"}  # timings
+
+
+KILL_PARAMS = {**TINY_PARAMS, "rlvr": {**TINY_PARAMS["rlvr"], "max_steps": 4, "checkpoint_every": 1}}
+
+
+@pytest.fixture(scope="module")
+def finished_project(tokenized_project, pretrained_project, tmp_path_factory) -> tuple[Path, dict[str, float]]:
+    """A project where every stage has run once, uninterrupted (eval and export on top of the shared
+    one), and how long each stage worked (its MLflow run, from taking its lock to its report)."""
+    proj = copy_project(pretrained_project, tmp_path_factory.mktemp("kill") / "done")
+    write_params(proj, KILL_PARAMS)
+    for stage in ("rlvr", "eval", "export"):          # rlvr again: longer, with a checkpoint at every step
+        run_cmd(hatchling_cmd("run", stage), proj)
+    seconds = {}
+    for where in (tokenized_project, pretrained_project, proj):       # later runs of a stage win
+        client = MlflowClient(tracking_uri=f"sqlite:///{where / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("hatchling").experiment_id],
+                                  "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"])
+        seconds |= {r.data.tags["hatchling.stage"]: (r.info.end_time - r.info.start_time) / 1000
+                    for r in runs if "hatchling.stage" in r.data.tags and "hatchling.cached" not in r.data.tags}
+    assert set(seconds) == {s.name for s in STAGES}
+    return proj, seconds
+
+
+@pytest.mark.parametrize("name", [s.name for s in STAGES])
+def test_a_stage_killed_at_a_random_moment_keeps_its_outputs_and_its_rerun_ends_as_an_uninterrupted_run(
+        finished_project, tmp_path, name):
+    """SIGKILL to the stage's whole process group at a seeded random moment of its work (for a trainer:
+    after its first resume checkpoint): its outputs, reports and metrics stay as the previous run left
+    them, its logs hold whole rows of the killed run's progress, and no partial file is anywhere but in
+    a temporary sibling of an output, which the rerun sweeps up. The rerun (resuming, for a trainer)
+    ends with what the uninterrupted run made: the same bytes, timings aside."""
+    stage = get_stage(name)
+    finished, seconds = finished_project
+    proj = copy_project(finished, tmp_path / "p")
+    write_params(proj, KILL_PARAMS)
+    kept = [*stage.outputs.values(), *stage.reports.values(), stage.metrics]
+    logs = [p.path for p in stage.plots.values()]
+    before, before_logs = _files(proj, kept), _files(proj, logs)
+    for run_dir in stage.persist.values():            # the uninterrupted run's resume state: train afresh
+        shutil.rmtree(proj / run_dir)
+    paths_before = {p for p in proj.rglob("*")}
+
+    # a trainer is killed within the first 30% of its run after its first checkpoint, so that one is there
+    share = random.Random(f"kill {name}").uniform(0.05, 0.3 if stage.persist else 0.95)
+    moment = share * seconds[name]
+    lock = proj / ".hatchling/locks" / f"{name}.lock"
+    proc = subprocess.Popen(hatchling_cmd("run", name), cwd=proj, env=project_env(proj), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = [*stage.persist.values()] and proj / next(iter(stage.persist.values())) / "model.json"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        working = lock.is_file() and f'"pid": {proc.pid}' in lock.read_text()
+        if working and (not started or started.is_file()):       # a trainer: once it has a checkpoint
+            break
+        time.sleep(0.01)
+    time.sleep(moment)
+    assert proc.poll() is None, f"{name} ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    _same_work(_files(proj, kept), before)      # the previous outputs, or (killed after) the same, complete
+    for path, rows in _files(proj, logs).items():     # the rows logged so far: the first of the whole log's
+        assert rows.endswith(b"\n") and before_logs[path].startswith(rows), path
+    left = {p for p in proj.rglob("*")} - paths_before
+    stray = [p for p in left if not any(part.startswith(f".{Path(o).name}.tmp-") for o in [*kept, *logs]
+                                        for part in p.relative_to(proj).parts)]
+    allowed = [*stage.persist.values(), ".hatchling", "mlflow.db", "mlruns"]
+    stray = [p for p in stray if not any(str(p.relative_to(proj)).startswith(a) for a in allowed)]
+    assert not stray, f"the killed run left {sorted(map(str, stray))}"
+
+    run_cmd(hatchling_cmd("run", name), proj)
+    _same_work(_files(proj, kept), before)
+    assert _files(proj, logs) == before_logs
+    assert not [p for p in proj.rglob("*") if ".tmp-" in p.name], "the rerun left temporary files"
+    if stage.persist:
+        assert json.loads((proj / stage.metrics).read_text())["resumed_from_step"], "the rerun did not resume"
+
+
+def test_a_run_killed_while_mlflow_builds_a_new_store_leaves_none_half_made(tmp_path):
+    """MLflow makes its tables on a store's first use, for seconds: killed then, the store would be
+    left half-made and every later run would fail on it. It is made beside its place and linked in."""
+    opens = [sys.executable, "-c", "import sys; from pathlib import Path; from hatchling import tracking; "
+             "tracking.experiment_id(tracking.client(Path(sys.argv[1])))", str(tmp_path)]
+    proc = subprocess.Popen(opens, cwd=REPO, start_new_session=True, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline and not list(tmp_path.glob(".mlflow.db.tmp-*/*")):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -9 and not (tmp_path / "mlflow.db").exists()
+    assert list(tmp_path.glob(".mlflow.db.tmp-*"))                    # what it was building, beside
+    subprocess.run(opens, cwd=REPO, check=True, timeout=120, capture_output=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_experiment_by_name("hatchling") is not None
