@@ -2,13 +2,16 @@
 
     python flows/pipeline.py [--params params.yaml] [--set key=value ...] [--stage NAME ...]
 
-Each stage is a task cached on the content hash of its inputs, its params sections and its
-code, so a second run with nothing changed completes from cache (and says so in MLflow).
-Stages that touch the network retry with backoff, unless the environment is broken (a retry
-would fail the same way). Each task waits for its upstream stages' tasks (the UI draws the DAG),
-logs its headline numbers and publishes its metrics as a table artifact (`<stage>-metrics`) and
-its markdown reports as markdown artifacts (`eval-report`: the report card, its figures embedded,
-as the UI cannot follow the report's relative links). flows/prefect.yaml
+Each stage is a task cached on the content hash of its inputs, its params sections and its code, so
+a second run with nothing changed completes from cache (and says so in MLflow). A task runs its
+stage in a process of its own, `python -m hatchling run STAGE` (as dvc.yaml does), so a stage that
+dies (killed, out of memory) fails its task, not the flow. Stages that touch the network retry with
+backoff, and a trainer whose process was killed retries, resuming from its last checkpoint; not
+when the environment is broken (a retry would fail the same way). A flow that fails ends its MLflow
+pipeline run FAILED, naming the stage and its error. Each task waits for its upstream stages' tasks
+(the UI draws the DAG), logs its headline numbers and publishes its metrics as a table artifact
+(`<stage>-metrics`) and its markdown reports as markdown artifacts (`eval-report`: the report card,
+its figures embedded, as the UI cannot follow the report's relative links). flows/prefect.yaml
 deploys this flow to a process work pool on a GPU host (see the README).
 """
 
@@ -16,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import hashlib
 import json
 import os
 import posixpath
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -30,17 +37,18 @@ from prefect.utilities.annotations import quote
 
 import hatchling
 from hatchling import tracking
+from hatchling.cli import BROKEN_ENVIRONMENT
 from hatchling.config import Params, load_params
-from hatchling.errors import environment_fault
+from hatchling.errors import BrokenEnvironment, StageError, environment_fault
 from hatchling.io import hash_paths
 from hatchling.stages import (
     PACKAGE,
     STAGES,
     Stage,
     describe_run,
+    get_stage,
     headline,
     input_hash,
-    run_stage,
     topological_order,
     upstream,
     with_upstream,
@@ -63,9 +71,67 @@ def outputs_hash(stage: Stage, root: Path) -> str:
     return hash_paths([*stage.outs, *stage.reports.values(), stage.metrics], root)
 
 
+class StageProcessFailed(StageError):
+    """A stage's process that ended without its result: the error it printed, or the signal that killed
+    it (an OOM kill, a preempted machine, kill -9)."""
+
+    def __init__(self, stage: str, returncode: int, stderr: str):
+        self.stage, self.returncode = stage, returncode
+        if returncode < 0:
+            why = f"its process was killed by {signal.Signals(-returncode).name}"
+        else:
+            tail = stderr[stderr.rfind("\nerror: ") + 1:] if "\nerror: " in f"\n{stderr}" else stderr[-3000:]
+            why = tail.removeprefix("error: ").strip() or f"its process exited with status {returncode}"
+        super().__init__(f"stage {stage}: {why}")
+
+    @property
+    def killed(self) -> bool:
+        return self.returncode < 0
+
+
+def run_in_process(stage: Stage, params_file: str, overrides: list[str], root: Path) -> dict:
+    """Run the stage as `python -m hatchling run STAGE` in `root` (as dvc.yaml does), its log lines
+    going to the task's log; its metrics, or StageProcessFailed (BrokenEnvironment for a broken
+    environment: exit status 3). Its own process: one that dies (killed, out of memory) fails this
+    task, which can then be retried, instead of taking the flow down with it."""
+    cmd = [sys.executable, "-m", "hatchling", "run", stage.name, "--params", params_file]
+    cmd += [arg for override in overrides for arg in ("--set", override)]
+    logger, lines = get_run_logger(), collections.deque(maxlen=200)
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            logger.info("%s", line.rstrip())
+        proc.wait()
+    finally:
+        if proc.poll() is None:           # the task itself was stopped: so is the stage
+            proc.kill()
+            proc.wait()
+    if proc.returncode == 0:
+        return json.loads((root / stage.metrics).read_text())
+    if proc.returncode == BROKEN_ENVIRONMENT:
+        raise BrokenEnvironment(StageProcessFailed(stage.name, proc.returncode, "".join(lines)).args[0])
+    raise StageProcessFailed(stage.name, proc.returncode, "".join(lines))
+
+
 def worth_retrying(task, task_run, state) -> bool:
-    """Prefect's retry condition: a failure of the network may pass, a broken environment will not."""
-    return not environment_fault(state.result(raise_on_failure=False))
+    """Prefect's retry condition: a failure of the network may pass, and a trainer whose process was
+    killed resumes from its last checkpoint; a broken environment, or any other failure of a stage
+    that is not on the network, would fail the same way again."""
+    error = state.result(raise_on_failure=False)
+    stage = get_stage(task.name)
+    if environment_fault(error):
+        return False
+    return stage.network or (bool(stage.persist) and isinstance(error, StageProcessFailed) and error.killed)
+
+
+def mark_killed(mlf, parent: str, error: StageProcessFailed) -> None:
+    """A stage process killed outright could not end its MLflow run: end it KILLED, saying why."""
+    exp = mlf.get_run(parent).info.experiment_id
+    for run in mlf.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}' and tags.`hatchling.stage` = "
+                                      f"'{error.stage}' and attributes.status = 'RUNNING'"):
+        mlf.set_tag(run.info.run_id, "hatchling.error", str(error))
+        mlf.set_terminated(run.info.run_id, "KILLED")
 
 
 FIGURES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
@@ -130,14 +196,22 @@ def publish(stage: Stage, metrics: dict, root: Path) -> None:
 
 
 def make_task(stage: Stage):
-    def body(params: Params, root: str, cache_key: str) -> dict:
-        metrics = run_stage(stage.name, params, Path(root))
+    def body(params_file: str, overrides: list[str], root: str, cache_key: str) -> dict:
+        try:
+            metrics = run_in_process(stage, params_file, overrides, Path(root))
+        except StageProcessFailed as error:
+            if error.killed:
+                tracking.end_failed(lambda error=error: mark_killed(tracking.client(Path(root)),
+                                                                    os.environ[tracking.PARENT_ENV], error),
+                                    f"the killed run of stage {stage.name}")
+            raise
         publish(stage, metrics, Path(root))
         return {"metrics": metrics, "outputs": outputs_hash(stage, Path(root))}
 
-    return task(body, name=stage.name, cache_key_fn=lambda ctx, args: args["cache_key"],
-                persist_result=True, retries=3 if stage.network else 0,
-                retry_delay_seconds=[5, 20, 60] if stage.network else 0, retry_condition_fn=worth_retrying)
+    # network stages: a failure may pass; trainers (whose resume state persists): a killed one resumes
+    retries, delays = (3, [5, 20, 60]) if stage.network else (2, [5, 5]) if stage.persist else (0, 0)
+    return task(body, name=stage.name, cache_key_fn=lambda ctx, args: args["cache_key"], persist_result=True,
+                retries=retries, retry_delay_seconds=delays, retry_condition_fn=worth_retrying)
 
 
 TASKS = {s.name: make_task(s) for s in topological_order()}
@@ -166,7 +240,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
             key = stage_cache_key(stage, params, root_path)
             # quoted: Prefect would otherwise look for earlier tasks' results among the arguments (by object
             # identity, which a string or a recycled id can share) and draw edges that are not there
-            args = (quote(params), quote(str(root_path)), quote(key))
+            args = (quote(params_file), quote(overrides), quote(str(root_path)), quote(key))
             after = [futures[name] for name in upstream(stage) if name in futures]  # the UI draws these edges
             future = TASKS[stage.name].submit(*args, wait_for=after)
             future.wait()
@@ -184,14 +258,24 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
                 results[stage.name] = "cached"
             else:
                 results[stage.name] = result["metrics"]
-    except BaseException:
-        tracking.end_failed(lambda: mlf.set_terminated(parent, "FAILED"), "the pipeline run")
+    except BaseException as error:
+        def failed(error=error):
+            stage = getattr(error, "stage", None) or mlf.get_run(parent).data.tags.get("hatchling.failed_stage")
+            if stage:
+                mlf.set_tag(parent, "hatchling.failed_stage", stage)
+            mlf.set_tag(parent, "hatchling.error", f"{type(error).__name__}: {error}"[:5000])
+            mlf.set_terminated(parent, "FAILED")
+
+        tracking.end_failed(failed, "the pipeline run")
         raise
     finally:
         if previous is None:
             os.environ.pop(tracking.PARENT_ENV, None)
         else:
             os.environ[tracking.PARENT_ENV] = previous
+    if "hatchling.failed_stage" in mlf.get_run(parent).data.tags:     # a stage that failed, then passed on a retry
+        mlf.delete_tag(parent, "hatchling.failed_stage")
+        mlf.delete_tag(parent, "hatchling.error")
     mlf.set_terminated(parent, "FINISHED")
     return results
 

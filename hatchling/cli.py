@@ -15,9 +15,11 @@
     hatchling doctor [--params params.yaml]
 
 An expected failure (bad params, a missing or malformed input, a stage without a usable result)
-prints one line naming what was wrong and exits 2; any other exception is a bug or a fault of the
-environment and prints its traceback (exit 1), as does a broken environment found in a stage's own
-worker process (a package that fails to import there: its traceback comes with the message).
+prints one line naming what was wrong and exits 2; a broken environment (a package that fails to
+import, or whose API is not the one the code was written against, here or in a stage's own worker
+process, whose traceback then comes with the message) exits 3, so that orchestrators know a rerun
+cannot help; any other exception is a bug or a fault of the environment and prints its traceback
+(exit 1).
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ from pathlib import Path
 from typing import get_args
 
 from hatchling.config import Device, load_params
-from hatchling.errors import BrokenEnvironment, ConfigError, HatchlingError, StageError
+from hatchling.errors import BrokenEnvironment, ConfigError, HatchlingError, InputError, StageError, environment_fault
 from hatchling.io import atomic_write_text
 from hatchling.stages import STAGES, dvc_params, dvc_yaml_text, run_stage, upstream
+
+BROKEN_ENVIRONMENT = 3    # the exit status of a broken environment
 
 
 def _run(args) -> int:
@@ -218,12 +222,16 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except BrokenEnvironment as e:        # its message carries the failing process's own traceback
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return BROKEN_ENVIRONMENT
     except HatchlingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
         traceback.print_exc()
+        if environment_fault(e):
+            print(f"error: {type(e).__name__}: {e} (a broken environment: the installed packages do not fit "
+                  "together; the traceback above shows where)", file=sys.stderr)
+            return BROKEN_ENVIRONMENT
         print(f"error: unexpected {type(e).__name__} (a bug or a fault of the environment; "
               "the traceback above shows where)", file=sys.stderr)
         return 1

@@ -5,7 +5,11 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -145,8 +149,7 @@ def test_a_broken_install_fails_the_flow_at_once_with_its_error_even_when_mlflow
                                                               f"{IMPORT_ERROR}")):
             pipeline(root=str(project), stages=["crawl"])
     assert site.requested("/index.html") == 1                   # tried once: a retry would fail alike
-    for run in ("the run of stage crawl", "the pipeline run"):
-        assert f"MLflow could not mark {run} FAILED: MlflowException: database is locked" in caplog.text
+    assert "MLflow could not mark the pipeline run FAILED: MlflowException: database is locked" in caplog.text
 
 
 def test_deployment_file_points_at_the_flow():
@@ -214,63 +217,105 @@ def test_dedup_and_tokenize_on_a_dask_cluster_equal_the_local_run(prefect_env, d
         assert ours.read_bytes() == local.read_bytes()
 
 
-def test_a_pretrain_stopped_under_one_orchestrator_resumes_under_the_other(prefect_env, tokenized_project, tmp_path,
-                                                                          monkeypatch):
-    """A pretrain that dies at step 7 of 12 as a Prefect task (absolute root) resumes under `hatchling
-    run` (root ".") in a moved copy of the project, and the reverse, each ending with the weights of an
-    uninterrupted run: the checkpoint's fingerprint and data hash do not depend on who runs it or where."""
-    from pathlib import Path
+class Killer(threading.Thread):
+    """kill -9 to the pretrain process of `proj` (the holder its stage lock names): the first once its
+    resume checkpoint holds step `at_step` or later, each later one as soon as it holds the lock;
+    `times` in all. `steps`: the checkpoint's step at each kill."""
 
+    def __init__(self, proj: Path, at_step: int, times: int = 1):
+        super().__init__(daemon=True)
+        self.lock, self.sidecar = proj / ".hatchling/locks/pretrain.lock", proj / "checkpoints/pretrain-run/model.json"
+        self.at_step, self.times, self.steps, self.done = at_step, times, [], threading.Event()
+
+    def run(self):
+        killed, deadline = set(), time.monotonic() + 300
+        while len(killed) < self.times and time.monotonic() < deadline and not self.done.is_set():
+            try:
+                pid = json.loads(self.lock.read_text())["pid"]
+            except (FileNotFoundError, ValueError, KeyError):
+                pid = None
+            step = json.loads(self.sidecar.read_text())["step"] if self.sidecar.is_file() else 0
+            if pid is not None and pid not in killed and (killed or step >= self.at_step):
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+                self.steps.append(step)
+            time.sleep(0.005)
+
+
+def test_a_killed_trainer_resumes_under_either_orchestrator_and_a_flow_that_cannot_recover_ends_failed(
+        prefect_env, tokenized_project, tmp_path, monkeypatch):
+    """A pretrain killed under `hatchling run` resumes in the flow; the flow's own pretrain process, killed,
+    is retried by Prefect and resumes again, ending with the weights of an uninterrupted run, its MLflow
+    run FINISHED (the killed attempt's run KILLED, with why). A pretrain killed on every attempt fails the
+    flow: its MLflow run ends FAILED naming the stage and the kill, and `hatchling run` in a moved copy
+    of the project resumes from the checkpoint the flow left (its fingerprint does not depend on who
+    runs it, or where)."""
     import torch
-    from prefect import flow
     from safetensors.torch import load_file
 
-    from flows.pipeline import TASKS, stage_cache_key
-    from hatchling import tracking
-    from hatchling.config import load_params
-    from hatchling.stages import get_stage
-    from tests.conftest import copy_project, hatchling_here
+    from flows.pipeline import StageProcessFailed, pipeline
+    from tests.conftest import copy_project, hatchling_cmd, hatchling_here, project_env
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("HATCHLING_PARENT_RUN_ID", raising=False)
     params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "max_steps": 12, "checkpoint_every": 3}}
 
-    @flow
-    def pretrain_only(root: str) -> dict:
-        loaded = load_params(f"{root}/params.yaml")
-        return TASKS["pretrain"](loaded, root, stage_cache_key(get_stage("pretrain"), loaded, Path(root)))
-
-    def project(name: str):
+    def project(name: str) -> Path:
         proj = copy_project(tokenized_project, tmp_path / name)
         shutil.rmtree(proj / "checkpoints", ignore_errors=True)
         write_params(proj, params)
         return proj
 
-    def dies_at_step_7(real):
-        def log_metrics(self, metrics, step=0):
-            if step >= 7:
-                raise RuntimeError("the machine went away")
-            real(self, metrics, step)
-        return log_metrics
+    def weights(proj: Path) -> dict:
+        return load_file(str(proj / "checkpoints/pretrain/model.safetensors"))
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def pipeline_runs(proj: Path):
+        client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("hatchling").experiment_id],
+                                  order_by=["attributes.start_time ASC"])
+        (parent,) = [r for r in runs if r.data.tags.get("hatchling.orchestrator") == "prefect"]
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                    and r.data.tags["hatchling.stage"] == "pretrain"]
+        return parent, children
 
     straight = project("straight")
     assert hatchling_here(straight, "run", "pretrain") == 0
-    reference = load_file(str(straight / "checkpoints/pretrain/model.safetensors"))
+    reference = weights(straight)
 
-    real = tracking.StageRun.log_metrics
-    stopped = {"prefect": project("under-prefect"), "cli": project("under-cli")}
-    with monkeypatch.context() as m:
-        m.setattr(tracking.StageRun, "log_metrics", dies_at_step_7(real))
-        with pytest.raises(RuntimeError, match="went away"):
-            pretrain_only(str(stopped["prefect"].resolve()))
-        assert hatchling_here(stopped["cli"], "run", "pretrain") == 1
-    for proj in stopped.values():
-        assert json.loads((proj / "checkpoints/pretrain-run/model.json").read_text())["step"] == 6
+    # killed under `hatchling run` at step 6, then in the flow at step 9: Prefect retries, and it resumes
+    proj = project("retried")
+    killer = Killer(proj, at_step=6)
+    killer.start()
+    assert subprocess.run(hatchling_cmd("run", "pretrain"), cwd=proj, env=project_env(proj),
+                          capture_output=True, timeout=300).returncode == -signal.SIGKILL
+    killer.join()
+    killer = Killer(proj, at_step=9)
+    killer.start()
+    result = pipeline(root=str(proj), stages=["pretrain"])
+    killer.done.set()
+    assert killer.steps == [9] and result["pretrain"]["resumed_from_step"] == 9 and same(weights(proj), reference)
+    parent, children = pipeline_runs(proj)
+    assert parent.info.status == "FINISHED" and "hatchling.failed_stage" not in parent.data.tags
+    assert [r.info.status for r in children] == ["KILLED", "FINISHED"]
+    assert children[0].data.tags["hatchling.error"] == "stage pretrain: its process was killed by SIGKILL"
 
-    moved = stopped["prefect"].rename(tmp_path / "moved-after-prefect")
+    # killed on the first attempt (at step 6) and on both retries: the flow fails, and says why
+    proj = project("gave-up")
+    killer = Killer(proj, at_step=6, times=3)
+    killer.start()
+    with pytest.raises(StageProcessFailed, match="stage pretrain: its process was killed by SIGKILL"):
+        pipeline(root=str(proj), stages=["pretrain"])
+    killer.done.set()
+    assert len(killer.steps) == 3 and killer.steps[0] >= 6
+    parent, children = pipeline_runs(proj)
+    assert parent.info.status == "FAILED" and parent.data.tags["hatchling.failed_stage"] == "pretrain"
+    assert parent.data.tags["hatchling.error"] == ("StageProcessFailed: stage pretrain: its process was killed "
+                                                   "by SIGKILL")
+    assert children and {r.info.status for r in children} == {"KILLED"}    # (the retries died before they had one)
+    moved = proj.rename(tmp_path / "moved")
     assert hatchling_here(moved, "run", "pretrain") == 0
-    pretrain_only(str(stopped["cli"].resolve()))
-    for proj in (moved, stopped["cli"]):
-        assert json.loads((proj / "reports/pretrain.json").read_text())["resumed_from_step"] == 6
-        weights = load_file(str(proj / "checkpoints/pretrain/model.safetensors"))
-        assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+    resumed = json.loads((moved / "reports/pretrain.json").read_text())["resumed_from_step"]
+    assert resumed >= killer.steps[0] >= 6 and same(weights(moved), reference)
