@@ -5,7 +5,7 @@
     hatchling stages
     hatchling dvc-yaml [--check] [--params params.yaml]
     hatchling generate --checkpoint DIR --prompt TEXT [--max-new-tokens N --temperature T --top-k K --top-p P --seed S]
-                       [--device auto|cpu|cuda]
+                       [--device auto|cpu|cuda] [--runtime auto|onnx|torch]
     hatchling chat --checkpoint DIR [same sampling and device options]
     hatchling gridworld [--size 4 --iterations 150 --out logs/gridworld.csv]
     hatchling bench probes [--archs hybrid gpt bdh hope --probes mqar palindrome stack --lengths 32 64 128 256 512
@@ -98,7 +98,61 @@ def _dvc_yaml(args) -> int:
 def _inference(args) -> int:
     from hatchling.inference import chat_cli, generate_cli
 
-    return generate_cli(args) if args.command == "generate" else chat_cli(args)
+    if args.command == "chat":
+        return chat_cli(args)
+    onnx_unusable = _onnx_unusable(args)
+    if onnx_unusable is None:
+        return _generate_onnx(args)
+    print(f"decoding with PyTorch: {onnx_unusable}", file=sys.stderr)
+    return generate_cli(args)
+
+
+def _onnx_unusable(args) -> str | None:
+    """Why `generate` cannot decode with onnxruntime (None: it can): the checkpoint has no ONNX graph,
+    onnxruntime is not installed, or --runtime / --device ask for PyTorch. --runtime onnx makes each an error."""
+    from hatchling.checkpoint import read_sidecar
+    from hatchling.export.onnx import onnx_installed
+    from hatchling.model.device import resolve_device
+
+    if args.runtime == "torch":
+        return "--runtime torch"
+    device = resolve_device(args.device)
+    if "onnx" not in read_sidecar(args.checkpoint):
+        why = "the checkpoint has no ONNX graph (an int8 export written with the onnx extra has one)"
+    elif not onnx_installed():
+        why = "onnxruntime is not installed (pip install 'baby-hatchling[onnx]' for the int8 fast path)"
+    elif device.type != "cpu":
+        why = f"--device is {device.type} (the ONNX graph runs on onnxruntime's CPU kernels)"
+    else:
+        return None
+    if args.runtime == "onnx":
+        raise ConfigError(f"--runtime onnx: {why}")
+    return why
+
+
+def _generate_onnx(args) -> int:
+    """`generate` on the checkpoint's ONNX graph: what hatchling.inference.generate_cli does with the model."""
+    import onnxruntime
+    import torch
+
+    from hatchling.data.tokenizer import EOT
+    from hatchling.export.onnx_runtime import load_decoder
+    from hatchling.inference import stream_text
+
+    decoder, tokenizer, meta = load_decoder(args.checkpoint)
+    print(f"decoding with onnxruntime {onnxruntime.__version__} ({meta['onnx']['quantization']}): "
+          f"{decoder.path}", file=sys.stderr)
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise InputError("--prompt is empty after tokenization")
+    sys.stdout.write(args.prompt)
+    for piece in stream_text(decoder, tokenizer, ids, args.max_new_tokens, (tokenizer.token_to_id(EOT),),
+                             device=torch.device("cpu"), temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seed=args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
 
 
 def _gridworld(args) -> int:
@@ -177,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--checkpoint", required=True, help="a checkpoint directory (training or export)")
         if name == "generate":
             cmd.add_argument("--prompt", required=True)
+            cmd.add_argument("--runtime", choices=["auto", "onnx", "torch"], default="auto",
+                             help="auto: an INT8 export's ONNX graph on onnxruntime when both are there (else PyTorch)")
         else:
             cmd.add_argument("--system", default="", help="an optional system message")
         cmd.add_argument("--max-new-tokens", type=int, default=128)
