@@ -182,3 +182,27 @@ def test_an_update_that_leaves_weights_not_finite_is_never_saved(tmp_path):
         trainer.fit()
     assert json.loads((tmp_path / "run" / SIDECAR).read_text())["step"] == 2
     assert all(torch.isfinite(v).all() for v in load_weights(tmp_path / "run").values())
+
+
+def test_rl_that_diverges_stops_at_that_step_and_keeps_its_last_checkpoint_and_model(pretrained_project, tmp_path,
+                                                                                     monkeypatch, capsys):
+    from hatchling.train import rlvr
+    from tests.conftest import copy_project, hatchling_here, write_params
+
+    proj = copy_project(pretrained_project, tmp_path / "p")
+    write_params(proj, {**TINY_PARAMS, "rlvr": {**TINY_PARAMS["rlvr"], "max_steps": 4, "checkpoint_every": 1}})
+    before = (proj / "checkpoints/rlvr" / WEIGHTS).read_bytes()
+    real, calls = rlvr.rl_step, []
+
+    def third_step_blows_up(*args, **kwargs):
+        stats = real(*args, **kwargs)
+        calls.append(1)
+        return {**stats, "kl": math.nan} if len(calls) == 3 else stats
+
+    monkeypatch.setattr(rlvr, "rl_step", third_step_blows_up)
+    assert hatchling_here(proj, "run", "rlvr") == 2
+    run = proj / "checkpoints/rlvr-run"
+    assert f"error: RL diverged at step 3: kl is nan; the last checkpoint stays in {run.resolve()}" in \
+        capsys.readouterr().err
+    assert json.loads((run / SIDECAR).read_text())["step"] == 2 and (proj / "checkpoints/rlvr" / WEIGHTS).read_bytes() \
+        == before

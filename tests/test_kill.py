@@ -151,7 +151,7 @@ def finished_project(tokenized_project, pretrained_project, tmp_path_factory) ->
     proj = copy_project(pretrained_project, tmp_path_factory.mktemp("kill") / "done")
     write_params(proj, KILL_PARAMS)
     for stage in ("rlvr", "eval", "export"):          # rlvr again: longer, with a checkpoint at every step
-        run_cmd(hatchling_cmd("run", stage), proj)
+        run_cmd(hatchling_cmd("run", stage), proj, timeout=600)
     seconds = {}
     for where in (tokenized_project, pretrained_project, proj):       # later runs of a stage win
         client = MlflowClient(tracking_uri=f"sqlite:///{where / 'mlflow.db'}")
