@@ -1,6 +1,7 @@
 """Dedup + contamination benchmark on realistic synthetic documents with planted truth.
 
     python bench/dedup.py [--docs 4000] [--out reports/bench_dedup.json]
+    python bench/dedup.py --docs 12000 --benchmarks     # also with every params.yaml benchmark indexed
 
 Documents (~300 words drawn from a Zipf-distributed vocabulary, like running text) with planted
 exact duplicates (case/punctuation changes) and near duplicates at known word-5-gram Jaccard,
@@ -8,6 +9,12 @@ plus benchmark items (verbatim and partial) buried in long documents. Reports en
 (normalization, shingling, MinHash, LSH) with 1 and 2 worker processes (best of --repeats runs,
 interleaved; the 2-worker speedup as best/best and as the median over the pairs), near-duplicate
 precision and recall against the planted pairs above the threshold, and contamination recall.
+
+--benchmarks adds runs with the contamination check of the dedup stage in the workers: every
+benchmark params.yaml lists indexed (the index read from its cache under .hatchling/cache/, built
+on the first run), each document checked as its signature is computed (dedup.signatures with
+`scan`). The issue's goal: these runs' per-core rate stays at dedup's own. Every rate is printed as
+worst / median / best of the --repeats runs.
 """
 
 from __future__ import annotations
@@ -68,6 +75,13 @@ class Corpus:
         rng.shuffle(self.docs)
 
 
+def recorded(signatures, flagged: set):
+    """The workers' signatures as they come, adding the ids of the documents they found items in to `flagged`."""
+    for sigs in signatures:
+        flagged.update(sigs.doc_ids[line] for line in sigs.hits)
+        yield sigs
+
+
 def jaccard(a: str, b: str, n: int = 5) -> float:
     """True word-n-gram Jaccard on the strings themselves (the ground truth, no hashing)."""
     x, y = set(ngrams(normalize(a).split(), n)), set(ngrams(normalize(b).split(), n))
@@ -81,7 +95,21 @@ def main() -> None:
     ap.add_argument("--num-perm", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="runs per worker count, interleaved; the best counts")
     ap.add_argument("--out", default="reports/bench_dedup.json")
+    ap.add_argument("--benchmarks", action="store_true", help="also time with every params.yaml benchmark indexed")
     args = ap.parse_args()
+    configs = [(1, None), (2, None)]
+    if args.benchmarks:
+        from hatchling.config import load_params
+        from hatchling.data.benchmarks import load_benchmarks
+        from hatchling.data.decontam import INDEX_CACHE, cached_index
+        from hatchling.data.dedup import shared_index
+        params = load_params("params.yaml", [])
+        t0 = time.perf_counter()
+        index, how = cached_index(load_benchmarks(params.benchmarks)[0], params.contamination.ngram,
+                                  params.contamination.threshold, INDEX_CACHE)
+        print(f"index of {len(index.items)} items: {how} in {time.perf_counter() - t0:.2f} s (load the sets + index)")
+        scan = shared_index(index, *index.cached_as or ("unsaved", "")).__enter__()    # for the whole run
+        configs += [(1, scan), (2, scan)]
     corpus = Corpus(args.docs)
     by_id = {d["id"]: d for d in corpus.docs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,17 +118,25 @@ def main() -> None:
             path = Path(tmp) / f"shard-{s:05d}.jsonl"
             write_jsonl(path, corpus.docs[s::8])
             shards.append(path)
-        timings = {1: [], 2: []}
-        for _ in range(args.repeats):            # interleaved, so a noisy neighbour hits both counts alike
-            for workers in (1, 2):
+        timings = {(w, bool(scan)): [] for w, scan in configs}
+        flagged = set()
+        for r in range(args.repeats):            # interleaved, rotating, so a noisy neighbour hits all alike
+            for workers, scan in configs[r % len(configs):] + configs[:r % len(configs)]:
                 t0 = time.perf_counter()
-                result = deduplicate(iter_signatures(shards, 5, args.num_perm, workers), args.threshold,
-                                     args.num_perm)
-                timings[workers].append(time.perf_counter() - t0)
+                if scan:
+                    flagged = set()
+                    deduplicate(recorded(iter_signatures(shards, 5, args.num_perm, workers, scan=scan), flagged),
+                                args.threshold, args.num_perm)
+                else:
+                    result = deduplicate(iter_signatures(shards, 5, args.num_perm, workers), args.threshold,
+                                         args.num_perm)
+                timings[workers, bool(scan)].append(time.perf_counter() - t0)
     # the speedup of each interleaved pair of runs, then their median: a slow spell on this shared
     # VM hits one pair, not the statistic (best/best divides two runs taken at different times)
-    paired = statistics.median(one / two for one, two in zip(timings[1], timings[2], strict=True))
-    timings = {w: min(t) for w, t in timings.items()}
+    paired = statistics.median(one / two for one, two in zip(timings[1, False], timings[2, False], strict=True))
+    spread = {key: " / ".join(f"{len(corpus.docs) / t:,.0f}" for t in (max(ts), statistics.median(ts), min(ts)))
+              for key, ts in timings.items()}
+    timings = {w: min(timings[w, False]) for w in (1, 2)} | {(w, True): min(ts) for (w, s), ts in timings.items() if s}
     near_clusters = [(kept, d) for kept, dups in result.clusters.items() for d in dups
                      if d not in corpus.exact_truth]
     # precision: a removed document is right when it really is above the threshold to the one kept
@@ -123,7 +159,13 @@ def main() -> None:
            "near_dup_precision": round(precision, 4), "near_dup_recall": round(recall, 4),
            "exact_dups_found": result.exact_dups, "exact_dups_planted": len(corpus.exact_truth),
            "contamination_recall": round(len(caught) / len(corpus.leaks), 4),
-           "contamination_docs_per_s": round(len(corpus.leaks) / scan_s, 1), "cpus": os.cpu_count()}
+           "contamination_docs_per_s": round(len(corpus.leaks) / scan_s, 1), "cpus": os.cpu_count(),
+           **{f"docs_per_s_{w}_worker{'s' if w > 1 else ''}{', all benchmarks' if s else ''} (worst / median / best)":
+              v for (w, s), v in spread.items()}}
+    if args.benchmarks:
+        row |= {"docs_per_s_1_worker_all_benchmarks": round(n / timings[1, True], 1),
+                "docs_per_s_2_workers_all_benchmarks": round(n / timings[2, True], 1),
+                "docs_flagged_all_benchmarks": len(flagged)}
     for key, value in row.items():
         print(f"{key:32} {value}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -316,3 +316,101 @@ def test_words_with_spans_are_the_normalized_words():
         words, spans = words_with_spans(text)
         assert words == normalized_words(text)
         assert all(unicodedata.normalize("NFKC", text[a:b]).lower().split() for a, b in spans)
+
+
+CACHE_ITEMS = {"arc": [Item("sun", ("Which gas do green plants absorb from the air to make their food?",),
+                            ("carbon dioxide", "oxygen", "nitrogen", "helium")),
+                       Item("moon", ("Why does the Moon shine at night when the Sun has set below the horizon?",),
+                            ("it reflects sunlight", "it burns", "it is hot"))],
+               "piqa": [Item("knot", ("Remove greasy prints from painted walls.",), ("Use baking soda.", "Use oil.")),
+                        Item("cube", ("Solve a twisty cube",), ("turn it", "twist it"))]}
+CACHE_PAGES = [f"{PROSE}\nWhich gas do GREEN plants absorb from the air, to make their food?\n{PROSE}",
+               f"{PROSE} remove greasy prints from painted walls {PROSE}",
+               f"{PROSE} why does the moon shine at night when the sun has set below the horizon {PROSE}",
+               PROSE * 3]
+
+
+def scans(index: ContaminationIndex) -> list[list]:
+    return index.scan_batch(CACHE_PAGES)
+
+
+def test_a_cached_index_equals_a_cold_build(tmp_path):
+    """The second run reads the index the first one wrote: same hits, same distinctive anchors and
+    information, same arrays; the cache is one file named by its key."""
+    cold, how = decontam.cached_index(CACHE_ITEMS, 13, 0.6, tmp_path)
+    assert how == "built" and [p.name for p in tmp_path.iterdir()] == [
+        f"{decontam.index_key(CACHE_ITEMS, 13, 0.6)}.index"]
+    warm, how = decontam.cached_index(CACHE_ITEMS, 13, 0.6, tmp_path)
+    assert how == "hit" and warm is not cold
+    assert scans(warm) == scans(cold) == scans(ContaminationIndex(CACHE_ITEMS, 13, 0.6))
+    assert [{h.item_id for h in hs} for hs in scans(warm)] == [{"sun"}, {"knot"}, {"moon"}, set()]
+    assert (warm.alone, warm.units, warm.bits, warm.items) == (cold.alone, cold.units, cold.bits, cold.items)
+    assert warm._fields == cold._fields and warm.reference_distinctive() == cold.reference_distinctive()
+    for name, value in vars(cold).items():
+        if hasattr(value, "shape"):
+            assert (getattr(warm, name) == value).all(), name
+
+
+def test_a_changed_set_param_or_rule_constant_builds_a_new_index(tmp_path, monkeypatch):
+    """The key covers the items' text, n, threshold and the rule's constants: any change misses the
+    cache and builds an index that sees the change (a stale index would keep the old item)."""
+    decontam.cached_index(CACHE_ITEMS, 13, 0.6, tmp_path)
+    changed = {**CACHE_ITEMS, "piqa": [Item("knot", ("Remove crayon marks from painted walls.",), ("Use a paste.",))]}
+    index, how = decontam.cached_index(changed, 13, 0.6, tmp_path)
+    assert how == "built" and [{h.item_id for h in hs} for hs in scans(index)][1] == set()
+    assert {h.item_id for h in index.scan(f"{PROSE}\nRemove crayon marks from painted walls.\n{PROSE}")} == {"knot"}
+    assert decontam.cached_index(CACHE_ITEMS, 13, 0.5, tmp_path)[1] == "built"
+    assert decontam.cached_index(CACHE_ITEMS, 12, 0.6, tmp_path)[1] == "built"
+    assert len(list(tmp_path.glob("*.index"))) == 4
+    before = decontam.cached_index(CACHE_ITEMS, 13, 0.6, tmp_path)[0].units
+    monkeypatch.setattr(decontam, "UNIT_BITS", 1.0)
+    index, how = decontam.cached_index(CACHE_ITEMS, 13, 0.6, tmp_path)
+    assert how == "built" and index.units and index.units != before
+    assert len(list(tmp_path.glob("*.index"))) == decontam.CACHE_KEEP            # the least recently used went
+    monkeypatch.undo()
+    assert decontam.cached_index(CACHE_ITEMS, 13, 0.6, tmp_path)[1] == "hit"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "garbage", "empty", "other key"])
+def test_a_damaged_cache_file_is_rebuilt_not_trusted(tmp_path, damage):
+    """A truncated file, a changed byte, a file that is no index, an empty one, or a valid index of
+    other items under this key's name: each is rebuilt (and rewritten), never used."""
+    cold, _ = decontam.cached_index(CACHE_ITEMS, 13, 0.6, tmp_path)
+    path = tmp_path / f"{decontam.index_key(CACHE_ITEMS, 13, 0.6)}.index"
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif damage == "flipped":
+        path.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
+    elif damage == "garbage":
+        path.write_bytes(b"not an index" * 100)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        other = {"arc": CACHE_ITEMS["arc"][:1]}
+        decontam.write_index(path, decontam.index_key(other, 13, 0.6), ContaminationIndex(other, 13, 0.6))
+    index, how = decontam.cached_index(CACHE_ITEMS, 13, 0.6, tmp_path)
+    assert how.startswith("rebuilt: ") and str(path) in how
+    assert scans(index) == scans(cold)
+    assert decontam.cached_index(CACHE_ITEMS, 13, 0.6, tmp_path)[1] == "hit"
+
+
+def test_no_cache_dir_or_no_items_builds_and_writes_nothing(tmp_path):
+    assert decontam.cached_index(CACHE_ITEMS, 13, 0.6, None)[1] == "built"
+    assert decontam.cached_index({}, 13, 0.6, tmp_path / "cache")[1] == "built"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_that_cannot_be_written_or_touched_only_costs_time(tmp_path, monkeypatch):
+    """A full or read-only disk: the index is built and used, the stage goes on; a file that can be
+    read but not touched still serves."""
+    def full(*args):
+        raise OSError(28, "No space left on device")
+    with monkeypatch.context() as m:
+        m.setattr(decontam, "write_index", full)
+        index, how = decontam.cached_index(CACHE_ITEMS, 13, 0.6, tmp_path)
+        assert how == "built" and index.cached_as is None and not list(tmp_path.iterdir())
+        assert [{h.item_id for h in hs} for hs in scans(index)] == [{"sun"}, {"knot"}, {"moon"}, set()]
+    decontam.cached_index(CACHE_ITEMS, 13, 0.6, tmp_path)
+    monkeypatch.setattr(Path, "touch", full)
+    assert decontam.cached_index(CACHE_ITEMS, 13, 0.6, tmp_path)[1] == "hit"

@@ -314,3 +314,58 @@ def test_unknown_benchmark_name_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"benchmarks: unknown name\(s\) \['mmlu'\]"):
         validate_params({**TINY_PARAMS, "benchmarks": {"mmlu": "x.jsonl"}})
+
+
+def test_dedup_stage_reuses_its_benchmark_index_until_a_set_changes(tmp_path):
+    """The second run of the stage reads the index the first one cached under .hatchling/cache/ and
+    writes the same outputs; an edited benchmark file builds a new index that sees the edit."""
+    rng = random.Random(5)
+    dirty = doc_text(rng, 200) + " Ann reads 12 pages a day for a week and then 5 pages on Sunday. How many pages"
+    proj = _stage_project(tmp_path, "report", [{"id": "a", "text": doc_text(rng)}, {"id": "c", "text": dirty}])
+    outputs = ("data/dedup/shard-00000.jsonl", "reports/contamination.json")      # dedup.md holds timings
+    runs = []
+    for _ in range(2):
+        assert hatchling_here(proj, "run", "dedup") == 0
+        runs.append([json.loads((proj / "reports/dedup.json").read_text())["index"],
+                     *((proj / p).read_bytes() for p in outputs)])
+    assert [r[0] for r in runs] == ["built", "hit"] and runs[0][1:] == runs[1][1:]
+    assert len(list((proj / ".hatchling/cache/contamination").glob("*.index"))) == 1
+    assert json.loads(runs[0][2])["gsm8k"]["found_ids"] == ["gsm8k-2"]
+    write_jsonl(proj / "bench/gsm8k.jsonl", [{"question": "Ann reads 13 books a day for a month and then 5 books on "
+                                                          "Monday. How many books does Ann read in all?",
+                                              "answer": "13 * 30 + 5 = 395\n#### 395"}])
+    assert hatchling_here(proj, "run", "dedup") == 0
+    assert json.loads((proj / "reports/dedup.json").read_text())["index"] == "built"
+    assert json.loads((proj / "reports/contamination.json").read_text())["gsm8k"]["found_ids"] == []
+
+
+def test_workers_find_the_contamination_the_parent_would(tmp_path):
+    """With `scan`, each worker checks its shard's documents on the words it normalized for MinHash:
+    the hits equal the index's own scan of every document, with 1 worker (in process), 2 (forked:
+    the index inherited) and in a process that has to read the index from its cache file."""
+    from hatchling.data import dedup
+    from hatchling.data.decontam import cached_index
+    rng = random.Random(6)
+    item = ("Tom has 3 apples and buys 4 more apples at the market on Sunday. How many apples does Tom have now?")
+    items = {"gsm8k": [Item("t", (item,), ("3 + 4 = 7",)), Item("u", ("Why is the sky blue during the day?",),
+                                                                     ("scattering", "reflection", "the sea"))]}
+    texts = [doc_text(rng, 50) + f"\n{text}\n" + doc_text(rng, 50) for text in
+             (item.upper(), "Why is the sky blue during the day? (A) scattering (B) reflection (C) the sea", "")]
+    texts += texts[:2]                                         # duplicates are checked too (the workers see all)
+    shards = []
+    for s in range(2):
+        shards.append(tmp_path / f"shard-{s:05d}.jsonl")
+        write_jsonl(shards[-1], [{"id": f"{s}-{i}", "text": t} for i, t in enumerate(texts[s::2])])
+    index, _ = cached_index(items, 13, 0.6, tmp_path / "cache")
+    expected = {(str(shard), line): hits for shard in shards
+                for line, hits in enumerate(index.scan_batch([d["text"] for d in read_jsonl(shard)])) if hits}
+    assert {h.item_id for hs in expected.values() for h in hs} == {"t", "u"} and len(expected) == 4
+    with dedup.shared_index(index, *index.cached_as) as scan:
+        for workers in (1, 2):
+            sigs = list(dedup.iter_signatures(shards, 5, 64, workers, scan=scan))
+            assert {(s.shard, line): h for s in sigs for line, h in s.hits.items()} == expected
+        assert not dedup.signatures(shards[0], 5, 64).hits                      # without `scan`: no check
+    assert not dedup._indexes                                  # released: a process that inherited nothing
+    assert {(str(shards[0]), line): h for line, h in dedup.signatures(shards[0], 5, 64, scan=scan).hits.items()} \
+        == {k: v for k, v in expected.items() if k[0] == str(shards[0])}
+    dedup._indexes.clear()

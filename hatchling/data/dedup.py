@@ -3,8 +3,9 @@
 Work splits in two, so it scales past one machine:
 
 1. ``signatures(shard)`` — per shard, independent: normalize, hash, shingle (word n-grams) and
-   MinHash every document. Here shards run in a process pool; a Prefect task runner on Dask or
-   Ray can map the same function over shards on many machines.
+   MinHash every document (and, given a contamination index, check it on the same words). Here
+   shards run in a process pool; a Prefect task runner on Dask or Ray can map the same function
+   over shards on many machines.
 2. ``deduplicate(...)`` — one pass in a fixed order (shard order, then line order) over the
    signatures: exact duplicates by hash, near duplicates by LSH query + exact shingle Jaccard.
    The first document of a cluster is kept, so the result never depends on scheduling. This pass
@@ -17,6 +18,7 @@ Work splits in two, so it scales past one machine:
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -29,6 +31,7 @@ import numpy as np
 import xxhash
 from datasketch import MinHash, MinHashLSH
 
+from hatchling.data.decontam import ContaminationIndex, Hit, read_index
 from hatchling.data.shard_map import map_ordered
 from hatchling.data.textnorm import normalized_words
 from hatchling.errors import InputError
@@ -48,6 +51,7 @@ class ShardSignatures:
     hashvalues: np.ndarray     # (docs, num_perm) MinHash signatures
     shingles: np.ndarray       # every document's sorted unique shingle hashes, concatenated
     offsets: np.ndarray        # document i's shingles are shingles[offsets[i]:offsets[i + 1]]
+    hits: dict[int, list[Hit]] = field(default_factory=dict)   # line -> eval items found there (when scanned)
 
     def doc_shingles(self, i: int) -> np.ndarray:
         return self.shingles[self.offsets[i]:self.offsets[i + 1]]
@@ -140,15 +144,42 @@ def minhash_signatures(hashed: list[np.ndarray], num_perm: int, seed: int = 1, b
     return out
 
 
-def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1, chunk: int = 128) -> ShardSignatures:
-    """MinHash signatures of every document in one JSONL shard (datasketch's affine32 scheme).
+_indexes: dict[str, ContaminationIndex] = {}     # index key -> index: what workers scan with (``shared_index``)
+
+
+@contextlib.contextmanager
+def shared_index(index: ContaminationIndex, key: str, path: str | Path) -> Iterator[tuple[str, str]]:
+    """Within the block, `index` is the one ``signatures(..., scan=(key, path))`` scans with: forked
+    workers inherit it from this process; any other process reads it once from `path`, the index
+    cached under `key` (decontam.cached_index). Released after the block (a long-lived process
+    running the stage again holds one index, not one per run)."""
+    _indexes[key] = index
+    try:
+        yield key, str(path)
+    finally:
+        _indexes.pop(key, None)
+
+
+def _shared_index(scan: tuple[str, str]) -> ContaminationIndex:
+    key, path = scan
+    if key not in _indexes:
+        _indexes[key] = read_index(Path(path), key)
+    return _indexes[key]
+
+
+def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1, chunk: int = 128,
+               scan: tuple[str, str] | None = None) -> ShardSignatures:
+    """MinHash signatures of every document in one JSONL shard (datasketch's affine32 scheme), and
+    with `scan` (from ``shared_index``) the eval items found in each document: the contamination
+    check runs here, in the worker, on the words just normalized for the signatures.
 
     Documents stream through `chunk` at a time, so a worker holds the texts and word lists of one
     chunk, not of its whole shard (~20 KB of small strings per 300-word page: a 1,500-page shard
     peaked at 39 MB, now 7.6 MB, at the same speed).
     """
     name = Path(shard).name
-    doc_ids, exact, hashed = [], [], []
+    index = _shared_index(scan) if scan else None
+    doc_ids, exact, hashed, hits = [], [], [], {}
     for first, docs in _chunks(read_jsonl(shard), chunk):
         for i, doc in enumerate(docs, first):
             if not isinstance(doc.get("text"), str):
@@ -157,10 +188,13 @@ def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1, ch
         doc_ids += [str(d["id"]) if "id" in d else f"{name}:{i}" for i, d in enumerate(docs, first)]
         exact += [hashlib.sha1(" ".join(w).encode()).digest() for w in words]
         hashed += [shingle_hashes(w, shingle) for w in words]
+        if index is not None:
+            found = index.scan_batch([d["text"] for d in docs], words)
+            hits.update((line, h) for line, h in enumerate(found, first) if h)
     return ShardSignatures(
         shard=str(shard), doc_ids=doc_ids, exact=exact, hashvalues=minhash_signatures(hashed, num_perm, seed),
         shingles=np.concatenate(hashed) if hashed else np.zeros(0, dtype=np.uint32),
-        offsets=np.cumsum([0] + [h.size for h in hashed]))
+        offsets=np.cumsum([0] + [h.size for h in hashed]), hits=hits)
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[tuple[int, list]]:
@@ -177,11 +211,12 @@ def _signatures_of(args: tuple) -> ShardSignatures:
 
 
 def iter_signatures(shards: list[Path], shingle: int, num_perm: int, workers: int, runner: str = "local",
-                    address: str | None = None) -> Iterator[ShardSignatures]:
+                    address: str | None = None, scan: tuple[str, str] | None = None) -> Iterator[ShardSignatures]:
     """Signatures of all shards in shard order, computed by `workers` processes (or on a cluster:
-    hatchling/data/shard_map.py). Locally they arrive shard by shard, so the ordered dedup pass
-    consuming them overlaps with the workers still hashing."""
-    args = [(str(s), shingle, num_perm) for s in shards]
+    hatchling/data/shard_map.py), with the contamination hits when `scan` is given (``signatures``).
+    Locally they arrive shard by shard, so the ordered dedup pass consuming them overlaps with the
+    workers still hashing."""
+    args = [(str(s), shingle, num_perm, 1, 128, scan) if scan else (str(s), shingle, num_perm) for s in shards]
     yield from map_ordered(_signatures_of, args, workers, runner, address)
 
 

@@ -1,12 +1,19 @@
-"""Stage `dedup`: exact + near-duplicate removal, then the benchmark-contamination check.
+"""Stage `dedup`: exact + near-duplicate removal and the benchmark-contamination check.
+
+The check's index comes from its cache when the sets, params and code are unchanged
+(decontam.cached_index). With the local runner each dedup worker checks its shard's documents on
+the words it normalizes for MinHash (dedup.signatures); the hits of the kept documents are used
+when they are written. On a cluster runner the check runs here, after dedup, on the kept ones.
 
 Reads the crawl shards, writes cleaned shards (same names, same schema) to data/dedup, and
-reports to reports/dedup.json (metrics), reports/dedup.md (largest clusters, quoted overlaps)
+reports to reports/dedup.json (metrics; `index`: whether the benchmark index came from its cache
+under .hatchling/cache/, decontam.cached_index), reports/dedup.md (largest clusters, quoted overlaps)
 and reports/contamination.json (per benchmark: items found and their ids, documents affected, action).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -14,8 +21,8 @@ from collections.abc import Iterator
 
 from hatchling.data.benchmarks import load_benchmarks
 from hatchling.data.corpus import corpus_files
-from hatchling.data.decontam import ContaminationIndex, Hit, redact
-from hatchling.data.dedup import deduplicate, iter_signatures
+from hatchling.data.decontam import INDEX_CACHE, ContaminationIndex, Hit, cached_index, redact
+from hatchling.data.dedup import deduplicate, iter_signatures, shared_index
 from hatchling.errors import InputError, MissingInputError
 from hatchling.io import atomic_path, atomic_write_json, atomic_write_text, read_jsonl, sha1_text, write_jsonl
 
@@ -35,34 +42,53 @@ def run(ctx) -> dict:
     if not shards:
         raise MissingInputError(f"no JSONL shards in {ctx.inputs.crawl}")
     workers = p.workers or os.cpu_count() or 1
-    sigs = iter_signatures(shards, p.shingle, p.num_perm, workers, p.scale.runner, p.scale.address)
-    result = deduplicate(sigs, p.threshold, p.num_perm)
-    if not result.docs_in:
-        raise InputError(f"the shards in {ctx.inputs.crawl} hold no documents")
-    t_dedup = time.perf_counter() - t0
-
     benchmarks, status = load_benchmarks(ctx.params.benchmarks, ctx.root)
     c = ctx.params.contamination
-    index = ContaminationIndex(benchmarks, c.ngram, c.threshold)
+    t_index = time.perf_counter()
+    index, index_how = cached_index(benchmarks, c.ngram, c.threshold, ctx.root / INDEX_CACHE)
+    t_index = time.perf_counter() - t_index
+    # Local workers check each document for contamination as they hash it (on the words they just
+    # normalized, in parallel; forked, they inherit the index). A cluster's workers may not see the
+    # cache file: there the check runs here, after dedup, on the kept documents. With no benchmark
+    # there is nothing to check.
+    in_workers = p.scale.runner == "local" and bool(index.items)
+    hits: dict[str, dict[int, list[Hit]]] = {}
+
+    def keeping_hits(stream):
+        for sigs in stream:
+            hits[sigs.shard] = sigs.hits
+            yield sigs
+
+    t_dedup = time.perf_counter()
+    with shared_index(index, *index.cached_as or (f"unsaved-{id(index)}", "")) if in_workers \
+            else contextlib.nullcontext() as scan:
+        sigs = iter_signatures(shards, p.shingle, p.num_perm, workers, p.scale.runner, p.scale.address, scan)
+        result = deduplicate(keeping_hits(sigs), p.threshold, p.num_perm)
+    if not result.docs_in:
+        raise InputError(f"the shards in {ctx.inputs.crawl} hold no documents")
+    t_dedup = time.perf_counter() - t_dedup
     per_bench = {name: {"status": s, "items": len(benchmarks.get(name, [])), "items_found": set(),
                         "documents_affected": 0, "action": c.action} for name, s in status.items()}
     quotes, kept_docs, dropped, redacted = [], 0, 0, 0
     with atomic_path(ctx.outputs.dedup) as tmp:
         tmp.mkdir()
         for shard in shards:     # read again here: workers return signatures only, never the texts
-            kept = (doc for line, doc in enumerate(read_jsonl(shard)) if result.kept(str(shard), line))
+            kept = ((line, doc) for line, doc in enumerate(read_jsonl(shard)) if result.kept(str(shard), line))
+            found = hits.get(str(shard), {})
+            pairs = ((doc, found.get(line, [])) for line, doc in kept) if in_workers or not index.items \
+                else scanned(index, (doc for _, doc in kept))
             out = []
-            for doc, hits in scanned(index, kept):
-                for bench in {h.benchmark for h in hits}:
+            for doc, doc_hits in pairs:
+                for bench in {h.benchmark for h in doc_hits}:
                     per_bench[bench]["documents_affected"] += 1
-                for h in hits:
+                for h in doc_hits:
                     per_bench[h.benchmark]["items_found"].add(h.item_id)
                     quotes.append((doc.get("id", "?"), h, doc["text"][h.spans[0][0]:h.spans[0][1]]))
-                if hits and c.action == "drop":
+                if doc_hits and c.action == "drop":
                     dropped += 1
                     continue
-                if hits and c.action == "redact":
-                    text = redact(doc["text"], [s for h in hits for s in h.spans])
+                if doc_hits and c.action == "redact":
+                    text = redact(doc["text"], [s for h in doc_hits for s in h.spans])
                     doc = {**doc, "text": text, "sha1": sha1_text(text)}
                     redacted += 1
                 out.append(doc)
@@ -76,7 +102,8 @@ def run(ctx) -> dict:
     metrics = {"docs_in": result.docs_in, "exact_dups": result.exact_dups, "near_dups": result.near_dups,
                "clusters": len(result.clusters), "kept": kept_docs, "contaminated_dropped": dropped,
                "contaminated_redacted": redacted, "dedup_seconds": round(t_dedup, 3), "seconds": round(seconds, 3),
-               "docs_per_s": round(result.docs_in / max(t_dedup, 1e-9), 1), "workers": workers}
+               "docs_per_s": round(result.docs_in / max(t_dedup, 1e-9), 1), "workers": workers,
+               "index_seconds": round(t_index, 3), "index": index_how}
     atomic_write_json(ctx.outputs.contamination, per_bench)
     atomic_write_text(ctx.outputs.report, markdown_report(metrics, result.clusters, per_bench, quotes))
     return metrics
