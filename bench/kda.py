@@ -1,9 +1,13 @@
 """KDA fwd+bwd timing: our recurrent and chunked forms, fla's pure-PyTorch naive kernels (loaded
 by file path, no Triton needed), and on CUDA fla's Triton ``chunk_kda`` and SDPA flash attention.
 
-    python bench/kda.py [--fla-naive PATH/TO/fla/ops/kda/naive.py] [--out reports/bench_kda.json]
+    python bench/kda.py [--fla-naive PATH/TO/fla/ops/kda/naive.py] [--repeats 5] [--threads 1]
 
-Prints a table and writes JSON. Without --fla-naive it looks for an installed fla-core.
+Each repeat is a round that times one fwd + bwd of every (shape, impl) in turn (interleaved, so a
+shared machine's load hits each alike), after one warm-up round. Rows give the median ms and the
+min-max spread over the rounds; the speedup over fla's naive recurrent kernel is taken within each
+round (same shape and dtype), and its median and min-max follow. Prints a table and writes JSON
+(--out). Without --fla-naive it looks for an installed fla-core.
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -47,23 +53,25 @@ def inputs(B, T, H, D, device, dtype):
     return [x.requires_grad_() for x in cast]
 
 
-def time_fwd_bwd(fn, xs, repeats: int, device: str) -> float:
-    """Best wall time of fwd + bwd over `repeats` runs after one warm-up."""
-    best = float("inf")
-    for i in range(repeats + 1):
-        for x in xs:
-            x.grad = None
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        o = fn(*xs)
-        o = o[0] if isinstance(o, tuple) else o
-        o.float().sum().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return best
+def time_fwd_bwd(fn, xs, device: str) -> float:
+    """Wall seconds of one fwd + bwd."""
+    for x in xs:
+        x.grad = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    o = fn(*xs)
+    o = o[0] if isinstance(o, tuple) else o
+    o.float().sum().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def spread(values: list[float], digits: int) -> dict:
+    """The median of repeated measurements and their min-max spread."""
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits)}
 
 
 def sdpa(q, k, v, g, beta):
@@ -71,11 +79,14 @@ def sdpa(q, k, v, g, beta):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fla-naive", help="path of fla/ops/kda/naive.py (fla-core 0.6.0)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds after one warm-up round")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's")
     ap.add_argument("--out", default="reports/bench_kda.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     naive = load_fla_naive(args.fla_naive)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     impls = {"hatchling.kda_recurrent": kda_recurrent, "hatchling.kda_chunked": kda_chunked}
@@ -90,27 +101,40 @@ def main() -> None:
         impls["sdpa_flash_attention"] = sdpa
     shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
     dtypes = [torch.bfloat16, torch.float32] if device == "cuda" else [torch.float32]
-    rows = []
+    cases = []                                   # the token loops are timed on the headline shape only
     for B, T, H, D in shapes:
         for dtype in dtypes:
             for name, fn in impls.items():
-                slow = name.endswith("recurrent_kda") or name.endswith("kda_recurrent")
-                if slow and (B, T, H, D) != shapes[0]:
-                    continue  # the token loops are timed on the headline shape only
-                xs = inputs(B, T, H, D, device, dtype)
-                ms = 1e3 * time_fwd_bwd(fn, xs, 2 if slow else args.repeats, device)
-                rows.append(dict(impl=name, B=B, T=T, H=H, D=D, dtype=str(dtype).split(".")[-1], ms=ms))
-    base = {(r["B"], r["T"], r["dtype"]): r["ms"] for r in rows if r["impl"] == "fla.naive_recurrent_kda"}
+                if name.endswith(("recurrent_kda", "kda_recurrent")) and (B, T, H, D) != shapes[0]:
+                    continue
+                row = dict(impl=name, B=B, T=T, H=H, D=D, dtype=str(dtype).split(".")[-1])
+                cases.append((row, fn, inputs(B, T, H, D, device, dtype)))
+    load_before = os.getloadavg()
+    times = {id(row): [] for row, _, _ in cases}
+    for i in range(args.repeats + 1):
+        for row, fn, xs in cases:
+            seconds = time_fwd_bwd(fn, xs, device)
+            if i:
+                times[id(row)].append(seconds * 1e3)
+    rows = [row for row, _, _ in cases]
+    base = {(r["B"], r["T"], r["dtype"]): times[id(r)] for r in rows if r["impl"] == "fla.naive_recurrent_kda"}
     for r in rows:
         ref = base.get((r["B"], r["T"], r["dtype"]))
-        r["speedup_vs_fla_naive_recurrent"] = round(ref / r["ms"], 2) if ref else None
-    print(f"{'impl':28} {'shape (B,T,H,D)':18} {'dtype':9} {'fwd+bwd ms':>11} {'vs fla naive':>12}")
+        r["ms"] = spread(times[id(r)], 2)
+        r["speedup_vs_fla_naive_recurrent"] = spread([a / b for a, b in zip(ref, times[id(r)], strict=True)], 2) \
+            if ref else None
+    print(f"{'impl':26} {'B, T, H, D':18} {'dtype':8} {'fwd+bwd ms: median (min-max)':>30} "
+          f"{'vs fla naive: median (min-max)':>31}")
     for r in rows:
-        sp = r["speedup_vs_fla_naive_recurrent"]
-        print(f"{r['impl']:28} {str((r['B'], r['T'], r['H'], r['D'])):18} {r['dtype']:9} {r['ms']:11.1f} "
-              f"{(f'{sp:.1f}x' if sp else '-'):>12}")
+        ms, sp = r["ms"], r["speedup_vs_fla_naive_recurrent"]
+        sp_text = f"{sp['median']:.1f}x ({sp['min']:.1f}-{sp['max']:.1f})" if sp else "-"
+        print(f"{r['impl']:26} {str((r['B'], r['T'], r['H'], r['D'])):18} {r['dtype']:8} "
+              f"{ms['median']:>11.1f} ({ms['min']:.1f}-{ms['max']:.1f}){'':>4} {sp_text:>31}")
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-                threads=torch.get_num_threads(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+                threads=torch.get_num_threads(), torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), repeats=args.repeats,
+                loadavg_before=load_before, loadavg_after=os.getloadavg())
+    print("  ".join(f"{k}={v}" for k, v in meta.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {args.out}")

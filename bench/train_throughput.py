@@ -1,30 +1,38 @@
 """Training and decoding throughput of the hybrid vs a same-size GPT, and the KDA layer vs its raw op.
 
     python bench/train_throughput.py                       # the H100 run: xs, T = 2k/8k/16k, decode 4k/32k
-    python bench/train_throughput.py --size toddler --seq 256 1024 --tokens-per-step 2048 \\
-        --decode-context 256 2048 --steps 3                # a small CPU run of the same measurements
+    python bench/train_throughput.py --size toddler xs --vocab-size 4096 --seq 1024 4096 \\
+        --tokens-per-step 4096 --decode-context --steps 1 --threads 1   # the CPU run in docs/benchmarks.md
 
 The GPT is ``arch: gpt`` (RoPE GQA attention through SDPA in every layer, the same SwiGLU blocks)
 with its MLP widened until its parameter count matches the hybrid's (``hatchling.model.sizing.matched``,
 to a multiple of 64 hidden units), so the comparison is at equal size. On CUDA: bf16 autocast, fused AdamW, fla's
 ``chunk_kda`` for KDA (when installed) and SDPA's flash kernel for attention.
 
+Every measurement is built once and then taken --repeats times, in rounds that visit all of them in
+turn (interleaved, so a shared machine's load hits each alike); a row gives the median over the rounds
+and the min-max spread, and each ratio is taken within a round (hybrid and GPT back to back) first.
+
 Rows (printed as a table, written as JSON):
-- train: tokens/s of forward + backward + AdamW step at each T, with the same tokens per step
-  (batch = tokens / T); peak memory; MFU = model FLOPs/s / --peak-tflops (989: H100 SXM, bf16
-  dense). Model FLOPs per token = 6 x parameters in matmuls (tied head included, embedding
-  lookup not) + 6 x T x H x Dh per softmax-attention layer (causal scores and values). The KDA
-  recurrence's own FLOPs are not counted, so the hybrid's MFU is a lower bound.
-- decode: batch-1 tokens/s after a prefill of C tokens, the cache's bytes and, on CUDA, the
-  peak memory while decoding.
+- train: tokens/s of forward + backward + AdamW step at each T (the median of --steps steps per
+  round), with the same tokens per step (batch = tokens / T); peak memory; MFU = model FLOPs/s /
+  --peak-tflops (989: H100 SXM, bf16 dense). Model FLOPs per token = 6 x parameters in matmuls (tied
+  head included, embedding lookup not) + 6 x T x H x Dh per softmax-attention layer (causal scores
+  and values). The KDA recurrence's own FLOPs are not counted, so the hybrid's MFU is a lower bound.
+- decode: batch-1 tokens/s after a prefill of C tokens (forward with a cache), the cache's bytes and,
+  on CUDA, the peak memory while decoding.
 - kda_layer: fwd + bwd of a whole KDALayer (projections, convs, gates, norms) vs the raw op
-  ``hatchling.model.kda.kda`` (fla's ``chunk_kda`` on CUDA) on the layer's shapes.
+  ``hatchling.model.kda.kda`` (fla's ``chunk_kda`` on CUDA) on the layer's shapes, back to back; the
+  op's inputs are the layer's own (normalised q, k, its decay gates and beta at init), since the chunked
+  form's cost depends on the decay spans (``hatchling.model.kda.sub_block_size``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import time
 from pathlib import Path
 
@@ -32,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from hatchling.model import ModelConfig, build_model
-from hatchling.model.kda import fla_available, kda
+from hatchling.model.kda import fla_available, kda, kda_gate, l2norm
 from hatchling.model.kda_layer import KDALayer
 from hatchling.model.sizing import matched
 
@@ -42,10 +50,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median seconds of fn() after warmup calls."""
-    for _ in range(warmup):
-        fn()
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` calls."""
     times = []
     for _ in range(repeats):
         sync(device)
@@ -53,7 +59,13 @@ def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
+
+
+def spread(values: list[float], digits: int) -> dict:
+    """The median of repeated measurements and their min-max spread."""
+    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
+            "max": round(max(values), digits)}
 
 
 def peak_reset(device: torch.device) -> None:
@@ -73,7 +85,8 @@ def flops_per_token(model, cfg: ModelConfig, seq: int) -> float:
     return 6 * matmul_params + attn_layers * 6 * seq * cfg.n_heads * cfg.head_dim
 
 
-def train_row(name: str, model_cfg: dict, seq: int, args, device: torch.device) -> dict:
+def train_bench(name: str, model_cfg: dict, seq: int, args, device: torch.device):
+    """(the row's fixed fields, measure() -> {"tokens_per_s": ...} for one round) of training at T = seq."""
     torch.manual_seed(0)
     cfg = ModelConfig(**model_cfg)
     model = build_model(cfg).to(device).train()
@@ -90,30 +103,36 @@ def train_row(name: str, model_cfg: dict, seq: int, args, device: torch.device) 
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    peak_reset(device)
-    try:
-        seconds = timed(step, device, warmup=2, repeats=args.steps)
-    except torch.OutOfMemoryError:
-        return {"kind": "train", "model": name, "seq": seq, "batch": batch, "error": "out of memory"}
-    tokens_per_s = batch * seq / seconds
-    row = {"kind": "train", "model": name, "params": model.num_params(), "seq": seq, "batch": batch,
-           "tokens_per_s": round(tokens_per_s), "peak_mib": peak_mib(device)}
-    if device.type == "cuda":
-        row["mfu"] = round(tokens_per_s * flops_per_token(model, cfg, seq) / (args.peak_tflops * 1e12), 4)
-    return row
+    def measure() -> dict:
+        peak_reset(device)
+        tokens_per_s = batch * seq / timed(step, device, args.steps)
+        out = {"tokens_per_s": tokens_per_s}
+        if device.type == "cuda":
+            out |= {"peak_mib": peak_mib(device),
+                    "mfu": tokens_per_s * flops_per_token(model, cfg, seq) / (args.peak_tflops * 1e12)}
+        return out
+
+    for _ in range(args.warmup):
+        step()
+    return {"kind": "train", "size": cfg.size, "model": name, "params": model.num_params(), "seq": seq,
+            "batch": batch}, measure
 
 
-@torch.no_grad()
-def decode_row(name: str, model_cfg: dict, context: int, args, device: torch.device) -> dict:
+def decode_bench(name: str, model_cfg: dict, context: int, args, device: torch.device):
+    """(fixed fields, measure() for one round) of batch-1 decoding after a prefill of `context` tokens."""
     torch.manual_seed(0)
     cfg = ModelConfig(**model_cfg)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(cfg).to(device=device, dtype=dtype).eval()
-    cache = model.new_cache()
-    peak_reset(device)
-    try:
-        model(torch.randint(0, cfg.vocab_size, (1, context), device=device), cache)
-        token = torch.randint(0, cfg.vocab_size, (1, 1), device=device)
+    prompt = torch.randint(0, cfg.vocab_size, (1, context), device=device)
+    fixed = {"kind": "decode", "size": cfg.size, "model": name, "context": context}
+
+    @torch.no_grad()
+    def measure() -> dict:
+        cache = model.new_cache()
+        peak_reset(device)
+        model(prompt, cache)
+        token = prompt[:, -1:]
         peak_reset(device)
         sync(device)
         t0 = time.perf_counter()
@@ -121,15 +140,15 @@ def decode_row(name: str, model_cfg: dict, context: int, args, device: torch.dev
             token = model(token, cache)[:, -1:].argmax(-1)
         sync(device)
         seconds = time.perf_counter() - t0
-    except torch.OutOfMemoryError:
-        return {"kind": "decode", "model": name, "context": context, "error": "out of memory"}
-    cache_bytes = sum(t.numel() * t.element_size() for layer in cache for t in layer.values())
-    return {"kind": "decode", "model": name, "context": context,
-            "tokens_per_s": round(args.decode_tokens / seconds, 1),
-            "cache_mib": round(cache_bytes / 2**20, 2), "peak_mib": peak_mib(device)}
+        fixed["cache_mib"] = round(sum(t.numel() * t.element_size() for c in cache for t in c.values()) / 2**20, 2)
+        return {"tokens_per_s": args.decode_tokens / seconds} | ({"peak_mib": peak_mib(device)}
+                                                                  if device.type == "cuda" else {})
+
+    return fixed, measure
 
 
-def kda_layer_row(model_cfg: dict, seq: int, args, device: torch.device) -> dict:
+def kda_layer_bench(model_cfg: dict, seq: int, args, device: torch.device):
+    """(fixed fields, measure() for one round) of a KDALayer's fwd + bwd and the raw op's, back to back."""
     torch.manual_seed(0)
     cfg = ModelConfig(**model_cfg)
     B, H, D = max(1, args.tokens_per_step // seq), cfg.n_heads, cfg.head_dim
@@ -143,61 +162,91 @@ def kda_layer_row(model_cfg: dict, seq: int, args, device: torch.device) -> dict
             y = layer(x)
         y.float().sum().backward()
 
-    q, k, v = (torch.randn(B, seq, H, D, device=device, dtype=dtype) for _ in range(3))
-    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    g = F.logsigmoid(torch.randn(B, seq, H, D, device=device)).to(dtype) / 16
-    beta = torch.rand(B, seq, H, device=device, dtype=dtype)
-    inputs = [t.requires_grad_() for t in (q, k, v, g, beta)]
+    # The op's inputs as the layer makes them (less the conv): on the CPU its cost depends on the gates' decay spans.
+    with torch.no_grad():
+        q, k, v = (l2norm(proj(x).view(B, seq, H, D)) for proj in (layer.q_proj, layer.k_proj, layer.v_proj))
+        g = kda_gate(layer.f_proj(x).view(B, seq, H, D), layer.A_log, layer.dt_bias)
+        beta = torch.sigmoid(layer.b_proj(x))
+    inputs = [t.to(dtype).requires_grad_() for t in (q, k, v, g, beta)]
 
     def op_step():
         o, _ = kda(*inputs, chunk_size=cfg.chunk_size, backend=cfg.kda_backend)
         o.float().sum().backward()
 
-    layer_s = timed(layer_step, device, warmup=2, repeats=args.steps)
-    op_s = timed(op_step, device, warmup=2, repeats=args.steps)
+    def measure() -> dict:
+        layer_s, op_s = timed(layer_step, device, args.steps), timed(op_step, device, args.steps)
+        return {"layer_ms": layer_s * 1e3, "op_ms": op_s * 1e3, "layer_vs_op": layer_s / op_s}
+
+    for _ in range(args.warmup):
+        layer_step()
+        op_step()
     backend = "fla" if device.type == "cuda" and fla_available() else "chunked"
-    return {"kind": "kda_layer", "seq": seq, "batch": B, "heads": H, "head_dim": D, "op_backend": backend,
-            "layer_ms": round(layer_s * 1e3, 2), "op_ms": round(op_s * 1e3, 2), "layer_vs_op": round(layer_s / op_s, 3)}
+    return {"kind": "kda_layer", "size": cfg.size, "seq": seq, "batch": B, "heads": H, "head_dim": D,
+            "op_backend": backend}, measure
+
+
+def hybrid_vs_gpt(rows: list[dict], per_round: dict, kind: str, key: str, metric: str) -> list[dict]:
+    """Per (size, T or context): hybrid / gpt of `metric`, taken within each round, then its spread."""
+    out = []
+    for size, at in sorted({(r["size"], r[key]) for r in rows if r["kind"] == kind}):
+        pair = {r["model"]: per_round[id(r)][metric] for r in rows
+                if r["kind"] == kind and r["size"] == size and r[key] == at}
+        ratios = [h / g for h, g in zip(pair["hybrid"], pair["gpt"], strict=True)]
+        out.append({"kind": "ratio", "size": size, key: at, f"{kind}_{metric}_hybrid_vs_gpt": spread(ratios, 3)})
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="xs")
+    ap.add_argument("--size", nargs="+", default=["xs"])
     ap.add_argument("--vocab-size", type=int, default=32768)
     ap.add_argument("--seq", type=int, nargs="+", default=[2048, 8192, 16384])
     ap.add_argument("--tokens-per-step", type=int, default=65536)
-    ap.add_argument("--steps", type=int, default=10, help="timed repeats (median)")
-    ap.add_argument("--decode-context", type=int, nargs="+", default=[4096, 32768])
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per measurement and round (median)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the first round")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds over all measurements")
+    ap.add_argument("--decode-context", type=int, nargs="*", default=[4096, 32768])
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--no-layer", action="store_true", help="skip the KDA layer vs op rows")
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak (MFU)")
     ap.add_argument("--out", default="reports/bench_train_throughput.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    hybrid = {"size": args.size, "vocab_size": args.vocab_size}
-    models = {"hybrid": hybrid, "gpt": matched("gpt", hybrid, multiple=64)}
-    rows = [train_row(name, cfg, seq, args, device) for seq in args.seq for name, cfg in models.items()]
-    rows += [decode_row(name, cfg, c, args, device) for c in args.decode_context for name, cfg in models.items()]
-    rows += [kda_layer_row(hybrid, seq, args, device) for seq in args.seq]
-    for seq in args.seq:                                           # the goals' ratios, hybrid / gpt
-        pair = {r["model"]: r for r in rows if r["kind"] == "train" and r["seq"] == seq and "error" not in r}
-        if len(pair) == 2:
-            rows.append({"kind": "ratio", "seq": seq, "train_tokens_per_s_hybrid_vs_gpt":
-                         round(pair["hybrid"]["tokens_per_s"] / pair["gpt"]["tokens_per_s"], 3)})
-    for c in args.decode_context:
-        pair = {r["model"]: r for r in rows if r["kind"] == "decode" and r["context"] == c and "error" not in r}
-        if len(pair) == 2:
-            rows.append({"kind": "ratio", "context": c, "decode_cache_hybrid_vs_gpt":
-                         round(pair["hybrid"]["cache_mib"] / pair["gpt"]["cache_mib"], 4),
-                         "decode_tokens_per_s_hybrid_vs_gpt":
-                         round(pair["hybrid"]["tokens_per_s"] / pair["gpt"]["tokens_per_s"], 3)})
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"device: {device_name}, torch {torch.__version__}, fla {'yes' if fla_available() else 'no'}")
+    load_before = os.getloadavg()
+    benches, configs = [], {}
+    for size in args.size:
+        hybrid = {"size": size, "vocab_size": args.vocab_size}
+        models = configs[size] = {"hybrid": hybrid, "gpt": matched("gpt", hybrid, multiple=64)}
+        benches += [train_bench(name, cfg, seq, args, device) for seq in args.seq for name, cfg in models.items()]
+        benches += [decode_bench(name, cfg, c, args, device) for c in args.decode_context
+                    for name, cfg in models.items()]
+        benches += [] if args.no_layer else [kda_layer_bench(hybrid, seq, args, device) for seq in args.seq]
+    per_round = {id(fixed): {} for fixed, _ in benches}
+    for _ in range(args.repeats):
+        for fixed, measure in benches:
+            for metric, value in measure().items():
+                per_round[id(fixed)].setdefault(metric, []).append(value)
+    rows = [fixed for fixed, _ in benches]
+    rows += hybrid_vs_gpt(rows, per_round, "train", "seq", "tokens_per_s")
+    rows += hybrid_vs_gpt(rows, per_round, "decode", "context", "tokens_per_s")
     for row in rows:
-        print("  ".join(f"{k}={v}" for k, v in row.items()))
-    out = {"device": device_name, "torch": torch.__version__, "fla": fla_available(), "args": vars(args),
-           "configs": models, "rows": rows}
+        if row["kind"] != "ratio":
+            row |= {metric: spread(values, 4 if metric in ("mfu", "layer_vs_op") else 1)
+                    for metric, values in per_round[id(row)].items()}
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "fla": fla_available(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    print("  ".join(f"{k}={v}" for k, v in meta.items()))
+    for row in rows:
+        print("  ".join(f"{k}={v['median']} ({v['min']}-{v['max']})" if isinstance(v, dict) else f"{k}={v}"
+                        for k, v in row.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    Path(args.out).write_text(json.dumps({"meta": meta, "args": vars(args), "configs": configs, "rows": rows},
+                                         indent=2))
     print(f"wrote {args.out}")
 
 

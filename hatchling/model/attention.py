@@ -8,6 +8,9 @@ Position comes from the causal mask and from the KDA layers around it. Grouped-q
 Packed documents (``segments``) are kept apart by a block-diagonal causal mask. Neither layer resets
 positions at a document start: NoPE has none, and a RoPE score depends only on the distance t - s,
 so a document's scores are the same wherever it sits in the window.
+
+:class:`AttentionStep` decodes one token at a time into a preallocated KV cache (forward with a
+cache, which grows its KV by concatenation, is its reference).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hatchling.model.config import ModelConfig
+from hatchling.model.kda import folded_norm, unit
 from hatchling.model.rope import rope
 from hatchling.model.segments import Segments
 
@@ -69,3 +73,35 @@ class RoPEAttention(NoPEAttention):
     def encode_positions(self, q: torch.Tensor, k: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(past, past + q.shape[2], device=q.device)
         return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+
+
+class AttentionStep:
+    """x + attention(norm(x)) for one token at a time, from the cache a prefill left (`layer(x, cache)`):
+    the pre-norm folded into one matmul for q, k and v (:func:`~hatchling.model.kda.folded_norm`),
+    the token's key and value written in place into a KV cache allocated once for `max_len` positions,
+    one SDPA call with each KV head's query heads as its queries (grouped-query attention without
+    repeating the keys), and the output projection fused with the residual add."""
+
+    def __init__(self, layer: NoPEAttention, norm: nn.RMSNorm, cache: dict, batch: int, max_len: int):
+        self.layer = layer
+        self.w_qkv, self.root_eps = folded_norm(norm, torch.cat([layer.q_proj.weight, layer.kv_proj.weight]))
+        self.w_out = layer.o_proj.weight.T.contiguous()
+        self.pos = cache["k"].shape[2] if "k" in cache else 0
+        shape = (batch, layer.n_kv_heads, max_len, layer.head_dim)
+        self.k, self.v = self.w_qkv.new_zeros(shape), self.w_qkv.new_zeros(shape)
+        if self.pos:
+            self.k[:, :, :self.pos], self.v[:, :, :self.pos] = cache["k"], cache["v"]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d] (one token's residual stream) -> x + layer(norm(x))."""
+        B = x.shape[0]
+        H, Hkv, D = self.layer.n_heads, self.layer.n_kv_heads, self.layer.head_dim
+        qkv = unit(x, self.root_eps) @ self.w_qkv
+        q, k, v = qkv.view(B, H + 2 * Hkv, 1, D).split([H, Hkv, Hkv], dim=1)
+        q, k = self.layer.encode_positions(q, k, self.pos)
+        self.k.narrow(2, self.pos, 1).copy_(k)
+        self.v.narrow(2, self.pos, 1).copy_(v)
+        self.pos += 1
+        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), self.k.narrow(2, 0, self.pos),
+                                           self.v.narrow(2, 0, self.pos))
+        return torch.addmm(x, y.view(B, H * D), self.w_out)

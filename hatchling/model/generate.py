@@ -1,9 +1,14 @@
 """Autoregressive decoding with the per-layer cache (constant-size KDA state + NoPE KV cache), on
-the device of the prompt (and the model), under bf16 autocast there when it is CUDA."""
+the device of the prompt (and the model), under bf16 autocast there when it is CUDA.
+
+One prefill (``model(prompt, cache)``), then one token at a time: on the CPU through the model's lean
+step path where it has one (``model.decoder``: HatchlingLM's plain hybrid and gpt), else through
+forward with the cache, the reference (``fast=False`` forces it; tests/test_decode.py checks they agree).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -28,33 +33,52 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def step_function(model, cache: list, batch: int, max_len: int, device: torch.device,
+                  fast: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ids [B] -> next-token logits [B, V], continuing a prefilled cache: the model's step path on the
+    CPU when `fast` and it has one, else forward with the cache (under the device's autocast)."""
+    decoder = getattr(model, "decoder", None)
+    if fast and device.type == "cpu" and decoder is not None:
+        step = decoder(cache, batch, max_len)
+        if step is not None:
+            return step
+
+    def forward_step(ids: torch.Tensor) -> torch.Tensor:
+        with autocast(device):
+            return model(ids[:, None], cache)[:, -1]
+
+    return forward_step
+
+
 @torch.no_grad()
 def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           stop_ids: tuple[int, ...] = ()) -> Iterator[torch.Tensor]:
-    """Yield next-token ids [B] one step at a time: one prefill, then one-token cached steps."""
+           stop_ids: tuple[int, ...] = (), fast: bool = True) -> Iterator[torch.Tensor]:
+    """Yield next-token ids [B] one step at a time: one prefill, then one-token cached steps
+    (`fast`: see the module docstring)."""
     device = input_ids.device
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=device)
     cache = model.new_cache()
     with autocast(device):
         logits = model(input_ids, cache)[:, -1]
+    step = step_function(model, cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, device, fast)
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         yield nxt
-        if stop_ids and bool(torch.isin(nxt, torch.tensor(stop_ids, device=nxt.device)).all()):
+        if stop_ids and bool(torch.isin(nxt, stops).all()):
             return
         if i + 1 < max_new_tokens:                      # the last token needs no forward pass
-            with autocast(device):
-                logits = model(nxt[:, None], cache)[:, -1]
+            logits = step(nxt)
 
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_ids: tuple[int, ...] = ()) -> torch.Tensor:
+             stop_ids: tuple[int, ...] = (), fast: bool = True) -> torch.Tensor:
     """input_ids [B, T] -> [B, T + n] with up to max_new_tokens sampled tokens appended."""
-    new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids))
+    new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, fast))
     if not new:
         return input_ids
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)

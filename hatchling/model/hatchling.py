@@ -5,6 +5,10 @@ embedding -> [pre-norm block: x + mixer(RMSNorm(x)); x + SwiGLU(RMSNorm(x))] * n
 
 Packed documents (forward's ``doc_starts``) reach every mixer as one :class:`Segments`: attention
 masks per document, KDA's convolutions and state restart at each document (model/segments.py).
+
+Decoding after a prefill runs :class:`Decoder` (``model.decoder``): the same stack one token at a
+time through lean steps (KDAStep, AttentionStep, SwiGLUStep), with forward's cached path as its
+reference.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hatchling.model.attention import NoPEAttention, RoPEAttention
+from hatchling.model.attention import AttentionStep, NoPEAttention, RoPEAttention
 from hatchling.model.base import BlockStackLM
 from hatchling.model.config import ModelConfig
-from hatchling.model.kda_layer import KDALayer
+from hatchling.model.int8 import Int8Linear
+from hatchling.model.kda import folded_norm, unit
+from hatchling.model.kda_layer import KDALayer, KDAStep
 from hatchling.model.memory import EpisodicMemory
 from hatchling.model.predictive import NextStateHead
 from hatchling.model.segments import Segments
@@ -36,6 +42,19 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+class SwiGLUStep:
+    """x + SwiGLU(norm(x)) for one token: the norm folded into the first matmul, the second fused
+    with the residual add (a decoding step, as KDAStep and AttentionStep)."""
+
+    def __init__(self, mlp: SwiGLU, norm: nn.RMSNorm):
+        self.w_gate_up, self.root_eps = folded_norm(norm, mlp.gate_up.weight)
+        self.w_down = mlp.down.weight.T.contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (unit(x, self.root_eps) @ self.w_gate_up).chunk(2, dim=-1)
+        return torch.addmm(x, F.silu(gate) * up, self.w_down)
 
 
 class Block(nn.Module):
@@ -115,6 +134,17 @@ class HatchlingLM(BlockStackLM):
         x = self.memory(x, input_ids, logits.detach(), self.embed.weight, None if cache is None else cache[-1])
         return F.linear(self.norm(x), self.embed.weight)
 
+    def decoder(self, cache: list[dict], batch: int, max_len: int) -> Decoder | None:
+        """One-token steps continuing `cache` (a prefill's, ``self(ids, cache)``, of `batch` rows) for up
+        to `max_len` positions in all, or None where only forward decodes: a research switch on, INT8
+        Linears (model/int8.py), or weights that are not float32 / float64."""
+        plain = self.memory is None and self.predictor is None and not self.config.spike and \
+            all(b.router is None for b in self.blocks)
+        if not plain or self.embed.weight.dtype not in (torch.float32, torch.float64) or \
+                any(isinstance(m, Int8Linear) for m in self.modules()):
+            return None
+        return Decoder(self, cache, batch, max_len)
+
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """The switches' training losses of the last forward pass (predictive, memory budget, router)."""
         losses: dict[str, torch.Tensor] = {}
@@ -163,6 +193,31 @@ class HatchlingLM(BlockStackLM):
             nn.init.normal_(module.weight, std=self.config.init_std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
+
+
+class Decoder:
+    """HatchlingLM's forward for one token at a time after a prefill: ids [B] -> next-token logits
+    [B, vocab], continuing the cache (``model(ids[:, None], cache)[:, -1]`` is the reference;
+    tests/test_decode.py checks they agree). Each block is two steps, x + mixer(norm(x)) then
+    x + mlp(norm(x)) (KDAStep or AttentionStep, SwiGLUStep). Built by ``model.decoder``; it copies
+    what it needs of the cache, which stays as it was."""
+
+    @torch.no_grad()
+    def __init__(self, model: HatchlingLM, cache: list[dict], batch: int, max_len: int):
+        self.embed = model.embed.weight
+        self.head, self.root_eps = folded_norm(model.norm, model.embed.weight)
+        self.steps = []
+        for block, c in zip(model.blocks, cache, strict=True):
+            mixer = AttentionStep(block.mixer, block.mixer_norm, c, batch, max_len) if block.kind == "attn" \
+                else KDAStep(block.mixer, block.mixer_norm, c, batch)
+            self.steps += [mixer, SwiGLUStep(block.mlp, block.mlp_norm)]
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(ids, self.embed)
+        for step in self.steps:
+            x = step(x)
+        return unit(x, self.root_eps) @ self.head
 
 
 def build_model(model_params: dict | ModelConfig) -> nn.Module:

@@ -7,7 +7,8 @@ The L2 norm, the decay and the sigmoid are handed to :func:`~hatchling.model.kda
 path they run inside fla's kernel, on the PyTorch paths as the explicit reference ops.
 
 Decoding keeps a constant-size cache per layer: the last ``conv_size - 1`` inputs of each conv
-and the [H, K, V] KDA state, whatever the context length.
+and the [H, K, V] KDA state, whatever the context length. :class:`KDAStep` is the lean form of
+forward for one token at a time (decoding after a prefill); forward with a cache is its reference.
 """
 
 from __future__ import annotations
@@ -19,19 +20,52 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hatchling.model.config import ModelConfig
-from hatchling.model.kda import kda, kda_gate, l2norm
+from hatchling.model.kda import folded_norm, kda, kda_gate, kda_step_, l2norm, unit
 from hatchling.model.segments import Segments
 from hatchling.model.spike import LIFGate, kda_skipping_silent
 
 
-class CausalConv1d(nn.Module):
-    """Depthwise conv over time that sees only the past: left padding of kernel-1, never symmetric.
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, cache: dict | None = None, keys: tuple[str, ...] = ("conv",),
+                  positions: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU of a depthwise conv over time that sees only the past (left padding of W - 1): x [B, T, C],
+    weight [C, 1, W] -> [B, T, C].
 
-    With a cache (a dict) the last kernel-1 inputs are carried between calls, so feeding a
-    sequence in pieces gives exactly the output of feeding it whole. With `positions` (each token's
-    offset in its packed document, :class:`~hatchling.model.segments.Segments`) a tap that would
-    reach back past the token's document start reads zero, as at the start of a sequence.
+    With a cache (a dict) the last W - 1 inputs are carried between calls, so feeding a sequence in
+    pieces gives exactly the output of feeding it whole; they are kept as [B, C_i, W - 1] under `keys`,
+    one entry per equal share of the C channels (the KDA layer convolves q|k|v in one call and keeps
+    their inputs apart). With `positions` (each token's offset in its packed document,
+    :class:`~hatchling.model.segments.Segments`) a tap that would reach back past the token's document
+    start reads zero, as at the start of a sequence.
+
+    The conv runs as a 2-D depthwise conv over [B, C, 1, T] in channels-last memory, which is x's own
+    [B, T, C] layout: no transposed copy in or out, and on the CPU 2-3x faster forward and backward
+    than conv1d over [B, C, T].
     """
+    T, C = x.shape[1:]
+    W = weight.shape[-1]
+    keep = W - 1
+    weight = weight.to(x.dtype)
+    if positions is not None:
+        windows = F.pad(x, (0, 0, keep, 0)).unfold(1, W, 1)               # [B, T, C, W]: tap i lags keep - i
+        lags = torch.arange(keep, -1, -1, device=x.device)
+        reach = (lags <= positions[..., None]).to(x.dtype)[:, :, None, :]  # [B, T, 1, W]
+        return F.silu((windows * reach * weight[:, 0]).sum(-1))
+    if cache is not None and keys[0] in cache:
+        x = torch.cat([torch.cat([cache[key] for key in keys], dim=1).transpose(1, 2).to(x.dtype), x], dim=1)
+    else:
+        x = F.pad(x, (0, 0, keep, 0))                                       # [B, keep + T, C]
+    if cache is not None:
+        past = x[:, x.shape[1] - keep:].transpose(1, 2).detach()          # [B, C, keep]
+        for key, part in zip(keys, past.chunk(len(keys), dim=1), strict=True):
+            cache[key] = part
+    if T == 1:                   # one decoding step: a dot product beats a conv call
+        return F.silu((x * weight[:, 0].T).sum(1, keepdim=True))
+    y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2), groups=C)   # [B, C, 1, T], channels-last
+    return F.silu(y.squeeze(2).transpose(1, 2))
+
+
+class CausalConv1d(nn.Module):
+    """The weight [C, 1, W] of one :func:`causal_conv1d`; forward(x [B, T, C]) -> SiLU(conv(x))."""
 
     def __init__(self, channels: int, kernel_size: int):
         super().__init__()
@@ -41,26 +75,7 @@ class CausalConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: dict | None = None, key: str = "conv",
                 positions: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, C] -> SiLU(conv(x)): [B, T, C]."""
-        x = x.transpose(1, 2)                                               # [B, C, T]
-        keep = self.kernel_size - 1
-        if positions is not None:
-            windows = F.pad(x, (keep, 0)).unfold(-1, self.kernel_size, 1)  # [B, C, T, W]: tap i lags keep - i
-            lags = torch.arange(keep, -1, -1, device=x.device)
-            windows = windows * (lags <= positions[:, None, :, None]).to(x.dtype)
-            return F.silu(windows @ self.weight[:, 0, :, None].to(x.dtype)).squeeze(-1).transpose(1, 2)
-        if cache is not None and key in cache:
-            past = cache[key]
-        else:
-            past = x.new_zeros(x.shape[0], x.shape[1], keep)
-        x = torch.cat([past.to(x.dtype), x], dim=-1)
-        if cache is not None:
-            cache[key] = x[..., x.shape[-1] - keep:].detach()
-        if x.shape[-1] == self.kernel_size:      # one decoding step: a dot product beats a conv call
-            y = (x * self.weight[:, 0].to(x.dtype)).sum(-1, keepdim=True)
-        else:
-            y = F.conv1d(x, self.weight.to(x.dtype), groups=x.shape[1])
-        return F.silu(y).transpose(1, 2)
+        return causal_conv1d(x, self.weight, cache, (key,), positions)
 
 
 class GatedHeadNorm(nn.Module):
@@ -102,14 +117,27 @@ class KDALayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: dict | None = None, segments: Segments | None = None) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d]. With `segments` (packed documents, no cache) neither the convolutions
-        nor the KDA state cross a document start (kda's segment_ids)."""
+        nor the KDA state cross a document start (kda's segment_ids).
+
+        The six input projections run as one matmul and the q, k, v convs as one conv over q|k|v, from
+        the weights concatenated here (a few small copies per call), so the parameters and checkpoints
+        stay one module each. tests/test_kda_layer_fused.py keeps the unfused form as the reference."""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        positions = None if segments is None else segments.positions
-        q = self.q_conv(self.q_proj(x), cache, "q_conv", positions).view(B, T, H, D)
-        k = self.k_conv(self.k_proj(x), cache, "k_conv", positions).view(B, T, H, D)
-        v = self.v_conv(self.v_proj(x), cache, "v_conv", positions).view(B, T, H, D)
-        f, b = self.f_proj(x).view(B, T, H, D), self.b_proj(x)             # raw decay input, beta logits
+        (f1, f2), (g1, g2) = self.f_proj, self.g_proj
+        # q, k, v, the first low-rank factors of the decay and of the output gate, and beta: one matmul
+        # (unless they were swapped for other modules, e.g. the export's int8 Linears: then one call each)
+        projections = (self.q_proj, self.k_proj, self.v_proj, f1, g1, self.b_proj)
+        if all(isinstance(p, nn.Linear) for p in projections):
+            y = F.linear(x, torch.cat([p.weight for p in projections]))
+        else:
+            y = torch.cat([p(x) for p in projections], dim=-1)
+        qkv, f, gate, b = y.split([3 * H * D, D, D, H], dim=-1)
+        conv_w = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
+        qkv = causal_conv1d(qkv, conv_w, cache, ("q_conv", "k_conv", "v_conv"),
+                            None if segments is None else segments.positions)
+        q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
+        f = f2(f).view(B, T, H, D)                                          # raw decay input; b: beta logits
         state = cache.get("state") if cache is not None else None
         if self.spike is None:   # kda applies l2norm, the gate and the sigmoid: inside fla's kernel on its path
             o, state = kda(q, k, v, f, b, initial_state=state, output_final_state=cache is not None,
@@ -129,5 +157,71 @@ class KDALayer(nn.Module):
             self.last_stats = {"spike_rate": float(spikes.detach().mean()), "silent_heads_skipped": skipped}
         if cache is not None:
             cache["state"] = state.detach()
-        o = self.o_norm(o.to(x.dtype), self.g_proj(x).view(B, T, H, D))
+        o = self.o_norm(o.to(x.dtype), g2(gate).view(B, T, H, D))
         return self.o_proj(o.reshape(B, T, H * D))
+
+
+class KDAStep:
+    """x + KDALayer(norm(x)) for one token at a time, from the cache a prefill left (`layer(x, cache)`).
+
+    The same computation in fewer, larger ops (for one token each op's dispatch, not its arithmetic,
+    is the cost): the norms as three ops each (:func:`~hatchling.model.kda.unit`), their weights folded
+    into the matmuls after them (:func:`~hatchling.model.kda.folded_norm`); one matmul for the six input
+    projections (q, k, v, the first low-rank factors of the decay and of the output gate, beta) and one
+    block-diagonal matmul for both second factors (dt_bias riding as the decay's bias); one conv over
+    q|k|v read from a preallocated tape of past inputs; the recurrent state updated in place
+    (:func:`~hatchling.model.kda.kda_step_`); the output projection fused with the residual add.
+    For float32 or float64 weights (then the state's dtype, as in forward). The weights are packed
+    once, here (under no_grad, as Decoder builds it): a step sees the layer's weights as they were then.
+    """
+
+    TAPE = 64       # steps between two shifts of the conv tape
+
+    def __init__(self, layer: KDALayer, norm: nn.RMSNorm, cache: dict, batch: int):
+        if layer.spike is not None:
+            raise ValueError("KDAStep: spike-KDA gates its update per head; decode it through forward")
+        H, D = layer.n_heads, layer.head_dim
+        self.n_heads, self.head_dim = H, D
+        (f1, f2), (g1, g2) = layer.f_proj, layer.g_proj
+        w_in = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight, f1.weight, g1.weight,
+                          layer.b_proj.weight])
+        self.w_in, self.root_eps = folded_norm(norm, w_in)
+        self.w_fg = torch.block_diag(f2.weight.T, g2.weight.T)              # [2 D, 2 H D]
+        self.b_fg = torch.cat([layer.dt_bias, g2.bias])
+        self.neg_A = -layer.A_log.exp().repeat_interleave(D)                # kda_gate's -exp(A_log), per channel
+        self.w_out, self.o_root_eps = folded_norm(layer.o_norm.norm, layer.o_proj.weight)
+        self.l2_root_eps = self.w_in.new_tensor(1e-3)                       # sqrt of l2norm's eps
+        # the conv's inputs: the last W - 1 (the cache's) and room for TAPE more, [B, time, 3 H D]
+        convs = (layer.q_conv, layer.k_conv, layer.v_conv)
+        self.conv_w = torch.cat([c.weight[:, 0] for c in convs]).T.contiguous()   # [W, 3 H D]
+        self.keep = self.conv_w.shape[0] - 1
+        self.tape = self.w_in.new_zeros(batch, self.keep + self.TAPE, 3 * H * D)
+        if self.keep and "q_conv" in cache:
+            past = torch.cat([cache[key] for key in ("q_conv", "k_conv", "v_conv")], dim=1)
+            self.tape[:, :self.keep] = past.transpose(1, 2)
+        self.t = self.keep                                                  # the slot of the next input
+        state = cache.get("state")
+        self.state = state.clone(memory_format=torch.contiguous_format) if state is not None else \
+            self.w_in.new_zeros(batch, H, D, D)
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(causal conv) of this step's q|k|v [B, 3 H D], as CausalConv1d over the whole sequence."""
+        if self.t == self.tape.shape[1]:                                    # full: the last W - 1 to the front
+            self.tape[:, :self.keep] = self.tape[:, self.t - self.keep:].clone()
+            self.t = self.keep
+        self.tape.select(1, self.t).copy_(x)
+        self.t += 1
+        window = self.tape.narrow(1, self.t - self.keep - 1, self.keep + 1)     # [B, W, 3 H D]
+        return F.silu((window * self.conv_w).sum(1))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d] (one token's residual stream) -> x + layer(norm(x))."""
+        B, H, D = x.shape[0], self.n_heads, self.head_dim
+        y = unit(x, self.root_eps) @ self.w_in
+        qkv = self.conv(y[:, :3 * H * D]).view(B, 3, H, D)
+        qk = unit(qkv[:, :2], self.l2_root_eps)                             # kda's l2norm of q and k
+        fg = torch.addmm(self.b_fg, y[:, 3 * H * D:-H], self.w_fg)
+        g = self.neg_A * F.softplus(fg[:, :H * D])                          # kda_gate of the decay input
+        o = kda_step_(qk[:, 0], qk[:, 1], qkv[:, 2], g.view(B, H, D), torch.sigmoid(y[:, -H:]), self.state)
+        o = unit(o, self.o_root_eps) * torch.sigmoid(fg[:, H * D:].view(B, H, D))   # GatedHeadNorm
+        return torch.addmm(x, o.view(B, H * D), self.w_out)

@@ -1,0 +1,118 @@
+"""The decoding step path (model.decoder: KDAStep, AttentionStep, SwiGLUStep) against its reference,
+forward with a cache: same logits at every position, same greedy tokens, and the fallback to forward
+for what it does not cover."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hatchling.model import build_model
+from hatchling.model.config import for_arch
+from hatchling.model.generate import generate, stream
+from hatchling.model.int8 import quantize_state_dict, use_int8_linears
+from hatchling.model.kda import folded_norm, kda_step, kda_step_, l2norm, unit
+
+# toddler's shape, shrunk; 4 query heads over 2 KV heads (grouped-query attention)
+SMALL = dict(size="toddler", vocab_size=97, d_model=32, n_layers=4, n_heads=4, head_dim=8, n_kv_heads=2,
+             mlp_hidden=48, chunk_size=16)
+
+
+def small_model(arch="hybrid", dtype=torch.float32, **over):
+    torch.manual_seed(0)
+    model = build_model({**for_arch(arch, SMALL), **over}).to(dtype).eval()
+    with torch.no_grad():           # norms and decay biases away from their init, so folding them is tested
+        for name, p in model.named_parameters():
+            if name.endswith(("norm.weight", "dt_bias", "g_proj.1.bias")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def test_in_place_kda_step_equals_the_reference_step():
+    torch.manual_seed(0)
+    B, H, K, V = 2, 3, 8, 5
+    q, k = F.normalize(torch.randn(2, B, H, K, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, H, V, dtype=torch.float64)
+    g = F.logsigmoid(torch.randn(B, H, K, dtype=torch.float64))
+    beta = torch.rand(B, H, dtype=torch.float64)
+    state = torch.randn(B, H, K, V, dtype=torch.float64)
+    o, expected = kda_step(q, k, v, g, beta, state)
+    in_place = state.clone()
+    torch.testing.assert_close(kda_step_(q, k, v, g, beta, in_place), o, atol=1e-12, rtol=0)
+    torch.testing.assert_close(in_place, expected, atol=1e-12, rtol=0)
+
+
+def test_unit_and_folded_norm_equal_l2norm_and_rmsnorm():
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 16, dtype=torch.float64) * 1e-3            # small enough for eps to matter
+    torch.testing.assert_close(unit(x, x.new_tensor(1e-3)), l2norm(x), atol=1e-12, rtol=1e-12)
+    norm = torch.nn.RMSNorm(8, eps=1e-5).double()
+    torch.nn.init.normal_(norm.weight)
+    W = torch.randn(5, 16, dtype=torch.float64)                       # after a norm of each 8-feature head
+    folded, root_eps = folded_norm(norm, W)
+    torch.testing.assert_close(unit(x.view(3, 2, 2, 8), root_eps).view(3, 2, 16) @ folded,
+                               norm(x.view(3, 2, 2, 8)).view(3, 2, 16) @ W.T, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["hybrid", "gpt"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_step_logits_equal_the_full_forward_at_every_position(arch, batch):
+    """Prefill 20 tokens, then 80 one-token steps (past a wrap of KDAStep's conv tape): float32 logits
+    within float32 tolerance of the non-cached full forward, float64 to 1e-10."""
+    for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
+        model = small_model(arch, dtype)
+        ids = torch.randint(0, 97, (batch, 100))
+        with torch.no_grad():
+            full = model(ids)
+            cache = model.new_cache()
+            model(ids[:, :20], cache)
+        decoder = model.decoder(cache, batch, 100)
+        steps = torch.stack([decoder(ids[:, t]) for t in range(20, 100)], dim=1)
+        torch.testing.assert_close(steps, full[:, 20:], atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("arch", ["hybrid", "gpt"])
+def test_fast_greedy_decode_is_the_argmax_of_the_full_forward(arch):
+    model = small_model(arch)
+    prompt = torch.randint(0, 97, (2, 37))
+    out = generate(model, prompt, 90)
+    with torch.no_grad():
+        logits = model(out[:, :-1])
+    assert torch.equal(logits[:, 36:].argmax(-1), out[:, 37:])
+    assert torch.equal(out, generate(model, prompt, 90, fast=False))
+    sampled = [generate(model, prompt, 30, temperature=1.0, top_k=20, seed=3, fast=fast) for fast in (True, False)]
+    assert torch.equal(*sampled)
+
+
+def test_the_decoder_leaves_the_cache_and_the_tokens_usable():
+    model = small_model()
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(torch.randint(0, 97, (1, 9)), cache)
+    before = [{k: t.clone() for k, t in c.items()} for c in cache]
+    decoder = model.decoder(cache, 1, 20)
+    for t in range(5):
+        decoder(torch.tensor([t]))
+    assert all(torch.equal(c[k], b[k]) for c, b in zip(cache, before, strict=True) for k in c)
+    out = model.generate(torch.randint(0, 97, (1, 5)), 4)         # tokens from inference mode feed training
+    model.train()
+    F.cross_entropy(model(out[:, :-1]).flatten(0, 1), out[:, 1:].flatten()).backward()
+
+
+@pytest.mark.parametrize("over", [{"spike": True}, {"token_drop": 0.5}, {"use_predictive_coding": True}, "int8"])
+def test_what_the_step_path_does_not_cover_decodes_through_forward(over):
+    model = small_model(**({} if over == "int8" else over))
+    if over == "int8":
+        use_int8_linears(model, quantize_state_dict(model))
+    assert model.decoder(model.new_cache(), 1, 10) is None
+    prompt = torch.randint(0, 97, (1, 6))
+    assert torch.equal(generate(model, prompt, 8), generate(model, prompt, 8, fast=False))
+
+
+@pytest.mark.parametrize("arch", ["bdh", "hope"])
+def test_other_architectures_stream_through_forward(arch):
+    model = build_model({"arch": arch, "vocab_size": 97, "d_model": 32, "n_layers": 2, "n_heads": 2,
+                         **({"bdh": {"neurons": 32}} if arch == "bdh" else {"head_dim": 8, "hope": {"hidden": 16}})})
+    prompt = torch.randint(0, 97, (1, 6))
+    streamed = torch.stack(list(stream(model.eval(), prompt, 5)), dim=1)
+    with torch.no_grad():
+        assert torch.equal(model(torch.cat([prompt, streamed[:, :-1]], 1))[:, 5:].argmax(-1), streamed)
