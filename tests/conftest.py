@@ -40,6 +40,17 @@ TINY_PARAMS = {
 }
 
 
+# The longest test files first (minutes, on the 2-core CI machine): pytest-xdist hands whole files to
+# its workers in the order collected, so a long file started last would keep one worker busy alone.
+LONGEST_FIRST = ("test_kill.py", "test_prefect_flow.py", "test_dvc_pipeline.py", "test_pretrain.py", "test_eval.py",
+                 "test_architectures.py", "test_rl.py", "test_prefect_deployment.py", "test_export.py", "test_crawl.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))      # stable: each file keeps its order
+
+
 def write_params(project: Path, params: dict) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 

@@ -90,7 +90,6 @@ def run(ctx) -> dict:
     train_tiers = by_tier(load_items(ctx.inputs.tasks, p.tasks, "train"))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.0)
     kl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
-    rng, generator = random.Random(p.seed), torch.Generator(device).manual_seed(p.seed)
     fingerprint = run_fingerprint(p, inputs=hash_paths([init_dir, ctx.inputs.tasks], ctx.root))
     state = load_resume_state(run_dir, fingerprint)
     if state is None:
@@ -105,9 +104,6 @@ def run(ctx) -> dict:
         policy.load_state_files(run_dir)
         optimizer.load_state_dict(state["optimizer"])
         kl.value = state["kl_coef"]
-        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
     tier, history = state["tier"], state["history"]
     if tier not in train_tiers:
         raise ConfigError(f"rlvr.tier = {tier}: the tasks {', '.join(p.tasks)} have tiers "
@@ -120,6 +116,11 @@ def run(ctx) -> dict:
     if "heldout_pass_before" not in state:
         state["heldout_pass_before"] = pass_rate(policy, tokenizer, heldout, p.max_new_tokens, tasks, device)
     resumed_from = state["step"] or None
+    rng, generator = random.Random(p.seed), torch.Generator(device).manual_seed(p.seed)
+    if resumed_from:
+        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
     cfg = RLConfig(p.k, p.max_new_tokens, p.temperature, p.epsilon_clip, p.rho_max, p.ppo_epochs,
                    curiosity_coef=p.curiosity_coef if p.use_curiosity_bonus else 0.0)
     for step in tqdm(range(state["step"] + 1, p.max_steps + 1), desc="rlvr", disable=not p.progress, unit="step",
