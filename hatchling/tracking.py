@@ -71,19 +71,20 @@ def client(root: Path = Path(".")):
 
     uri = tracking_uri(root)
     db = sqlite_file(uri)
-    if db is not None and not db.exists():
-        _create_store(db)
+    if db is not None:
+        sweep(db)                   # what a run killed while creating the store left
+        if not db.exists():
+            _create_store(db)
     return MlflowClient(tracking_uri=uri)
 
 
 def _create_store(db: Path) -> None:
     """A new SQLite store, its tables made by MLflow in a temporary sibling that is then linked into
     place (never over a store another process made meanwhile): a run killed while MLflow builds the
-    tables leaves no half-made store behind, only the sibling, which the next creation sweeps up."""
+    tables leaves no half-made store behind, only the sibling, which the next client() sweeps up."""
     from mlflow.tracking import MlflowClient
 
     db.parent.mkdir(parents=True, exist_ok=True)
-    sweep(db)
     tmp = Path(tempfile.mkdtemp(prefix=f".{db.name}{TEMP}{os.getpid()}-", dir=db.parent))
     try:
         made = tmp / db.name
