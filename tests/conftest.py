@@ -108,25 +108,42 @@ def project(tmp_path) -> Path:
     return make_project(tmp_path / "proj")
 
 
+def shared(tmp_path_factory, worker_id: str, name: str, build) -> Path:
+    """`build(path)`'s project, made once per test session: pytest-xdist's workers share it (the first
+    to ask builds it under a lock, the others wait and reuse it) instead of each building its own."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base if worker_id == "master" else base.parent       # the session's directory, above the workers'
+    path, done = root / name / "proj", root / name / "built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path.parent, ignore_errors=True)       # a build that failed half-way starts over
+            build(make_project(path))
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
-def tokenized_project(tmp_path_factory) -> Path:
+def tokenized_project(tmp_path_factory, worker_id) -> Path:
     """A project whose crawl, dedup and tokenize stages have run (shared, read-only for tests)."""
-    path = make_project(tmp_path_factory.mktemp("tok") / "proj")
-    for stage in ("crawl", "tasks", "dedup", "tokenize"):
-        run_cmd(hatchling_cmd("run", stage), path)
-    return path
+    def build(path: Path) -> None:
+        for stage in ("crawl", "tasks", "dedup", "tokenize"):
+            run_cmd(hatchling_cmd("run", stage), path)
+
+    return shared(tmp_path_factory, worker_id, "tok", build)
 
 
 @pytest.fixture(scope="session")
-def pretrained_project(tokenized_project, tmp_path_factory) -> Path:
+def pretrained_project(tokenized_project, tmp_path_factory, worker_id) -> Path:
     """tokenized_project plus pretrain, sft and rlvr checkpoints (shared, read-only: copy what you change)."""
-    path = make_project(tmp_path_factory.mktemp("pre") / "proj")
-    shutil.copytree(tokenized_project / "data", path / "data", dirs_exist_ok=True)
-    shutil.copytree(tokenized_project / "reports", path / "reports")    # the contamination report eval reads
-    run_cmd(hatchling_cmd("run", "pretrain"), path)
-    for stage in ("sft", "rlvr"):
-        run_cmd(hatchling_cmd("run", stage), path)
-    return path
+    def build(path: Path) -> None:
+        shutil.copytree(tokenized_project / "data", path / "data", dirs_exist_ok=True)
+        shutil.copytree(tokenized_project / "reports", path / "reports")    # the contamination report eval reads
+        for stage in ("pretrain", "sft", "rlvr"):
+            run_cmd(hatchling_cmd("run", stage), path)
+
+    return shared(tmp_path_factory, worker_id, "pre", build)
 
 
 def copy_project(source: Path, dest: Path) -> Path:

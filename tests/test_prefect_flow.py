@@ -48,16 +48,20 @@ def test_flow_runs_then_completes_from_cache_and_reruns_only_what_changed(prefec
     assert (project / "reports/pretrain.json").read_text() == report_before
     print(f"prefect cached rerun: {cached_seconds:.2f}s")
 
-    # a changed pretrain param: upstream stages stay cached, pretrain runs again
-    write_params(project, {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "max_steps": 4}})
+    # a changed rlvr param: the stages upstream stay cached, rlvr and the stages that read it run again
+    write_params(project, {**TINY_PARAMS, "rlvr": {**TINY_PARAMS["rlvr"], "max_steps": 1}})
     third = pipeline(root=str(project))
-    assert third["crawl"] == third["tokenize"] == "cached" and third["pretrain"]["steps"] == 4
+    assert {name for name, m in third.items() if m == "cached"} == {"crawl", "tasks", "dedup", "tokenize",
+                                                                   "pretrain", "sft"}
+    assert third["rlvr"]["steps"] == 1 and isinstance(third["eval"], dict) and isinstance(third["export"], dict)
 
-    # a deleted output is rebuilt even though its cache key is unchanged
-    (project / "data/tokenized/meta.json").unlink()
+    # a deleted output is rebuilt even though its cache key is unchanged; nothing else runs
+    scores = json.loads((project / "reports/eval.json").read_text())["scores"]
+    (project / "reports/eval.md").unlink()
     fourth = pipeline(root=str(project))
-    assert fourth["crawl"] == "cached" and isinstance(fourth["tokenize"], dict)
-    assert json.loads((project / "data/tokenized/meta.json").read_text())["vocab_size"] <= 320
+    assert {name for name, m in fourth.items() if m != "cached"} == {"eval"}
+    assert (project / "reports/eval.md").is_file()
+    assert json.loads((project / "reports/eval.json").read_text())["scores"] == scores
 
     client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("hatchling")
