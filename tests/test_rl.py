@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from hatchling.model import build_model
-from hatchling.train.rl import KLController, RLConfig, group_advantages, kl_k3, ppo_loss, rl_step
+from hatchling.train.rl import (KLController, RLConfig, completion_logprobs, group_advantages, kl_k3, ppo_loss,
+                                rl_step, sample_groups)
 from hatchling.train.rlvr import choose_tier
 
 
@@ -52,6 +53,29 @@ def test_kl_controller_moves_toward_the_target():
     assert ctl.update(0.4) == pytest.approx(0.1 * (1 - 0.2 / 10))      # below target: down
     ctl = KLController(init=0.1, target=0.5, horizon=10)
     assert ctl.update(0.5) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("arch", ["hybrid", "gpt"])
+def test_sampled_log_probs_are_the_training_passes(arch):
+    """The sampler (prefill, then one-token steps with the cache) and the update's full forward pass agree on
+    every sampled token's log-probability, so the importance weights start at 1; a stop token ends a
+    completion and masks what follows."""
+    torch.manual_seed(0)
+    model = build_model({"arch": arch, "size": "toddler", "vocab_size": 12, "d_model": 32, "n_layers": 4,
+                         "n_heads": 2, "head_dim": 16, "n_kv_heads": 1, "mlp_hidden": 64,
+                         **({"chunk_size": 8} if arch == "hybrid" else {})})
+    prompts = [[3, 4, 5, 6, 7], [8, 9, 10, 11, 2]]
+    s = sample_groups(model, prompts, k=4, max_new_tokens=20, temperature=0.9, stop_ids=[1],
+                      generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    assert s.tokens.shape == s.mask.shape == s.behavior_logp.shape and s.tokens.shape[0] == 8
+    assert torch.equal(s.prompts, torch.tensor(prompts).repeat_interleave(4, dim=0))
+    with torch.no_grad():
+        full = completion_logprobs(model, s, 0.9)
+    assert torch.allclose(full[s.mask], s.behavior_logp[s.mask], atol=1e-4)
+    stopped = (s.tokens == 1) & s.mask
+    assert stopped.any(), "no completion stopped: pick another seed"
+    for row, col in stopped.nonzero().tolist():
+        assert not s.mask[row, col + 1:].any() and not s.tokens[row, col + 1:].any()
 
 
 def test_seeded_rl_run_learns_an_easy_verifiable_task():
