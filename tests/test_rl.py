@@ -13,8 +13,16 @@ import pytest
 import torch
 
 from hatchling.model import build_model
-from hatchling.train.rl import (KLController, RLConfig, completion_logprobs, group_advantages, kl_k3, ppo_loss,
-                                rl_step, sample_groups)
+from hatchling.train.rl import (
+    KLController,
+    RLConfig,
+    completion_logprobs,
+    group_advantages,
+    kl_k3,
+    ppo_loss,
+    rl_step,
+    sample_groups,
+)
 from hatchling.train.rlvr import choose_tier
 
 
