@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import get_args
 
 from hatchling.config import Device, load_params
-from hatchling.errors import BrokenEnvironment, ConfigError, HatchlingError, InputError, StageError, environment_fault
+from hatchling.errors import BrokenEnvironment, ConfigError, HatchlingError, StageError, environment_fault
 from hatchling.io import atomic_write_text
 from hatchling.stages import STAGES, dvc_params, dvc_yaml_text, run_stage, upstream
 
@@ -135,24 +135,13 @@ def _generate_onnx(args) -> int:
     import onnxruntime
     import torch
 
-    from hatchling.data.tokenizer import EOT
     from hatchling.export.onnx_runtime import load_decoder
-    from hatchling.inference import stream_text
+    from hatchling.inference import print_continuation
 
     decoder, tokenizer, meta = load_decoder(args.checkpoint)
     print(f"decoding with onnxruntime {onnxruntime.__version__} ({meta['onnx']['quantization']}): "
           f"{decoder.path}", file=sys.stderr)
-    ids = tokenizer.encode(args.prompt).ids
-    if not ids:
-        raise InputError("--prompt is empty after tokenization")
-    sys.stdout.write(args.prompt)
-    for piece in stream_text(decoder, tokenizer, ids, args.max_new_tokens, (tokenizer.token_to_id(EOT),),
-                             device=torch.device("cpu"), temperature=args.temperature, top_k=args.top_k,
-                             top_p=args.top_p, seed=args.seed):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
+    return print_continuation(args, decoder, tokenizer, torch.device("cpu"))
 
 
 def _gridworld(args) -> int:

@@ -92,6 +92,12 @@ def stream_text(model, tokenizer, ids: list[int], max_new_tokens: int, stop: tup
 def generate_cli(args) -> int:
     device = resolve_device(args.device)
     model, tokenizer, _ = load_for_inference(args.checkpoint, args.compute, device)
+    return print_continuation(args, model, tokenizer, device)
+
+
+def print_continuation(args, model, tokenizer, device: torch.device) -> int:
+    """`generate`'s output: args.prompt, then its continuation by `model` (a module, or anything
+    `stream_text` decodes with, such as an ONNX decoder) streamed to stdout as it is decoded."""
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise InputError("--prompt is empty after tokenization")
