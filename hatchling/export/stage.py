@@ -28,21 +28,24 @@ from hatchling.data.tokenizer import TOKENIZER
 from hatchling.export.onnx import ONNX_FILE, ONNX_QUANTIZATION, onnx_installed, onnx_unsupported, write_int8_onnx
 from hatchling.export.onnx_runtime import load_decoder
 from hatchling.io import atomic_path
+from hatchling.model.generate import step_function
 from hatchling.model.int8 import quantize_state_dict
 from hatchling.model.lm import bits_per_byte, sample_batch, tokens_per_byte, validation_loss
 
 
 @torch.no_grad()
 def latency(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(prefill ms for the prompt, mean ms per decoded token), best of `repeats`, batch 1."""
+    """(prefill ms for the prompt, mean ms per decoded token), best of `repeats`, batch 1, greedy,
+    each token through the path `generate` takes (on the CPU, the model's step path where it has one)."""
     best_prefill = best_decode = math.inf
     for _ in range(repeats):
         cache = model.new_cache()
         t0 = time.perf_counter()
         logits = model(prompt, cache)[:, -1]
+        step = step_function(model, cache, 1, prompt.shape[1] + new_tokens, prompt.device)
         t1 = time.perf_counter()
         for _ in range(new_tokens):
-            logits = model(logits.argmax(-1, keepdim=True), cache)[:, -1]
+            logits = step(logits.argmax(-1))
         t2 = time.perf_counter()
         best_prefill = min(best_prefill, (t1 - t0) * 1e3)
         best_decode = min(best_decode, (t2 - t1) * 1e3 / new_tokens)
