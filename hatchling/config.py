@@ -270,11 +270,12 @@ class RLVRParams(Section):
                                                          "(needs model.use_predictive_coding)")
     curiosity_coef: float = Field(0.1, ge=0, description="weight of the curiosity bonus")
     grad_clip: float = Field(1.0, ge=0)
-    tier: int | Literal["auto"] = Field("auto", description="the ladder's tier RL trains on; auto: the one where "
-                                                             "the SFT policy is least sure (pass rate nearest 1/2)")
-    tier_probe_items: int = Field(32, ge=1, description="training items per tier answered greedily to choose it")
-    eval_items: int = Field(0, ge=0, description="held-out items of the tier scored greedily before and after "
-                                                 "(0 = all)")
+    tier: int | Literal["auto"] = Field("auto", description="the ladder's tier RL trains on; auto: the one whose "
+                                                             "sampled groups hold both right and wrong answers most")
+    tier_probe_items: int = Field(32, ge=1, description="training items per tier, k completions each, sampled to "
+                                                        "choose it")
+    eval_items: int = Field(0, ge=0, description="held-out items of the tier scored before and after, greedily and "
+                                                 "by k samples (0 = all)")
     sandbox_timeout_s: float = Field(5.0, gt=0)
     checkpoint_every: int = Field(10, ge=1, description="steps between the resume checkpoints in checkpoints/rlvr-run")
     device: Device | None = Field(None, description="where the policy, its reference and the sampling run")

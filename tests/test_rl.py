@@ -86,6 +86,41 @@ def test_sampled_log_probs_are_the_training_passes(arch):
         assert not s.mask[row, col + 1:].any() and not s.tokens[row, col + 1:].any()
 
 
+def test_sampled_pass_rates_are_seeded_and_cold_sampling_gives_the_greedy_answers(pretrained_project):
+    """An item's sampled pass rate is its share of k samples the verifier accepts: near temperature 0
+    every sample is the greedy answer; at temperature 1 under `seeded` the draws repeat and torch's
+    own random stream is left where it was."""
+    from hatchling.checkpoint import load_model
+    from hatchling.data.chat import render_chat, stop_ids
+    from hatchling.data.tokenizer import TOKENIZER, load_tokenizer
+    from hatchling.inference import generate_texts
+    from hatchling.io import read_jsonl
+    from hatchling.tasks.math import Math
+    from hatchling.train.rlvr import sampled_pass_rates, seeded
+
+    class Echo(Math):                        # accepts exactly the answer the item names
+        def score(self, item, completion):
+            return completion == item["expected"]
+
+    cpu = torch.device("cpu")
+    model, _ = load_model(pretrained_project / "checkpoints/sft", cpu)
+    tok = load_tokenizer(pretrained_project / "checkpoints/sft" / TOKENIZER)
+    items = [{**x, "kind": "math"} for x in read_jsonl(pretrained_project / "data/tasks/math_train.jsonl")][:6]
+    prompts = [render_chat(tok, [{"role": "user", "content": Math().question(x)}], add_generation_prompt=True)
+               for x in items]
+    greedy = generate_texts(model, prompts, 6, tok.decode, stop_ids=stop_ids(tok), device=cpu)
+    items = [{**x, "expected": g} for x, g in zip(items, greedy, strict=True)]
+    tasks = {"math": Echo()}
+    assert sampled_pass_rates(model, tok, items, 3, 6, 1e-4, tasks, None, cpu) == [1.0] * 6
+    state = torch.get_rng_state()
+    with seeded(5, cpu):
+        warm = sampled_pass_rates(model, tok, items, 4, 6, 1.0, tasks, None, cpu)
+    assert torch.equal(torch.get_rng_state(), state)
+    with seeded(5, cpu):
+        assert sampled_pass_rates(model, tok, items, 4, 6, 1.0, tasks, None, cpu) == warm
+    assert all(4 * r in (0, 1, 2, 3, 4) for r in warm) and warm != [1.0] * 6
+
+
 def test_seeded_rl_run_learns_an_easy_verifiable_task():
     """Reward 1 when the first generated token repeats the first token of the prompt. A random
     toddler model answers held-out prompts at chance; 30 RL steps lift greedy accuracy by > 0.4."""
@@ -126,14 +161,20 @@ def test_rlvr_stage_logs_every_step(pretrained_project):
     assert float(rows[1]["kl_coef"]) != float(rows[0]["kl_coef"])            # the controller acted
     report = json.loads((pretrained_project / "reports/rlvr.json").read_text())
     assert report["heldout_items"] == 2 and 0 <= report["heldout_pass_after"] <= 1
-    assert report["tier"] == choose_tier({int(t): r for t, r in report["tier_pass_rates"].items()})
     assert set(report["tier_pass_rates"]) == {"1", "2", "3", "4"}
+    for when in ("before", "after"):        # each item's share of k = 2 samples: a multiple of 1/2, averaged
+        rate, (low, high) = report[f"heldout_sampled_pass_{when}"], report[f"heldout_sampled_pass_{when}_ci"]
+        assert (4 * rate).is_integer() and 0 <= low <= rate <= high <= 1
+    assert report["heldout_sampled_gain"] == report["heldout_sampled_pass_after"] - report["heldout_sampled_pass_before"]
     assert json.loads((pretrained_project / "checkpoints/rlvr/model.json").read_text())["stage"] == "rlvr"
 
 
-def test_rl_trains_on_the_tier_where_the_policy_is_least_sure():
-    """Saturated and hopeless tiers teach nothing (every group's rewards are equal): the tier chosen
-    has the pass rate nearest 1/2; ties go to the lower tier."""
-    assert choose_tier({1: 0.95, 2: 0.4, 3: 0.0}) == 2
-    assert choose_tier({1: 1.0, 2: 0.0}) == 1
-    assert choose_tier({1: 0.3, 2: 0.7}) == 1 and choose_tier({1: 0.8, 2: 0.6}) == 2
+def test_rl_trains_on_the_tier_whose_groups_are_most_often_mixed():
+    """Saturated and hopeless items teach nothing (every answer in their group gets the same reward):
+    the tier chosen has the largest mean p(1 - p) over its items' sampled pass rates p, which a mean
+    pass rate alone cannot tell; ties go to the lower tier."""
+    assert choose_tier({1: [0.95, 1.0], 2: [0.4, 0.5], 3: [0.0, 0.0]}) == 2
+    assert choose_tier({1: [1.0, 1.0], 2: [0.0, 0.0]}) == 1
+    assert choose_tier({1: [0.3], 2: [0.7]}) == 1 and choose_tier({1: [0.8], 2: [0.6]}) == 2
+    # a mean of 1/2 from items always right or always wrong, against items right a quarter of the time
+    assert choose_tier({1: [1.0, 0.0, 1.0, 0.0], 2: [0.25, 0.25, 0.25, 0.25]}) == 2

@@ -27,8 +27,10 @@ WHAT = {
     "ladder": "The project's generated tasks in tiers from the easiest, on held-out items never trained on; exact "
               "match of the final number (math) or the function passing its unit tests (code), greedy. The base "
               "model (pretrain) continues the prompt format; chat checkpoints answer as a user turn.",
-    "rlvr": "RLVR trains on the tier where the SFT policy is least sure (training items' pass rate nearest 1/2); "
-            "its held-out pass rate before and after, greedy.",
+    "rlvr": "RLVR trains on the tier whose sampled answers are most often mixed, right and wrong, per training "
+            "item (a group of equal rewards teaches nothing); the tier's held-out pass rate before and after, greedy "
+            "and sampled as RL samples (k answers an item at its temperature, the same draws before and after: "
+            "the quantity RL raises).",
     "benchmarks": "Real eval sets scored as lm-evaluation-harness scores them: multiple choice by log-likelihood "
                   "(acc; acc_norm divides by the choice's length in characters), GSM8K and HumanEval by generation. "
                   "A model of this size is expected at chance here (≈).",
@@ -59,10 +61,13 @@ def _rlvr_section(r: dict) -> list[str]:
     before, after = r["heldout_pass_before"], r["heldout_pass_after"]
     (bl, bh), (al, ah) = r["heldout_pass_before_ci"], r["heldout_pass_after_ci"]
     rates = ", ".join(f"tier {t}: {v:.2f}" for t, v in r["tier_pass_rates"].items()) or "set by rlvr.tier"
+    sb, sa = r["heldout_sampled_pass_before"], r["heldout_sampled_pass_after"]
+    (sbl, sbh), (sal, sah) = r["heldout_sampled_pass_before_ci"], r["heldout_sampled_pass_after_ci"]
     return ["## RLVR", "", WHAT["rlvr"], "",
-            f"Tier {r['tier']} ({rates}); {r['steps']} steps. Held-out pass rate (n {n}): "
-            f"{before:.3f} [{bl:.3f}, {bh:.3f}] before, {after:.3f} [{al:.3f}, {ah:.3f}] after: "
-            f"**{100 * (after - before):+.1f} points**.", ""]
+            f"Tier {r['tier']} (sampled pass rates: {rates}); {r['steps']} steps. Held-out pass rate (n {n}), "
+            f"greedy: {before:.3f} [{bl:.3f}, {bh:.3f}] before, {after:.3f} [{al:.3f}, {ah:.3f}] after: "
+            f"**{100 * (after - before):+.1f} points**; sampled: {sb:.3f} [{sbl:.3f}, {sbh:.3f}] before, "
+            f"{sa:.3f} [{sal:.3f}, {sah:.3f}] after: **{100 * (sa - sb):+.1f} points**.", ""]
 
 
 def markdown(report: dict) -> str:

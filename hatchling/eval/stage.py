@@ -87,7 +87,9 @@ def training(ctx) -> dict:
                                                   "unigram_val_bpb", "bigram_val_bpb", "bigram_add_k")},
             "rlvr": {k: rlvr[k] for k in ("steps", "tier", "tier_pass_rates", "heldout_items", "heldout_pass_before",
                                           "heldout_pass_after", "heldout_gain", "heldout_pass_before_ci",
-                                          "heldout_pass_after_ci")}}
+                                          "heldout_pass_after_ci", "heldout_sampled_pass_before",
+                                          "heldout_sampled_pass_after", "heldout_sampled_gain",
+                                          "heldout_sampled_pass_before_ci", "heldout_sampled_pass_after_ci")}}
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -46,9 +46,10 @@ class Samples:
 
 @torch.no_grad()
 def sample_groups(model, prompts: list[list[int]], k: int, max_new_tokens: int, temperature: float,
-                  stop_ids: Sequence[int], generator: torch.Generator, device: torch.device) -> Samples:
+                  stop_ids: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Samples:
     """k completions of each prompt (all of one length), sampled in one batch with the decoding
-    cache (constant-size KDA state, NoPE KV cache), on `device` (the generator's too)."""
+    cache (constant-size KDA state, NoPE KV cache), on `device` (the generator's too; None: torch's
+    default generator of the device)."""
     model.eval()
     batch = torch.tensor(prompts, device=device).repeat_interleave(k, dim=0)
     cache = model.new_cache()

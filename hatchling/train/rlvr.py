@@ -4,8 +4,10 @@ Prompts are the training split of the project's tasks (data/tasks), asked as a u
 chat template; each completion gets its task family's reward (hatchling/tasks: math, the number
 after ``####`` or the last number equals the answer; code, the function passes its unit tests in
 the sandbox), plus the format bonus for a well-formed answer (math: marked with ``####``; code: it
-parses). The algorithm lives in hatchling/train/rl.py. Held-out reward (greedy, on the held-out
-split) is measured before and after, and every step goes to MLflow and logs/rlvr.csv. Every
+parses). The algorithm lives in hatchling/train/rl.py. With ``rlvr.tier: auto`` it trains on the
+tier whose sampled groups hold the most to learn from (``choose_tier``). The held-out pass rate of
+that tier is measured before and after, greedy and sampled as RL samples (k completions an item, the
+same draws before and after), and every step goes to MLflow and logs/rlvr.csv. Every
 `checkpoint_every` steps the whole state of the run (policy, optimizer, KL coefficient, the prompt
 sampler's and the token sampler's RNG states, the step, the log so far) is saved in
 checkpoints/rlvr-run: a killed run started again with the same params and inputs continues from
@@ -15,6 +17,7 @@ its frozen reference and the sampling run on `rlvr.device` (by default the run's
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import io
@@ -38,7 +41,7 @@ from hatchling.tasks.base import Task, by_tier
 from hatchling.tasks.code import Code
 from hatchling.tasks.math import Math
 from hatchling.train.loop import run_fingerprint
-from hatchling.train.rl import KLController, RLConfig, rl_step
+from hatchling.train.rl import KLController, RLConfig, rl_step, sample_groups
 
 
 def families(sandbox_timeout_s: float) -> dict[str, Task]:
@@ -68,10 +71,57 @@ def pass_rate(model, tokenizer, items: list[dict], max_new_tokens: int, tasks: d
     return sum(tasks[x["kind"]].score(x, a) for x, a in zip(items, answers, strict=True)) / max(len(items), 1)
 
 
-def choose_tier(rates: dict[int, float]) -> int:
-    """The tier whose pass rate p has the most room both ways (largest p(1 - p)): where RL's groups
-    hold both right and wrong answers to learn from. Ties go to the lower tier."""
-    return max(rates, key=lambda t: (round(rates[t] * (1 - rates[t]), 9), -t))
+@torch.no_grad()
+def sampled_pass_rates(model, tokenizer, items: list[dict], k: int, max_new_tokens: int, temperature: float,
+                       tasks: dict[str, Task], generator: torch.Generator, device: torch.device,
+                       prompts_per_batch: int = 32) -> list[float]:
+    """Each item's share of `k` completions, sampled at `temperature` as RL samples them, that are
+    correct: what RL's group for the item would hold."""
+    prompts = [render_chat(tokenizer, [{"role": "user", "content": tasks[x["kind"]].question(x)}],
+                           add_generation_prompt=True) for x in items]
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    rates = [0.0] * len(items)
+    for same_length in by_length.values():
+        for b in range(0, len(same_length), prompts_per_batch):
+            rows = same_length[b:b + prompts_per_batch]
+            s = sample_groups(model, [prompts[i] for i in rows], k, max_new_tokens, temperature, stop_ids(tokenizer),
+                              generator, device)
+            tokens, mask = s.tokens.cpu(), s.mask.cpu()
+            for row in range(len(tokens)):
+                i = rows[row // k]
+                answer = tokenizer.decode(tokens[row][mask[row]].tolist())
+                rates[i] += tasks[items[i]["kind"]].score(items[i], answer) / k
+    return rates
+
+
+def choose_tier(item_rates: dict[int, list[float]]) -> int:
+    """The tier whose groups hold the most to learn from: the largest mean over its probe items of
+    p(1 - p), p an item's sampled pass rate (a group of all-right or all-wrong answers has equal
+    rewards and teaches nothing; a greedy pass rate cannot tell a tier whose items are each right
+    half the time from one whose items are each always right or always wrong). Ties go to the lower tier."""
+    def signal(t: int) -> float:
+        return round(sum(p * (1 - p) for p in item_rates[t]) / max(len(item_rates[t]), 1), 9)
+
+    return max(item_rates, key=lambda t: (signal(t), -t))
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """torch's default generators (CPU, and `device`'s when CUDA) seeded with `seed` inside, as they
+    were after: draws that do not move the training run's own random streams."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def mean_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-item rates with ± 1.96 standard errors across items."""
+    n = len(values)
+    mean = sum(values) / max(n, 1)
+    se = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else 0.0
+    return mean, max(0.0, mean - 1.96 * se), min(1.0, mean + 1.96 * se)
 
 
 def run(ctx) -> dict:
@@ -93,12 +143,14 @@ def run(ctx) -> dict:
     fingerprint = run_fingerprint(p, inputs=hash_paths([init_dir, ctx.inputs.tasks], ctx.root))
     state = load_resume_state(run_dir, fingerprint)
     if state is None:
-        rates = {}
+        probes = {}
         if p.tier == "auto":
-            rates = {t: pass_rate(policy, tokenizer, items[:p.tier_probe_items], p.max_new_tokens, tasks, device)
-                     for t, items in train_tiers.items()}
-        state = {"step": 0, "history": [], "tier": choose_tier(rates) if p.tier == "auto" else p.tier,
-                 "tier_pass_rates": rates, "fingerprint": fingerprint}
+            with seeded(p.seed, device):
+                probes = {t: sampled_pass_rates(policy, tokenizer, items[:p.tier_probe_items], p.k, p.max_new_tokens,
+                                                p.temperature, tasks, None, device)
+                          for t, items in train_tiers.items()}
+        state = {"step": 0, "history": [], "tier": choose_tier(probes) if p.tier == "auto" else p.tier,
+                 "tier_pass_rates": {t: sum(v) / len(v) for t, v in probes.items()}, "fingerprint": fingerprint}
     else:                                        # the run killed after this checkpoint, continued as it was
         policy.load_state_dict(load_weights(run_dir, str(device)))
         policy.load_state_files(run_dir)
@@ -113,8 +165,15 @@ def run(ctx) -> dict:
     heldout = heldout[:p.eval_items] if p.eval_items else heldout
     prompts = [render_chat(tokenizer, [{"role": "user", "content": tasks[x["kind"]].question(x)}],
                            add_generation_prompt=True) for x in train]
+
+    def sampled_heldout() -> list[float]:          # the same draws before and after: their difference is RL's
+        with seeded(p.seed + 1, device):
+            return sampled_pass_rates(policy, tokenizer, heldout, p.k, p.max_new_tokens, p.temperature, tasks, None,
+                                      device)
+
     if "heldout_pass_before" not in state:
         state["heldout_pass_before"] = pass_rate(policy, tokenizer, heldout, p.max_new_tokens, tasks, device)
+        state["heldout_sampled_before"] = sampled_heldout()
     resumed_from = state["step"] or None
     rng, generator = random.Random(p.seed), torch.Generator(device).manual_seed(p.seed)
     if resumed_from:
@@ -146,6 +205,7 @@ def run(ctx) -> dict:
                                          "step": step}, state)
     before = state["heldout_pass_before"]
     after = pass_rate(policy, tokenizer, heldout, p.max_new_tokens, tasks, device)
+    sampled_before, sampled_after = mean_interval(state["heldout_sampled_before"]), mean_interval(sampled_heldout())
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
     writer.writeheader()
@@ -160,6 +220,10 @@ def run(ctx) -> dict:
             "heldout_pass_before": before, "heldout_pass_after": after, "heldout_gain": after - before,
             "heldout_pass_before_ci": list(wilson_interval(before * n, n)),
             "heldout_pass_after_ci": list(wilson_interval(after * n, n)),
+            "heldout_sampled_pass_before": sampled_before[0], "heldout_sampled_pass_after": sampled_after[0],
+            "heldout_sampled_gain": sampled_after[0] - sampled_before[0],
+            "heldout_sampled_pass_before_ci": list(sampled_before[1:]),
+            "heldout_sampled_pass_after_ci": list(sampled_after[1:]),
             "heldout_items": n, "final_reward_mean": history[-1]["reward_mean"],
             "final_kl": history[-1]["kl"], "final_kl_coef": history[-1]["kl_coef"],
             "seconds": round(time.perf_counter() - t0, 2)}
