@@ -165,7 +165,8 @@ def test_rlvr_stage_logs_every_step(pretrained_project):
     for when in ("before", "after"):        # each item's share of k = 2 samples: a multiple of 1/2, averaged
         rate, (low, high) = report[f"heldout_sampled_pass_{when}"], report[f"heldout_sampled_pass_{when}_ci"]
         assert (4 * rate).is_integer() and 0 <= low <= rate <= high <= 1
-    assert report["heldout_sampled_gain"] == report["heldout_sampled_pass_after"] - report["heldout_sampled_pass_before"]
+    gain = report["heldout_sampled_pass_after"] - report["heldout_sampled_pass_before"]
+    assert report["heldout_sampled_gain"] == gain
     assert json.loads((pretrained_project / "checkpoints/rlvr/model.json").read_text())["stage"] == "rlvr"
 
 
