@@ -73,10 +73,10 @@ def pass_rate(model, tokenizer, items: list[dict], max_new_tokens: int, tasks: d
 
 @torch.no_grad()
 def sampled_pass_rates(model, tokenizer, items: list[dict], k: int, max_new_tokens: int, temperature: float,
-                       tasks: dict[str, Task], generator: torch.Generator, device: torch.device,
+                       tasks: dict[str, Task], generator: torch.Generator | None, device: torch.device,
                        prompts_per_batch: int = 32) -> list[float]:
     """Each item's share of `k` completions, sampled at `temperature` as RL samples them, that are
-    correct: what RL's group for the item would hold."""
+    correct: what RL's group for the item would hold (`generator` None: torch's default one)."""
     prompts = [render_chat(tokenizer, [{"role": "user", "content": tasks[x["kind"]].question(x)}],
                            add_generation_prompt=True) for x in items]
     by_length: dict[int, list[int]] = {}
@@ -140,7 +140,8 @@ def run(ctx) -> dict:
     train_tiers = by_tier(load_items(ctx.inputs.tasks, p.tasks, "train"))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.0)
     kl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
-    fingerprint = run_fingerprint(p, inputs=hash_paths([init_dir, ctx.inputs.tasks], ctx.root))
+    # state 2: the resume state holds the sampled held-out rates (a state 1 checkpoint is not resumed)
+    fingerprint = run_fingerprint(p, inputs=hash_paths([init_dir, ctx.inputs.tasks], ctx.root), state=2)
     state = load_resume_state(run_dir, fingerprint)
     if state is None:
         probes = {}
