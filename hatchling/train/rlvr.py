@@ -59,13 +59,18 @@ def load_items(tasks_dir: Path, kinds: list[str], split: str) -> list[dict]:
     return items
 
 
+def asked(tokenizer, items: list[dict], tasks: dict[str, Task]) -> list[list[int]]:
+    """Each item asked as a user turn of the chat template, ready for the assistant's answer."""
+    return [render_chat(tokenizer, [{"role": "user", "content": tasks[x["kind"]].question(x)}],
+                        add_generation_prompt=True) for x in items]
+
+
 @torch.no_grad()
 def pass_rate(model, tokenizer, items: list[dict], max_new_tokens: int, tasks: dict[str, Task],
               device: torch.device) -> float:
     """Share of `items` the model (on `device`) answers correctly, greedily, asked as a user turn."""
     model.eval()
-    prompts = [render_chat(tokenizer, [{"role": "user", "content": tasks[x["kind"]].question(x)}],
-                           add_generation_prompt=True) for x in items]
+    prompts = asked(tokenizer, items, tasks)
     answers = generate_texts(model, prompts, max_new_tokens, tokenizer.decode, stop_ids=stop_ids(tokenizer),
                              device=device)
     return sum(tasks[x["kind"]].score(x, a) for x, a in zip(items, answers, strict=True)) / max(len(items), 1)
@@ -77,8 +82,7 @@ def sampled_pass_rates(model, tokenizer, items: list[dict], k: int, max_new_toke
                        prompts_per_batch: int = 32) -> list[float]:
     """Each item's share of `k` completions, sampled at `temperature` as RL samples them, that are
     correct: what RL's group for the item would hold (`generator` None: torch's default one)."""
-    prompts = [render_chat(tokenizer, [{"role": "user", "content": tasks[x["kind"]].question(x)}],
-                           add_generation_prompt=True) for x in items]
+    prompts = asked(tokenizer, items, tasks)
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
@@ -164,8 +168,7 @@ def run(ctx) -> dict:
     train = train_tiers[tier]
     heldout = by_tier(load_items(ctx.inputs.tasks, p.tasks, "heldout")).get(tier, [])
     heldout = heldout[:p.eval_items] if p.eval_items else heldout
-    prompts = [render_chat(tokenizer, [{"role": "user", "content": tasks[x["kind"]].question(x)}],
-                           add_generation_prompt=True) for x in train]
+    prompts = asked(tokenizer, train, tasks)
 
     def sampled_heldout() -> list[float]:          # the same draws before and after: their difference is RL's
         with seeded(p.seed + 1, device):
