@@ -161,7 +161,8 @@ def _bench_probes(args) -> int:
     import torch
     from pydantic import ValidationError
 
-    from hatchling.eval.probe_bench import ProbeBenchConfig, markdown, plot, run_bench
+    from hatchling.eval.probe_bench import markdown, plot, run_bench
+    from hatchling.eval.probe_grid import ProbeBenchConfig
     from hatchling.io import atomic_write_json
 
     if args.threads:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hatchling.data.benchmarks import SCHEMAS
 from hatchling.errors import ConfigError
-from hatchling.eval.probe_bench import ProbeBenchConfig
+from hatchling.eval.probe_grid import ProbeBenchConfig
 from hatchling.model.config import ModelConfig
 
 

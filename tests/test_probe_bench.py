@@ -12,10 +12,8 @@ import torch
 from hatchling.cli import main
 from hatchling.eval.probe_bench import (
     ALPHABET,
-    ARCHS,
     MQAR_KEYS,
     MQAR_VALUES,
-    ProbeBenchConfig,
     chance,
     held_out,
     make_item,
@@ -26,6 +24,7 @@ from hatchling.eval.probe_bench import (
     train_and_score,
     training_items,
 )
+from hatchling.eval.probe_grid import ARCHS, ProbeBenchConfig
 from hatchling.model import ModelConfig, build_model
 from hatchling.model.sizing import count_params, matched
 

@@ -97,6 +97,23 @@ def test_each_stage_reruns_on_a_change_to_any_module_it_really_imports():
     assert "hatchling/data/chat.py" in eval_code            # the drift the hand-kept lists had
 
 
+DATA_STAGES = ("crawl", "tasks", "dedup", "tokenize")
+
+
+def test_the_data_stages_start_without_torch():
+    """A stage process imports the CLI, the params schema, MLflow's tracking and its entry module: for
+    the stages that train nothing, none of it may pull in torch (~2 s of every such process)."""
+    script = ("import sys\n"
+              "sys.modules['torch'] = None                # `import torch` now raises ImportError\n"
+              "import hatchling.cli, hatchling.tracking\n"
+              "from hatchling.stages import get_stage\n"
+              "for name in sys.argv[1:]:\n"
+              "    get_stage(name).function()\n")
+    proc = subprocess.run([sys.executable, "-c", script, *DATA_STAGES], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_a_dedup_setting_does_not_rerun_the_tasks_stage(tmp_path):
     from flows.pipeline import stage_cache_key
 

@@ -42,21 +42,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from tqdm import tqdm
 
+from hatchling.eval.probe_grid import HEAD_DIM, MQAR_PAIRS, PROBES, ProbeBenchConfig
 from hatchling.eval.probes import Alphabet, ProbeItem, palindrome, probe_accuracy, stack
 from hatchling.io import atomic_path
 from hatchling.model import build_model
 from hatchling.model.sizing import count_params, matched
 
-ARCHS = ("hybrid", "gpt", "bdh", "hope")
-PROBES = ("mqar", "palindrome", "stack")
 ALPHABET = Alphabet(symbols=list(range(2, 130)), sep=0, pop=1)
-MQAR_KEYS = ALPHABET.symbols[:64]
-MQAR_VALUES = ALPHABET.symbols[64:72]
+MQAR_KEYS = ALPHABET.symbols[:MQAR_PAIRS]
+MQAR_VALUES = ALPHABET.symbols[MQAR_PAIRS:MQAR_PAIRS + 8]
 VOCAB = 2 + len(ALPHABET.symbols)
-HEAD_DIM = 32
 
 
 def mqar_item(rng: random.Random, length: int) -> ProbeItem:
@@ -127,55 +124,6 @@ def collate(items: list[ProbeItem]) -> tuple[torch.Tensor, torch.Tensor]:
         x[i, :len(it.tokens)] = torch.tensor(it.tokens)
         mask[i, it.targets] = True
     return x, mask
-
-
-class ProbeBenchConfig(BaseModel):
-    """What to train and for how long. The defaults are the pipeline's budget: about a minute on a
-    2-core CPU (hybrid and gpt, MQAR at 32 and 128 tokens, 2 layers, 400 steps of ~1024 tokens)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    archs: list[str] = Field(default_factory=lambda: ["hybrid", "gpt"], min_length=1)
-    probes: list[str] = Field(default_factory=lambda: ["mqar"], min_length=1)
-    lengths: list[int] = Field(default_factory=lambda: [32, 128], min_length=1)
-    steps: int = Field(400, ge=1, description="AdamW steps per model")
-    batch_tokens: int = Field(1024, ge=16, description="tokens per step: batch_tokens // length sequences")
-    batch_size: int | None = Field(None, ge=1, description="sequences per step at every length (overrides "
-                                                            "batch_tokens)")
-    d_model: int = Field(64, ge=32, description="a multiple of 32 (heads of 32 dims)")
-    n_layers: int = Field(2, ge=1)
-    attn_every: int = Field(2, ge=0, description="the hybrid's every N-th layer is attention (2 layers, 2: "
-                                                  "KDA, attention); 0 = KDA only")
-    lr: float = Field(1e-3, gt=0, description="peak; 3e-3 leaves gpt at the no-recall baseline")
-    eval_items: int = Field(64, ge=1, description="held-out items per (probe, length)")
-    seed: int = 0
-
-    @field_validator("archs", "probes")
-    @classmethod
-    def _known(cls, names, info: ValidationInfo):
-        known = ARCHS if info.field_name == "archs" else PROBES
-        unknown = set(names) - set(known)
-        if unknown:
-            raise ValueError(f"unknown {info.field_name} {sorted(unknown)} (choose from {', '.join(known)})")
-        return names
-
-    @field_validator("lengths")
-    @classmethod
-    def _long_enough(cls, lengths):
-        if min(lengths) < 16 or max(lengths) > 8 * len(MQAR_KEYS):
-            raise ValueError(f"lengths must be 16 to {8 * len(MQAR_KEYS)} tokens, got {min(lengths)}..{max(lengths)}")
-        return lengths
-
-    def batch(self, length: int) -> int:
-        """Sequences per step at `length`."""
-        return self.batch_size or max(1, self.batch_tokens // length)
-
-    @field_validator("d_model")
-    @classmethod
-    def _whole_heads(cls, d_model):
-        if d_model % HEAD_DIM:
-            raise ValueError(f"d_model must be a multiple of {HEAD_DIM}, got {d_model}")
-        return d_model
 
 
 def model_configs(cfg: ProbeBenchConfig) -> dict[str, dict]:
