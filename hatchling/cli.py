@@ -33,6 +33,7 @@ from typing import get_args
 
 from hatchling.config import Device, load_params
 from hatchling.errors import BrokenEnvironment, ConfigError, HatchlingError, StageError, environment_fault
+from hatchling.eval.probe_grid import ARCHS, PROBES
 from hatchling.io import atomic_write_text
 from hatchling.stages import STAGES, dvc_params, dvc_yaml_text, run_stage, upstream
 
@@ -245,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmarks run from the library").add_subparsers(dest="bench", required=True)
     probes = bench.add_parser("probes", help="train a fresh model per arch x probe x length (Zoology-style); "
                                              "held-out accuracy")
-    probes.add_argument("--archs", nargs="+", default=["hybrid", "gpt", "bdh", "hope"])
-    probes.add_argument("--probes", nargs="+", default=["mqar", "palindrome", "stack"])
+    probes.add_argument("--archs", nargs="+", default=list(ARCHS))
+    probes.add_argument("--probes", nargs="+", default=list(PROBES))
     probes.add_argument("--lengths", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     probes.add_argument("--steps", type=int, default=None, help="AdamW steps per model (default: the library's)")
     probes.add_argument("--batch-size", type=int, default=None)

@@ -16,9 +16,12 @@ REPO = Path(__file__).resolve().parents[1]
 # pytest-xdist runs a worker per core: each worker's torch, and the stage processes it starts, get that
 # worker's share of the cores. (Two workers on two cores, each with torch's two threads, wait on each
 # other at every small op: a toy model's training step took 6x as long as on one thread.)
+# torch reads it when first imported: a plugin that imported it earlier would leave the workers on all cores and
+# their stage processes on one, and the tests comparing the two runs' bytes would fail for it.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    assert "torch" not in sys.modules, "torch was imported before tests/conftest.py could set its threads"
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
 
 TINY_PARAMS = {
     "run": {"seed": 0, "device": "auto", "progress": False},   # DVC tracks run.seed / run.device: present

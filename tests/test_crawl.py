@@ -166,10 +166,12 @@ def test_politeness_rules_are_honoured(site_crawl):
     assert 1 <= site.requested("/loop-a") <= 3 and site.requested("/loop-b") <= 3   # redirect loop stopped
     times = [t for t, p, _ in log if p != "/robots.txt"]
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    # Crawl-delay, measured by the server: on average to within 20 ms, each gap to within half of it (a
-    # loaded machine may hold one arrival back by tens of ms, shortening the next gap; a crawler that
-    # ignored the delay would send its requests milliseconds apart)
-    assert sum(gaps) / len(gaps) >= CRAWL_DELAY - 0.02 and min(gaps) >= CRAWL_DELAY / 2, gaps
+    # Crawl-delay, measured by the server: every gap within 20 ms of it, but for one the server saw late.
+    # The crawler spaces its requests by its own clock, so an arrival held back by a loaded machine
+    # shortens its gap and lengthens the one before by as much: such a pair still spans two delays.
+    short = [i for i, gap in enumerate(gaps) if gap < CRAWL_DELAY - 0.02]
+    assert min(gaps) >= CRAWL_DELAY / 2 and all(i and gaps[i - 1] + gaps[i] >= 2 * CRAWL_DELAY - 0.02
+                                                for i in short), gaps
     urls = {d["url"].rsplit("/", 1)[-1] for d in shard_docs(root)}
     assert urls == {"index.html", "a.html", "from-noindex.html", "nofollow.html", "flaky.html", "plain.txt"}
     assert metrics["dropped"] == {"robots": 1, "meta-robots": 1, "language": 1, "license": 1, "size": 1,

@@ -179,7 +179,8 @@ def test_a_stage_killed_at_a_random_moment_keeps_its_outputs_and_its_rerun_ends_
     after its first resume checkpoint): its outputs, reports and metrics stay as the previous run left
     them, its logs hold whole rows of the killed run's progress, and no partial file is anywhere but in
     a temporary sibling of an output, which the rerun sweeps up. The rerun (resuming, for a trainer)
-    ends with what the uninterrupted run made: the same bytes, timings aside."""
+    ends with what the uninterrupted run made: the same bytes, timings aside. (The rerun runs in this
+    process, on the repository's package, as `hatchling run` would there.)"""
     stage = get_stage(name)
     finished, seconds = finished_project
     proj = copy_project(finished, tmp_path / "p")
