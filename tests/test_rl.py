@@ -21,6 +21,7 @@ from hatchling.train.rl import (
     kl_k3,
     ppo_loss,
     rl_step,
+    same_length,
     sample_groups,
 )
 from hatchling.train.rlvr import choose_tier
@@ -30,6 +31,12 @@ def test_group_advantages_normalize_within_each_prompt():
     adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 1.0], [0.5, 0.5, 0.5, 0.5]]))
     assert adv[0].tolist() == pytest.approx([1.0, -1.0, -1.0, 1.0], abs=1e-5)
     assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]          # no signal when every sample scores the same
+
+
+def test_prompts_are_grouped_by_length_each_once_in_order():
+    prompts = [[1, 2], [3], [4, 5], [6, 7, 8], [9], [1, 1]]
+    assert same_length(prompts) == [[0, 2, 5], [1, 4], [3]]
+    assert same_length([]) == []
 
 
 def test_ppo_clipping_and_truncated_importance_weights_by_hand():

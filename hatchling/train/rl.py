@@ -143,17 +143,23 @@ class RLConfig:
     curiosity_coef: float = 0.0     # intrinsic reward: coef x the completion's mean curiosity
 
 
+def same_length(prompts: list[list[int]]) -> list[list[int]]:
+    """The indices of `prompts` grouped by prompt length, in order of first appearance: each group
+    samples as one batch, without padding."""
+    groups: dict[int, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(len(prompt), []).append(i)
+    return list(groups.values())
+
+
 def rl_step(policy, ref, optimizer, prompts: list[list[int]], reward: Callable[[int, list[int]], float],
             cfg: RLConfig, kl: KLController, stop_ids: Sequence[int], generator: torch.Generator,
             grad_clip: float = 1.0, *, device: torch.device) -> dict:
     """One RL step over `prompts`; reward(prompt index, completion ids) -> float. Returns stats.
     Prompts of equal length share one batch for sampling and scoring. `device` holds the policy,
     the reference and `generator`."""
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
     buckets = [(idx, sample_groups(policy, [prompts[i] for i in idx], cfg.k, cfg.max_new_tokens, cfg.temperature,
-                                   stop_ids, generator, device)) for idx in by_length.values()]
+                                   stop_ids, generator, device)) for idx in same_length(prompts)]
     policy.eval()
     with torch.no_grad(), autocast(device):
         old, bonus = [], []

@@ -41,7 +41,7 @@ from hatchling.tasks.base import Task, by_tier
 from hatchling.tasks.code import Code
 from hatchling.tasks.math import Math
 from hatchling.train.loop import run_fingerprint
-from hatchling.train.rl import KLController, RLConfig, rl_step, sample_groups
+from hatchling.train.rl import KLController, RLConfig, rl_step, same_length, sample_groups
 
 
 def families(sandbox_timeout_s: float) -> dict[str, Task]:
@@ -83,13 +83,10 @@ def sampled_pass_rates(model, tokenizer, items: list[dict], k: int, max_new_toke
     """Each item's share of `k` completions, sampled at `temperature` as RL samples them, that are
     correct: what RL's group for the item would hold (`generator` None: torch's default one)."""
     prompts = asked(tokenizer, items, tasks)
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
     rates = [0.0] * len(items)
-    for same_length in by_length.values():
-        for b in range(0, len(same_length), prompts_per_batch):
-            rows = same_length[b:b + prompts_per_batch]
+    for group in same_length(prompts):
+        for b in range(0, len(group), prompts_per_batch):
+            rows = group[b:b + prompts_per_batch]
             s = sample_groups(model, [prompts[i] for i in rows], k, max_new_tokens, temperature, stop_ids(tokenizer),
                               generator, device)
             tokens, mask = s.tokens.cpu(), s.mask.cpu()
