@@ -77,9 +77,13 @@ def make_project(path: Path, params: dict | None = None) -> Path:
     return path
 
 
+#: what would point a stage's tracking elsewhere than its project's own store, or under another run
+TRACKING_ENV = ("MLFLOW_TRACKING_URI", "HATCHLING_PARENT_RUN_ID")
+
+
 def project_env(project: Path) -> dict:
     """Environment for subprocesses: this interpreter's bin first, the project's code importable."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HATCHLING_PARENT_RUN_ID")}
+    env = {k: v for k, v in os.environ.items() if k not in TRACKING_ENV}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env["PYTHONPATH"] = str(project)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
@@ -111,6 +115,13 @@ def hatchling_here(project: Path, *args: str) -> int:
         return main(list(args))
     finally:
         os.chdir(previous)
+
+
+@pytest.fixture
+def own_tracking(monkeypatch) -> None:
+    """Stages run in this process track into their project's own store, as under project_env."""
+    for name in TRACKING_ENV:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture

@@ -324,9 +324,8 @@ def test_a_page_that_fails_is_dropped_as_error_with_its_message_and_the_crawl_go
     assert f"crawl: pages dropped for errors (2): 2 × {error} (first at {base}index.html)" in caplog.text
 
 
-def test_a_broken_install_stops_the_crawl_at_once_and_fails_the_stage_with_its_error(project, monkeypatch, capsys):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("HATCHLING_PARENT_RUN_ID", raising=False)
+def test_a_broken_install_stops_the_crawl_at_once_and_fails_the_stage_with_its_error(project, monkeypatch, capsys,
+                                                                                       own_tracking):
     shard = previous_shards(project)
     fake_package(project.parent, monkeypatch, BROKEN_INSTALL)
     site = Site()

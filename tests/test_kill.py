@@ -174,7 +174,7 @@ def finished_project(tokenized_project, pretrained_project, tmp_path_factory) ->
 
 @pytest.mark.parametrize("name", [s.name for s in STAGES])
 def test_a_stage_killed_at_a_random_moment_keeps_its_outputs_and_its_rerun_ends_as_an_uninterrupted_run(
-        finished_project, tmp_path, monkeypatch, name):
+        finished_project, tmp_path, own_tracking, name):
     """SIGKILL to the stage's whole process group at a seeded random moment of its work (for a trainer:
     after its first resume checkpoint): its outputs, reports and metrics stay as the previous run left
     them, its logs hold whole rows of the killed run's progress, and no partial file is anywhere but in
@@ -220,8 +220,6 @@ def test_a_stage_killed_at_a_random_moment_keeps_its_outputs_and_its_rerun_ends_
     stray = [p for p in stray if not any(str(p.relative_to(proj)).startswith(a) for a in allowed)]
     assert not stray, f"the killed run left {sorted(map(str, stray))}"
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("HATCHLING_PARENT_RUN_ID", raising=False)
     assert hatchling_here(proj, "run", name) == 0         # the rerun, in this process (no start-up to pay)
     _same_work(_files(proj, kept), before)
     assert _files(proj, logs) == before_logs

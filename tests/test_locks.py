@@ -18,7 +18,7 @@ import time
 import pytest
 
 from hatchling.stages import LOCKS, StageLocked, run_stage, stage_lock
-from tests.conftest import REPO, TINY_PARAMS, write_params
+from tests.conftest import REPO, TINY_PARAMS, TRACKING_ENV, write_params
 
 HOLDER = ("import os, sys, time\n"
           "from hatchling.stages import stage_lock\n"
@@ -32,7 +32,7 @@ HOLDER = ("import os, sys, time\n"
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "HATCHLING_PARENT_RUN_ID")}
+    env = {k: v for k, v in os.environ.items() if k not in TRACKING_ENV}
     env["PYTHONPATH"] = str(REPO)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env

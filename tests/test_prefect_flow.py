@@ -29,11 +29,9 @@ def prefect_env(tmp_path_factory):
         yield
 
 
-def test_flow_runs_then_completes_from_cache_and_reruns_only_what_changed(prefect_env, project, monkeypatch):
+def test_flow_runs_then_completes_from_cache_and_reruns_only_what_changed(prefect_env, project, own_tracking):
     from flows.pipeline import pipeline
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("HATCHLING_PARENT_RUN_ID", raising=False)
     first = pipeline(root=str(project))
     assert set(first) == {s.name for s in STAGES}
     assert all(isinstance(m, dict) for m in first.values())
@@ -128,7 +126,7 @@ def test_flow_rejects_bad_params_before_any_stage(prefect_env, project):
 
 
 def test_a_broken_install_fails_the_flow_at_once_with_its_error_even_when_mlflow_fails_too(
-        prefect_env, project, monkeypatch, caplog):
+        prefect_env, project, monkeypatch, caplog, own_tracking):
     """The crawl (a network stage, retried on failure) is not retried when the environment is
     broken, and the flow raises the stage's own error, not MLflow's failure to record it."""
     from mlflow.exceptions import MlflowException
@@ -141,8 +139,6 @@ def test_a_broken_install_fails_the_flow_at_once_with_its_error_even_when_mlflow
     def locked(self, run_id, status="FINISHED", end_time=None):
         raise MlflowException("database is locked")
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("HATCHLING_PARENT_RUN_ID", raising=False)
     fake_package(project.parent, monkeypatch, BROKEN_INSTALL)
     site = Site()
     with serve_on_loopback(site.handler()) as base:
@@ -247,7 +243,7 @@ class Killer(threading.Thread):
 
 
 def test_a_killed_trainer_resumes_under_either_orchestrator_and_a_flow_that_cannot_recover_ends_failed(
-        prefect_env, tokenized_project, tmp_path, monkeypatch):
+        prefect_env, tokenized_project, tmp_path, monkeypatch, own_tracking):
     """A pretrain killed under `hatchling run` resumes in the flow; the flow's own pretrain process, killed,
     is retried by Prefect and resumes again, ending with the weights of an uninterrupted run, its MLflow
     run FINISHED (the killed attempt's run KILLED, with why). A pretrain killed on every attempt fails the
@@ -260,8 +256,6 @@ def test_a_killed_trainer_resumes_under_either_orchestrator_and_a_flow_that_cann
     from flows.pipeline import TASKS, StageProcessFailed, pipeline
     from tests.conftest import copy_project, hatchling_cmd, hatchling_here, project_env
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("HATCHLING_PARENT_RUN_ID", raising=False)
     # Prefect retries the killed trainer as the flow says (twice), without its 5 s waits in between
     monkeypatch.setitem(TASKS, "pretrain", TASKS["pretrain"].with_options(retry_delay_seconds=[0, 0]))
     params = {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "max_steps": 12, "checkpoint_every": 3}}
