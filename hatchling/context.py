@@ -52,6 +52,7 @@ class StageContext:
     params: Declared
     inputs: Declared
     outputs: Declared
+    code: str             # sha256 of the stage's code files (Stage.code): a trainer resumes only a run of the same code
     log: Callable[[dict, int], None] = lambda metrics, step: None
 
     def relative(self, path: Path) -> str:

@@ -17,9 +17,10 @@ from hatchling.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from hatchling.model import build_model
 from hatchling.model.config import for_arch
 from hatchling.model.lm import IGNORE, lm_loss, loss_sum, sample_batch
+from hatchling.stages import get_stage
 from hatchling.train.loop import Trainer, overfit_one_batch, run_fingerprint, seq_len_at
 from hatchling.train.optim import lr_multiplier
-from tests.conftest import TINY_PARAMS, hatchling_cmd, hatchling_here, make_project, run_cmd, write_params
+from tests.conftest import TINY_PARAMS, copy_project, hatchling_cmd, hatchling_here, make_project, run_cmd, write_params
 
 
 def test_tokenize_outputs(tokenized_project):
@@ -99,6 +100,23 @@ def test_compiled_training_equals_eager(tokenized_project, tmp_path):
     assert weights[True].keys() == weights[False].keys()
     for name, value in weights[False].items():
         torch.testing.assert_close(weights[True][name], value, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "rlvr"])
+def test_a_trainer_resumes_only_a_run_of_its_own_code(pretrained_project, tmp_path, own_tracking, stage):
+    """DVC reruns a stage whose code changed; the trainer must then train afresh, not finish (or, the
+    old run done, merely re-score) the run the old code left. The same code resumes it."""
+    proj = copy_project(pretrained_project, tmp_path / "proj")
+
+    def resumed_from() -> int | None:
+        return json.loads((proj / f"reports/{stage}.json").read_text())["resumed_from_step"]
+
+    assert hatchling_here(proj, "run", stage) == 0          # the code that made the run (a copy of this one)
+    assert resumed_from() == getattr(validate_params(TINY_PARAMS), stage).max_steps
+    source = proj / (get_stage(stage).module.replace(".", "/") + ".py")
+    source.write_text(source.read_text() + "\n# a changed line\n")
+    run_cmd(hatchling_cmd("run", stage), proj)              # the project's own (changed) copy of the code
+    assert resumed_from() is None
 
 
 def _final_weights(project):

@@ -45,8 +45,9 @@ def seq_len_at(step: int, base: int, curriculum: list[tuple[int, int]]) -> int:
 
 def run_fingerprint(params, **settings) -> str:
     """What makes a training run *this* run: its params (less how it shows progress and where it
-    runs) and `settings` (e.g. the data hash, the model config). The trainer resumes only a
-    checkpoint of the same fingerprint."""
+    runs) and `settings` (the stage's code hash, the data hash, the model config, ...). The trainer
+    resumes only a checkpoint of the same fingerprint: after a change to the code DVC reruns the
+    stage for, it starts afresh rather than finish (or, finished, merely re-score) the old run."""
     run_settings = {**params.model_dump(mode="json", exclude={"progress", "device"}), **settings}
     return hashlib.sha256(json.dumps(run_settings, sort_keys=True).encode()).hexdigest()
 

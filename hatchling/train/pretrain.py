@@ -36,7 +36,7 @@ def run(ctx) -> dict:
     model, meta = fresh_model(ctx)
     model_cfg = model.config
     data_hash = hash_paths([data], ctx.root)
-    fingerprint = run_fingerprint(p, model=model_cfg.model_dump(mode="json"), data=data_hash)
+    fingerprint = run_fingerprint(p, code=ctx.code, model=model_cfg.model_dump(mode="json"), data=data_hash)
     sidecar = {"tokenizer_sha256": meta["tokenizer_sha256"], "data_sha256": data_hash, "stage": "pretrain"}
     trainer = Trainer(model, p, load_split(data, "train"), load_split(data, "val"),
                       run_dir=ctx.outputs.run, out_dir=ctx.outputs.model, sidecar=sidecar,

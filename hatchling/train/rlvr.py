@@ -141,8 +141,7 @@ def run(ctx) -> dict:
     train_tiers = by_tier(load_items(ctx.inputs.tasks, p.tasks, "train"))
     optimizer = torch.optim.AdamW(policy.parameters(), lr=p.lr, betas=(0.9, 0.95), weight_decay=0.0)
     kl = KLController(p.kl_coef, p.kl_target, p.kl_horizon)
-    # state 2: the resume state holds the sampled held-out rates (a state 1 checkpoint is not resumed)
-    fingerprint = run_fingerprint(p, inputs=hash_paths([init_dir, ctx.inputs.tasks], ctx.root), state=2)
+    fingerprint = run_fingerprint(p, code=ctx.code, inputs=hash_paths([init_dir, ctx.inputs.tasks], ctx.root))
     state = load_resume_state(run_dir, fingerprint)
     if state is None:
         probes = {}

@@ -64,7 +64,7 @@ def run(ctx) -> dict:
     val_ids, val_labels, val_bytes = pack_chats(tokenizer, read_chats(val_files))
     model, _ = load_model(init_dir)
     data_hash = hash_paths([*train_files, *val_files, init_dir], ctx.root)
-    fingerprint = run_fingerprint(p, data=data_hash)
+    fingerprint = run_fingerprint(p, code=ctx.code, data=data_hash)
     sidecar = {"tokenizer_sha256": init["tokenizer_sha256"], "data_sha256": data_hash, "stage": "sft",
                "init_step": init.get("step")}
     val_tokens = int((val_labels != IGNORE).sum())
