@@ -1,19 +1,23 @@
-"""Batch-1 greedy decode speed: the step path (``model.decoder``) vs its reference (forward with a
-cache), after a prompt of C tokens, and the memory bandwidth that bounds a large model's step.
+"""Batch-1 greedy decode speed: the step path (``model.decoder``), eager and compiled, vs its reference
+(forward with a cache), after a prompt of C tokens, and the memory bandwidth that bounds a large
+model's step.
 
     python bench/decode.py                                   # toddler and xs, C = 256 and 2048, 1 thread
     python bench/decode.py --sizes toddler --contexts 256 --tokens 64 --repeats 3 --json /tmp/d.json
 
 Each (size, context) is prefilled once; each repeat then decodes --tokens tokens from a copy of that
 cache, argmax fed back, as ``hatchling.model.generate.stream`` does (``step_function``), through
-both paths in turn (interleaved, so the machine's load hits both alike). Rows give the median
-ms/token over the repeats and their min-max spread, tokens/s from the median, and fast vs reference.
+each path in turn (interleaved, so the machine's load hits them alike). Rows give the median
+ms/token over the repeats and their min-max spread, tokens/s from the median, and each step path vs
+the reference. The compiled path (``model.decoder(..., compiled=True)``: torch.compile) is compiled
+for each (size, context) before the repeats; the time that took, with its first step, is its
+``compile_s`` (less when inductor's on-disk cache already holds the graph).
 
 Memory bandwidth: a copy of a 1 GiB float32 tensor (beyond the 260 MiB L3 of the CPU machine),
 counting bytes read and written, and a read-only pass (a sum) over it, once per repeat between the
 decode rows. A size's "weights stream time" is its parameter bytes over the median bandwidth (one
 full read of every weight, the least one batch-1 step must read: the tied head reads the whole
-embedding); the ratio is the fast path's median ms/token over it. Threads: --threads (default 1,
+embedding); the ratio is a step path's median ms/token over it. Threads: --threads (default 1,
 torch.set_num_threads; the bandwidth too).
 """
 
@@ -32,7 +36,7 @@ import torch
 from hatchling.model import build_model
 from hatchling.model.generate import step_function
 
-PATHS = ("reference", "fast")
+PATHS = ("reference", "fast", "compiled")
 
 
 def spread(values: list[float], digits: int, name: str = "median") -> dict:
@@ -52,11 +56,25 @@ def bandwidth(src: torch.Tensor, dst: torch.Tensor) -> tuple[float, float]:
     return 2 * nbytes / (t1 - t0) / 1e9, nbytes / (t2 - t1) / 1e9
 
 
-@torch.no_grad()
-def decode_ms(model, cache: list[dict], context: int, tokens: int, fast: bool) -> float:
-    """ms per token of `tokens` greedy steps continuing a copy of a prefilled cache, batch 1."""
+def decoding_step(model, cache: list[dict], context: int, tokens: int, path: str):
+    """`path`'s step for `tokens` tokens after `context`, continuing a copy of a prefilled cache, batch 1."""
     cache = [dict(c) for c in cache]                                # the reference replaces, never mutates
-    step = step_function(model, cache, 1, context + tokens, torch.device("cpu"), fast)
+    return step_function(model, cache, 1, context + tokens, torch.device("cpu"), fast=path != "reference",
+                         compiled=path == "compiled")
+
+
+@torch.no_grad()
+def first_step_s(model, cache: list[dict], context: int, tokens: int, path: str) -> float:
+    """Seconds to build `path`'s step and take its first step (a compiled one's compiling)."""
+    t0 = time.perf_counter()
+    decoding_step(model, cache, context, tokens, path)(torch.zeros(1, dtype=torch.long))
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def decode_ms(model, cache: list[dict], context: int, tokens: int, path: str) -> float:
+    """ms per token of `tokens` greedy steps of `path` continuing a copy of a prefilled cache, batch 1."""
+    step = decoding_step(model, cache, context, tokens, path)
     token = torch.zeros(1, dtype=torch.long)
     t0 = time.perf_counter()
     for _ in range(tokens):
@@ -87,6 +105,8 @@ def main() -> None:
             with torch.no_grad():
                 models[size](torch.randint(0, args.vocab_size, (1, context)), cache)
             caches[size, context] = cache
+    compile_s = {(size, context): first_step_s(models[size], cache, context, args.tokens, "compiled")
+                 for (size, context), cache in caches.items()}    # compiled once per shape, reused after
     src = torch.ones(int(args.bandwidth_gib * 2**30) // 4)
     dst = torch.empty_like(src)
     bandwidth(src, dst)                                             # touches every page once
@@ -96,7 +116,7 @@ def main() -> None:
         for (size, context), cache in caches.items():
             for path in PATHS:
                 times.setdefault((size, context, path), []).append(
-                    decode_ms(models[size], cache, context, args.tokens, path == "fast"))
+                    decode_ms(models[size], cache, context, args.tokens, path))
         bw_runs.append(bandwidth(src, dst))
     bw = {f"{kind}_gb_s": spread([run[i] for run in bw_runs], 2) for i, kind in enumerate(("copy", "read"))}
 
@@ -104,7 +124,9 @@ def main() -> None:
     for (size, context, path), ms in times.items():
         row = {"size": size, "params": models[size].num_params(), "context": context, "path": path,
                **spread(ms, 3, "ms_per_token"), "tokens_per_s": round(1e3 / statistics.median(ms), 1)}
-        if path == "fast":
+        if path == "compiled":
+            row["compile_s"] = round(compile_s[size, context], 1)
+        if path != "reference":
             row["vs_reference"] = round(statistics.median(times[size, context, "reference"]) / statistics.median(ms), 2)
             weight_bytes = sum(p.numel() * p.element_size() for p in models[size].parameters())
             for kind in ("copy", "read"):
@@ -118,13 +140,14 @@ def main() -> None:
     copy, read = bw["copy_gb_s"], bw["read_gb_s"]
     print(f"memory bandwidth ({args.bandwidth_gib} GiB), median (min-max) GB/s: copy (read + write) "
           f"{copy['median']} ({copy['min']}-{copy['max']}), read {read['median']} ({read['min']}-{read['max']})")
-    header = ["size", "context", "path", "ms/token (min-max)", "tokens/s", "vs ref", "x stream (copy/read)"]
+    header = ["size", "context", "path", "ms/token (min-max)", "tokens/s", "vs ref", "x stream (copy/read)",
+              "compile s"]
     print(" | ".join(header))
     for r in rows:
         ms = f"{r['ms_per_token']:.3f} ({r['min']:.3f}-{r['max']:.3f})"
         ratio = f"{r['vs_stream_copy']}/{r['vs_stream_read']}" if "vs_stream_copy" in r else ""
         print(" | ".join(str(c) for c in (r["size"], r["context"], r["path"], ms, r["tokens_per_s"],
-                                          r.get("vs_reference", ""), ratio)))
+                                          r.get("vs_reference", ""), ratio, r.get("compile_s", ""))))
     out = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "threads": args.threads, "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
            "args": vars(args), "bandwidth": bw, "rows": rows}

@@ -110,11 +110,16 @@ def _inference(args) -> int:
 
 def _onnx_unusable(args) -> str | None:
     """Why `generate` cannot decode with onnxruntime (None: it can): the checkpoint has no ONNX graph,
-    onnxruntime is not installed, or --runtime / --device ask for PyTorch. --runtime onnx makes each an error."""
+    onnxruntime is not installed, or --runtime, --compile or --device ask for PyTorch. --runtime onnx makes each an
+    error."""
     from hatchling.checkpoint import read_sidecar
     from hatchling.export.onnx import onnx_installed
     from hatchling.model.device import resolve_device
 
+    if args.compile:
+        if args.runtime == "onnx":
+            raise ConfigError("--compile compiles PyTorch's decoding step; --runtime onnx decodes on onnxruntime")
+        return "--compile"
     if args.runtime == "torch":
         return "--runtime torch"
     device = resolve_device(args.device)
@@ -224,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("--prompt", required=True)
             cmd.add_argument("--runtime", choices=["auto", "onnx", "torch"], default="auto",
                              help="auto: an INT8 export's ONNX graph on onnxruntime when both are there (else PyTorch)")
+            cmd.add_argument("--compile", action="store_true",
+                             help="compile PyTorch's decoding step on the CPU (torch.compile, a C++ compiler: seconds "
+                                  "once, cached on disk; then ~1.2x faster a token, for long generations)")
         else:
             cmd.add_argument("--system", default="", help="an optional system message")
         cmd.add_argument("--max-new-tokens", type=int, default=128)

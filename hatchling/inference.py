@@ -92,18 +92,20 @@ def stream_text(model, tokenizer, ids: list[int], max_new_tokens: int, stop: tup
 def generate_cli(args) -> int:
     device = resolve_device(args.device)
     model, tokenizer, _ = load_for_inference(args.checkpoint, args.compute, device)
-    return print_continuation(args, model, tokenizer, device)
+    return print_continuation(args, model, tokenizer, device, compiled=args.compile)
 
 
-def print_continuation(args, model, tokenizer, device: torch.device) -> int:
+def print_continuation(args, model, tokenizer, device: torch.device, **decoding) -> int:
     """`generate`'s output: args.prompt, then its continuation by `model` (a module, or anything
-    `stream_text` decodes with, such as an ONNX decoder) streamed to stdout as it is decoded."""
+    `stream_text` decodes with, such as an ONNX decoder; `decoding`: further arguments of its stream)
+    streamed to stdout as it is decoded."""
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise InputError("--prompt is empty after tokenization")
     sys.stdout.write(args.prompt)
     for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, (tokenizer.token_to_id(EOT),), device=device,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                             **decoding):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -113,3 +113,14 @@ def test_a_tampered_graph_is_refused(int8_export, tmp_path, capsys):
     (bad / ONNX_FILE).write_bytes(bytes(graph))
     code, out, err = generate(bad, capsys)
     assert code == 2 and f"corrupted checkpoint file {bad / ONNX_FILE}" in err
+
+
+def test_generate_compile_decodes_with_pytorch_s_compiled_step(int8_export, capsys):
+    """--compile: the same greedy text as PyTorch's eager step, on PyTorch whatever the checkpoint holds."""
+    eager, compiled = (generate(int8_export, capsys, "--runtime", "torch", *extra) for extra in ([], ["--compile"]))
+    assert eager[0] == compiled[0] == 0 and compiled[1] == eager[1] and len(eager[1]) > len("the cat\n")
+    assert "decoding with PyTorch: --compile" in compiled[2]
+    code, out, err = generate(int8_export, capsys, "--compile", "--runtime", "onnx")
+    assert code == 2 and "--compile compiles PyTorch's decoding step" in err
+    code, out, err = generate(int8_export, capsys, "--compile", "--compute", "int8")
+    assert code == 2 and "compiled decoding needs the model's step path" in err

@@ -62,6 +62,11 @@ class NoPEAttention(nn.Module):
         """NoPE: none. q [B, H, T, D], k [B, Hkv, T, D] of tokens at positions past, past+1, ..."""
         return q, k
 
+    def encode_at(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """encode_positions with the T positions given as a tensor (a compiled step's, which no shape
+        or branch may depend on)."""
+        return q, k
+
 
 class RoPEAttention(NoPEAttention):
     """Causal GQA attention with rotary positions (cached keys are stored already rotated)."""
@@ -71,7 +76,9 @@ class RoPEAttention(NoPEAttention):
         self.rope_theta = cfg.rope_theta
 
     def encode_positions(self, q: torch.Tensor, k: torch.Tensor, past: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(past, past + q.shape[2], device=q.device)
+        return self.encode_at(q, k, torch.arange(past, past + q.shape[2], device=q.device))
+
+    def encode_at(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
 
 
@@ -92,16 +99,45 @@ class AttentionStep:
         if self.pos:
             self.k[:, :, :self.pos], self.v[:, :, :self.pos] = cache["k"], cache["v"]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, d] (one token's residual stream) -> x + layer(norm(x))."""
-        B = x.shape[0]
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The token's q [B, H, 1, D], k and v [B, Hkv, 1, D] (before positions)."""
         H, Hkv, D = self.layer.n_heads, self.layer.n_kv_heads, self.layer.head_dim
         qkv = unit(x, self.root_eps) @ self.w_qkv
-        q, k, v = qkv.view(B, H + 2 * Hkv, 1, D).split([H, Hkv, Hkv], dim=1)
+        return qkv.view(x.shape[0], H + 2 * Hkv, 1, D).split([H, Hkv, Hkv], dim=1)
+
+    def attend(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **sdpa) -> torch.Tensor:
+        """x + the output projection of q's attention over keys k and values v [B, Hkv, L, D]."""
+        B = x.shape[0]
+        H, Hkv, D = self.layer.n_heads, self.layer.n_kv_heads, self.layer.head_dim
+        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, **sdpa)
+        return torch.addmm(x, y.view(B, H * D), self.w_out)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d] (one token's residual stream) -> x + layer(norm(x))."""
+        q, k, v = self.project(x)
         q, k = self.layer.encode_positions(q, k, self.pos)
         self.k.narrow(2, self.pos, 1).copy_(k)
         self.v.narrow(2, self.pos, 1).copy_(v)
         self.pos += 1
-        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), self.k.narrow(2, 0, self.pos),
-                                           self.v.narrow(2, 0, self.pos))
-        return torch.addmm(x, y.view(B, H * D), self.w_out)
+        return self.attend(x, q, self.k.narrow(2, 0, self.pos), self.v.narrow(2, 0, self.pos))
+
+
+class StaticAttentionStep(AttentionStep):
+    """AttentionStep in fixed shapes, for a compiled decoding step (torch.compile): the position is a
+    tensor, the token's key and value are written at it by index, and the query attends over the whole
+    preallocated cache with the slots not yet written masked out. Each step costs as much as the last
+    one of `max_len`, in return for one compiled graph for every step."""
+
+    def __init__(self, layer: NoPEAttention, norm: nn.RMSNorm, cache: dict, batch: int, max_len: int):
+        super().__init__(layer, norm, cache, batch, max_len)
+        self.position = torch.tensor([self.pos], device=self.k.device)     # of the next token (self.pos: the first)
+        self.slots = torch.arange(max_len, device=self.k.device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.project(x)
+        q, k = self.layer.encode_at(q, k, self.position)
+        self.k.index_copy_(2, self.position, k)
+        self.v.index_copy_(2, self.position, v)
+        visible = (self.slots <= self.position)[None]
+        self.position.add_(1)
+        return self.attend(x, q, self.k, self.v, attn_mask=visible)

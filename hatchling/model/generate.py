@@ -4,6 +4,8 @@ the device of the prompt (and the model), under bf16 autocast there when it is C
 One prefill (``model(prompt, cache)``), then one token at a time: on the CPU through the model's lean
 step path where it has one (``model.decoder``: HatchlingLM's plain hybrid and gpt), else through
 forward with the cache, the reference (``fast=False`` forces it; tests/test_decode.py checks they agree).
+``compiled=True`` runs that step path compiled (torch.compile; seconds to compile, then ~1.2x faster a
+token on the CPU: bench/decode.py), for long generations.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from hatchling.errors import ConfigError
 from hatchling.model.device import autocast
 
 
@@ -34,14 +37,18 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 
 def step_function(model, cache: list, batch: int, max_len: int, device: torch.device,
-                  fast: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+                  fast: bool = True, compiled: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """ids [B] -> next-token logits [B, V], continuing a prefilled cache: the model's step path on the
-    CPU when `fast` and it has one, else forward with the cache (under the device's autocast)."""
+    CPU when `fast` and it has one, else forward with the cache (under the device's autocast).
+    `compiled`: the step path compiled (model.decoder's `compiled`); an error where there is none."""
     decoder = getattr(model, "decoder", None)
-    if fast and device.type == "cpu" and decoder is not None:
-        step = decoder(cache, batch, max_len)
+    if (fast or compiled) and device.type == "cpu" and decoder is not None:
+        step = decoder(cache, batch, max_len, compiled)
         if step is not None:
             return step
+    if compiled:
+        raise ConfigError("compiled decoding needs the model's step path: a hybrid or gpt model with no research "
+                         "switch on, float32 or float64 weights (no INT8 Linears), on the CPU")
 
     def forward_step(ids: torch.Tensor) -> torch.Tensor:
         with autocast(device):
@@ -53,9 +60,9 @@ def step_function(model, cache: list, batch: int, max_len: int, device: torch.de
 @torch.no_grad()
 def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-           stop_ids: tuple[int, ...] = (), fast: bool = True) -> Iterator[torch.Tensor]:
+           stop_ids: tuple[int, ...] = (), fast: bool = True, compiled: bool = False) -> Iterator[torch.Tensor]:
     """Yield next-token ids [B] one step at a time: one prefill, then one-token cached steps
-    (`fast`: see the module docstring)."""
+    (`fast`: see the module docstring; `compiled`: the step path compiled, see step_function)."""
     device = input_ids.device
     generator = None
     if seed is not None:
@@ -64,7 +71,7 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
     cache = model.new_cache()
     with autocast(device):
         logits = model(input_ids, cache)[:, -1]
-    step = step_function(model, cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, device, fast)
+    step = step_function(model, cache, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, device, fast, compiled)
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         yield nxt
@@ -76,9 +83,9 @@ def stream(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
 
 def generate(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop_ids: tuple[int, ...] = (), fast: bool = True) -> torch.Tensor:
+             stop_ids: tuple[int, ...] = (), fast: bool = True, compiled: bool = False) -> torch.Tensor:
     """input_ids [B, T] -> [B, T + n] with up to max_new_tokens sampled tokens appended."""
-    new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, fast))
+    new = list(stream(model, input_ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, fast, compiled))
     if not new:
         return input_ids
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)

@@ -20,12 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from hatchling.model.attention import AttentionStep, NoPEAttention, RoPEAttention
+from hatchling.model.attention import AttentionStep, NoPEAttention, RoPEAttention, StaticAttentionStep
 from hatchling.model.base import BlockStackLM
 from hatchling.model.config import ModelConfig
 from hatchling.model.int8 import Int8Linear
 from hatchling.model.kda import folded_norm, unit
-from hatchling.model.kda_layer import KDALayer, KDAStep
+from hatchling.model.kda_layer import KDALayer, KDAStep, StaticKDAStep
 from hatchling.model.memory import EpisodicMemory
 from hatchling.model.predictive import NextStateHead
 from hatchling.model.segments import Segments
@@ -134,16 +134,16 @@ class HatchlingLM(BlockStackLM):
         x = self.memory(x, input_ids, logits.detach(), self.embed.weight, None if cache is None else cache[-1])
         return F.linear(self.norm(x), self.embed.weight)
 
-    def decoder(self, cache: list[dict], batch: int, max_len: int) -> Decoder | None:
+    def decoder(self, cache: list[dict], batch: int, max_len: int, compiled: bool = False) -> Decoder | None:
         """One-token steps continuing `cache` (a prefill's, ``self(ids, cache)``, of `batch` rows) for up
-        to `max_len` positions in all, or None where only forward decodes: a research switch on, INT8
-        Linears (model/int8.py), or weights that are not float32 / float64."""
+        to `max_len` positions in all (`compiled`: see Decoder), or None where only forward decodes: a
+        research switch on, INT8 Linears (model/int8.py), or weights that are not float32 / float64."""
         plain = self.memory is None and self.predictor is None and not self.config.spike and \
             all(b.router is None for b in self.blocks)
         if not plain or self.embed.weight.dtype not in (torch.float32, torch.float64) or \
                 any(isinstance(m, Int8Linear) for m in self.modules()):
             return None
-        return Decoder(self, cache, batch, max_len)
+        return Decoder(self, cache, batch, max_len, compiled)
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """The switches' training losses of the last forward pass (predictive, memory budget, router)."""
@@ -200,24 +200,40 @@ class Decoder:
     [B, vocab], continuing the cache (``model(ids[:, None], cache)[:, -1]`` is the reference;
     tests/test_decode.py checks they agree). Each block is two steps, x + mixer(norm(x)) then
     x + mlp(norm(x)) (KDAStep or AttentionStep, SwiGLUStep). Built by ``model.decoder``; it copies
-    what it needs of the cache, which stays as it was."""
+    what it needs of the cache, which stays as it was.
+
+    `compiled`: the whole step as one graph of torch.compile (inductor: C++ kernels, so a C++
+    compiler at run time), from the steps' fixed-shape forms (StaticKDAStep, StaticAttentionStep).
+    Compiling takes seconds (cached on disk by inductor after the first time); each step then runs
+    fused elementwise kernels between the matmuls instead of ~130 eager ops (bench/decode.py)."""
 
     @torch.no_grad()
-    def __init__(self, model: HatchlingLM, cache: list[dict], batch: int, max_len: int):
+    def __init__(self, model: HatchlingLM, cache: list[dict], batch: int, max_len: int, compiled: bool = False):
         self.embed = model.embed.weight
         self.head, self.root_eps = folded_norm(model.norm, model.embed.weight)
+        kda, attention = (StaticKDAStep, StaticAttentionStep) if compiled else (KDAStep, AttentionStep)
         self.steps = []
         for block, c in zip(model.blocks, cache, strict=True):
-            mixer = AttentionStep(block.mixer, block.mixer_norm, c, batch, max_len) if block.kind == "attn" \
-                else KDAStep(block.mixer, block.mixer_norm, c, batch)
+            mixer = attention(block.mixer, block.mixer_norm, c, batch, max_len) if block.kind == "attn" \
+                else kda(block.mixer, block.mixer_norm, c, batch)
             self.steps += [mixer, SwiGLUStep(block.mlp, block.mlp_norm)]
+        # positions left in the KV caches (the prefill's length: its keys'); KDA state has no end
+        self.left = min((max_len - s.pos for s in self.steps if isinstance(s, AttentionStep)), default=None)
+        self.forward = torch.compile(self.step, fullgraph=True, dynamic=False) if compiled else self.step
 
-    @torch.inference_mode()
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
         for step in self.steps:
             x = step(x)
         return unit(x, self.root_eps) @ self.head
+
+    @torch.inference_mode()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.left is not None:
+            if self.left == 0:
+                raise ValueError("Decoder: every position of its KV cache is taken (max_len when built)")
+            self.left -= 1
+        return self.forward(ids)
 
 
 def build_model(model_params: dict | ModelConfig) -> nn.Module:

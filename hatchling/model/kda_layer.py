@@ -191,18 +191,21 @@ class KDAStep:
         self.neg_A = -layer.A_log.exp().repeat_interleave(D)                # kda_gate's -exp(A_log), per channel
         self.w_out, self.o_root_eps = folded_norm(layer.o_norm.norm, layer.o_proj.weight)
         self.l2_root_eps = self.w_in.new_tensor(1e-3)                       # sqrt of l2norm's eps
-        # the conv's inputs: the last W - 1 (the cache's) and room for TAPE more, [B, time, 3 H D]
         convs = (layer.q_conv, layer.k_conv, layer.v_conv)
         self.conv_w = torch.cat([c.weight[:, 0] for c in convs]).T.contiguous()   # [W, 3 H D]
         self.keep = self.conv_w.shape[0] - 1
-        self.tape = self.w_in.new_zeros(batch, self.keep + self.TAPE, 3 * H * D)
+        past = self.w_in.new_zeros(batch, self.keep, 3 * H * D)            # the conv's last W - 1 inputs
         if self.keep and "q_conv" in cache:
-            past = torch.cat([cache[key] for key in ("q_conv", "k_conv", "v_conv")], dim=1)
-            self.tape[:, :self.keep] = past.transpose(1, 2)
-        self.t = self.keep                                                  # the slot of the next input
+            past.copy_(torch.cat([cache[key] for key in ("q_conv", "k_conv", "v_conv")], dim=1).transpose(1, 2))
+        self.start_conv(past)
         state = cache.get("state")
         self.state = state.clone(memory_format=torch.contiguous_format) if state is not None else \
             self.w_in.new_zeros(batch, H, D, D)
+
+    def start_conv(self, past: torch.Tensor) -> None:
+        """The tape, its first W - 1 slots the conv's past inputs [B, W - 1, 3 H D]."""
+        self.tape = torch.cat([past, past.new_zeros(past.shape[0], self.TAPE, past.shape[2])], dim=1)
+        self.t = self.keep                                                  # the slot of the next input
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(causal conv) of this step's q|k|v [B, 3 H D], as CausalConv1d over the whole sequence."""
@@ -225,3 +228,17 @@ class KDAStep:
         o = kda_step_(qk[:, 0], qk[:, 1], qkv[:, 2], g.view(B, H, D), torch.sigmoid(y[:, -H:]), self.state)
         o = unit(o, self.o_root_eps) * torch.sigmoid(fg[:, H * D:].view(B, H, D))   # GatedHeadNorm
         return torch.addmm(x, o.view(B, H * D), self.w_out)
+
+
+class StaticKDAStep(KDAStep):
+    """KDAStep in fixed shapes, for a compiled decoding step (torch.compile): the conv's last W - 1
+    inputs are a window shifted by one each step, where KDAStep writes a tape and shifts it every
+    TAPE steps (a position in Python that a compiled graph would branch on)."""
+
+    def start_conv(self, past: torch.Tensor) -> None:
+        self.past = past
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        window = torch.cat([self.past, x[:, None]], dim=1)                  # [B, W, 3 H D]
+        self.past.copy_(window[:, 1:])
+        return F.silu((window * self.conv_w).sum(1))
