@@ -40,6 +40,7 @@ reading the kept documents again with the scan).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -246,7 +247,7 @@ def calibrate(items: dict[str, list[Item]], n: int) -> list[dict]:
 
 def stage_throughput(params, docs: int, repeats: int) -> dict:
     """The dedup stage's seconds on bench/dedup.py's corpus, with all benchmarks indexed and with none."""
-    from hatchling.context import Declared, StageContext
+    from hatchling.context import Declared
     from hatchling.data import dedup_stage
     from hatchling.stages import context
 
@@ -288,8 +289,7 @@ def stage_throughput(params, docs: int, repeats: int) -> dict:
         p = params.model_copy(update={"dedup": params.dedup.model_copy(update={"workers": 1})})
         full = context("dedup", p, root)
         values = {name: getattr(full.params, name) for name in ("dedup", "contamination", "benchmarks")}
-        none = StageContext("dedup", full.root, Declared("dedup", "params section", {**values, "benchmarks": {}}),
-                            full.inputs, full.outputs)
+        none = dataclasses.replace(full, params=Declared("dedup", "params section", {**values, "benchmarks": {}}))
         original = dedup_stage.cached_index, dedup_stage.scanned, dedup_stage.load_benchmarks
         dedup_stage.cached_index, dedup_stage.scanned = timing("build", dedup_stage.cached_index), scanned
         dedup_stage.load_benchmarks = timing("load", dedup_stage.load_benchmarks)

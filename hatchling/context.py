@@ -1,4 +1,5 @@
-"""What a stage function sees of the pipeline: its declared params sections, inputs and outputs.
+"""What a stage function sees of the pipeline: its declared params sections, inputs and outputs, and
+the hash of its code.
 
 The registry (hatchling/stages.py) builds a :class:`StageContext` for each run; a stage reads
 ``ctx.params.<section>``, ``ctx.inputs.<name>`` and ``ctx.outputs.<name>`` and nothing else, so a
@@ -45,7 +46,8 @@ class Declared(Mapping):
 @dataclass(frozen=True)
 class StageContext:
     """What a stage function gets: its declared params sections (typed), its inputs and outputs as
-    paths under the root, and where to log metrics. Nothing else of the pipeline is visible to it."""
+    paths under the root, the hash of its code, and where to log metrics. Nothing else of the
+    pipeline is visible to it."""
 
     stage: str
     root: Path

@@ -14,6 +14,7 @@ from hatchling.checkpoint import load_for_inference
 from hatchling.data.tokenizer import EOT
 from hatchling.errors import InputError
 from hatchling.model.device import resolve_device
+from hatchling.model.generate import check_compilable
 
 
 @torch.no_grad()
@@ -72,13 +73,13 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 def stream_text(model, tokenizer, ids: list[int], max_new_tokens: int, stop: tuple[int, ...] = (), *,
-                device: torch.device, **sampling):
-    """Yield text pieces as tokens come (the model is on `device`); decodes the running suffix so
-    multi-byte characters stay whole."""
+                device: torch.device, **decoding):
+    """Yield text pieces as tokens come (the model is on `device`; `decoding`: the sampling and other
+    arguments of its stream); decodes the running suffix so multi-byte characters stay whole."""
     prompt = torch.tensor([ids], device=device)
     new: list[int] = []
     shown = ""
-    for tok in model.stream(prompt, max_new_tokens, stop_ids=stop, **sampling):
+    for tok in model.stream(prompt, max_new_tokens, stop_ids=stop, **decoding):
         t = int(tok[0])
         if t in stop:
             break
@@ -92,6 +93,8 @@ def stream_text(model, tokenizer, ids: list[int], max_new_tokens: int, stop: tup
 def generate_cli(args) -> int:
     device = resolve_device(args.device)
     model, tokenizer, _ = load_for_inference(args.checkpoint, args.compute, device)
+    if args.compile:
+        check_compilable(model, device)              # before the prompt is printed
     return print_continuation(args, model, tokenizer, device, compiled=args.compile)
 
 

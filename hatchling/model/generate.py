@@ -4,12 +4,14 @@ the device of the prompt (and the model), under bf16 autocast there when it is C
 One prefill (``model(prompt, cache)``), then one token at a time: on the CPU through the model's lean
 step path where it has one (``model.decoder``: HatchlingLM's plain hybrid and gpt), else through
 forward with the cache, the reference (``fast=False`` forces it; tests/test_decode.py checks they agree).
-``compiled=True`` runs that step path compiled (torch.compile; seconds to compile, then ~1.2x faster a
-token on the CPU: bench/decode.py), for long generations.
+``compiled=True`` runs that step path compiled (torch.compile; seconds to compile, then ~1.3x faster a
+token for the toddler on the CPU: bench/decode.py), for long generations.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Iterator
 
 import torch
@@ -36,19 +38,34 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+def check_compilable(model, device: torch.device) -> None:
+    """A ConfigError naming why `model` cannot decode with the compiled step path on `device`, if it cannot."""
+    if device.type != "cpu":
+        why = f"it runs on the CPU, and the model is on {device.type}"
+    elif not hasattr(model, "step_path_unsupported"):
+        why = f"{type(model).__name__} has no step path (hybrid and gpt models have)"
+    elif not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c):
+        why = "no C++ compiler was found (g++, clang++ or $CXX): torch.compile builds the CPU kernels with one"
+    else:
+        why = model.step_path_unsupported()
+    if why:
+        raise ConfigError(f"compiled decoding: {why}")
+
+
 def step_function(model, cache: list, batch: int, max_len: int, device: torch.device,
                   fast: bool = True, compiled: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
     """ids [B] -> next-token logits [B, V], continuing a prefilled cache: the model's step path on the
     CPU when `fast` and it has one, else forward with the cache (under the device's autocast).
-    `compiled`: the step path compiled (model.decoder's `compiled`); an error where there is none."""
+    `compiled`: the step path compiled, whatever `fast` (model.decoder's `compiled`; check_compilable
+    says why not where it cannot)."""
+    if compiled:
+        check_compilable(model, device)
+        return model.decoder(cache, batch, max_len, compiled=True)
     decoder = getattr(model, "decoder", None)
-    if (fast or compiled) and device.type == "cpu" and decoder is not None:
-        step = decoder(cache, batch, max_len, compiled)
+    if fast and device.type == "cpu" and decoder is not None:
+        step = decoder(cache, batch, max_len)
         if step is not None:
             return step
-    if compiled:
-        raise ConfigError("compiled decoding needs the model's step path: a hybrid or gpt model with no research "
-                         "switch on, float32 or float64 weights (no INT8 Linears), on the CPU")
 
     def forward_step(ids: torch.Tensor) -> torch.Tensor:
         with autocast(device):

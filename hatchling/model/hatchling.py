@@ -136,14 +136,22 @@ class HatchlingLM(BlockStackLM):
 
     def decoder(self, cache: list[dict], batch: int, max_len: int, compiled: bool = False) -> Decoder | None:
         """One-token steps continuing `cache` (a prefill's, ``self(ids, cache)``, of `batch` rows) for up
-        to `max_len` positions in all (`compiled`: see Decoder), or None where only forward decodes: a
-        research switch on, INT8 Linears (model/int8.py), or weights that are not float32 / float64."""
-        plain = self.memory is None and self.predictor is None and not self.config.spike and \
-            all(b.router is None for b in self.blocks)
-        if not plain or self.embed.weight.dtype not in (torch.float32, torch.float64) or \
-                any(isinstance(m, Int8Linear) for m in self.modules()):
-            return None
-        return Decoder(self, cache, batch, max_len, compiled)
+        to `max_len` positions in all (`compiled`: see Decoder), or None where only forward decodes
+        (see step_path_unsupported)."""
+        return None if self.step_path_unsupported() else Decoder(self, cache, batch, max_len, compiled)
+
+    def step_path_unsupported(self) -> str | None:
+        """Why decoding cannot take the step path (None: it can): a research switch on, INT8 Linears
+        (model/int8.py), or weights that are not float32 / float64."""
+        switches = {"spike": self.config.spike, "token_drop": any(b.router is not None for b in self.blocks),
+                    "use_predictive_coding": self.predictor is not None, "use_episodic_memory": self.memory is not None}
+        if on := [name for name, value in switches.items() if value]:
+            return f"the research switch {', '.join(on)} is on (it decodes through forward)"
+        if any(isinstance(m, Int8Linear) for m in self.modules()):
+            return "its Linears are INT8 (model/int8.py; --compute int8)"
+        if self.embed.weight.dtype not in (torch.float32, torch.float64):
+            return f"its weights are {self.embed.weight.dtype} (the step path takes float32 or float64)"
+        return None
 
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """The switches' training losses of the last forward pass (predictive, memory budget, router)."""
@@ -203,35 +211,40 @@ class Decoder:
     what it needs of the cache, which stays as it was.
 
     `compiled`: the whole step as one graph of torch.compile (inductor: C++ kernels, so a C++
-    compiler at run time), from the steps' fixed-shape forms (StaticKDAStep, StaticAttentionStep).
-    Compiling takes seconds (cached on disk by inductor after the first time); each step then runs
-    fused elementwise kernels between the matmuls instead of ~130 eager ops (bench/decode.py)."""
+    compiler at run time), from the steps' fixed-shape forms (StaticKDAStep, StaticAttentionStep),
+    with KV caches of the next power of two >= max_len (at least 256 slots): one graph per (model
+    shapes, batch, that size) in a process, compiled in seconds; each step then runs fused
+    elementwise kernels between the matmuls instead of ~130 eager ops (bench/decode.py)."""
 
     @torch.no_grad()
     def __init__(self, model: HatchlingLM, cache: list[dict], batch: int, max_len: int, compiled: bool = False):
         self.embed = model.embed.weight
         self.head, self.root_eps = folded_norm(model.norm, model.embed.weight)
         kda, attention = (StaticKDAStep, StaticAttentionStep) if compiled else (KDAStep, AttentionStep)
+        # compiled: few distinct KV sizes, so that the prompts of a process share few graphs (torch.compile
+        # fails, with fullgraph, past its limit of recompiles: 8 by default)
+        kv_len = max(256, 1 << (max_len - 1).bit_length()) if compiled else max_len
         self.steps = []
         for block, c in zip(model.blocks, cache, strict=True):
-            mixer = attention(block.mixer, block.mixer_norm, c, batch, max_len) if block.kind == "attn" \
+            mixer = attention(block.mixer, block.mixer_norm, c, batch, kv_len) if block.kind == "attn" \
                 else kda(block.mixer, block.mixer_norm, c, batch)
             self.steps += [mixer, SwiGLUStep(block.mlp, block.mlp_norm)]
-        # positions left in the KV caches (the prefill's length: its keys'); KDA state has no end
+        # steps left before max_len (the prefill's length: its keys'); without attention, no end
+        self.max_len = max_len
         self.left = min((max_len - s.pos for s in self.steps if isinstance(s, AttentionStep)), default=None)
         self.forward = torch.compile(self.step, fullgraph=True, dynamic=False) if compiled else self.step
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
-        for step in self.steps:
-            x = step(x)
+        for branch in self.steps:
+            x = branch(x)
         return unit(x, self.root_eps) @ self.head
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         if self.left is not None:
             if self.left == 0:
-                raise ValueError("Decoder: every position of its KV cache is taken (max_len when built)")
+                raise ValueError(f"Decoder: it was built for {self.max_len} positions (prompt and steps), all taken")
             self.left -= 1
         return self.forward(ids)
 
