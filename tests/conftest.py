@@ -17,11 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 # worker's share of the cores. (Two workers on two cores, each with torch's two threads, wait on each
 # other at every small op: a toy model's training step took 6x as long as on one thread.)
 # torch reads it when first imported: a plugin that imported it earlier would leave the workers on all cores and
-# their stage processes on one, and the tests comparing the two runs' bytes would fail for it.
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+# their stage processes on one, and the tests comparing the two runs' bytes would fail for it. (A user's
+# OMP_NUM_THREADS is kept; and test modules import this file again as tests.conftest, after torch, when it is set.)
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
     assert "torch" not in sys.modules, "torch was imported before tests/conftest.py could set its threads"
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
 
 TINY_PARAMS = {
     "run": {"seed": 0, "device": "auto", "progress": False},   # DVC tracks run.seed / run.device: present

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import copy
 import importlib
+import random
 import shutil
 
 import numpy as np
@@ -24,7 +25,7 @@ from torch.nn.modules.module import register_module_forward_pre_hook
 from hatchling.config import validate_params
 from hatchling.eval.continual import Memorizer, forgetting
 from hatchling.eval.harness import Evaluator
-from hatchling.eval.probes import Alphabet, make_items, probe_accuracy
+from hatchling.eval.probes import Alphabet, palindrome, probe_accuracy
 from hatchling.eval.scoring import loglikelihoods
 from hatchling.model import build_model
 from hatchling.model.base import LanguageModel
@@ -124,7 +125,7 @@ def test_generate_and_chat_run_on_their_device_option(pretrained_project, monkey
     common = dict(checkpoint=checkpoint, max_new_tokens=4, temperature=0.0, top_k=None, top_p=None, seed=None,
                   compute="fp32", device="cuda")
     with pytest.raises(FirstForward):
-        generate_cli(argparse.Namespace(prompt="def f(", **common))
+        generate_cli(argparse.Namespace(prompt="def f(", compile=False, **common))
     assert first_forward == {"weights": META, "inputs": {META}}
     first_forward.clear()
     with pytest.raises(FirstForward):
@@ -145,7 +146,7 @@ def _generation(model, device):
 
 
 def _probes(model, device):
-    probe_accuracy(model, make_items("mqar", 4, 2, 0, Alphabet(list(range(2, 34)), 0, 1)), device=device)
+    probe_accuracy(model, [palindrome(random.Random(0), Alphabet(list(range(2, 34)), 0, 1), 4)], device=device)
 
 
 def _memorization(model, device):

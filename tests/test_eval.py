@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,10 +15,8 @@ from torch import nn
 from hatchling.config import validate_params
 from hatchling.data.benchmarks import canonical
 from hatchling.eval.harness import Evaluator
-from hatchling.eval.probes import Alphabet, chance, make_items, mqar, probe_accuracy
 from hatchling.eval.scoring import encode_pair, loglikelihoods
 from hatchling.io import read_jsonl, write_jsonl
-from hatchling.model import build_model
 from hatchling.tasks.math import Math
 from hatchling.tasks.multiple_choice import MULTIPLE_CHOICE
 from tests.conftest import TINY_PARAMS, copy_project, hatchling_cmd, run_cmd, write_params
@@ -129,48 +126,6 @@ def test_hellaswag_and_siqa_follow_lm_eval_formats():
     assert MULTIPLE_CHOICE["siqa"].gold(siqa) == 1
     [boolq] = records("boolq", [{"passage": "p", "question": "q", "answer": True}])
     assert MULTIPLE_CHOICE["boolq"].gold(boolq) == 1
-
-
-def test_probes_are_seeded_and_well_formed():
-    a = Alphabet(list(range(2, 34)), 0, 1)
-    for name in ("palindrome", "mqar", "stack"):
-        first, again = make_items(name, 16, 4, seed=3, alphabet=a), make_items(name, 16, 4, seed=3, alphabet=a)
-        assert first == again and first != make_items(name, 16, 4, seed=4, alphabet=a)
-        assert all(0 < t < len(it.tokens) for it in first for t in it.targets)
-    item = make_items("palindrome", 5, 1, 0, a)[0]
-    assert item.tokens[6:] == item.tokens[:5][::-1] and item.tokens[5] == a.sep
-    for item in make_items("stack", 20, 8, 0, a):      # every popped symbol is the last one pushed and not popped
-        held = []
-        for i, tok in enumerate(item.tokens):
-            if i in item.targets:
-                assert tok == held.pop()
-            elif tok != a.pop:
-                held.append(tok)
-
-
-def test_a_briefly_trained_toddler_beats_chance_on_mqar():
-    torch.manual_seed(0)
-    a = Alphabet(list(range(2, 34)), 0, 1)
-    model = build_model({"size": "toddler", "vocab_size": 40, "d_model": 64, "n_layers": 2, "n_heads": 2,
-                         "head_dim": 32, "n_kv_heads": 1, "mlp_hidden": 128, "chunk_size": 16})
-    test_items = make_items("mqar", 4, 64, seed=1, alphabet=a)
-    before = probe_accuracy(model, test_items, device=CPU)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = random.Random(0)
-    model.train()
-    for _ in range(150):
-        items = [mqar(rng, a, 4) for _ in range(32)]
-        x = torch.tensor([it.tokens for it in items])            # MQAR at one length: equal lengths
-        mask = torch.zeros_like(x, dtype=torch.bool)
-        for j, it in enumerate(items):
-            mask[j, it.targets] = True
-        logits = model(x)[:, :-1]
-        loss = F.cross_entropy(logits[mask[:, 1:]], x[:, 1:][mask[:, 1:]])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = probe_accuracy(model, test_items, device=CPU)
-    assert after > chance("mqar", a) + 0.4 and after > before + 0.3, (before, after)
 
 
 @pytest.fixture(scope="module")
