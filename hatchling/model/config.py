@@ -116,7 +116,7 @@ class ModelConfig(BaseModel):
     mlp_hidden: int = Field(384, ge=8, description="SwiGLU hidden width")
     attn_every: int = Field(4, ge=0, description="every N-th layer is NoPE attention; 0 = none")
     conv_size: int = Field(4, ge=1, description="causal depthwise conv kernel on q/k/v")
-    chunk_size: int = Field(64, ge=1, description="KDA chunk length for the chunked kernel")
+    chunk_size: int = Field(32, ge=1, description="KDA chunk length for the chunked kernel (fla's picks its own)")
     kda_backend: Literal["auto", "fla", "chunked", "recurrent"] = "auto"
     rope_theta: float = Field(65536.0, gt=1, description="RoPE base: BDH over the neuron dimension, GPT per head")
     bdh: BDHOptions = Field(default_factory=BDHOptions, description="BDH's own options (arch bdh only)")

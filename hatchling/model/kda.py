@@ -269,7 +269,7 @@ def intra_chunk_scores(q, k, G, sub_block: int = SUB_BLOCK):
 
 
 def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                chunk_size: int = 64, segment_ids=None):
+                chunk_size: int = 32, segment_ids=None):
     """Chunkwise-parallel KDA in pure PyTorch (differentiable, any T). See the module docstring.
 
     segment_ids [B, T] (packed documents; a row's segment number, rising): the state restarts from
@@ -349,7 +349,7 @@ def _per_sequence(fn, q, k, v, g, beta, cu_seqlens, initial_state, output_final_
 
 
 def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-        chunk_size: int = 64, backend: str = "auto", cu_seqlens=None, use_qk_l2norm: bool = False,
+        chunk_size: int = 32, backend: str = "auto", cu_seqlens=None, use_qk_l2norm: bool = False,
         use_gate: bool = False, A_log=None, dt_bias=None, use_beta_sigmoid: bool = False, segment_ids=None):
     """KDA with the fastest available implementation.
 
