@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from hatchling.errors import StageError
@@ -54,8 +55,14 @@ class StageContext:
     params: Declared
     inputs: Declared
     outputs: Declared
-    code: str             # sha256 of the stage's code files (Stage.code): a trainer resumes only a run of the same code
+    code_hash: Callable[[], str]      # computes `code`, on first read
     log: Callable[[dict, int], None] = lambda metrics, step: None
+
+    @cached_property
+    def code(self) -> str:
+        """sha256 of the stage's code files (Stage.code): a trainer resumes only a run of the same code.
+        Computed when first read (the import closure takes 25-110 ms; only the trainers read it)."""
+        return self.code_hash()
 
     def relative(self, path: Path) -> str:
         """`path` as recorded in outputs: relative to the root (outputs never name where the repo lives)."""

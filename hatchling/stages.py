@@ -211,7 +211,7 @@ def context(name: str, params: Params, root: Path = Path("."),
     return StageContext(name, root, Declared(name, "params section", {s: getattr(params, s) for s in stage.params}),
                         Declared(name, "input", {k: root / v for k, v in stage.inputs.items()}),
                         Declared(name, "output", {k: root / v for k, v in stage.written.items()}),
-                        hash_paths(stage.code, PACKAGE.parent), log)
+                        lambda: hash_paths(stage.code, PACKAGE.parent), log)
 
 
 def get_stage(name: str) -> Stage:
