@@ -282,12 +282,17 @@ def test_long_question_alone_is_found_and_redacted_with_its_choices():
     assert [h.coverage for h in alone] == [round(26 / 37, 4)]
 
 
-def test_scan_agrees_with_the_reference_on_random_pages():
+@pytest.mark.parametrize("slot_bits", [decontam.EDGE_SLOT_BITS, 2])
+def test_scan_agrees_with_the_reference_on_random_pages(monkeypatch, slot_bits):
     """The hashed filter loses nothing: scan equals the rule tried on every item, on pages built from
-    a small vocabulary (so fields half-occur, repeat and overlap) with items planted whole, in part
-    and shuffled, including across the boundaries of the documents of a batch."""
+    a small vocabulary (so fields half-occur, repeat and overlap) and words no item holds, with items
+    planted whole, in part and shuffled, including across the boundaries of the documents of a
+    batch; also when the edge bits have only four slots (every page word shares one with indexed
+    words), and when the words' hashes come from the caller, as the dedup workers pass them."""
+    monkeypatch.setattr(decontam, "EDGE_SLOT_BITS", slot_bits)
     rng = random.Random(3)
     vocab = [f"w{i}" for i in range(40)]
+    outside = [f"x{i}" for i in range(40)]                            # in no item
 
     def words(k: int) -> str:
         return " ".join(rng.choices(vocab, k=k))
@@ -301,10 +306,13 @@ def test_scan_agrees_with_the_reference_on_random_pages():
         fields = list(item.anchors[:1] + item.supports)
         rng.shuffle(fields)
         parts = [f if rng.random() < 0.7 else " ".join(f.split()[: len(f.split()) // 2]) for f in fields]
-        pages.append(" ".join([words(rng.randint(0, 30)), *parts, words(rng.randint(0, 30))]))
+        filler = [" ".join(rng.choices(vocab + outside, k=rng.randint(0, 30))) for _ in range(2)]
+        pages.append(" ".join([filler[0], *parts, filler[1]]))
     batched = index.scan_batch(pages)
     assert batched == [index.reference_scan(p) for p in pages]
     assert sum(map(bool, batched)) > 50                              # the pages do hold items
+    words_of = [normalized_words(p) for p in pages]
+    assert index.scan_batch(pages, words_of, [decontam.word_hashes(w) for w in words_of]) == batched
 
 
 def test_words_with_spans_are_the_normalized_words():

@@ -219,6 +219,7 @@ def unit_breaks(text: str) -> list[bool]:
         out[i] = not UNIT_BREAKS.isdisjoint(unicodedata.normalize("NFKC", text[b0:a1]))
     return out
 MAX_N = 64                   # a word's edge bits (one per window length) fill a uint64
+EDGE_SLOT_BITS = 20          # the edge bits are looked up by the word hash's top bits: 2^20 slots
 _SEED, _P = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)   # rolling-hash start, odd base
 
 
@@ -241,6 +242,19 @@ def segment_starts(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return first + np.arange(total)
 
 
+_word_hashes: dict[str, int] = {}      # word -> its xxh64, per process (grows with the words seen)
+
+
+def word_hashes(words: list[str]) -> np.ndarray:
+    """The xxh64 of each word (uint64), each distinct word hashed once per process: what the index's
+    keys are made of, and dedup's shingles (hatchling/data/dedup.py), so a worker computes them once
+    for both."""
+    cache = _word_hashes
+    for w in set(words).difference(cache):
+        cache[w] = xxhash.xxh64_intdigest(w.encode())
+    return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
+
+
 class ContaminationIndex:
     """Every field of the items of some benchmarks, hashed for ``scan_batch``.
 
@@ -248,8 +262,10 @@ class ContaminationIndex:
     ARC's one-word choices are stored once). A short field has one key, that of its whole window;
     a long one a key per n-gram. The keys are sorted, each with the fields that hold it (CSR).
     Two cheap tests run before a window's key is looked up: its first and last words must begin
-    and end some field's window of its length (a bit per length for each word), and its key must
-    pass a two-probe Bloom filter (~32 bits a key, so ~0.4% of other windows pass).
+    and end some field's window of its length (a bit per length, looked up by the word's hash:
+    ``_index_windows``), and its key must pass a two-probe Bloom filter (~32 bits a key, so ~0.4% of
+    other windows pass). A page's words enter as their ``word_hashes``, which dedup computes for its
+    shingles anyway: the scan looks nothing up in a dictionary.
 
     ``alone`` and ``units`` are the normalized texts of the distinctive short anchors of the module
     doc's first and second rule; ``bits``, every short anchor of one item's information.
@@ -280,7 +296,7 @@ class ContaminationIndex:
         self._length = np.array([len(w) for w in fields], dtype=np.int64)
         flat = list(itertools.chain.from_iterable(fields))
         self._vocab = {w: i for i, w in enumerate(dict.fromkeys(flat), 1)}    # 0: a word that no field holds
-        self._values = np.array([0, *(xxhash.xxh64_intdigest(w.encode()) for w in self._vocab)], dtype=np.uint64)
+        self._values = np.concatenate([np.zeros(1, dtype=np.uint64), word_hashes(list(self._vocab))])
         ids = np.fromiter(map(self._vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
         self._index_windows(ids)
         self._fields = fields
@@ -431,12 +447,17 @@ class ContaminationIndex:
         return frozenset(alone), frozenset(units)
 
     def _index_windows(self, ids: np.ndarray) -> None:
-        """Keys, edge bits and Bloom filter of every field's windows (`ids`: all fields' words, concatenated)."""
+        """Keys, edge bits and Bloom filter of every field's windows (`ids`: all fields' words, concatenated).
+
+        The edge bits are kept by slot, the top EDGE_SLOT_BITS bits of a word's hash, not by word: a page's
+        words are looked up by the hashes dedup computes anyway (``word_hashes``), with no dictionary. A
+        slot holds the bits of every indexed word hashed there, so a word outside the index that shares
+        one lets more windows through to the Bloom filter and the key search, never fewer."""
         n, length = self.n, self._length
         offsets = np.cumsum(length) - length
         edge = np.min_scalar_type(1 << (n - 1))            # a bit per window length
-        self._starts = np.zeros(len(self._values), dtype=edge)      # word -> bit L-1: it begins a window of length L
-        self._ends = np.zeros(len(self._values), dtype=edge)        # ... it ends one
+        starts = np.zeros(len(self._values), dtype=edge)            # word -> bit L-1: it begins a window of length L
+        ends = np.zeros(len(self._values), dtype=edge)              # ... it ends one
         keys, owners = [np.zeros(0, dtype=np.uint64)], [np.zeros(0, dtype=np.int64)]
         for size, h in window_keys(self._values[ids], n):
             if size < n:                                 # a short field: its whole window
@@ -447,10 +468,14 @@ class ContaminationIndex:
                 own = np.repeat(long, length[long] - n + 1)
                 first = segment_starts(offsets[long], length[long] - n + 1)
             bit = edge.type(1 << (size - 1))
-            np.bitwise_or.at(self._starts, ids[first], bit)
-            np.bitwise_or.at(self._ends, ids[first + size - 1], bit)
+            np.bitwise_or.at(starts, ids[first], bit)
+            np.bitwise_or.at(ends, ids[first + size - 1], bit)
             keys.append(h[first])
             owners.append(own)
+        slot = self._values[1:] >> np.uint64(64 - EDGE_SLOT_BITS)
+        self._starts, self._ends = (np.zeros(1 << EDGE_SLOT_BITS, dtype=edge) for _ in range(2))
+        np.bitwise_or.at(self._starts, slot, starts[1:])
+        np.bitwise_or.at(self._ends, slot, ends[1:])
         keys, owners = np.concatenate(keys), np.concatenate(owners)
         order = np.lexsort((owners, keys))
         keys, owners = keys[order], owners[order]
@@ -479,11 +504,14 @@ class ContaminationIndex:
     def scan(self, text: str) -> list[Hit]:
         return self.scan_batch([text])[0]
 
-    def scan_batch(self, texts: list[str], words: list[list[str]] | None = None) -> list[list[Hit]]:
-        """The hits in each text; `words` (each text's ``normalized_words``) when already at hand."""
+    def scan_batch(self, texts: list[str], words: list[list[str]] | None = None,
+                   hashes: list[np.ndarray] | None = None) -> list[list[Hit]]:
+        """The hits in each text; `words` (each text's ``normalized_words``) and `hashes` (their
+        ``word_hashes``) when already at hand."""
         words = [normalized_words(t) for t in texts] if words is None else words
+        hashes = [word_hashes(w) for w in words] if hashes is None else hashes
         hits: list[list[Hit]] = [[] for _ in texts]
-        for doc, candidates in self._candidates(words).items():
+        for doc, candidates in self._candidates(hashes).items():
             page = Page(words[doc], self.n, texts[doc])
             found = [(self.items[idx], f) for idx in sorted(candidates)
                      if (f := find(self.items[idx][1], page, self.threshold, self.alone, self.units))]
@@ -496,10 +524,11 @@ class ContaminationIndex:
         return located(text, [(entry, f) for entry in self.items
                               if (f := find(entry[1], page, self.threshold, self.alone, self.units))])
 
-    def _candidates(self, words: list[list[str]]) -> dict[int, set[int]]:
-        """{document: the items whose anchor and supports may hold enough words there}."""
+    def _candidates(self, hashes: list[np.ndarray]) -> dict[int, set[int]]:
+        """{document: the items whose anchor and supports may hold enough words there}; `hashes`: each
+        document's ``word_hashes``."""
         present: dict[int, set[int]] = defaultdict(set)
-        for d, f in self._fields_present(words):
+        for d, f in self._fields_present(hashes):
             present[d].add(f)
         out: dict[int, set[int]] = defaultdict(set)
         for d, here in present.items():
@@ -507,19 +536,21 @@ class ContaminationIndex:
                 out[d].update(idx for idx in self._readers[f] if self._may_hold(idx, f, here))
         return {d: items for d, items in out.items() if items}
 
-    def _fields_present(self, words: list[list[str]]) -> Iterator[tuple[int, int]]:
-        """(document, field) for each field whose keys say it may occur in the document."""
-        if not words or not len(self._keys):
+    def _fields_present(self, hashes: list[np.ndarray]) -> Iterator[tuple[int, int]]:
+        """(document, field) for each field whose keys say it may occur in the document (`hashes`: each
+        document's ``word_hashes``)."""
+        if not hashes or not len(self._keys):
             return iter(())
-        flat: list[str] = []            # the documents' words one after the other, each followed by ""
-        for w in words:
-            flat += w
-            flat.append("")
-        ids = np.fromiter(map(self._vocab.get, flat, itertools.repeat(0)), dtype=np.int64, count=len(flat))
-        doc = np.repeat(np.arange(len(words)), [len(w) + 1 for w in words])
-        starts, ends = self._starts[ids], self._ends[ids]
+        gap = np.zeros(1, dtype=np.uint64)     # after each document: a word no window begins or ends at
+        values = np.concatenate([part for h in hashes for part in (h, gap)])
+        sizes = [len(h) + 1 for h in hashes]
+        doc = np.repeat(np.arange(len(hashes)), sizes)
+        slot = values >> np.uint64(64 - EDGE_SLOT_BITS)
+        starts, ends = self._starts[slot], self._ends[slot]
+        gaps = np.cumsum(sizes) - 1
+        starts[gaps] = ends[gaps] = 0
         docs, keys = [], []
-        for size, h in window_keys(self._values[ids], self.n):
+        for size, h in window_keys(values, self.n):
             window = np.flatnonzero(starts[:len(h)] & ends[size - 1:] & starts.dtype.type(1 << (size - 1)))
             window = window[self._in_bloom(h[window])]
             at = np.searchsorted(self._keys, h[window]).clip(max=len(self._keys) - 1)

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import xxhash
 from datasketch import MinHash, MinHashLSH
 
-from hatchling.data.decontam import ContaminationIndex, Hit, read_index
+from hatchling.data.decontam import ContaminationIndex, Hit, read_index, word_hashes
 from hatchling.data.shard_map import map_ordered
 from hatchling.data.textnorm import normalized_words
 from hatchling.errors import InputError
@@ -71,24 +70,21 @@ class DedupResult:
 
 # odd multipliers by position: of a word in a shingle, of a value in an LSH band (both <= 1024, the config's bound)
 _MIX = np.random.default_rng(20261123).integers(1, 2**63, size=1024, dtype=np.uint64) | np.uint64(1)
-_word_hashes: dict[str, int] = {}
-
-
 def shingle_hashes(words: list[str], n: int) -> np.ndarray:
-    """Sorted unique 32-bit hashes of the word n-gram shingles of a text's normalized words.
+    """Sorted unique 32-bit hashes of the word n-gram shingles of a text's normalized words."""
+    return hashed_shingles(word_hashes(words), n)
 
-    Each distinct word is hashed once (xxh64, cached per process); a shingle's hash mixes its n
-    word hashes with fixed odd multipliers (position-dependent, so word order counts) in uint64
-    arithmetic, vectorized over the document, and keeps the high 32 bits.
+
+def hashed_shingles(wh: np.ndarray, n: int) -> np.ndarray:
+    """``shingle_hashes`` from the words' xxh64 hashes (``decontam.word_hashes``: each distinct word
+    hashed once per process): a shingle's hash mixes its n word hashes with fixed odd multipliers
+    (position-dependent, so word order counts) in uint64 arithmetic, vectorized over the document,
+    and keeps the high 32 bits.
     """
-    if not words:
+    if not len(wh):
         return np.zeros(0, dtype=np.uint32)
-    cache = _word_hashes
-    for w in set(words).difference(cache):
-        cache[w] = xxhash.xxh64_intdigest(w.encode())
-    wh = np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
-    m = min(n, len(words))                       # a text shorter than n words is one shingle
-    h = np.zeros(len(words) - m + 1, dtype=np.uint64)
+    m = min(n, len(wh))                          # a text shorter than n words is one shingle
+    h = np.zeros(len(wh) - m + 1, dtype=np.uint64)
     for j in range(m):
         h += wh[j:j + len(h)] * _MIX[j]          # wraps mod 2^64 by design
     h = (h >> np.uint64(32)).astype(np.uint32)
@@ -187,9 +183,10 @@ def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1, ch
         words = [normalized_words(d["text"]) for d in docs]
         doc_ids += [str(d["id"]) if "id" in d else f"{name}:{i}" for i, d in enumerate(docs, first)]
         exact += [hashlib.sha1(" ".join(w).encode()).digest() for w in words]
-        hashed += [shingle_hashes(w, shingle) for w in words]
+        wh = [word_hashes(w) for w in words]
+        hashed += [hashed_shingles(h, shingle) for h in wh]
         if index is not None:
-            found = index.scan_batch([d["text"] for d in docs], words)
+            found = index.scan_batch([d["text"] for d in docs], words, wh)
             hits.update((line, h) for line, h in enumerate(found, first) if h)
     return ShardSignatures(
         shard=str(shard), doc_ids=doc_ids, exact=exact, hashvalues=minhash_signatures(hashed, num_perm, seed),
