@@ -183,7 +183,8 @@ def scan_all(index: ContaminationIndex, texts: list[str], batch: int = 256, word
     hits = []
     for i in range(0, len(texts), batch):
         part = slice(i, i + batch)
-        hits += index.scan_batch(texts[part], words and words[part], hashes and hashes[part])
+        hits += index.scan_batch(texts[part], None if words is None else words[part],
+                                 None if hashes is None else hashes[part])
     return hits
 
 
@@ -214,6 +215,7 @@ def throughput(index_of, items: dict[str, list[Item]], words: list[str], repeats
     scan, dedup = len(docs) / min(scans), len(docs) / min(dedups)
     return {"items_indexed": sum(map(len, items.values())), "index_build_s": round(min(builds), 2),
             "pages": len(docs), "words_per_page": 300, "pages_flagged": found,
+            "scan_inputs": "normalized words and their hashes at hand, as in the dedup workers",
             "scan_pages_per_s": round(scan), "scan_words_per_s": round(300 * scan),
             "dedup_pages_per_s_1_worker": round(dedup), "dedup_and_scan_pages_per_s": round(1 / (1 / scan + 1 / dedup)),
             "cpus": os.cpu_count()}

@@ -313,6 +313,8 @@ def test_scan_agrees_with_the_reference_on_random_pages(monkeypatch, slot_bits):
     assert sum(map(bool, batched)) > 50                              # the pages do hold items
     words_of = [normalized_words(p) for p in pages]
     assert index.scan_batch(pages, words_of, [decontam.word_hashes(w) for w in words_of]) == batched
+    with pytest.raises(ValueError, match="one hash per word"):
+        index.scan_batch(pages[:1], words_of[:1], [decontam.word_hashes(words_of[0][:-1])])
 
 
 def test_words_with_spans_are_the_normalized_words():

@@ -245,11 +245,12 @@ def segment_starts(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
 _word_hashes: dict[str, int] = {}      # word -> its xxh64, per process (grows with the words seen)
 
 
-def word_hashes(words: list[str]) -> np.ndarray:
-    """The xxh64 of each word (uint64), each distinct word hashed once per process: what the index's
-    keys are made of, and dedup's shingles (hatchling/data/dedup.py), so a worker computes them once
-    for both."""
-    cache = _word_hashes
+def word_hashes(words: list[str], cache: dict[str, int] | None = None) -> np.ndarray:
+    """The xxh64 of each word (uint64): what the index's keys are made of, and dedup's shingles
+    (hatchling/data/dedup.py), so a dedup worker computes them once for both. Each distinct word is
+    hashed once per `cache`: by default the process's, which a dedup worker fills with its shards'
+    words; a caller that should not keep every word it sees passes its own."""
+    cache = _word_hashes if cache is None else cache
     for w in set(words).difference(cache):
         cache[w] = xxhash.xxh64_intdigest(w.encode())
     return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
@@ -295,14 +296,16 @@ class ContaminationIndex:
                 self._readers[f].append(idx)
         self._length = np.array([len(w) for w in fields], dtype=np.int64)
         flat = list(itertools.chain.from_iterable(fields))
-        self._vocab = {w: i for i, w in enumerate(dict.fromkeys(flat), 1)}    # 0: a word that no field holds
-        self._values = np.concatenate([np.zeros(1, dtype=np.uint64), word_hashes(list(self._vocab))])
+        # the build's word numbers (0: a word that no field holds) and their hashes; a scan needs neither
+        self._vocab = {w: i for i, w in enumerate(dict.fromkeys(flat), 1)}
+        self._values = np.concatenate([np.zeros(1, dtype=np.uint64), word_hashes(list(self._vocab), {})])
         ids = np.fromiter(map(self._vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
         self._index_windows(ids)
         self._fields = fields
         self._alone, self._unit = self._distinctive(ids)
         self.alone = frozenset(" ".join(fields[f]) for f in np.flatnonzero(self._alone).tolist())
         self.units = frozenset(" ".join(fields[f]) for f in np.flatnonzero(self._unit).tolist())
+        del self._vocab, self._values
 
     def __getstate__(self) -> dict:
         """For the cache (``write_index``): the items and fields as a few flat lists and strings, which
@@ -449,10 +452,11 @@ class ContaminationIndex:
     def _index_windows(self, ids: np.ndarray) -> None:
         """Keys, edge bits and Bloom filter of every field's windows (`ids`: all fields' words, concatenated).
 
-        The edge bits are kept by slot, the top EDGE_SLOT_BITS bits of a word's hash, not by word: a page's
-        words are looked up by the hashes dedup computes anyway (``word_hashes``), with no dictionary. A
-        slot holds the bits of every indexed word hashed there, so a word outside the index that shares
-        one lets more windows through to the Bloom filter and the key search, never fewer."""
+        The edge bits are kept by slot, the top bits of a word's hash (about eight slots a word, at most
+        2^EDGE_SLOT_BITS), not by word: a page's words are looked up by the hashes dedup computes anyway
+        (``word_hashes``), with no dictionary. A slot holds the bits of every indexed word hashed there,
+        so a word outside the index that shares one lets more windows through to the Bloom filter and
+        the key search, never fewer."""
         n, length = self.n, self._length
         offsets = np.cumsum(length) - length
         edge = np.min_scalar_type(1 << (n - 1))            # a bit per window length
@@ -472,8 +476,10 @@ class ContaminationIndex:
             np.bitwise_or.at(ends, ids[first + size - 1], bit)
             keys.append(h[first])
             owners.append(own)
-        slot = self._values[1:] >> np.uint64(64 - EDGE_SLOT_BITS)
-        self._starts, self._ends = (np.zeros(1 << EDGE_SLOT_BITS, dtype=edge) for _ in range(2))
+        slot_bits = min(EDGE_SLOT_BITS, max(8, int(np.ceil(np.log2(8 * len(self._values))))))   # ~8 slots a word
+        self._slot_shift = np.uint64(64 - slot_bits)
+        slot = self._values[1:] >> self._slot_shift
+        self._starts, self._ends = (np.zeros(1 << slot_bits, dtype=edge) for _ in range(2))
         np.bitwise_or.at(self._starts, slot, starts[1:])
         np.bitwise_or.at(self._ends, slot, ends[1:])
         keys, owners = np.concatenate(keys), np.concatenate(owners)
@@ -509,7 +515,11 @@ class ContaminationIndex:
         """The hits in each text; `words` (each text's ``normalized_words``) and `hashes` (their
         ``word_hashes``) when already at hand."""
         words = [normalized_words(t) for t in texts] if words is None else words
-        hashes = [word_hashes(w) for w in words] if hashes is None else hashes
+        if hashes is None:
+            cache: dict[str, int] = {}                # this batch's words only (module doc of word_hashes)
+            hashes = [word_hashes(w, cache) for w in words]
+        elif [len(h) for h in hashes] != [len(w) for w in words]:
+            raise ValueError("scan_batch: `hashes` must hold one hash per word of each text")
         hits: list[list[Hit]] = [[] for _ in texts]
         for doc, candidates in self._candidates(hashes).items():
             page = Page(words[doc], self.n, texts[doc])
@@ -542,10 +552,10 @@ class ContaminationIndex:
         if not hashes or not len(self._keys):
             return iter(())
         gap = np.zeros(1, dtype=np.uint64)     # after each document: a word no window begins or ends at
-        values = np.concatenate([part for h in hashes for part in (h, gap)])
+        values = np.concatenate([part for h in hashes for part in (np.asarray(h, dtype=np.uint64), gap)])
         sizes = [len(h) + 1 for h in hashes]
         doc = np.repeat(np.arange(len(hashes)), sizes)
-        slot = values >> np.uint64(64 - EDGE_SLOT_BITS)
+        slot = values >> self._slot_shift
         starts, ends = self._starts[slot], self._ends[slot]
         gaps = np.cumsum(sizes) - 1
         starts[gaps] = ends[gaps] = 0
@@ -615,7 +625,8 @@ def index_key(benchmarks: dict[str, list[Item]], n: int, threshold: float) -> st
     h = hashlib.sha256()
     for source in (__file__, textnorm.__file__):
         h.update(Path(source).read_bytes())
-    h.update(json.dumps([n, threshold, ALONE_WORDS, RARE_WORDS, UNIT_BITS, sorted(UNIT_BREAKS), MAX_N]).encode())
+    h.update(json.dumps([n, threshold, ALONE_WORDS, RARE_WORDS, UNIT_BITS, sorted(UNIT_BREAKS), MAX_N,
+                         EDGE_SLOT_BITS]).encode())
     h.update(json.dumps([[name, [[i.id, i.anchors, i.supports] for i in items]]
                          for name, items in benchmarks.items()]).encode())
     return h.hexdigest()

@@ -70,6 +70,8 @@ class DedupResult:
 
 # odd multipliers by position: of a word in a shingle, of a value in an LSH band (both <= 1024, the config's bound)
 _MIX = np.random.default_rng(20261123).integers(1, 2**63, size=1024, dtype=np.uint64) | np.uint64(1)
+
+
 def shingle_hashes(words: list[str], n: int) -> np.ndarray:
     """Sorted unique 32-bit hashes of the word n-gram shingles of a text's normalized words."""
     return hashed_shingles(word_hashes(words), n)
@@ -167,7 +169,7 @@ def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1, ch
                scan: tuple[str, str] | None = None) -> ShardSignatures:
     """MinHash signatures of every document in one JSONL shard (datasketch's affine32 scheme), and
     with `scan` (from ``shared_index``) the eval items found in each document: the contamination
-    check runs here, in the worker, on the words just normalized for the signatures.
+    check runs here, in the worker, on the words just normalized and hashed for the signatures.
 
     Documents stream through `chunk` at a time, so a worker holds the texts and word lists of one
     chunk, not of its whole shard (~20 KB of small strings per 300-word page: a 1,500-page shard

@@ -2,7 +2,7 @@
 
 The check's index comes from its cache when the sets, params and code are unchanged
 (decontam.cached_index). With the local runner each dedup worker checks its shard's documents on
-the words it normalizes for MinHash (dedup.signatures); the hits of the kept documents are used
+the words it normalizes and hashes for MinHash (dedup.signatures); the hits of the kept documents are used
 when they are written. On a cluster runner the check runs here, after dedup, on the kept ones.
 
 Reads the crawl shards, writes cleaned shards (same names, same schema) to data/dedup, and
