@@ -71,7 +71,8 @@ def test_planted_duplicates_are_removed_and_distinct_docs_kept(planted):
 
 def test_shingle_hash_jaccard_equals_string_jaccard():
     """The fast path (mixed word hashes) against the definition (sets of n-gram strings)."""
-    from hatchling.data.dedup import exact_jaccard, shingle_hashes
+    from hatchling.data.decontam import word_hashes
+    from hatchling.data.dedup import exact_jaccard, hashed_shingles
     from hatchling.data.textnorm import ngrams
 
     rng = random.Random(5)
@@ -79,10 +80,10 @@ def test_shingle_hash_jaccard_equals_string_jaccard():
         a = doc_text(rng, rng.randint(1, 120))
         b = near_copy(rng, a, rng.random() * 0.3)
         sa, sb = set(ngrams(a.split(), 5)), set(ngrams(b.split(), 5))
-        ha, hb = shingle_hashes(normalized_words(a), 5), shingle_hashes(normalized_words(b), 5)
+        ha, hb = (hashed_shingles(word_hashes(normalized_words(t)), 5) for t in (a, b))
         assert len(ha) == len(sa) and len(hb) == len(sb)
         assert exact_jaccard(ha, hb) == pytest.approx(len(sa & sb) / len(sa | sb))
-    assert shingle_hashes(["one", "two"], 5).size == 1 and shingle_hashes([], 5).size == 0
+    assert hashed_shingles(word_hashes(["one", "two"]), 5).size == 1 and hashed_shingles(word_hashes([]), 5).size == 0
 
 
 def test_shard_minhash_equals_datasketch():
@@ -102,12 +103,13 @@ def test_shard_minhash_equals_datasketch():
 
 def test_shard_signatures_pack_each_document(tmp_path):
     """A shard's arrays hold, per line, exactly that document's shingles, signature and hash."""
-    from hatchling.data.dedup import minhash_signatures, shingle_hashes, signatures
+    from hatchling.data.decontam import word_hashes
+    from hatchling.data.dedup import hashed_shingles, minhash_signatures, signatures
 
     texts = ["One two three four five six", "", "seven eight", doc_text(random.Random(2), 50)]
     write_jsonl(tmp_path / "s.jsonl", [{"id": f"t{i}", "text": t} for i, t in enumerate(texts)])
     sigs = signatures(tmp_path / "s.jsonl", 5, 32)
-    hashed = [shingle_hashes(normalized_words(t), 5) for t in texts]
+    hashed = [hashed_shingles(word_hashes(normalized_words(t)), 5) for t in texts]
     assert sigs.doc_ids == ["t0", "t1", "t2", "t3"] and sigs.offsets[-1] == sigs.shingles.size
     assert all(np.array_equal(sigs.doc_shingles(i), h) for i, h in enumerate(hashed))
     assert np.array_equal(sigs.hashvalues, minhash_signatures(hashed, 32))

@@ -72,16 +72,11 @@ class DedupResult:
 _MIX = np.random.default_rng(20261123).integers(1, 2**63, size=1024, dtype=np.uint64) | np.uint64(1)
 
 
-def shingle_hashes(words: list[str], n: int) -> np.ndarray:
-    """Sorted unique 32-bit hashes of the word n-gram shingles of a text's normalized words."""
-    return hashed_shingles(word_hashes(words), n)
-
-
 def hashed_shingles(wh: np.ndarray, n: int) -> np.ndarray:
-    """``shingle_hashes`` from the words' xxh64 hashes (``decontam.word_hashes``: each distinct word
-    hashed once per process): a shingle's hash mixes its n word hashes with fixed odd multipliers
-    (position-dependent, so word order counts) in uint64 arithmetic, vectorized over the document,
-    and keeps the high 32 bits.
+    """Sorted unique 32-bit hashes of the word n-gram shingles of a text, from its normalized words'
+    xxh64 hashes (``decontam.word_hashes``, which the contamination check reads too): a shingle's hash
+    mixes its n word hashes with fixed odd multipliers (position-dependent, so word order counts) in
+    uint64 arithmetic, vectorized over the document, and keeps the high 32 bits.
     """
     if not len(wh):
         return np.zeros(0, dtype=np.uint32)
