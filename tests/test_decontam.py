@@ -8,6 +8,7 @@ import string
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bench.contamination import leak_forms, noisy
@@ -315,6 +316,18 @@ def test_scan_agrees_with_the_reference_on_random_pages(monkeypatch, slot_bits):
     assert index.scan_batch(pages, words_of, [decontam.word_hashes(w) for w in words_of]) == batched
     with pytest.raises(ValueError, match="one hash per word"):
         index.scan_batch(pages[:1], words_of[:1], [decontam.word_hashes(words_of[0][:-1])])
+
+
+@pytest.mark.parametrize("size", [1, 13, 5000])
+def test_a_window_key_from_prefix_hashes_equals_the_rolling_key(size):
+    """The scan keys windows from prefix hashes (``window_key``); the index is built with the rolling
+    keys of ``window_keys``: equal for every window, whatever its start and length (uint64 values
+    with the top bit set, so the arithmetic wraps)."""
+    values = np.random.default_rng(size).integers(0, 2**64, size=size, dtype=np.uint64, endpoint=False)
+    key = decontam.window_key(values)
+    for length, rolled in decontam.window_keys(values, 20):
+        at = np.arange(len(rolled))
+        np.testing.assert_array_equal(key(at, np.full(len(at), length)), rolled)
 
 
 def test_words_with_spans_are_the_normalized_words():

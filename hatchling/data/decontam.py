@@ -82,6 +82,7 @@ corruption, not an adversary: whoever can write the project's ``.hatchling/`` ca
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import hashlib
 import itertools
@@ -89,7 +90,7 @@ import json
 import pickle
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -235,6 +236,29 @@ def window_keys(values: np.ndarray, longest: int) -> Iterator[tuple[int, np.ndar
         yield length, h
 
 
+@functools.lru_cache(maxsize=4)
+def _powers(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """P^k and P^-k mod 2^64 for k < size (P is odd, so it has an inverse mod 2^64)."""
+    up, down = np.full(size, _P, dtype=np.uint64), np.full(size, pow(int(_P), -1, 2**64), dtype=np.uint64)
+    up[0] = down[0] = 1
+    return np.cumprod(up), np.cumprod(down)
+
+
+def window_key(values: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The key of any window of `values` in O(1): ``key(at, length)`` equals ``window_keys``' key of the
+    window of `length` values starting at `at` (arrays of both, elementwise).
+
+    From prefix hashes pre[j] = sum_{k<j} values[k] P^(j-1-k) (one cumsum of values[k] P^-k, times
+    P^(j-1)), a window's key is pre[at + L] - pre[at] P^L + SEED P^L, all mod 2^64: the scan keys only
+    the windows its edge bits let through instead of every window of every length.
+    """
+    up, down = _powers(1 << max(12, (len(values) + 1).bit_length()))
+    pre = np.zeros(len(values) + 1, dtype=np.uint64)
+    np.cumsum(values * down[:len(values)], out=pre[1:])
+    pre[1:] *= up[:len(values)]
+    return lambda at, length: pre[at + length] - pre[at] * up[length] + _SEED * up[length]
+
+
 def segment_starts(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """offsets[i], offsets[i] + 1, ..., offsets[i] + counts[i] - 1 for every i, concatenated."""
     total = int(counts.sum())
@@ -242,17 +266,23 @@ def segment_starts(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return first + np.arange(total)
 
 
-_word_hashes: dict[str, int] = {}      # word -> its xxh64, per process (grows with the words seen)
+class WordHashes(dict):
+    """word -> its xxh64, each computed on the first lookup of the word (a seen word costs one dict lookup)."""
+
+    def __missing__(self, word: str) -> int:
+        h = self[word] = xxhash.xxh64_intdigest(word.encode())
+        return h
 
 
-def word_hashes(words: list[str], cache: dict[str, int] | None = None) -> np.ndarray:
+_word_hashes = WordHashes()      # per process (grows with the words seen)
+
+
+def word_hashes(words: list[str], cache: WordHashes | None = None) -> np.ndarray:
     """The xxh64 of each word (uint64): what the index's keys are made of, and dedup's shingles
     (hatchling/data/dedup.py), so a dedup worker computes them once for both. Each distinct word is
     hashed once per `cache`: by default the process's, which a dedup worker fills with its shards'
     words; a caller that should not keep every word it sees passes its own."""
     cache = _word_hashes if cache is None else cache
-    for w in set(words).difference(cache):
-        cache[w] = xxhash.xxh64_intdigest(w.encode())
     return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
 
 
@@ -298,7 +328,7 @@ class ContaminationIndex:
         flat = list(itertools.chain.from_iterable(fields))
         # the build's word numbers (0: a word that no field holds) and their hashes; a scan needs neither
         self._vocab = {w: i for i, w in enumerate(dict.fromkeys(flat), 1)}
-        self._values = np.concatenate([np.zeros(1, dtype=np.uint64), word_hashes(list(self._vocab), {})])
+        self._values = np.concatenate([np.zeros(1, dtype=np.uint64), word_hashes(list(self._vocab), WordHashes())])
         ids = np.fromiter(map(self._vocab.__getitem__, flat), dtype=np.int64, count=len(flat))
         self._index_windows(ids)
         self._fields = fields
@@ -516,7 +546,7 @@ class ContaminationIndex:
         ``word_hashes``) when already at hand."""
         words = [normalized_words(t) for t in texts] if words is None else words
         if hashes is None:
-            cache: dict[str, int] = {}                # this batch's words only (module doc of word_hashes)
+            cache = WordHashes()                      # this batch's words only (module doc of word_hashes)
             hashes = [word_hashes(w, cache) for w in words]
         elif [len(h) for h in hashes] != [len(w) for w in words]:
             raise ValueError("scan_batch: `hashes` must hold one hash per word of each text")
@@ -559,15 +589,20 @@ class ContaminationIndex:
         starts, ends = self._starts[slot], self._ends[slot]
         gaps = np.cumsum(sizes) - 1
         starts[gaps] = ends[gaps] = 0
-        docs, keys = [], []
-        for size, h in window_keys(values, self.n):
-            window = np.flatnonzero(starts[:len(h)] & ends[size - 1:] & starts.dtype.type(1 << (size - 1)))
-            window = window[self._in_bloom(h[window])]
-            at = np.searchsorted(self._keys, h[window]).clip(max=len(self._keys) - 1)
-            match = self._keys[at] == h[window]
-            docs.append(doc[window[match]])
-            keys.append(at[match])
-        doc_key = np.unique(np.concatenate(docs) * len(self._keys) + np.concatenate(keys))   # distinct per document
+        # bit L-1 of edges[i]: a window of L words at i begins and ends with words some field's windows
+        # of length L begin and end with (most windows of text have no such bit: a pass over small ints)
+        reach = np.zeros_like(ends)
+        for size in range(1, min(self.n, len(values)) + 1):
+            reach[:len(values) - size + 1] |= ends[size - 1:] & ends.dtype.type(1 << (size - 1))
+        edges = starts & reach
+        first = np.flatnonzero(edges)
+        length, at = np.nonzero((edges[first] >> np.arange(self.n, dtype=edges.dtype)[:, None]) & 1)
+        at, length = first[at], length + 1
+        h = window_key(values)(at, length)
+        window = self._in_bloom(h)
+        key = np.searchsorted(self._keys, h[window]).clip(max=len(self._keys) - 1)
+        match = self._keys[key] == h[window]
+        doc_key = np.unique(doc[at[window[match]]] * len(self._keys) + key[match])   # distinct per document
         doc_of, key = np.divmod(doc_key, len(self._keys))
         lo, hi = self._key_start[key], self._key_start[key + 1]
         fields = self._key_fields[segment_starts(lo, hi - lo)]

@@ -110,18 +110,22 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
     return h ^ (h >> np.uint32(16))
 
 
-def minhash_signatures(hashed: list[np.ndarray], num_perm: int, seed: int = 1, block: int = 2048) -> np.ndarray:
+def minhash_signatures(hashed: list[np.ndarray], num_perm: int, seed: int = 1, block: int = 8192) -> np.ndarray:
     """MinHash signatures (docs, num_perm) of many shingle-hash sets at once, equal to datasketch's
     ``MinHash.bulk(..., hashfunc=int, scheme="affine32")`` (the reference; tests/test_dedup.py).
 
     datasketch applies its permutations one document at a time; here the shingles of a whole shard
     are concatenated and permuted in blocks of ~`block` shingles, and each document's minimum is a
-    ``np.minimum.reduceat`` over its segment: ~4x faster on 300-word documents. An empty set keeps
-    datasketch's initial value (all ones).
+    ``np.minimum.reduceat`` over its segment. The blocks are permuted in one buffer allocated per call:
+    a fresh (num_perm, block) array per block was returned to the OS and page-faulted in again each
+    time, and numpy's multiply and add ran ~3x slower per element on 2048-wide blocks than on 8192-wide
+    ones (docs/benchmarks.md). An empty set keeps datasketch's initial value (all ones).
     """
     a, b = _permutations(num_perm, seed)
     out = np.full((len(hashed), num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
     rows = [i for i, h in enumerate(hashed) if h.size]
+    buffer = np.empty((num_perm, max([min(block, sum(h.size for h in hashed))] + [h.size for h in hashed])),
+                      dtype=np.uint32)
     start = 0
     while start < len(rows):
         stop, size = start, 0
@@ -130,7 +134,7 @@ def minhash_signatures(hashed: list[np.ndarray], num_perm: int, seed: int = 1, b
             stop += 1
         segments = [hashed[i] for i in rows[start:stop]]
         offsets = np.cumsum([0] + [h.size for h in segments[:-1]])
-        permuted = np.multiply(a, _fmix32(np.concatenate(segments)))  # (num_perm, shingles), wraps mod 2^32
+        permuted = np.multiply(a, _fmix32(np.concatenate(segments)), out=buffer[:, :size])   # wraps mod 2^32
         permuted += b
         out[rows[start:stop]] = np.minimum.reduceat(permuted, offsets, axis=1).T
         start = stop
