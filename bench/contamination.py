@@ -22,6 +22,11 @@ library modules the crawl's pydoc mirror serves (params crawl.pydoc_modules). Re
 form, per benchmark and by question length, every false positive, and the index's build time and
 scan rate on 300-word pages (bench/dedup.py's page size) beside dedup's own per-core rate on them.
 
+The sample weighs every set alike with --items items, so a set of short questions (PIQA's goals,
+OpenBookQA's sentence stems) moves the question-only rate by a few items. The census after it
+counts every item instead: each item's question alone (HumanEval: its prompt), as is and noisy, in a
+page of its own, against the index of every item as the dedup stage builds it.
+
 --calibrate runs the probe that sets decontam.UNIT_BITS instead: every short anchor of one item in
 the index of all items, searched in the text of every other item's fields (the shipped sets'
 questions, passages, WikiHow and ActivityNet contexts, choices, solutions); those it finds standing
@@ -163,8 +168,8 @@ class Pages:
         start = self.rng.randrange(len(self.words) - n)
         return " ".join(self.words[start:start + n])
 
-    def page(self, plant: str = "") -> str:
-        parts = [self.text(self.rng.randint(100, 1500)), plant, self.text(self.rng.randint(100, 1500))]
+    def page(self, plant: str = "", words: tuple[int, int] = (100, 1500)) -> str:
+        parts = [self.text(self.rng.randint(*words)), plant, self.text(self.rng.randint(*words))]
         return "\n\n".join(p for p in parts if p)
 
 
@@ -176,6 +181,30 @@ def plants(name: str, schema: str, records: list[dict], rng: random.Random) -> l
             out.append({"benchmark": name, "id": r["id"], "form": form, "noise": False, "text": text})
             out.append({"benchmark": name, "id": r["id"], "form": form, "noise": True, "text": noisy(text, rng)})
     return out
+
+
+def census(sets: dict[str, list[dict]], everything: dict[str, list[Item]], pages: Pages, params) -> dict:
+    """Recall of the question alone (HumanEval: the prompt alone) over every item of every set, as is
+    and with noise, each buried in a page of 50-300 words of prose on either side, scanned against the
+    index of every item (as the dedup stage builds it). The sample weighs each set alike with --items
+    items; this counts every item: {benchmark: {"as is"/"noisy": [caught, items]}, "missed": ...}."""
+    index = ContaminationIndex(everything, params.contamination.ngram, params.contamination.threshold)
+    plants = []
+    for name, records in sets.items():
+        for r in records:
+            forms = leak_forms(SCHEMAS[name], r, pages.rng)
+            text = forms.get("question_only", forms.get("prompt_only"))
+            plants += [(name, r["id"], "as is", text), (name, r["id"], "noisy", noisy(text, pages.rng))]
+    hits = scan_all(index, [pages.page(text, (50, 300)) for *_, text in plants])
+    out: dict = defaultdict(lambda: {"as is": [0, 0], "noisy": [0, 0]})
+    missed = []
+    for (name, item, noise, text), found in zip(plants, hits, strict=True):
+        caught = any(h.benchmark == name and h.item_id == item for h in found)
+        out[name][noise][0] += caught
+        out[name][noise][1] += 1
+        if not caught and noise == "as is":
+            missed.append({"benchmark": name, "id": item, "text": text})
+    return {**dict(sorted(out.items())), "missed": missed}
 
 
 def scan_all(index: ContaminationIndex, texts: list[str], batch: int = 256, words: list[list[str]] | None = None,
@@ -382,13 +411,14 @@ def main() -> None:
     rng = random.Random(args.seed)
     pages = Pages(prose(params.crawl.pydoc_modules), rng)
 
-    index_items, everything, leaks, lookalikes, lengths = {}, {}, [], [], {}
+    index_items, everything, sets, leaks, lookalikes, lengths = {}, {}, {}, [], [], {}
     for name, path in params.benchmarks.items():
         records, status = load_records(name, path)
         if records is None:
             print(f"{name}: {status}")
             continue
         schema = SCHEMAS[name]
+        sets[name] = records
         everything[name] = [Item(r["id"], *item_fields(schema, r)) for r in records]
         group = groups(schema, records, c.ngram)
         held = set(rng.sample(sorted(set(group)), min(args.items, len(set(group)) // 2)))
@@ -452,6 +482,17 @@ def main() -> None:
     for fp in false_positives:
         print(f"  false positive: {fp['benchmark']} {fp['id']} ({fp['form']}) -> {fp['hits']}")
 
+    every = census(sets, everything, pages, params)
+    print(f"\nquestion (prompt) alone, every item of every set:\n{'benchmark':14} {'as is':>18} {'noisy':>18}")
+    per_set = {name: v for name, v in every.items() if name != "missed"}
+    for name, v in per_set.items():
+        print(f"{name:14} {rate(*v['as is']):>18} {rate(*v['noisy']):>18}")
+    overall = {noise: [sum(v[noise][i] for v in per_set.values()) for i in (0, 1)] for noise in ("as is", "noisy")}
+    macro = {noise: round(sum(v[noise][0] / v[noise][1] for v in per_set.values()) / len(per_set), 4)
+             for noise in ("as is", "noisy")}
+    print(f"{'all items':14} {rate(*overall['as is']):>18} {rate(*overall['noisy']):>18}")
+    print(f"{'mean of sets':14} {macro['as is']:>18.1%} {macro['noisy']:>18.1%}")
+
     perf = throughput(ContaminationIndex, everything, pages.words, args.repeats, params)
     print()
     for key, value in perf.items():
@@ -461,7 +502,8 @@ def main() -> None:
            "recall_by_benchmark": {f"{b} {f}": value for (b, f), value in sorted(by_bench.items())},
            "question_only_by_length": dict(sorted(by_length.items())),
            "lookalikes_flagged": dict(sorted(negatives.items())), "false_positives": false_positives,
-           "missed": missed, "throughput": perf}
+           "missed": missed, "question_alone_every_item": {**every, "all items": overall, "mean of sets": macro},
+           "throughput": perf}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(row, indent=2))
     print(f"wrote {args.out}")
