@@ -2,6 +2,7 @@
 
     python bench/dedup.py [--docs 4000] [--out reports/bench_dedup.json]
     python bench/dedup.py --docs 12000 --benchmarks     # also with every params.yaml benchmark indexed
+    python bench/dedup.py --docs 12000 --benchmarks --baseline aadce63    # and an older tree's dedup
 
 Documents (~300 words drawn from a Zipf-distributed vocabulary, like running text) with planted
 exact duplicates (case/punctuation changes) and near duplicates at known word-5-gram Jaccard,
@@ -15,6 +16,14 @@ benchmark params.yaml lists indexed (the index read from its cache under .hatchl
 on the first run), each document checked as its signature is computed (dedup.signatures with
 `scan`). The issue's goal: these runs' per-core rate stays at dedup's own. Every rate is printed as
 worst / median / best of the --repeats runs.
+
+--baseline REV compares this tree with the git revision REV on the same shards, interleaved with
+the other runs: 1-worker runs of REV's dedup, of this tree's, and with --benchmarks of this tree's
+with the check, each in a child process of its own (REV's `hatchling/` extracted to a temporary
+directory; a child runs once on one shard to warm up, which also reads the index from its cache
+file, then times one whole run). Children, not this process, because this one holds the corpus and
+the index: the same code ran up to a quarter slower here than in a fresh process. Machines drift by
+tens of percent between days, so an old figure in docs/benchmarks.md says little beside today's.
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ import json
 import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,10 +93,36 @@ def recorded(signatures, flagged: set):
         yield sigs
 
 
+CHILD_RUN = """
+import sys, time
+from pathlib import Path
+from hatchling.data.dedup import deduplicate, iter_signatures
+num_perm, threshold, shards = int(sys.argv[1]), float(sys.argv[2]), [Path(p) for p in sys.argv[5:]]
+scan = {"scan": (sys.argv[3], sys.argv[4])} if sys.argv[3] != "-" else {}        # (index key, cache file)
+deduplicate(iter_signatures(shards[:1], 5, num_perm, 1, **scan), threshold, num_perm)   # warm up, read the index
+t0 = time.perf_counter()
+deduplicate(iter_signatures(shards, 5, num_perm, 1, **scan), threshold, num_perm)
+print(time.perf_counter() - t0)
+"""
+
+
+def child_seconds(tree: Path, shards: list[Path], num_perm: int, threshold: float,
+                  scan: tuple[str, str] = ("-", "-")) -> float:
+    """Seconds of one 1-worker dedup run (with `scan`: and the check) in a fresh process running the
+    code in `tree` (its hatchling/ first on the path)."""
+    out = subprocess.run([sys.executable, "-c", CHILD_RUN, str(num_perm), str(threshold), *scan, *map(str, shards)],
+                         cwd=tree, capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
 def jaccard(a: str, b: str, n: int = 5) -> float:
     """True word-n-gram Jaccard on the strings themselves (the ground truth, no hashing)."""
     x, y = set(ngrams(normalize(a).split(), n)), set(ngrams(normalize(b).split(), n))
     return len(x & y) / max(1, len(x | y))
+
+
+LABELS = {"alone": "", "check": ", all benchmarks", "baseline": ", dedup alone at {}, child",
+          "alone, child": ", child", "check, child": ", all benchmarks, child"}
 
 
 def main() -> None:
@@ -96,8 +133,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="runs per worker count, interleaved; the best counts")
     ap.add_argument("--out", default="reports/bench_dedup.json")
     ap.add_argument("--benchmarks", action="store_true", help="also time with every params.yaml benchmark indexed")
+    ap.add_argument("--baseline", metavar="REV", help="also time dedup alone (1 worker) as git revision REV wrote it")
     args = ap.parse_args()
-    configs = [(1, None), (2, None)]
+    configs = [(1, "alone"), (2, "alone")]
+    scan = None
     if args.benchmarks:
         from hatchling.config import load_params
         from hatchling.data.benchmarks import load_benchmarks
@@ -109,34 +148,47 @@ def main() -> None:
                                   params.contamination.threshold, INDEX_CACHE)
         print(f"index of {len(index.items)} items: {how} in {time.perf_counter() - t0:.2f} s (load the sets + index)")
         scan = shared_index(index, *index.cached_as or ("unsaved", "")).__enter__()    # for the whole run
-        configs += [(1, scan), (2, scan)]
+        configs += [(1, "check"), (2, "check")]
+    if args.baseline:
+        configs += [(1, "baseline"), (1, "alone, child")] + ([(1, "check, child")] if args.benchmarks else [])
     corpus = Corpus(args.docs)
     by_id = {d["id"]: d for d in corpus.docs}
     with tempfile.TemporaryDirectory() as tmp:
+        if args.baseline:
+            tree = Path(tmp) / "baseline"
+            tree.mkdir()
+            archive = subprocess.run(["git", "archive", args.baseline, "hatchling"], capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
         shards = []
         for s in range(8):
             path = Path(tmp) / f"shard-{s:05d}.jsonl"
             write_jsonl(path, corpus.docs[s::8])
             shards.append(path)
-        timings = {(w, bool(scan)): [] for w, scan in configs}
+        timings = {config: [] for config in configs}
         flagged = set()
         for r in range(args.repeats):            # interleaved, rotating, so a noisy neighbour hits all alike
-            for workers, scan in configs[r % len(configs):] + configs[:r % len(configs)]:
+            for workers, kind in configs[r % len(configs):] + configs[:r % len(configs)]:
+                if kind == "baseline" or kind.endswith("child"):
+                    timings[workers, kind].append(child_seconds(
+                        tree if kind == "baseline" else Path.cwd(), shards, args.num_perm, args.threshold,
+                        *[scan for _ in range(kind == "check, child")]))
+                    continue
                 t0 = time.perf_counter()
-                if scan:
+                if kind == "check":
                     flagged = set()
                     deduplicate(recorded(iter_signatures(shards, 5, args.num_perm, workers, scan=scan), flagged),
                                 args.threshold, args.num_perm)
                 else:
                     result = deduplicate(iter_signatures(shards, 5, args.num_perm, workers), args.threshold,
                                          args.num_perm)
-                timings[workers, bool(scan)].append(time.perf_counter() - t0)
+                timings[workers, kind].append(time.perf_counter() - t0)
     # the speedup of each interleaved pair of runs, then their median: a slow spell on this shared
     # VM hits one pair, not the statistic (best/best divides two runs taken at different times)
-    paired = statistics.median(one / two for one, two in zip(timings[1, False], timings[2, False], strict=True))
+    paired = statistics.median(one / two for one, two in zip(timings[1, "alone"], timings[2, "alone"], strict=True))
     spread = {key: " / ".join(f"{len(corpus.docs) / t:,.0f}" for t in (max(ts), statistics.median(ts), min(ts)))
               for key, ts in timings.items()}
-    timings = {w: min(timings[w, False]) for w in (1, 2)} | {(w, True): min(ts) for (w, s), ts in timings.items() if s}
+    medians = {key: statistics.median(ts) for key, ts in timings.items()}
+    timings = {w: min(timings[w, "alone"]) for w in (1, 2)} | {key: min(ts) for key, ts in timings.items()}
     near_clusters = [(kept, d) for kept, dups in result.clusters.items() for d in dups
                      if d not in corpus.exact_truth]
     # precision: a removed document is right when it really is above the threshold to the one kept
@@ -160,12 +212,21 @@ def main() -> None:
            "exact_dups_found": result.exact_dups, "exact_dups_planted": len(corpus.exact_truth),
            "contamination_recall": round(len(caught) / len(corpus.leaks), 4),
            "contamination_docs_per_s": round(len(corpus.leaks) / scan_s, 1), "cpus": os.cpu_count(),
-           **{f"docs_per_s_{w}_worker{'s' if w > 1 else ''}{', all benchmarks' if s else ''} (worst / median / best)":
-              v for (w, s), v in spread.items()}}
+           **{f"docs_per_s_{w}_worker{'s' if w > 1 else ''}{LABELS[kind].format(args.baseline)}"
+              " (worst / median / best)": v for (w, kind), v in spread.items()}}
     if args.benchmarks:
-        row |= {"docs_per_s_1_worker_all_benchmarks": round(n / timings[1, True], 1),
-                "docs_per_s_2_workers_all_benchmarks": round(n / timings[2, True], 1),
-                "docs_flagged_all_benchmarks": len(flagged)}
+        row |= {"docs_per_s_1_worker_all_benchmarks": round(n / timings[1, "check"], 1),
+                "docs_per_s_2_workers_all_benchmarks": round(n / timings[2, "check"], 1),
+                "docs_flagged_all_benchmarks": len(flagged),
+                "median_1_worker_all_benchmarks_over_alone": round(medians[1, "alone"] / medians[1, "check"], 3)}
+    if args.baseline:             # fresh processes alike (module doc)
+        row |= {"baseline": args.baseline,
+                "median_1_worker_over_baseline": round(medians[1, "baseline"] / medians[1, "alone, child"], 3)}
+        if args.benchmarks:
+            row |= {"median_1_worker_all_benchmarks_over_baseline":
+                    round(medians[1, "baseline"] / medians[1, "check, child"], 3),
+                    "median_1_worker_all_benchmarks_over_alone, children":
+                    round(medians[1, "alone, child"] / medians[1, "check, child"], 3)}
     for key, value in row.items():
         print(f"{key:32} {value}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
