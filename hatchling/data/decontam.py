@@ -596,8 +596,10 @@ class ContaminationIndex:
             reach[:len(values) - size + 1] |= ends[size - 1:] & ends.dtype.type(1 << (size - 1))
         edges = starts & reach
         first = np.flatnonzero(edges)
-        length, at = np.nonzero((edges[first] >> np.arange(self.n, dtype=edges.dtype)[:, None]) & 1)
-        at, length = first[at], length + 1
+        bits = edges[first]
+        at = [first[(bits & bits.dtype.type(1 << (size - 1))) != 0] for size in range(1, self.n + 1)]
+        length = np.repeat(np.arange(1, self.n + 1), [len(a) for a in at])
+        at = np.concatenate(at)
         h = window_key(values)(at, length)
         window = self._in_bloom(h)
         key = np.searchsorted(self._keys, h[window]).clip(max=len(self._keys) - 1)
