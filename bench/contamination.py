@@ -3,6 +3,7 @@
     python bench/contamination.py [--items 40] [--seed 0] [--set KEY=VALUE ...] [--out reports/bench_contamination.json]
     python bench/contamination.py --calibrate      # the probe behind decontam.UNIT_BITS, then exit
     python bench/contamination.py --stage [--docs 12000] [--repeats 3]     # the dedup stage's rate, then exit
+    python bench/contamination.py --baseline aadce63     # also dedup on the prose pages as REV ran it
 
 Every benchmark that params.yaml lists and that has data. Per benchmark, --items items are drawn
 (seeded) as leaks and --items more as look-alikes:
@@ -33,6 +34,10 @@ questions, passages, WikiHow and ActivityNet contexts, choices, solutions); thos
 as a line or sentence there are ordinary text of that size and information, so UNIT_BITS must lie
 above the most informative of them. Its table lists them, most bits first.
 
+--baseline REV adds, on the same prose pages, 1-worker runs of REV's dedup alone, of this tree's and
+of this tree's with the check (the index read from its cache file), each in a fresh child process,
+in rotating order (bench/dedup.py's --baseline, which does the same on its synthetic corpus).
+
 --stage times the dedup stage itself (hatchling/data/dedup_stage.py, 1 worker: read, dedup, then
 the check on the kept documents and the write) on bench/dedup.py's corpus (--docs documents of ~300
 words in 8 shards), with none of the benchmarks indexed, with every one params.yaml lists indexed
@@ -53,6 +58,8 @@ import os
 import pydoc
 import random
 import shutil
+import statistics
+import sys
 import tempfile
 import time
 import unicodedata
@@ -61,7 +68,7 @@ from pathlib import Path
 
 from hatchling.config import load_params
 from hatchling.data.benchmarks import SCHEMAS, item_fields, load_benchmarks, load_records
-from hatchling.data.decontam import INDEX_CACHE, UNIT_BITS, ContaminationIndex, Item, Page, word_hashes
+from hatchling.data.decontam import INDEX_CACHE, UNIT_BITS, ContaminationIndex, Item, Page, cached_index, word_hashes
 from hatchling.data.dedup import deduplicate, iter_signatures
 from hatchling.data.textnorm import ngrams, normalized_words
 from hatchling.io import write_jsonl
@@ -217,10 +224,12 @@ def scan_all(index: ContaminationIndex, texts: list[str], batch: int = 256, word
     return hits
 
 
-def throughput(index_of, items: dict[str, list[Item]], words: list[str], repeats: int, params) -> dict:
+def throughput(index_of, items: dict[str, list[Item]], words: list[str], repeats: int, params,
+               baseline: str | None = None) -> dict:
     """Index build seconds (all items) and scan rate on 300-word pages, with dedup's rate (1 worker) on them.
     The scan is timed as the dedup workers run it: on the pages' normalized words and their hashes,
-    which dedup computes for its shingles anyway."""
+    which dedup computes for its shingles anyway. With `baseline` (a git revision), also the module
+    doc's child runs (``baseline_children``)."""
     builds, scans, dedups = [], [], []
     docs = [" ".join(words[i:i + 300]) for i in range(0, len(words) - 300, 300)]
     page_words = [normalized_words(d) for d in docs]
@@ -241,13 +250,43 @@ def throughput(index_of, items: dict[str, list[Item]], words: list[str], repeats
             t0 = time.perf_counter()
             deduplicate(iter_signatures(shards, d.shingle, d.num_perm, 1), d.threshold, d.num_perm)
             dedups.append(time.perf_counter() - t0)
+        children = baseline_children(baseline, shards, len(docs), 3 * repeats, params) if baseline else {}
     scan, dedup = len(docs) / min(scans), len(docs) / min(dedups)
-    return {"items_indexed": sum(map(len, items.values())), "index_build_s": round(min(builds), 2),
+    return children | {"items_indexed": sum(map(len, items.values())), "index_build_s": round(min(builds), 2),
             "pages": len(docs), "words_per_page": 300, "pages_flagged": found,
             "scan_inputs": "normalized words and their hashes at hand, as in the dedup workers",
             "scan_pages_per_s": round(scan), "scan_words_per_s": round(300 * scan),
             "dedup_pages_per_s_1_worker": round(dedup), "dedup_and_scan_pages_per_s": round(1 / (1 / scan + 1 / dedup)),
             "cpus": os.cpu_count()}
+
+
+def baseline_children(rev: str, shards: list[Path], pages: int, repeats: int, params) -> dict:
+    """Pages/s (worst / median / best) of 1-worker dedup on `shards` in fresh children: as git revision
+    `rev` ran it, as this tree runs it, and with the check of every params.yaml benchmark."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # the repo root, when run as a script
+    from bench.dedup import baseline_tree, child_seconds
+
+    d = params.dedup
+    index = cached_index(load_benchmarks(params.benchmarks)[0], params.contamination.ngram,
+                         params.contamination.threshold, INDEX_CACHE)[0]
+    if index.cached_as is None:
+        raise SystemExit(f"--baseline: the index could not be cached under {INDEX_CACHE}")
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {f"dedup alone at {rev}": (baseline_tree(rev, Path(tmp)), ("-", "-")),
+                "dedup alone": (Path.cwd(), ("-", "-")),
+                "dedup + check": (Path.cwd(), (index.cached_as[0], str(index.cached_as[1])))}
+        seconds = {name: [] for name in runs}
+        names = list(runs)
+        for r in range(repeats):
+            for name in names[r % 3:] + names[:r % 3]:
+                tree, scan = runs[name]
+                seconds[name].append(child_seconds(tree, shards, d.num_perm, d.threshold, scan))
+    median = {name: statistics.median(ts) for name, ts in seconds.items()}
+    rates = {f"children: {name}, pages/s (worst / median / best)":
+             " / ".join(f"{pages / t:,.0f}" for t in (max(ts), median[name], min(ts))) for name, ts in seconds.items()}
+    check = median["dedup + check"]
+    return rates | {f"children: dedup + check / dedup alone at {rev} (medians)": round(median[names[0]] / check, 3),
+                    "children: dedup + check / dedup alone (medians)": round(median["dedup alone"] / check, 3)}
 
 
 def calibrate(items: dict[str, list[Item]], n: int) -> list[dict]:
@@ -381,6 +420,7 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true", help="run the probe behind decontam.UNIT_BITS and exit")
     ap.add_argument("--stage", action="store_true", help="time the dedup stage with and without benchmarks, exit")
     ap.add_argument("--docs", type=int, default=12000, help="--stage: bench/dedup.py's corpus size")
+    ap.add_argument("--baseline", metavar="REV", help="also time dedup on the prose pages as git revision REV ran it")
     args = ap.parse_args()
     params = load_params("params.yaml", args.set)
     c = params.contamination
@@ -493,7 +533,7 @@ def main() -> None:
     print(f"{'all items':14} {rate(*overall['as is']):>18} {rate(*overall['noisy']):>18}")
     print(f"{'mean of sets':14} {macro['as is']:>18.1%} {macro['noisy']:>18.1%}")
 
-    perf = throughput(ContaminationIndex, everything, pages.words, args.repeats, params)
+    perf = throughput(ContaminationIndex, everything, pages.words, args.repeats, params, args.baseline)
     print()
     for key, value in perf.items():
         print(f"{key:28} {value}")

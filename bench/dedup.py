@@ -115,6 +115,15 @@ def child_seconds(tree: Path, shards: list[Path], num_perm: int, threshold: floa
     return float(out.stdout.split()[-1])
 
 
+def baseline_tree(rev: str, tmp: Path) -> Path:
+    """A directory holding git revision `rev`'s hatchling/ (for ``child_seconds``)."""
+    tree = tmp / "baseline"
+    tree.mkdir()
+    archive = subprocess.run(["git", "archive", rev, "hatchling"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    return tree
+
+
 def jaccard(a: str, b: str, n: int = 5) -> float:
     """True word-n-gram Jaccard on the strings themselves (the ground truth, no hashing)."""
     x, y = set(ngrams(normalize(a).split(), n)), set(ngrams(normalize(b).split(), n))
@@ -155,10 +164,7 @@ def main() -> None:
     by_id = {d["id"]: d for d in corpus.docs}
     with tempfile.TemporaryDirectory() as tmp:
         if args.baseline:
-            tree = Path(tmp) / "baseline"
-            tree.mkdir()
-            archive = subprocess.run(["git", "archive", args.baseline, "hatchling"], capture_output=True, check=True)
-            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+            tree = baseline_tree(args.baseline, Path(tmp))
         shards = []
         for s in range(8):
             path = Path(tmp) / f"shard-{s:05d}.jsonl"
