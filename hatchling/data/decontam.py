@@ -62,12 +62,14 @@ pages titled like a PIQA goal ("Get rid of flies indoors", 35.6 bits).
 of the n-grams of one test question, so 0.5 flags it and anything above does not (the planted-leak
 benchmark, bench/contamination.py, and its results in docs/benchmarks.md).
 
-**Speed.** ``scan_batch`` filters with 64-bit rolling hashes of the word windows of every field
-length, vectorized over a batch of documents: a field *may* occur where its hashes do (equal
-words always hash alike, so the filter loses nothing), and an item whose anchor and supports may
-hold enough words is a candidate. Each candidate is then decided on the words themselves by
-``find``, the rule above written plainly; ``reference_scan`` runs ``find`` on every item, the
-slow reference the filter is tested against (tests/test_decontam.py).
+**Speed.** ``scan_batch`` filters with 64-bit polynomial hashes (keys) of the word windows of every
+field length, vectorized over a batch of documents: the windows whose first and last words may
+begin and end a field's window of their length are keyed (from prefix hashes, ``window_key``) and
+looked up; a field *may* occur where its keys do (equal words always hash alike, so the filter
+loses nothing), and an item whose anchor and supports may hold enough words is a candidate. Each
+candidate is then decided on the words themselves by ``find``, the rule above written plainly;
+``reference_scan`` runs ``find`` on every item, the slow reference the filter is tested against
+(tests/test_decontam.py).
 
 **Cache.** Building the index of every shipped set takes seconds (normalizing ~110,000 field
 texts, the distinctive test), the same each run until a set, a param or this code changes.
