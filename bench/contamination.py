@@ -264,7 +264,7 @@ def baseline_children(rev: str, shards: list[Path], pages: int, repeats: int, pa
     """Pages/s (worst / median / best) of 1-worker dedup on `shards` in fresh children: as git revision
     `rev` ran it, as this tree runs it, and with the check of every params.yaml benchmark."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # the repo root, when run as a script
-    from bench.dedup import baseline_tree, child_seconds
+    from bench.dedup import REPO, baseline_tree, child_seconds
 
     d = params.dedup
     index = cached_index(load_benchmarks(params.benchmarks)[0], params.contamination.ngram,
@@ -273,12 +273,12 @@ def baseline_children(rev: str, shards: list[Path], pages: int, repeats: int, pa
         raise SystemExit(f"--baseline: the index could not be cached under {INDEX_CACHE}")
     with tempfile.TemporaryDirectory() as tmp:
         runs = {f"dedup alone at {rev}": (baseline_tree(rev, Path(tmp)), ("-", "-")),
-                "dedup alone": (Path.cwd(), ("-", "-")),
-                "dedup + check": (Path.cwd(), (index.cached_as[0], str(index.cached_as[1])))}
+                "dedup alone": (REPO, ("-", "-")),
+                "dedup + check": (REPO, (index.cached_as[0], str(index.cached_as[1])))}
         seconds = {name: [] for name in runs}
         names = list(runs)
         for r in range(repeats):
-            for name in names[r % 3:] + names[:r % 3]:
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 tree, scan = runs[name]
                 seconds[name].append(child_seconds(tree, shards, d.num_perm, d.threshold, scan))
     median = {name: statistics.median(ts) for name, ts in seconds.items()}

@@ -93,10 +93,14 @@ def recorded(signatures, flagged: set):
         yield sigs
 
 
+REPO = Path(__file__).resolve().parents[1]
+
 CHILD_RUN = """
 import sys, time
 from pathlib import Path
+import hatchling
 from hatchling.data.dedup import deduplicate, iter_signatures
+print(hatchling.__file__)
 num_perm, threshold, shards = int(sys.argv[1]), float(sys.argv[2]), [Path(p) for p in sys.argv[5:]]
 scan = {"scan": (sys.argv[3], sys.argv[4])} if sys.argv[3] != "-" else {}        # (index key, cache file)
 deduplicate(iter_signatures(shards[:1], 5, num_perm, 1, **scan), threshold, num_perm)   # warm up, read the index
@@ -109,17 +113,24 @@ print(time.perf_counter() - t0)
 def child_seconds(tree: Path, shards: list[Path], num_perm: int, threshold: float,
                   scan: tuple[str, str] = ("-", "-")) -> float:
     """Seconds of one 1-worker dedup run (with `scan`: and the check) in a fresh process running the
-    code in `tree` (its hatchling/ first on the path)."""
+    code in `tree` (its hatchling/ first on PYTHONPATH; the child says which it imported, checked)."""
     out = subprocess.run([sys.executable, "-c", CHILD_RUN, str(num_perm), str(threshold), *scan, *map(str, shards)],
-                         cwd=tree, capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
+                         cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"the dedup run of {tree} failed:\n{out.stderr}")
+    imported, seconds = out.stdout.split()[-2:]
+    if not Path(imported).resolve().is_relative_to(tree.resolve()):
+        raise SystemExit(f"the run meant for {tree} imported {imported}")
+    return float(seconds)
 
 
 def baseline_tree(rev: str, tmp: Path) -> Path:
     """A directory holding git revision `rev`'s hatchling/ (for ``child_seconds``)."""
     tree = tmp / "baseline"
     tree.mkdir()
-    archive = subprocess.run(["git", "archive", rev, "hatchling"], capture_output=True, check=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "hatchling"], capture_output=True)
+    if archive.returncode:
+        raise SystemExit(f"--baseline {rev}: git archive failed: {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
     return tree
 
@@ -156,6 +167,8 @@ def main() -> None:
         index, how = cached_index(load_benchmarks(params.benchmarks)[0], params.contamination.ngram,
                                   params.contamination.threshold, INDEX_CACHE)
         print(f"index of {len(index.items)} items: {how} in {time.perf_counter() - t0:.2f} s (load the sets + index)")
+        if args.baseline and index.cached_as is None:
+            raise SystemExit(f"--baseline: the index could not be cached under {INDEX_CACHE} (a child reads it there)")
         scan = shared_index(index, *index.cached_as or ("unsaved", "")).__enter__()    # for the whole run
         configs += [(1, "check"), (2, "check")]
     if args.baseline:
@@ -176,8 +189,8 @@ def main() -> None:
             for workers, kind in configs[r % len(configs):] + configs[:r % len(configs)]:
                 if kind == "baseline" or kind.endswith("child"):
                     timings[workers, kind].append(child_seconds(
-                        tree if kind == "baseline" else Path.cwd(), shards, args.num_perm, args.threshold,
-                        *[scan for _ in range(kind == "check, child")]))
+                        tree if kind == "baseline" else REPO, shards, args.num_perm, args.threshold,
+                        *((scan,) if kind == "check, child" else ())))
                     continue
                 t0 = time.perf_counter()
                 if kind == "check":

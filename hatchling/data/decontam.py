@@ -243,7 +243,10 @@ def _powers(size: int) -> tuple[np.ndarray, np.ndarray]:
     """P^k and P^-k mod 2^64 for k < size (P is odd, so it has an inverse mod 2^64)."""
     up, down = np.full(size, _P, dtype=np.uint64), np.full(size, pow(int(_P), -1, 2**64), dtype=np.uint64)
     up[0] = down[0] = 1
-    return np.cumprod(up), np.cumprod(down)
+    up, down = np.cumprod(up), np.cumprod(down)
+    up.setflags(write=False)                 # shared by every call (cached)
+    down.setflags(write=False)
+    return up, down
 
 
 def window_key(values: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
@@ -254,6 +257,7 @@ def window_key(values: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndar
     P^(j-1)), a window's key is pre[at + L] - pre[at] P^L + SEED P^L, all mod 2^64: the scan keys only
     the windows its edge bits let through instead of every window of every length.
     """
+    values = np.asarray(values, dtype=np.uint64)
     up, down = _powers(1 << max(12, (len(values) + 1).bit_length()))
     pre = np.zeros(len(values) + 1, dtype=np.uint64)
     np.cumsum(values * down[:len(values)], out=pre[1:])
@@ -283,7 +287,7 @@ def word_hashes(words: list[str], cache: WordHashes | None = None) -> np.ndarray
     """The xxh64 of each word (uint64): what the index's keys are made of, and dedup's shingles
     (hatchling/data/dedup.py), so a dedup worker computes them once for both. Each distinct word is
     hashed once per `cache`: by default the process's, which a dedup worker fills with its shards'
-    words; a caller that should not keep every word it sees passes its own."""
+    words; a caller that should not keep every word it sees passes its own ``WordHashes()``."""
     cache = _word_hashes if cache is None else cache
     return np.fromiter(map(cache.__getitem__, words), dtype=np.uint64, count=len(words))
 
