@@ -92,7 +92,7 @@ import json
 import pickle
 import unicodedata
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -249,9 +249,9 @@ def _powers(size: int) -> tuple[np.ndarray, np.ndarray]:
     return up, down
 
 
-def window_key(values: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
-    """The key of any window of `values` in O(1): ``key(at, length)`` equals ``window_keys``' key of the
-    window of `length` values starting at `at` (arrays of both, elementwise).
+def window_key(values: np.ndarray, at: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """The keys of the windows of `values` of `length` values starting at `at` (arrays, elementwise):
+    ``window_keys``' keys of those windows, each in O(1).
 
     From prefix hashes pre[j] = sum_{k<j} values[k] P^(j-1-k) (one cumsum of values[k] P^-k, times
     P^(j-1)), a window's key is pre[at + L] - pre[at] P^L + SEED P^L, all mod 2^64: the scan keys only
@@ -262,7 +262,7 @@ def window_key(values: np.ndarray) -> Callable[[np.ndarray, np.ndarray], np.ndar
     pre = np.zeros(len(values) + 1, dtype=np.uint64)
     np.cumsum(values * down[:len(values)], out=pre[1:])
     pre[1:] *= up[:len(values)]
-    return lambda at, length: pre[at + length] - pre[at] * up[length] + _SEED * up[length]
+    return pre[at + length] - pre[at] * up[length] + _SEED * up[length]
 
 
 def segment_starts(offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -606,7 +606,7 @@ class ContaminationIndex:
         at = [first[(bits & bits.dtype.type(1 << (size - 1))) != 0] for size in range(1, self.n + 1)]
         length = np.repeat(np.arange(1, self.n + 1), [len(a) for a in at])
         at = np.concatenate(at)
-        h = window_key(values)(at, length)
+        h = window_key(values, at, length)
         window = self._in_bloom(h)
         key = np.searchsorted(self._keys, h[window]).clip(max=len(self._keys) - 1)
         match = self._keys[key] == h[window]
