@@ -8,16 +8,26 @@ shared machine's load hits each alike), after one warm-up round. Rows give the m
 min-max spread over the rounds; the speedup over fla's naive recurrent kernel is taken within each
 round (same shape and dtype), and its median and min-max follow. Prints a table and writes JSON
 (--out). Without --fla-naive it looks for an installed fla-core.
+
+The gates are log-sigmoids of N(0, 9) draws ("x1"); on the CPU the chunked form is also timed with
+them four times as strong ("x4": 32-token chunks spanning ~170 on average, the range of the
+pipeline's trained checkpoints, where many chunk-channels pass 2 SAFE_SPAN and take the exact pairs).
+--baseline REV adds git revision REV's chunked form (its hatchling/model/kda.py, loaded by file path:
+it imports torch only) on the same inputs, in the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,12 +52,26 @@ def load_fla_naive(path: str | None):
     return module
 
 
-def inputs(B, T, H, D, device, dtype):
+def load_baseline(rev: str, tmp: str):
+    """git revision `rev`'s hatchling/model/kda.py as a module."""
+    repo = Path(__file__).resolve().parents[1]
+    text = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:hatchling/model/kda.py"], capture_output=True)
+    if text.returncode:
+        sys.exit(f"--baseline {rev}: git show failed: {text.stderr.decode().strip()}")
+    path = Path(tmp) / "kda_baseline.py"
+    path.write_bytes(text.stdout)
+    spec = importlib.util.spec_from_file_location("kda_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def inputs(B, T, H, D, device, dtype, gate_scale: float = 1.0):
     gen = torch.Generator(device="cpu").manual_seed(0)
     q = torch.randn(B, T, H, D, generator=gen)
     k = F.normalize(torch.randn(B, T, H, D, generator=gen), dim=-1)
     v = torch.randn(B, T, H, D, generator=gen)
-    g = F.logsigmoid(torch.randn(B, T, H, D, generator=gen) * 3)
+    g = F.logsigmoid(torch.randn(B, T, H, D, generator=gen) * 3) * gate_scale
     beta = torch.rand(B, T, H, generator=gen)
     cast = [x.to(device=device, dtype=dtype) for x in (q, k, v)] + [x.to(device) for x in (g, beta)]
     return [x.requires_grad_() for x in cast]
@@ -83,6 +107,7 @@ def main() -> None:
     ap.add_argument("--fla-naive", help="path of fla/ops/kda/naive.py (fla-core 0.6.0)")
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds after one warm-up round")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's")
+    ap.add_argument("--baseline", metavar="REV", help="also time git revision REV's kda_chunked")
     ap.add_argument("--out", default="reports/bench_kda.json")
     args = ap.parse_args()
     if args.threads:
@@ -90,6 +115,9 @@ def main() -> None:
     naive = load_fla_naive(args.fla_naive)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     impls = {"hatchling.kda_recurrent": kda_recurrent, "hatchling.kda_chunked": kda_chunked}
+    if args.baseline:
+        tmp = tempfile.TemporaryDirectory()
+        impls[f"kda_chunked@{args.baseline}"] = load_baseline(args.baseline, tmp.name).kda_chunked
     if naive is not None:
         impls["fla.naive_recurrent_kda"] = naive.naive_recurrent_kda
     if device == "cuda":
@@ -102,13 +130,14 @@ def main() -> None:
     shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
     dtypes = [torch.bfloat16, torch.float32] if device == "cuda" else [torch.float32]
     cases = []                                   # the token loops are timed on the headline shape only
+    gates = [("x1", 1.0)] + ([("x4", 4.0)] if device == "cpu" else [])
     for B, T, H, D in shapes:
         for dtype in dtypes:
-            for name, fn in impls.items():
-                if name.endswith(("recurrent_kda", "kda_recurrent")) and (B, T, H, D) != shapes[0]:
+            for (gate, scale), (name, fn) in itertools.product(gates, impls.items()):
+                if name.endswith(("recurrent_kda", "kda_recurrent")) and ((B, T, H, D) != shapes[0] or scale != 1):
                     continue
-                row = dict(impl=name, B=B, T=T, H=H, D=D, dtype=str(dtype).split(".")[-1])
-                cases.append((row, fn, inputs(B, T, H, D, device, dtype)))
+                row = dict(impl=name, B=B, T=T, H=H, D=D, dtype=str(dtype).split(".")[-1], gates=gate)
+                cases.append((row, fn, inputs(B, T, H, D, device, dtype, scale)))
     load_before = os.getloadavg()
     times = {id(row): [] for row, _, _ in cases}
     for i in range(args.repeats + 1):
@@ -118,17 +147,17 @@ def main() -> None:
                 times[id(row)].append(seconds * 1e3)
     rows = [row for row, _, _ in cases]
     base = {(r["B"], r["T"], r["dtype"]): times[id(r)] for r in rows if r["impl"] == "fla.naive_recurrent_kda"}
-    for r in rows:
+    for r in rows:                                          # fla's naive kernel costs the same at any gates
         ref = base.get((r["B"], r["T"], r["dtype"]))
         r["ms"] = spread(times[id(r)], 2)
         r["speedup_vs_fla_naive_recurrent"] = spread([a / b for a, b in zip(ref, times[id(r)], strict=True)], 2) \
             if ref else None
-    print(f"{'impl':26} {'B, T, H, D':18} {'dtype':8} {'fwd+bwd ms: median (min-max)':>30} "
+    print(f"{'impl':26} {'B, T, H, D':18} {'dtype':8} {'gates':5} {'fwd+bwd ms: median (min-max)':>30} "
           f"{'vs fla naive: median (min-max)':>31}")
     for r in rows:
         ms, sp = r["ms"], r["speedup_vs_fla_naive_recurrent"]
         sp_text = f"{sp['median']:.1f}x ({sp['min']:.1f}-{sp['max']:.1f})" if sp else "-"
-        print(f"{r['impl']:26} {str((r['B'], r['T'], r['H'], r['D'])):18} {r['dtype']:8} "
+        print(f"{r['impl']:26} {str((r['B'], r['T'], r['H'], r['D'])):18} {r['dtype']:8} {r['gates']:5} "
               f"{ms['median']:>11.1f} ({ms['min']:.1f}-{ms['max']:.1f}){'':>4} {sp_text:>31}")
     meta = dict(device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
                 threads=torch.get_num_threads(), torch=torch.__version__,

@@ -138,7 +138,9 @@ def test_the_fused_layer_is_causal():
     x2[:, 20:] += torch.randn_like(x2[:, 20:])
     with torch.no_grad():
         a, b = layer(x), layer(x2)
-    assert torch.equal(a[:, :20], b[:, :20]) and not torch.allclose(a[:, 20:], b[:, 20:])
+    # Equal up to rounding: a chunk's scores are factored through its midpoint, which the later tokens move.
+    torch.testing.assert_close(a[:, :20], b[:, :20], rtol=1e-12, atol=1e-12)
+    assert (a[:, 20:] - b[:, 20:]).abs().max() > 1e-3
 
 
 def test_the_parameters_and_state_dict_are_those_of_before():
@@ -174,22 +176,24 @@ def test_causal_conv_equals_the_conv1d_reference_with_cache_and_positions(kernel
                 torch.testing.assert_close(cache[key], ref_cache[key], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("rate, size", [(1.0, 64), (2.0, 32), (4.0, 16), (6.0, 16)])
-def test_sub_blocks_as_long_as_the_decay_span_allows_give_the_same_scores_and_op(rate, size):
-    """Gates of about -rate per token: a chunk of 64 is scored whole (rate 1), in halves (2), in quarters
-    (4) or, past SAFE_SPAN even there (6), by the exact per-pair path; the scores equal their pairwise
-    definition and the op (outputs, state, gradients) the recurrent reference, in float32."""
-    from hatchling.model.kda import SAFE_SPAN, intra_chunk_scores, kda_chunked, kda_recurrent, sub_block_size
+@pytest.mark.parametrize("rate", [1.0, 2.0, 4.0, 6.0])
+def test_every_decay_span_gives_the_scores_and_the_op(rate):
+    """Gates of about -rate per token: a chunk of 32 spans 32, 64, 128 (all three through the chunk's
+    midpoint, past SAFE_SPAN for the last) or 192 (past 2 SAFE_SPAN: pair by pair); the scores equal
+    their pairwise definition and the op (outputs, state, gradients) the recurrent reference, in float32."""
+    from hatchling.model.kda import SAFE_SPAN, chunk_scores, kda_chunked, kda_recurrent
 
     gen = torch.Generator().manual_seed(0)
     B, T, H, K, V = 2, 128, 2, 16, 8
     g = -rate * (0.9 + 0.2 * torch.rand(B, T, H, K, generator=gen))
     q, k = (F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) for _ in range(2))
     v, beta = torch.randn(B, T, H, V, generator=gen), torch.rand(B, T, H, generator=gen)
-    G = g.view(B, 2, 64, H, K).cumsum(2).transpose(2, 3)                          # [B, N, H, C, K]
-    assert sub_block_size(G) == size and (rate > 5) == bool((-G[..., :16, :][..., -1, :]).max() > SAFE_SPAN[G.dtype])
-    qc, kc = (x.view(B, 2, 64, H, K).transpose(2, 3) for x in (q, k))
-    kk, qk = intra_chunk_scores(qc, kc, G)
+    G = g.view(B, 4, 32, H, K).cumsum(2).transpose(2, 3)                          # [B, N, H, C, K]
+    span = -G[..., -1, :]
+    assert bool((span > SAFE_SPAN[G.dtype]).all()) == (rate >= 4)
+    assert bool((span > 2 * SAFE_SPAN[G.dtype]).all()) == (rate > 5)
+    qc, kc = (x.view(B, 4, 32, H, K).transpose(2, 3) for x in (q, k))
+    qk, kk, _ = chunk_scores(qc, kc, G)
     D = (G[..., :, None, :].double() - G[..., None, :, :].double()).clamp(max=0).exp()
     qk_ref = torch.einsum("...rk,...rsk,...sk->...rs", qc.double(), D, kc.double()).tril()
     kk_ref = torch.einsum("...rk,...rsk,...sk->...rs", kc.double(), D, kc.double()).tril(-1)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hatchling.model.kda import (
     SAFE_SPAN,
     check_kda_inputs,
-    intra_chunk_scores,
+    chunk_scores,
     kda,
     kda_chunked,
     kda_gate,
@@ -44,40 +44,73 @@ def test_chunked_matches_recurrent_outputs_state_and_grads(dtype, T, with_state)
     results = []
     for fn in (kda_recurrent, kda_chunked):
         leaves = [x.clone().requires_grad_() for x in xs]
-        o, s = fn(*leaves, initial_state=s0, output_final_state=True)
+        state = s0.clone().requires_grad_() if with_state else None
+        o, s = fn(*leaves, initial_state=state, output_final_state=True)
         w = torch.linspace(-1, 1, o.numel(), dtype=dtype).view_as(o)  # a loss that weighs every output
         ((o * w).sum() + s.sum()).backward()
-        results.append((o, s, [x.grad for x in leaves]))
+        results.append((o, s, [x.grad for x in leaves] + ([state.grad] if with_state else [])))
     (o_ref, s_ref, g_ref), (o, s, grads) = results
     tol = TOL[dtype]
     assert rel_err(o, o_ref) < tol
     assert rel_err(s, s_ref) < tol
-    for name, a, b in zip("q k v g beta".split(), grads, g_ref, strict=False):
+    assert len(grads) == len(g_ref) == 5 + with_state
+    for name, a, b in zip("q k v g beta initial_state".split(), grads, g_ref, strict=False):
         assert rel_err(a, b) < tol, name
 
 
-@pytest.mark.parametrize("gate_scale", [0.05, 30.0])
-def test_both_intra_chunk_regimes_match_reference(gate_scale):
-    """Mild gates take the factored sub-block matmul; strong ones (span > SAFE_SPAN) the exact path."""
-    xs, s0 = make_inputs(130, torch.float32, gate_scale=gate_scale, with_state=True)
-    span = -xs[3][:, :16].sum(1).min().item()
-    assert (span > SAFE_SPAN[torch.float32]) == (gate_scale > 1)
-    o_ref, s_ref = kda_recurrent(*xs, initial_state=s0, output_final_state=True)
-    o, s = kda_chunked(*xs, initial_state=s0, output_final_state=True)
-    assert rel_err(o, o_ref) < 1e-4 and rel_err(s, s_ref) < 1e-4
+def test_chunked_grads_without_the_final_state_in_the_loss():
+    """The state's gradient is None when the loss ignores it: the backward starts from a zero dS_N."""
+    xs, s0 = make_inputs(70, torch.float64, with_state=True)
+    grads = []
+    for fn in (kda_recurrent, kda_chunked):
+        leaves = [x.clone().requires_grad_() for x in xs + [s0]]
+        o, _ = fn(*leaves[:5], initial_state=leaves[5], output_final_state=True)
+        grads.append(torch.autograd.grad((o * o).sum(), leaves))
+    for name, a, b in zip("q k v g beta initial_state".split(), grads[1], grads[0], strict=True):
+        assert rel_err(a, b) < 1e-10, name
 
 
-def test_intra_chunk_scores_against_pairwise_definition():
+@pytest.mark.parametrize("gate_scale", [0.05, 30.0, "mixed"])
+def test_mild_and_strong_channels_match_reference(gate_scale):
+    """Mild gates go through the scores' matmul; strong ones (a chunk's span > 2 SAFE_SPAN) are added
+    pair by pair; "mixed" has both kinds of channel in the same chunks."""
+    xs, s0 = make_inputs(130, torch.float32, gate_scale=1.0 if gate_scale == "mixed" else gate_scale,
+                         with_state=True)
+    if gate_scale == "mixed":
+        xs[3] = xs[3] * torch.tensor([0.05, 30.0]).repeat(8)              # alternate channels
+    span = -xs[3][:, :32].sum(1)                                          # the first chunk's, per channel
+    strong = span > 2 * SAFE_SPAN[torch.float32]
+    assert bool(strong.any()) == (gate_scale != 0.05) and bool(strong.all()) == (gate_scale == 30.0)
+    leaves = [x.clone().requires_grad_() for x in xs]
+    ref_leaves = [x.detach().double().requires_grad_() for x in xs]
+    o_ref, s_ref = kda_recurrent(*ref_leaves, initial_state=s0.double(), output_final_state=True)
+    o, s = kda_chunked(*leaves, initial_state=s0, output_final_state=True)
+    assert rel_err(o.double(), o_ref) < 1e-4 and rel_err(s.double(), s_ref) < 1e-4
+    w = torch.randn(o.shape, generator=torch.Generator().manual_seed(3))
+    grads = torch.autograd.grad((o * w).sum() + s.sum(), leaves)
+    ref_grads = torch.autograd.grad((o_ref * w.double()).sum() + s_ref.sum(), ref_leaves)
+    for name, a, b in zip("q k v g beta".split(), grads, ref_grads, strict=True):
+        assert rel_err(a.double(), b) < 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunk_scores_against_pairwise_definition(dtype):
+    """Spans from mild to past 2 SAFE_SPAN, channel by channel: P and KK equal their definition."""
     gen = torch.Generator().manual_seed(1)
-    C, K = 64, 8
+    C, K = 32, 8
     q, k = (torch.randn(3, C, K, generator=gen, dtype=torch.float64) for _ in range(2))
-    G = F.logsigmoid(torch.randn(3, C, K, generator=gen, dtype=torch.float64)).cumsum(1)
+    rates = torch.tensor([0.01, 1.0, 2.5, 4.0, 6.0, 30.0, 60.0, 0.5], dtype=torch.float64)   # per channel
+    G = (F.logsigmoid(torch.randn(3, C, K, generator=gen, dtype=torch.float64)) * rates).cumsum(1)
+    G = G * torch.where(rates > 20, 1.0, 2 * SAFE_SPAN[dtype] / 160)     # float64's spans scaled alike
     D = (G[:, :, None, :] - G[:, None, :, :]).clamp(max=0).exp()
     qk_ref = torch.einsum("brk,brsk,bsk->brs", q, D, k).tril()
     kk_ref = torch.einsum("brk,brsk,bsk->brs", k, D, k).tril(-1)
-    kk, qk = intra_chunk_scores(q, k, G)
-    torch.testing.assert_close(qk, qk_ref)
-    torch.testing.assert_close(kk, kk_ref)
+    span = -G[:, -1]
+    assert bool((span > 2 * SAFE_SPAN[dtype]).any()) and bool((span < 2 * SAFE_SPAN[dtype]).any())
+    qk, kk, _ = chunk_scores(q.to(dtype), k.to(dtype), G.to(dtype))
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(qk.double(), qk_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(kk.double(), kk_ref, atol=tol, rtol=tol)
 
 
 def test_step_is_the_defining_recurrence():

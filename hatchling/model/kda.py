@@ -30,12 +30,16 @@ Unrolling, D_r S_{r-1} = Lambda_r S_0 + sum_{s<r} Lambda_r Lambda_s^-1 k_s u_s^T
 
     (I + A) U = beta * (V - (K * e^G) S_0),     A_rs = beta_r sum_k k_rk k_sk e^{G_rk - G_sk}  (s < r)
 
-so U = U~ - W S_0 with [W | U~] = (I + A)^-1 beta * [K e^G | V] (one triangular solve), and
+so U = U~ - W S_0 with [W | U~] = (I + A)^-1 beta * [K e^G | V] ((I + A)^-1 from one triangular
+solve against I: the backward reuses it, and a batch of 32 x 32 solves with 128 right-hand sides
+runs slower on the CPU than the inverse's solve and a matmul), and
 
     O   = (Q e^G) S_0 + P U,                    P_rs = sum_k q_rk k_sk e^{G_rk - G_sk}     (s <= r)
     S_C = Diag(e^{G_C}) S_0 + (K e^{G_C - G})^T U.
 
 Everything but S_0 is known per chunk in parallel; the state pass is S_{n+1} = M_n S_n + b_n.
+:class:`ChunkedKDA` writes the backward out (autograd of the same lines costs ~1.3-1.6x as much);
+the recurrent form under autograd is its reference.
 """
 
 from __future__ import annotations
@@ -48,8 +52,6 @@ import torch.nn.functional as F
 
 #: Largest head dimension fla's Triton kernels accept.
 FLA_MAX_HEAD_DIM = 256
-#: Smallest sub-block for the decayed scores inside a chunk (see :func:`intra_chunk_scores`).
-SUB_BLOCK = 16
 #: Largest decay span (in log space) inside a sub-block for which exp(G_r - R) exp(R - G_s) is
 #: computed without overflow or underflow to zero in each factor (exp(-80) > float32's tiniest normal).
 SAFE_SPAN = {torch.float32: 80.0, torch.float64: 700.0}
@@ -192,80 +194,152 @@ def kda_recurrent(q, k, v, g, beta, scale=None, initial_state=None, output_final
     return o.to(v.dtype), (state if output_final_state else None)
 
 
-def _exact_sub_block_scores(qb, kb, Gb):
-    """(KK, QK) inside each sub-block, one exact K-vector exp(G_r - G_s) per pair: [..., n, c, c]."""
-    c = kb.shape[-2]
-    tri = torch.ones(c, c, dtype=torch.bool, device=kb.device).tril()
-    diff = (Gb[..., :, None, :] - Gb[..., None, :, :]).masked_fill(~tri[..., None], float("-inf"))
-    decayed_k = diff.exp() * kb[..., None, :, :]                                  # [..., n, c, c, K]
-    diag_qk = (qb[..., :, None, :] @ decayed_k.transpose(-1, -2)).squeeze(-2)
-    diag_kk = (kb[..., :, None, :] @ decayed_k.transpose(-1, -2)).squeeze(-2).tril(-1)
-    return diag_kk, diag_qk
+def chunk_scores(q, k, G):
+    """Decayed query-key and key-key scores inside each chunk: (P, KK, saved), P and KK [..., C, C],
+    with D_rs = exp(G_r - G_s) (elementwise over K) P[r, s] = sum_k q_r D_rs k_s for s <= r and
+    KK[r, s] = sum_k k_r D_rs k_s for s < r; `saved` is what :func:`chunk_scores_backward` needs.
 
-
-def sub_block_size(G: torch.Tensor, smallest: int = SUB_BLOCK) -> int:
-    """The longest sub-block (the chunk C, C/2, C/4, ... down to `smallest`) in which no decay span
-    G_start - G_end exceeds SAFE_SPAN, over all chunks and channels of G [..., C, K]; `smallest` if
-    none (C if C is no multiple of it). The fewer the sub-blocks, the fewer the factored pieces
-    :func:`intra_chunk_scores` assembles: a whole chunk is a single matmul."""
-    C = G.shape[-2]
-    if C % smallest:
-        return C
-    c = C
-    while c > smallest and C % c == 0:
-        end = G[..., c - 1::c, :]                                                 # each sub-block's last G
-        start = F.pad(end[..., :-1, :], (0, 0, 1, 0))                             # the G before it
-        if bool((start - end).max() <= SAFE_SPAN[G.dtype]):
-            return c
-        c //= 2
-    return smallest
-
-
-def intra_chunk_scores(q, k, G, sub_block: int = SUB_BLOCK):
-    """Decayed key-key and query-key scores inside each chunk.
-
-    Returns (KK, QK), both [..., C, C], with, for D_rs = exp(G_r - G_s) (elementwise over K):
-    KK[r, s] = sum_k k_r D_rs k_s for s < r, and QK[r, s] = sum_k q_r D_rs k_s for s <= r.
-
-    exp(G_r - G_s) cannot be factored as exp(G_r) * exp(-G_s) without overflow, so the chunk
-    is split into sub-blocks: the longest in which the decay span stays within SAFE_SPAN, of at least
-    ``sub_block`` tokens (:func:`sub_block_size`). For r in sub-block i and s in an earlier
-    sub-block j, factor through the block boundaries, exp(G_r - R_i) exp(R_i - E_j) exp(E_j - G_s),
-    with R_i the last G before block i and E_j the last G of block j: each factor is <= 1, and the
-    sum over K is a matmul. Pairs inside one sub-block: one matmul through its start R_i when its
-    span is within SAFE_SPAN, else exactly, one K-vector each.
+    exp(G_r - G_s) = exp(G_r - Mid) exp(Mid - G_s) with Mid = G_C / 2, per chunk and channel: each
+    factor lies within exp(+-span / 2), so every channel whose span -G_C is at most 2 SAFE_SPAN
+    takes part in one matmul for P and KK together (pairs s > r may overflow there; the tril drops
+    them). A channel past it (its decay below exp(-160) over the chunk in float32: strong gates of a
+    trained model) is left out of the matmul, and its pairs are added exactly, one exp(G_r - G_s) each,
+    gathered over the chunk-channels that need it.
     """
-    C, K = k.shape[-2:]
-    c = sub_block_size(G, sub_block)
-    n = C // c
-    lead = k.shape[:-2]
-    qb, kb, Gb = (t.reshape(*lead, n, c, K) for t in (q, k, G))
-    end = Gb[..., -1, :]                                                          # E_j: [..., n, K]
-    start = torch.cat([torch.zeros_like(end[..., :1, :]), end[..., :-1, :]], dim=-2)  # R_i
-    to_start = (Gb - start[..., None, :]).exp()                                   # [..., n, c, K], <= 1
-    if bool((start - end).max() <= SAFE_SPAN[k.dtype]):
-        # Fast: exp(G_r - G_s) = exp(G_r - R) exp(R - G_s) cannot overflow when the sub-block's
-        # decay span is small, so the sub-block is one matmul.
-        from_start = kb * (start[..., None, :] - Gb).exp()
-        diag_qk = ((qb * to_start) @ from_start.transpose(-1, -2)).tril()
-        diag_kk = ((kb * to_start) @ from_start.transpose(-1, -2)).tril(-1)
-    else:
-        diag_kk, diag_qk = _exact_sub_block_scores(qb, kb, Gb)
-    if n == 1:
-        return diag_kk.reshape(*lead, C, C), diag_qk.reshape(*lead, C, C)
+    C = q.shape[-2]
+    mid = G[..., -1:, :] / 2                                                # [..., 1, K]
+    to_mid, from_mid = (G - mid).exp(), (mid - G).exp()
+    strong = mid < -SAFE_SPAN[G.dtype]
+    exact = None
+    if bool(strong.any()):
+        to_mid, from_mid = to_mid.masked_fill(strong, 0), from_mid.masked_fill(strong, 0)
+        at = strong.squeeze(-2).nonzero(as_tuple=True)                     # (chunk..., channel)
+        Gs, qs, ks = (x.movedim(-1, -2)[at] for x in (G, q, k))             # [n, C]
+        lower = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
+        E = (Gs[:, :, None] - Gs[:, None, :]).masked_fill(~lower, float("-inf")).exp()   # [n, C, C]
+        exact = (at, E, qs, ks)
+    qm, km, k_from = q * to_mid, k * to_mid, k * from_mid
+    scores = torch.cat([qm, km], dim=-2) @ k_from.transpose(-1, -2)        # [..., 2C, C]
+    if exact is not None:
+        Ek = E * ks[:, None, :]
+        scores.index_put_(at[:-1], torch.cat([qs[:, :, None] * Ek, ks[:, :, None] * Ek], dim=1), accumulate=True)
+    return scores[..., :C, :].tril(), scores[..., C:, :].tril(-1), (to_mid, from_mid, qm, km, k_from, exact)
 
-    below = torch.ones(n, n, dtype=torch.bool, device=k.device).tril(-1)
-    mid = (start[..., :, None, :] - end[..., None, :, :]).masked_fill(~below[..., None], float("-inf"))
-    right = (kb * (end[..., None, :] - Gb).exp())[..., None, :, :, :] * mid.exp()[..., :, :, None, :]
-    right = right.reshape(*lead, n, C, K)                                         # [..., i, (j s), K]
-    eye = torch.eye(n, dtype=k.dtype, device=k.device)
 
-    def assemble(xb, diag):
-        off = (xb * to_start) @ right.transpose(-1, -2)                           # [..., i, c, (j s)]
-        full = off.reshape(*lead, n, c, n, c) + diag[..., :, :, None, :] * eye[:, None, :, None]
-        return full.reshape(*lead, C, C)
+def chunk_scores_backward(saved, dP, dKK):
+    """(dq, dk, dG) of :func:`chunk_scores` from dP (s <= r) and dKK (s < r), both masked."""
+    to_mid, from_mid, qm, km, k_from, exact = saved
+    dqm, dkm = dP @ k_from, dKK @ k_from
+    dk_from = dP.transpose(-1, -2) @ qm + dKK.transpose(-1, -2) @ km
+    dq, dk = dqm * to_mid, dkm * to_mid + dk_from * from_mid
+    dG = dqm * qm + dkm * km - dk_from * k_from     # through exp(+-(G - Mid)); Mid cancels in each pair
+    if exact is not None:
+        at, E, qs, ks = exact
+        dPs, dKs = dP[at[:-1]] * E, dKK[at[:-1]] * E                        # [n, C, C]
+        left = dPs * qs[:, :, None] + dKs * ks[:, :, None]                  # d score_rs / k_s
+        pair = left * ks[:, None, :]                                        # d score_rs * score_rs
+        for grad, part in ((dq, (dPs * ks[:, None, :]).sum(-1)),
+                           (dk, left.sum(-2) + (dKs * ks[:, None, :]).sum(-1)),
+                           (dG, pair.sum(-1) - pair.sum(-2))):
+            grad.movedim(-1, -2)[at] += part
+    return dq, dk, dG
 
-    return assemble(kb, diag_kk), assemble(qb, diag_qk)
+
+def _recurrence(qe, ke, k_to_end, v, beta, KK, P, decay, state):
+    """The chunked form past its intra-chunk scores, per chunk ([B, H, N, C, ...]): qe = Q e^G,
+    ke = K e^G, k_to_end = K e^{G_C - G}, v, beta, KK (s < r) and P (s <= r) as from
+    :func:`chunk_scores`, decay = e^{G_C} [B, H, N, K], and the state S_0 [B, H, K, V] coming in.
+    With [W | U~] = (I + KK beta)^-1 beta [ke | v],
+
+        S_{n+1} = (Diag(decay) - k_to_end^T W) S_n + k_to_end^T U~,    o = P U~ + (qe - P W) S_n.
+
+    Returns (o [B, H, N, C, V], the state after the last chunk, what :func:`_recurrence_backward` needs).
+    """
+    K, V = ke.shape[-1], v.shape[-1]
+    A = KK * beta[..., None]                    # I + A is unit lower triangular: A's diagonal is never read
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
+    inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)   # (I + A)^-1
+    wu = inverse @ (beta[..., None] * torch.cat([ke, v], dim=-1))           # [W | U~]
+    kw, b = (k_to_end.transpose(-1, -2) @ wu).split([K, V], dim=-1)        # [W | U~] share one matmul
+    M = torch.diag_embed(decay) - kw                                        # [B, H, N, K, K]
+    PW, PU = (P @ wu).split([K, V], dim=-1)
+    X = qe - PW
+    starts = state.new_empty(state.shape[:2] + (M.shape[2],) + state.shape[2:])   # S_n: [B, H, N, K, V]
+    for n in range(M.shape[2]):                 # the sequential part: S_{n+1} = M_n S_n + b_n
+        starts[:, :, n] = state
+        state = torch.baddbmm(b[:, :, n].flatten(0, 1), M[:, :, n].flatten(0, 1), state.flatten(0, 1)).view_as(state)
+    return PU + X @ starts, state, (ke, k_to_end, v, beta, KK, inverse, P, wu, M, X, starts)
+
+
+def _recurrence_backward(saved, do, dstate):
+    """The gradients of :func:`_recurrence`'s inputs from those of its outputs (dstate may be None)."""
+    ke, k_to_end, v, beta, KK, inverse, P, wu, M, X, starts = saved
+    K, N = ke.shape[-1], M.shape[2]
+    # The state pass backwards: dS_n = M_n^T dS_{n+1} + X_n^T do_n, from dS_N = dstate.
+    carried = X.transpose(-1, -2) @ do
+    ds_next = torch.empty_like(starts)                                      # dS_{n+1}, for each chunk n
+    ds = dstate if dstate is not None else starts.new_zeros(starts.shape[:2] + starts.shape[3:])
+    for n in reversed(range(N)):
+        ds_next[:, :, n] = ds
+        ds = torch.baddbmm(carried[:, :, n].flatten(0, 1), M[:, :, n].flatten(0, 1).transpose(-1, -2),
+                           ds.flatten(0, 1)).view_as(ds)
+    dM = ds_next @ starts.transpose(-1, -2)
+    dX = do @ starts.transpose(-1, -2)
+    d_pwu = torch.cat([-dX, do], dim=-1)                                    # d[PW | PU]
+    d_kwb = torch.cat([-dM, ds_next], dim=-1)                               # d[kw | b]
+    drhs = inverse.transpose(-1, -2) @ (P.transpose(-1, -2) @ d_pwu + k_to_end @ d_kwb)
+    dA = (drhs @ wu.transpose(-1, -2)).tril_(-1).neg_()
+    d_ke, dv = (drhs * beta[..., None]).split([K, v.shape[-1]], dim=-1)
+    dbeta = (drhs[..., :K] * ke).sum(-1) + (drhs[..., K:] * v).sum(-1) + (dA * KK).sum(-1)
+    return (dX, d_ke, wu @ d_kwb.transpose(-1, -2), dv, dbeta, dA * beta[..., None],
+            d_pwu @ wu.transpose(-1, -2), dM.diagonal(dim1=-2, dim2=-1), ds)
+
+
+class ChunkedKDA(torch.autograd.Function):
+    """The chunked form past its chunk layout, forward and backward written out: the decays,
+    :func:`chunk_scores`, and :func:`_recurrence`, where autograd of the same lines costs about 1.4x
+    as much (the copies behind its splits, unbinds and broadcasts) and saves more.
+
+    Inputs per chunk ([B, H, N, C, ...]): q (scaled), k, v, G (the within-chunk cumulative log-decay,
+    its own gradient left to autograd: a cumsum, or packed documents' own-segment sums), beta, the
+    state coming in; with packed documents the masks of :func:`kda_chunked` (else None): same
+    [B, 1, N, C, C] (a pair in one segment), carried [B, 1, N, C, 1] (a token that sees S_0), last
+    [B, 1, N, C, 1] (a token of the chunk's last segment). Returns (o [B, H, N, C, V], the final state).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, G, beta, state, same, carried, last):
+        P, KK, scores = chunk_scores(q, k, G)
+        end = G[..., -1:, :]                                                # G_C: [..., 1, K]
+        eG, to_end, e_end = G.exp(), (end - G).exp(), end.squeeze(-2).exp()
+        qe, ke, k_to_end, decay = q * eG, k * eG, k * to_end, e_end         # Q e^G, K e^G, K e^{G_C - G}
+        own = (eG, to_end, e_end, qe, ke, k_to_end, same, carried, last)
+        if same is not None:
+            P, KK, k_to_end = P * same, KK * same, k_to_end * last
+            qe, ke, decay = qe * carried, ke * carried, decay * carried[..., -1, :]
+        o, state, recurrence = _recurrence(qe, ke, k_to_end, v, beta, KK, P, decay, state)
+        *dense, exact = scores
+        at, *pairs = exact if exact is not None else ((), None, None, None)
+        ctx.sizes = (len(own), len(dense), len(pairs), len(at))
+        ctx.save_for_backward(*own, *dense, *pairs, *at, *recurrence)
+        return o, state
+
+    @staticmethod
+    def backward(ctx, do, dstate):
+        saved = list(ctx.saved_tensors)
+        own, dense, pairs, at = ([saved.pop(0) for _ in range(n)] for n in ctx.sizes)
+        eG, to_end, e_end, qg, kg, kt, same, carried, last = own
+        dqe, dke, dkt, dv, dbeta, dKK, dP, ddecay, dstate = _recurrence_backward(saved, do, dstate)
+        dP = dP.tril()
+        if same is not None:
+            dP, dKK, dkt = dP * same, dKK * same, dkt * last
+            dqe, dke, ddecay = dqe * carried, dke * carried, ddecay * carried[..., -1, :]
+        dq, dk, dG = chunk_scores_backward((*dense, (tuple(at), *pairs) if at else None), dP, dKK)
+        dq += dqe * eG
+        dk += dke * eG + dkt * to_end
+        dG += dqe * qg + dke * kg - dkt * kt
+        dG[..., -1:, :] += (dkt * kt).sum(-2, keepdim=True) + (ddecay * e_end)[..., None, :]
+        return dq, dk, dv, dG, dbeta, dstate, None, None, None
 
 
 def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -294,6 +368,7 @@ def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_s
 
     q, k, v, g, beta = chunks(q * scale), chunks(k), chunks(v), chunks(g), chunks(beta)
     G = g.cumsum(-2)
+    masks = (None, None, None)
     if segment_ids is not None:
         seg = F.pad(segment_ids, (0, pad), mode="replicate").reshape(B, 1, N, C)   # padding joins the last
         same = (seg[..., :, None] == seg[..., None, :]).to(dt)          # [B, 1, N, C, C]
@@ -301,33 +376,10 @@ def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_s
         # (monotone, as the factored scores need), the gradient reaches no other segment's gates.
         own = (same * torch.ones(C, C, dtype=dt, device=q.device).tril()) @ g
         G = own + (G - own).detach()
-    eG = G.exp()
-    KK, P = intra_chunk_scores(q, k, G)
-    last = G[..., -1:, :]                                               # [B, H, N, 1, K]
-    decay = last.squeeze(-2).exp()                                      # [B, H, N, K]
-    k_to_end = k * (last - G).exp()
-    qe, ke = q * eG, k * eG
-    if segment_ids is not None:
         before = torch.cat([seg[:, :, :1, :1], seg[:, :, :-1, -1:]], dim=2)        # the segment coming in
         carried = (seg == before)[..., None].to(dt)                      # [B, 1, N, C, 1]: sees S_0
-        KK, P = KK * same, P * same
-        qe, ke = qe * carried, ke * carried
-        k_to_end = k_to_end * (seg == seg[..., -1:])[..., None].to(dt)   # the chunk's last segment
-        decay = decay * carried[..., -1, :]                              # a restart drops S_0
-    A = KK * beta[..., None]
-    rhs = beta[..., None] * torch.cat([ke, v], dim=-1)
-    eye = torch.eye(C, dtype=dt, device=q.device)
-    wu = torch.linalg.solve_triangular(A + eye, rhs, upper=False, unitriangular=True)  # [W | U~]
-    kw, b = (k_to_end.transpose(-1, -2) @ wu).split([K, V], dim=-1)    # [W | U~] share one matmul
-    M = torch.diag_embed(decay) - kw                                    # [B,H,N,K,K]
-    PW, PU = (P @ wu).split([K, V], dim=-1)
-
-    starts = []
-    for M_n, b_n in zip(M.unbind(2), b.unbind(2), strict=True):  # the sequential part: S_{n+1} = M_n S_n + b_n
-        starts.append(state)
-        state = torch.baddbmm(b_n.flatten(0, 1), M_n.flatten(0, 1), state.flatten(0, 1)).view_as(b_n)
-    S = torch.stack(starts, dim=2)                                      # [B,H,N,K,V]
-    o = PU + (qe - PW) @ S                                              # P (U~ - W S) + (Q e^G) S
+        masks = (same, carried, (seg == seg[..., -1:])[..., None].to(dt))  # and the chunk's last segment
+    o, state = ChunkedKDA.apply(q, k, v, G, beta, state, *masks)
     o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
     return o.to(v.dtype), (state if output_final_state else None)
 
