@@ -31,15 +31,15 @@ Unrolling, D_r S_{r-1} = Lambda_r S_0 + sum_{s<r} Lambda_r Lambda_s^-1 k_s u_s^T
     (I + A) U = beta * (V - (K * e^G) S_0),     A_rs = beta_r sum_k k_rk k_sk e^{G_rk - G_sk}  (s < r)
 
 so U = U~ - W S_0 with [W | U~] = (I + A)^-1 beta * [K e^G | V] ((I + A)^-1 from one triangular
-solve against I: the backward reuses it, and a batch of 32 x 32 solves with 128 right-hand sides
-runs slower on the CPU than the inverse's solve and a matmul), and
+solve against I, reused by the backward: on the CPU a batch of 32 x 32 solves with 128 right-hand
+sides is slower than that solve and a matmul), and
 
     O   = (Q e^G) S_0 + P U,                    P_rs = sum_k q_rk k_sk e^{G_rk - G_sk}     (s <= r)
     S_C = Diag(e^{G_C}) S_0 + (K e^{G_C - G})^T U.
 
-Everything but S_0 is known per chunk in parallel; the state pass is S_{n+1} = M_n S_n + b_n.
-:class:`ChunkedKDA` writes the backward out (autograd of the same lines costs ~1.3-1.6x as much);
-the recurrent form under autograd is its reference.
+Everything but S_0 is known per chunk in parallel; the sequential pass over chunks takes U_n = U~_n -
+W_n S_n and S_{n+1} from it (two small matmuls a chunk), and o = (Q e^G) S_n + P U_n follows in parallel.
+:class:`ChunkedKDA` writes the backward out; the recurrent form under autograd is its reference.
 """
 
 from __future__ import annotations
@@ -218,21 +218,24 @@ def chunk_scores(q, k, G):
         lower = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()
         E = (Gs[:, :, None] - Gs[:, None, :]).masked_fill(~lower, float("-inf")).exp()   # [n, C, C]
         exact = (at, E, qs, ks)
-    qm, km, k_from = q * to_mid, k * to_mid, k * from_mid
-    scores = torch.cat([qm, km], dim=-2) @ k_from.transpose(-1, -2)        # [..., 2C, C]
+    qkm = (torch.stack([q, k], dim=-3) * to_mid[..., None, :, :]).flatten(-3, -2)   # [q; k] e^{G - Mid}
+    k_from = k * from_mid
+    scores = qkm @ k_from.transpose(-1, -2)                                 # [..., 2C, C]: P and KK
     if exact is not None:
         Ek = E * ks[:, None, :]
         scores.index_put_(at[:-1], torch.cat([qs[:, :, None] * Ek, ks[:, :, None] * Ek], dim=1), accumulate=True)
-    return scores[..., :C, :].tril(), scores[..., C:, :].tril(-1), (to_mid, from_mid, qm, km, k_from, exact)
+    return scores[..., :C, :].tril(), scores[..., C:, :].tril(-1), (to_mid, from_mid, qkm, k_from, exact)
 
 
 def chunk_scores_backward(saved, dP, dKK):
     """(dq, dk, dG) of :func:`chunk_scores` from dP (s <= r) and dKK (s < r), both masked."""
-    to_mid, from_mid, qm, km, k_from, exact = saved
-    dqm, dkm = dP @ k_from, dKK @ k_from
-    dk_from = dP.transpose(-1, -2) @ qm + dKK.transpose(-1, -2) @ km
-    dq, dk = dqm * to_mid, dkm * to_mid + dk_from * from_mid
-    dG = dqm * qm + dkm * km - dk_from * k_from     # through exp(+-(G - Mid)); Mid cancels in each pair
+    to_mid, from_mid, qkm, k_from, exact = saved
+    d_scores = torch.cat([dP, dKK], dim=-2)                                 # [..., 2C, C]
+    d_qkm, dk_from = d_scores @ k_from, d_scores.transpose(-1, -2) @ qkm
+    (dqm, dkm), (qm, km) = d_qkm.chunk(2, dim=-2), qkm.chunk(2, dim=-2)
+    dq, dk = dqm * to_mid, torch.addcmul(dkm * to_mid, dk_from, from_mid)
+    # dG through exp(+-(G - Mid)); Mid cancels in each pair
+    dG = (dqm * qm).addcmul_(dkm, km).addcmul_(dk_from, k_from, value=-1)
     if exact is not None:
         at, E, qs, ks = exact
         dPs, dKs = dP[at[:-1]] * E, dKK[at[:-1]] * E                        # [n, C, C]
@@ -246,65 +249,67 @@ def chunk_scores_backward(saved, dP, dKK):
 
 
 def _recurrence(qe, ke, k_to_end, v, beta, KK, P, decay, state):
-    """The chunked form past its intra-chunk scores, per chunk ([B, H, N, C, ...]): qe = Q e^G,
-    ke = K e^G, k_to_end = K e^{G_C - G}, v, beta, KK (s < r) and P (s <= r) as from
-    :func:`chunk_scores`, decay = e^{G_C} [B, H, N, K], and the state S_0 [B, H, K, V] coming in.
-    With [W | U~] = (I + KK beta)^-1 beta [ke | v],
+    """The chunked form past its intra-chunk scores, per chunk ([N, B, H, C, ...], chunk-major):
+    qe = Q e^G, ke = K e^G, k_to_end = K e^{G_C - G}, v, beta, KK (s < r) and P (s <= r) as from
+    :func:`chunk_scores`, decay = e^{G_C} [N, B, H, K], and the state S_0 [B, H, K, V] coming in.
+    With W = (I + KK beta)^-1 beta ke and U~ = (I + KK beta)^-1 beta v, chunk by chunk
 
-        S_{n+1} = (Diag(decay) - k_to_end^T W) S_n + k_to_end^T U~,    o = P U~ + (qe - P W) S_n.
+        U_n = U~_n - W_n S_n,    S_{n+1} = Diag(decay_n) S_n + k_to_end_n^T U_n,    o_n = qe_n S_n + P_n U_n.
 
-    Returns (o [B, H, N, C, V], the state after the last chunk, what :func:`_recurrence_backward` needs).
+    Returns (o [N, B, H, C, V], the state after the last chunk, what :func:`_recurrence_backward` needs).
     """
-    K, V = ke.shape[-1], v.shape[-1]
     A = KK * beta[..., None]                    # I + A is unit lower triangular: A's diagonal is never read
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
     inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)   # (I + A)^-1
-    wu = inverse @ (beta[..., None] * torch.cat([ke, v], dim=-1))           # [W | U~]
-    kw, b = (k_to_end.transpose(-1, -2) @ wu).split([K, V], dim=-1)        # [W | U~] share one matmul
-    M = torch.diag_embed(decay) - kw                                        # [B, H, N, K, K]
-    PW, PU = (P @ wu).split([K, V], dim=-1)
-    X = qe - PW
-    starts = state.new_empty(state.shape[:2] + (M.shape[2],) + state.shape[2:])   # S_n: [B, H, N, K, V]
-    for n in range(M.shape[2]):                 # the sequential part: S_{n+1} = M_n S_n + b_n
-        starts[:, :, n] = state
-        state = torch.baddbmm(b[:, :, n].flatten(0, 1), M[:, :, n].flatten(0, 1), state.flatten(0, 1)).view_as(state)
-    return PU + X @ starts, state, (ke, k_to_end, v, beta, KK, inverse, P, wu, M, X, starts)
+    W, U_tilde = inverse @ (ke * beta[..., None]), inverse @ (v * beta[..., None])
+    states = state.new_empty((P.shape[0] + 1, *state.shape))            # S_0 .. S_N
+    states[0] = state
+    U = torch.empty_like(U_tilde)
+    S, U_flat = states.flatten(1, 2), U.flatten(1, 2)                   # [N, B H, ...]: each n contiguous
+    for n in range(P.shape[0]):
+        torch.baddbmm(U_tilde[n].flatten(0, 1), W[n].flatten(0, 1), S[n], alpha=-1, out=U_flat[n])
+        torch.baddbmm(S[n] * decay[n].flatten(0, 1)[..., None], k_to_end[n].flatten(0, 1).transpose(-1, -2),
+                      U_flat[n], out=S[n + 1])
+    starts = states[:-1]
+    saved = (qe, ke, k_to_end, v, beta, KK, inverse, P, W, U_tilde, U, decay, starts)
+    return qe @ starts + P @ U, states[-1].clone(), saved
 
 
 def _recurrence_backward(saved, do, dstate):
     """The gradients of :func:`_recurrence`'s inputs from those of its outputs (dstate may be None)."""
-    ke, k_to_end, v, beta, KK, inverse, P, wu, M, X, starts = saved
-    K, N = ke.shape[-1], M.shape[2]
-    # The state pass backwards: dS_n = M_n^T dS_{n+1} + X_n^T do_n, from dS_N = dstate.
-    carried = X.transpose(-1, -2) @ do
-    ds_next = torch.empty_like(starts)                                      # dS_{n+1}, for each chunk n
-    ds = dstate if dstate is not None else starts.new_zeros(starts.shape[:2] + starts.shape[3:])
-    for n in reversed(range(N)):
-        ds_next[:, :, n] = ds
-        ds = torch.baddbmm(carried[:, :, n].flatten(0, 1), M[:, :, n].flatten(0, 1).transpose(-1, -2),
-                           ds.flatten(0, 1)).view_as(ds)
-    dM = ds_next @ starts.transpose(-1, -2)
-    dX = do @ starts.transpose(-1, -2)
-    d_pwu = torch.cat([-dX, do], dim=-1)                                    # d[PW | PU]
-    d_kwb = torch.cat([-dM, ds_next], dim=-1)                               # d[kw | b]
-    drhs = inverse.transpose(-1, -2) @ (P.transpose(-1, -2) @ d_pwu + k_to_end @ d_kwb)
-    dA = (drhs @ wu.transpose(-1, -2)).tril_(-1).neg_()
-    d_ke, dv = (drhs * beta[..., None]).split([K, v.shape[-1]], dim=-1)
-    dbeta = (drhs[..., :K] * ke).sum(-1) + (drhs[..., K:] * v).sum(-1) + (dA * KK).sum(-1)
-    return (dX, d_ke, wu @ d_kwb.transpose(-1, -2), dv, dbeta, dA * beta[..., None],
-            d_pwu @ wu.transpose(-1, -2), dM.diagonal(dim1=-2, dim2=-1), ds)
+    qe, ke, k_to_end, v, beta, KK, inverse, P, W, U_tilde, U, decay, starts = saved
+    # Chunk by chunk backwards, from dS_N = dstate:
+    #   dU_n = P_n^T do_n + k_to_end_n dS_{n+1},    dS_n = qe_n^T do_n + Diag(decay_n) dS_{n+1} - W_n^T dU_n.
+    p_do, q_do = P.transpose(-1, -2) @ do, qe.transpose(-1, -2) @ do
+    dU, dstates = torch.empty_like(U), starts.new_zeros((starts.shape[0] + 1, *starts.shape[1:]))
+    if dstate is not None:
+        dstates[-1] = dstate
+    dS, dU_flat = dstates.flatten(1, 2), dU.flatten(1, 2)
+    for n in reversed(range(P.shape[0])):
+        torch.baddbmm(p_do[n].flatten(0, 1), k_to_end[n].flatten(0, 1), dS[n + 1], out=dU_flat[n])
+        torch.baddbmm(torch.addcmul(q_do[n].flatten(0, 1), dS[n + 1], decay[n].flatten(0, 1)[..., None]),
+                      W[n].flatten(0, 1).transpose(-1, -2), dU_flat[n], alpha=-1, out=dS[n])
+    ds_next = dstates[1:]                                                   # dS_{n+1}, for each chunk n
+    d_rhs_k = inverse.transpose(-1, -2) @ -(dU @ starts.transpose(-1, -2))       # through W = inverse beta ke
+    d_rhs_v = inverse.transpose(-1, -2) @ dU                                       # and U~ = inverse beta v
+    dA = (d_rhs_k @ W.transpose(-1, -2) + d_rhs_v @ U_tilde.transpose(-1, -2)).tril_(-1).neg_()
+    dbeta = (d_rhs_k * ke).sum(-1) + (d_rhs_v * v).sum(-1) + (dA * KK).sum(-1)
+    return (do @ starts.transpose(-1, -2), d_rhs_k * beta[..., None], U @ ds_next.transpose(-1, -2),
+            d_rhs_v * beta[..., None], dbeta, dA * beta[..., None], do @ U.transpose(-1, -2),
+            (ds_next * starts).sum(-1), dstates[0])
 
 
 class ChunkedKDA(torch.autograd.Function):
     """The chunked form past its chunk layout, forward and backward written out: the decays,
-    :func:`chunk_scores`, and :func:`_recurrence`, where autograd of the same lines costs about 1.4x
-    as much (the copies behind its splits, unbinds and broadcasts) and saves more.
+    :func:`chunk_scores` and :func:`_recurrence`, without autograd's copies behind splits, unbinds and
+    broadcast products, and with fewer tensors saved.
 
-    Inputs per chunk ([B, H, N, C, ...]): q (scaled), k, v, G (the within-chunk cumulative log-decay,
-    its own gradient left to autograd: a cumsum, or packed documents' own-segment sums), beta, the
-    state coming in; with packed documents the masks of :func:`kda_chunked` (else None): same
-    [B, 1, N, C, C] (a pair in one segment), carried [B, 1, N, C, 1] (a token that sees S_0), last
-    [B, 1, N, C, 1] (a token of the chunk's last segment). Returns (o [B, H, N, C, V], the final state).
+    Inputs per chunk ([N, B, H, C, ...], chunk-major): q (scaled), k, v, G (the within-chunk cumulative
+    log-decay, its own gradient left to autograd: a cumsum, or packed documents' own-segment sums),
+    beta, the state [B, H, K, V] coming in; with packed documents the masks of :func:`kda_chunked`
+    (else None): same [N, B, 1, C, C] (a pair in one segment), carried [N, B, 1, C, 1] (a token that
+    sees S_0), last [N, B, 1, C, 1] (a token of the chunk's last segment). Returns (o [N, B, H, C, V],
+    the final state).
     """
 
     @staticmethod
@@ -335,9 +340,9 @@ class ChunkedKDA(torch.autograd.Function):
             dP, dKK, dkt = dP * same, dKK * same, dkt * last
             dqe, dke, ddecay = dqe * carried, dke * carried, ddecay * carried[..., -1, :]
         dq, dk, dG = chunk_scores_backward((*dense, (tuple(at), *pairs) if at else None), dP, dKK)
-        dq += dqe * eG
-        dk += dke * eG + dkt * to_end
-        dG += dqe * qg + dke * kg - dkt * kt
+        dq.addcmul_(dqe, eG)
+        dk.addcmul_(dke, eG).addcmul_(dkt, to_end)
+        dG.addcmul_(dqe, qg).addcmul_(dke, kg).addcmul_(dkt, kt, value=-1)
         dG[..., -1:, :] += (dkt * kt).sum(-2, keepdim=True) + (ddecay * e_end)[..., None, :]
         return dq, dk, dv, dG, dbeta, dstate, None, None, None
 
@@ -360,27 +365,28 @@ def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_s
     pad = (-T) % C
     N = (T + pad) // C
 
-    def chunks(x):  # [B, T, H, ...] -> [B, H, N, C, ...]; padding has k = beta = g = 0: a no-op step
-        x = x.to(dt).transpose(1, 2)
+    def chunks(x):  # [B, T, H, ...] -> [N, B, H, C, ...], chunk-major; padding has k = beta = g = 0: a no-op step
+        x = x.to(dt)
         if pad:
-            x = F.pad(x, (0, 0, 0, pad) if x.dim() == 4 else (0, pad))
-        return x.reshape(B, H, N, C, *x.shape[3:])
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+        x = x.view(B, N, C, H, *x.shape[3:]).transpose(2, 3).transpose(0, 1)
+        return x.contiguous()
 
     q, k, v, g, beta = chunks(q * scale), chunks(k), chunks(v), chunks(g), chunks(beta)
     G = g.cumsum(-2)
     masks = (None, None, None)
     if segment_ids is not None:
-        seg = F.pad(segment_ids, (0, pad), mode="replicate").reshape(B, 1, N, C)   # padding joins the last
-        same = (seg[..., :, None] == seg[..., None, :]).to(dt)          # [B, 1, N, C, C]
+        seg = F.pad(segment_ids, (0, pad), mode="replicate").view(B, N, C).transpose(0, 1)[:, :, None]  # padding
+        same = (seg[..., :, None] == seg[..., None, :]).to(dt)          # [N, B, 1, C, C]           joins the last
         # Each token's decay counts its own segment's gates only: the values stay the chunk's cumsum
         # (monotone, as the factored scores need), the gradient reaches no other segment's gates.
         own = (same * torch.ones(C, C, dtype=dt, device=q.device).tril()) @ g
         G = own + (G - own).detach()
-        before = torch.cat([seg[:, :, :1, :1], seg[:, :, :-1, -1:]], dim=2)        # the segment coming in
-        carried = (seg == before)[..., None].to(dt)                      # [B, 1, N, C, 1]: sees S_0
+        before = torch.cat([seg[:1, ..., :1], seg[:-1, ..., -1:]])     # the segment coming in
+        carried = (seg == before)[..., None].to(dt)                      # [N, B, 1, C, 1]: sees S_0
         masks = (same, carried, (seg == seg[..., -1:])[..., None].to(dt))  # and the chunk's last segment
     o, state = ChunkedKDA.apply(q, k, v, G, beta, state, *masks)
-    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2)
+    o = o.transpose(0, 1).transpose(2, 3).reshape(B, N * C, H, V)[:, :T]
     return o.to(v.dtype), (state if output_final_state else None)
 
 
