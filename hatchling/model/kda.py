@@ -272,7 +272,8 @@ def _recurrence(qe, ke, k_to_end, v, beta, KK, P, decay, state):
                       U_flat[n], out=S[n + 1])
     starts = states[:-1]
     saved = (qe, ke, k_to_end, v, beta, KK, inverse, P, W, U_tilde, U, decay, starts)
-    return qe @ starts + P @ U, states[-1].clone(), saved
+    o = torch.baddbmm(P.flatten(0, 2) @ U.flatten(0, 2), qe.flatten(0, 2), starts.flatten(0, 2))
+    return o.view_as(U), states[-1].clone(), saved
 
 
 def _recurrence_backward(saved, do, dstate):
@@ -281,9 +282,11 @@ def _recurrence_backward(saved, do, dstate):
     # Chunk by chunk backwards, from dS_N = dstate:
     #   dU_n = P_n^T do_n + k_to_end_n dS_{n+1},    dS_n = qe_n^T do_n + Diag(decay_n) dS_{n+1} - W_n^T dU_n.
     p_do, q_do = P.transpose(-1, -2) @ do, qe.transpose(-1, -2) @ do
-    dU, dstates = torch.empty_like(U), starts.new_zeros((starts.shape[0] + 1, *starts.shape[1:]))
+    dU, dstates = torch.empty_like(U), starts.new_empty((starts.shape[0] + 1, *starts.shape[1:]))
     if dstate is not None:
         dstates[-1] = dstate
+    else:
+        dstates[-1].zero_()
     dS, dU_flat = dstates.flatten(1, 2), dU.flatten(1, 2)
     for n in reversed(range(P.shape[0])):
         torch.baddbmm(p_do[n].flatten(0, 1), k_to_end[n].flatten(0, 1), dS[n + 1], out=dU_flat[n])
@@ -292,7 +295,8 @@ def _recurrence_backward(saved, do, dstate):
     ds_next = dstates[1:]                                                   # dS_{n+1}, for each chunk n
     d_rhs_k = inverse.transpose(-1, -2) @ -(dU @ starts.transpose(-1, -2))       # through W = inverse beta ke
     d_rhs_v = inverse.transpose(-1, -2) @ dU                                       # and U~ = inverse beta v
-    dA = (d_rhs_k @ W.transpose(-1, -2) + d_rhs_v @ U_tilde.transpose(-1, -2)).tril_(-1).neg_()
+    dA = torch.baddbmm(d_rhs_k.flatten(0, 2) @ W.flatten(0, 2).transpose(-1, -2), d_rhs_v.flatten(0, 2),
+                       U_tilde.flatten(0, 2).transpose(-1, -2)).view_as(KK).tril_(-1).neg_()
     dbeta = (d_rhs_k * ke).sum(-1) + (d_rhs_v * v).sum(-1) + (dA * KK).sum(-1)
     return (do @ starts.transpose(-1, -2), d_rhs_k * beta[..., None], U @ ds_next.transpose(-1, -2),
             d_rhs_v * beta[..., None], dbeta, dA * beta[..., None], do @ U.transpose(-1, -2),
