@@ -261,46 +261,48 @@ def _recurrence(qe, ke, k_to_end, v, beta, KK, P, decay, state):
     A = KK * beta[..., None]                    # I + A is unit lower triangular: A's diagonal is never read
     eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device).expand_as(A)
     inverse = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)   # (I + A)^-1
-    W, U_tilde = inverse @ (ke * beta[..., None]), inverse @ (v * beta[..., None])
+    W, U = inverse @ (ke * beta[..., None]), inverse @ (v * beta[..., None])    # W and U~, U~ turned into U below
     states = state.new_empty((P.shape[0] + 1, *state.shape))            # S_0 .. S_N
     states[0] = state
-    U = torch.empty_like(U_tilde)
     S, U_flat = states.flatten(1, 2), U.flatten(1, 2)                   # [N, B H, ...]: each n contiguous
-    for n in range(P.shape[0]):
-        torch.baddbmm(U_tilde[n].flatten(0, 1), W[n].flatten(0, 1), S[n], alpha=-1, out=U_flat[n])
-        torch.baddbmm(S[n] * decay[n].flatten(0, 1)[..., None], k_to_end[n].flatten(0, 1).transpose(-1, -2),
-                      U_flat[n], out=S[n + 1])
+    for n in range(P.shape[0]):                 # in place: no copy of an addend into an output buffer
+        U_flat[n].baddbmm_(W[n].flatten(0, 1), S[n], alpha=-1)
+        torch.mul(S[n], decay[n].flatten(0, 1)[..., None], out=S[n + 1])
+        S[n + 1].baddbmm_(k_to_end[n].flatten(0, 1).transpose(-1, -2), U_flat[n])
     starts = states[:-1]
-    saved = (qe, ke, k_to_end, v, beta, KK, inverse, P, W, U_tilde, U, decay, starts)
+    saved = (qe, ke, k_to_end, v, beta, KK, inverse, P, W, U, decay, starts)
     o = torch.baddbmm(P.flatten(0, 2) @ U.flatten(0, 2), qe.flatten(0, 2), starts.flatten(0, 2))
     return o.view_as(U), states[-1].clone(), saved
 
 
 def _recurrence_backward(saved, do, dstate):
     """The gradients of :func:`_recurrence`'s inputs from those of its outputs (dstate may be None)."""
-    qe, ke, k_to_end, v, beta, KK, inverse, P, W, U_tilde, U, decay, starts = saved
+    qe, ke, k_to_end, v, beta, KK, inverse, P, W, U, decay, starts = saved
     # Chunk by chunk backwards, from dS_N = dstate:
     #   dU_n = P_n^T do_n + k_to_end_n dS_{n+1},    dS_n = qe_n^T do_n + Diag(decay_n) dS_{n+1} - W_n^T dU_n.
-    p_do, q_do = P.transpose(-1, -2) @ do, qe.transpose(-1, -2) @ do
-    dU, dstates = torch.empty_like(U), starts.new_empty((starts.shape[0] + 1, *starts.shape[1:]))
+    dU, q_do = P.transpose(-1, -2) @ do, qe.transpose(-1, -2) @ do         # dU starts as P^T do
+    dstates = starts.new_empty((starts.shape[0] + 1, *starts.shape[1:]))
     if dstate is not None:
         dstates[-1] = dstate
     else:
         dstates[-1].zero_()
     dS, dU_flat = dstates.flatten(1, 2), dU.flatten(1, 2)
     for n in reversed(range(P.shape[0])):
-        torch.baddbmm(p_do[n].flatten(0, 1), k_to_end[n].flatten(0, 1), dS[n + 1], out=dU_flat[n])
-        torch.baddbmm(torch.addcmul(q_do[n].flatten(0, 1), dS[n + 1], decay[n].flatten(0, 1)[..., None]),
-                      W[n].flatten(0, 1).transpose(-1, -2), dU_flat[n], alpha=-1, out=dS[n])
+        dU_flat[n].baddbmm_(k_to_end[n].flatten(0, 1), dS[n + 1])
+        torch.addcmul(q_do[n].flatten(0, 1), dS[n + 1], decay[n].flatten(0, 1)[..., None], out=dS[n])
+        dS[n].baddbmm_(W[n].flatten(0, 1).transpose(-1, -2), dU_flat[n], alpha=-1)
     ds_next = dstates[1:]                                                   # dS_{n+1}, for each chunk n
-    d_rhs_k = inverse.transpose(-1, -2) @ -(dU @ starts.transpose(-1, -2))       # through W = inverse beta ke
-    d_rhs_v = inverse.transpose(-1, -2) @ dU                                       # and U~ = inverse beta v
-    dA = torch.baddbmm(d_rhs_k.flatten(0, 2) @ W.flatten(0, 2).transpose(-1, -2), d_rhs_v.flatten(0, 2),
-                       U_tilde.flatten(0, 2).transpose(-1, -2)).view_as(KK).tril_(-1).neg_()
-    dbeta = (d_rhs_k * ke).sum(-1) + (d_rhs_v * v).sum(-1) + (dA * KK).sum(-1)
-    return (do @ starts.transpose(-1, -2), d_rhs_k * beta[..., None], U @ ds_next.transpose(-1, -2),
-            d_rhs_v * beta[..., None], dbeta, dA * beta[..., None], do @ U.transpose(-1, -2),
-            (ds_next * starts).sum(-1), dstates[0])
+    # Through U~ = (I + A)^-1 beta v and W = (I + A)^-1 beta ke, with dU~ = dU and dW = -dU S^T: the right-hand
+    # sides' gradients are (I + A)^-T dU and -(I + A)^-T dU S^T, and A's is -(I + A)^-T dU (U~ - W S)^T = ... U^T.
+    # do and d_rhs_v both multiply S_n^T (to dqe and -d_rhs_k) and U_n^T (to dP and -dA): one matmul each.
+    C, d_rhs_v = do.shape[-2], inverse.transpose(-1, -2) @ dU
+    both = torch.cat([do, d_rhs_v], dim=-2)
+    (dqe, neg_d_rhs_k), (dP, neg_dA) = ((both @ x.transpose(-1, -2)).split(C, dim=-2) for x in (starts, U))
+    neg_dA = neg_dA.tril(-1)
+    neg_beta = -beta[..., None]
+    dbeta = (d_rhs_v * v).sum(-1) - (neg_d_rhs_k * ke).sum(-1) - (neg_dA * KK).sum(-1)
+    return (dqe, neg_d_rhs_k * neg_beta, U @ ds_next.transpose(-1, -2), d_rhs_v * beta[..., None], dbeta,
+            neg_dA * neg_beta, dP, (ds_next * starts).sum(-1), dstates[0])
 
 
 class ChunkedKDA(torch.autograd.Function):
