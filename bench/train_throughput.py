@@ -24,7 +24,8 @@ Rows (printed as a table, written as JSON):
 - kda_layer: fwd + bwd of a whole KDALayer (projections, convs, gates, norms) vs the raw op
   ``hatchling.model.kda.kda`` (fla's ``chunk_kda`` on CUDA) on the layer's shapes, back to back; the
   op's inputs are the layer's own (normalised q, k, its decay gates and beta at init), since the chunked
-  form's cost depends on the decay spans (``hatchling.model.kda.sub_block_size``).
+  form's cost depends on the decay spans (chunk-channels past 2 ``SAFE_SPAN`` take exact pairs:
+  ``hatchling.model.kda.chunk_scores``).
 """
 
 from __future__ import annotations

@@ -52,8 +52,9 @@ import torch.nn.functional as F
 
 #: Largest head dimension fla's Triton kernels accept.
 FLA_MAX_HEAD_DIM = 256
-#: Largest decay span (in log space) inside a sub-block for which exp(G_r - R) exp(R - G_s) is
-#: computed without overflow or underflow to zero in each factor (exp(-80) > float32's tiniest normal).
+#: Largest exponent either factor of exp(G_r - Mid) exp(Mid - G_s) may take, up or down, without overflow or
+#: underflow to zero (exp(-80) > float32's tiniest normal): :func:`chunk_scores` factors a chunk-channel's
+#: scores through its midpoint when its decay span is at most twice this.
 SAFE_SPAN = {torch.float32: 80.0, torch.float64: 700.0}
 
 
