@@ -41,30 +41,33 @@ CPU_SHAPES = [(1, 1024, 4, 64), (1, 512, 4, 64), (2, 2048, 2, 64)]
 GPU_SHAPES = [(8, 2048, 8, 64), (2, 8192, 8, 64)]
 
 
+def load_module(path: str | Path, name: str):
+    """The Python file at `path` as a module (no package import needed)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_fla_naive(path: str | None):
     if path is None:
         spec = importlib.util.find_spec("fla")
         if spec is None or not spec.submodule_search_locations:
             return None
         path = str(Path(next(iter(spec.submodule_search_locations))) / "ops" / "kda" / "naive.py")
-    spec = importlib.util.spec_from_file_location("fla_kda_naive", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(path, "fla_kda_naive")
 
 
-def load_baseline(rev: str, tmp: str):
-    """git revision `rev`'s hatchling/model/kda.py as a module."""
+def load_baseline(rev: str):
+    """git revision `rev`'s hatchling/model/kda.py as a module (it imports torch only)."""
     repo = Path(__file__).resolve().parents[1]
     text = subprocess.run(["git", "-C", str(repo), "show", f"{rev}:hatchling/model/kda.py"], capture_output=True)
     if text.returncode:
         sys.exit(f"--baseline {rev}: git show failed: {text.stderr.decode().strip()}")
-    path = Path(tmp) / "kda_baseline.py"
-    path.write_bytes(text.stdout)
-    spec = importlib.util.spec_from_file_location("kda_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kda_baseline.py"
+        path.write_bytes(text.stdout)
+        return load_module(path, "kda_baseline")
 
 
 def inputs(B, T, H, D, device, dtype, trained_gates: bool = False):
@@ -119,8 +122,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     impls = {"hatchling.kda_recurrent": kda_recurrent, "hatchling.kda_chunked": kda_chunked}
     if args.baseline:
-        tmp = tempfile.TemporaryDirectory()
-        impls[f"kda_chunked@{args.baseline}"] = load_baseline(args.baseline, tmp.name).kda_chunked
+        impls[f"kda_chunked@{args.baseline}"] = load_baseline(args.baseline).kda_chunked
     if naive is not None:
         impls["fla.naive_recurrent_kda"] = naive.naive_recurrent_kda
     if device == "cuda":

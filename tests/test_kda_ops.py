@@ -59,7 +59,7 @@ def test_chunked_matches_recurrent_outputs_state_and_grads(dtype, T, with_state)
 
 
 def test_chunked_grads_without_the_final_state_in_the_loss():
-    """The state's gradient is None when the loss ignores it: the backward starts from a zero dS_N."""
+    """A final state the loss ignores: the backward starts from its zero gradient."""
     xs, s0 = make_inputs(70, torch.float64, with_state=True)
     grads = []
     for fn in (kda_recurrent, kda_chunked):

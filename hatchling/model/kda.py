@@ -277,16 +277,14 @@ def _recurrence(qe, ke, k_to_end, v, beta, KK, P, decay, state):
 
 
 def _recurrence_backward(saved, do, dstate):
-    """The gradients of :func:`_recurrence`'s inputs from those of its outputs (dstate may be None)."""
+    """The gradients of :func:`_recurrence`'s inputs from those of its outputs (autograd hands in zeros
+    for an output the loss does not use)."""
     qe, ke, k_to_end, v, beta, KK, inverse, P, W, U, decay, starts = saved
     # Chunk by chunk backwards, from dS_N = dstate:
     #   dU_n = P_n^T do_n + k_to_end_n dS_{n+1},    dS_n = qe_n^T do_n + Diag(decay_n) dS_{n+1} - W_n^T dU_n.
     dU, q_do = P.transpose(-1, -2) @ do, qe.transpose(-1, -2) @ do         # dU starts as P^T do
     dstates = starts.new_empty((starts.shape[0] + 1, *starts.shape[1:]))
-    if dstate is not None:
-        dstates[-1] = dstate
-    else:
-        dstates[-1].zero_()
+    dstates[-1] = dstate
     dS, dU_flat = dstates.flatten(1, 2), dU.flatten(1, 2)
     for n in reversed(range(P.shape[0])):
         dU_flat[n].baddbmm_(k_to_end[n].flatten(0, 1), dS[n + 1])
@@ -330,23 +328,19 @@ class ChunkedKDA(torch.autograd.Function):
             P, KK, k_to_end = P * same, KK * same, k_to_end * last
             qe, ke, decay = qe * carried, ke * carried, decay * carried[..., -1, :]
         o, state, recurrence = _recurrence(qe, ke, k_to_end, v, beta, KK, P, decay, state)
-        *dense, exact = scores
-        at, *pairs = exact if exact is not None else ((), None, None, None)
-        ctx.sizes = (len(own), len(dense), len(pairs), len(at))
-        ctx.save_for_backward(*own, *dense, *pairs, *at, *recurrence)
+        ctx.save_for_backward(*own, *recurrence)    # these hold inputs (v, beta, the masks); the scores' not
+        ctx.scores = scores
         return o, state
 
     @staticmethod
     def backward(ctx, do, dstate):
-        saved = list(ctx.saved_tensors)
-        own, dense, pairs, at = ([saved.pop(0) for _ in range(n)] for n in ctx.sizes)
-        eG, to_end, e_end, qg, kg, kt, same, carried, last = own
-        dqe, dke, dkt, dv, dbeta, dKK, dP, ddecay, dstate = _recurrence_backward(saved, do, dstate)
+        eG, to_end, e_end, qg, kg, kt, same, carried, last, *recurrence = ctx.saved_tensors
+        dqe, dke, dkt, dv, dbeta, dKK, dP, ddecay, dstate = _recurrence_backward(recurrence, do, dstate)
         dP = dP.tril()
         if same is not None:
             dP, dKK, dkt = dP * same, dKK * same, dkt * last
             dqe, dke, ddecay = dqe * carried, dke * carried, ddecay * carried[..., -1, :]
-        dq, dk, dG = chunk_scores_backward((*dense, (tuple(at), *pairs) if at else None), dP, dKK)
+        dq, dk, dG = chunk_scores_backward(ctx.scores, dP, dKK)
         dq.addcmul_(dqe, eG)
         dk.addcmul_(dke, eG).addcmul_(dkt, to_end)
         dG.addcmul_(dqe, qg).addcmul_(dke, kg).addcmul_(dkt, kt, value=-1)
