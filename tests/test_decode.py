@@ -11,7 +11,7 @@ from hatchling.model import build_model
 from hatchling.model.config import for_arch
 from hatchling.model.generate import generate, stream
 from hatchling.model.int8 import quantize_state_dict, use_int8_linears
-from hatchling.model.kda import folded_norm, kda_step, kda_step_, l2norm, unit
+from hatchling.model.kda import StepWeight, folded_norm, kda_step, kda_step_, l2norm, unit
 
 # toddler's shape, shrunk; 4 query heads over 2 KV heads (grouped-query attention)
 SMALL = dict(size="toddler", vocab_size=97, d_model=32, n_layers=4, n_heads=4, head_dim=8, n_kv_heads=2,
@@ -54,11 +54,37 @@ def test_unit_and_folded_norm_equal_l2norm_and_rmsnorm():
                                norm(x.view(3, 2, 2, 8)).view(3, 2, 16) @ W.T, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize(("parts", "out", "expected"), [(1, 12, 1), (2, 12, 2), (3, 12, 3), (3, 10, 1)])
+def test_step_weight_in_column_blocks_equals_the_matmul(parts, out, expected):
+    """StepWeight keeps W [in, out] as `parts` column blocks (one where out is not a multiple): x @ W and
+    add + x @ W (a residual [B, out], a bias [out]) as the plain matmul, for one row and for three."""
+    torch.manual_seed(0)
+    W = torch.randn(7, out, dtype=torch.float64)
+    w = StepWeight(W, parts)
+    assert w.parts == expected
+    for rows in (1, 3):
+        x, residual = torch.randn(rows, 7, dtype=torch.float64), torch.randn(rows, out, dtype=torch.float64)
+        torch.testing.assert_close(w(x), x @ W, atol=1e-12, rtol=0)
+        torch.testing.assert_close(w(x, residual), residual + x @ W, atol=1e-12, rtol=0)
+        torch.testing.assert_close(w(x, residual[0]), residual[0] + x @ W, atol=1e-12, rtol=0)
+
+
+@pytest.fixture
+def threads(request):
+    """torch's thread count for the test (the eager step splits its weights into a block per thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("arch", ["hybrid", "gpt"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_step_logits_equal_the_full_forward_at_every_position(arch, batch):
+def test_step_logits_equal_the_full_forward_at_every_position(arch, batch, threads):
     """Prefill 20 tokens, then 80 one-token steps (past a wrap of KDAStep's conv tape): float32 logits
-    within float32 tolerance of the non-cached full forward, float64 to 1e-10."""
+    within float32 tolerance of the non-cached full forward, float64 to 1e-10; on one thread and on
+    two (every weight of the step then in two column blocks)."""
     for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
         model = small_model(arch, dtype)
         ids = torch.randint(0, 97, (batch, 100))
@@ -67,6 +93,11 @@ def test_step_logits_equal_the_full_forward_at_every_position(arch, batch):
             cache = model.new_cache()
             model(ids[:, :20], cache)
         decoder = model.decoder(cache, batch, 100)
+        weights = [decoder.head] + [w for step in decoder.steps for w in vars(step).values()
+                                    if isinstance(w, StepWeight)]
+        # the head (vocabulary 97: one block), 2 per MLP, 3 per KDA mixer and 2 per attention (hybrid: 3 KDA + 1)
+        assert len(weights) == (20 if arch == "hybrid" else 17) and decoder.head.parts == 1
+        assert {w.parts for w in weights[1:]} == {threads}
         steps = torch.stack([decoder(ids[:, t]) for t in range(20, 100)], dim=1)
         torch.testing.assert_close(steps, full[:, 20:], atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="built for 100 positions"):

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hatchling.model.config import ModelConfig
-from hatchling.model.kda import folded_norm, unit
+from hatchling.model.kda import StepWeight, folded_norm, unit
 from hatchling.model.rope import rope
 from hatchling.model.segments import Segments
 
@@ -89,20 +89,21 @@ class AttentionStep:
     one SDPA call with each KV head's query heads as its queries (grouped-query attention without
     repeating the keys), and the output projection fused with the residual add."""
 
-    def __init__(self, layer: NoPEAttention, norm: nn.RMSNorm, cache: dict, batch: int, max_len: int):
+    def __init__(self, layer: NoPEAttention, norm: nn.RMSNorm, cache: dict, batch: int, max_len: int,
+                 parts: int | None = None):
         self.layer = layer
-        self.w_qkv, self.root_eps = folded_norm(norm, torch.cat([layer.q_proj.weight, layer.kv_proj.weight]))
-        self.w_out = layer.o_proj.weight.T.contiguous()
+        w_qkv, self.root_eps = folded_norm(norm, torch.cat([layer.q_proj.weight, layer.kv_proj.weight]))
+        self.w_qkv, self.w_out = StepWeight(w_qkv, parts), StepWeight(layer.o_proj.weight.T.contiguous(), parts)
         self.pos = cache["k"].shape[2] if "k" in cache else 0
         shape = (batch, layer.n_kv_heads, max_len, layer.head_dim)
-        self.k, self.v = self.w_qkv.new_zeros(shape), self.w_qkv.new_zeros(shape)
+        self.k, self.v = w_qkv.new_zeros(shape), w_qkv.new_zeros(shape)
         if self.pos:
             self.k[:, :, :self.pos], self.v[:, :, :self.pos] = cache["k"], cache["v"]
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The token's q [B, H, 1, D], k and v [B, Hkv, 1, D] (before positions)."""
         H, Hkv, D = self.layer.n_heads, self.layer.n_kv_heads, self.layer.head_dim
-        qkv = unit(x, self.root_eps) @ self.w_qkv
+        qkv = self.w_qkv(unit(x, self.root_eps))
         return qkv.view(x.shape[0], H + 2 * Hkv, 1, D).split([H, Hkv, Hkv], dim=1)
 
     def attend(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **sdpa) -> torch.Tensor:
@@ -110,7 +111,7 @@ class AttentionStep:
         B = x.shape[0]
         H, Hkv, D = self.layer.n_heads, self.layer.n_kv_heads, self.layer.head_dim
         y = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, D), k, v, **sdpa)
-        return torch.addmm(x, y.view(B, H * D), self.w_out)
+        return self.w_out(y.view(B, H * D), x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, d] (one token's residual stream) -> x + layer(norm(x))."""
@@ -128,8 +129,9 @@ class StaticAttentionStep(AttentionStep):
     preallocated cache with the slots not yet written masked out. Each step costs as much as the last
     one of `max_len`, in return for one compiled graph for every step."""
 
-    def __init__(self, layer: NoPEAttention, norm: nn.RMSNorm, cache: dict, batch: int, max_len: int):
-        super().__init__(layer, norm, cache, batch, max_len)
+    def __init__(self, layer: NoPEAttention, norm: nn.RMSNorm, cache: dict, batch: int, max_len: int,
+                 parts: int | None = None):
+        super().__init__(layer, norm, cache, batch, max_len, parts)
         self.position = torch.tensor([self.pos], device=self.k.device)     # of the next token (self.pos: the first)
         self.slots = torch.arange(max_len, device=self.k.device)
 

@@ -24,7 +24,7 @@ from hatchling.model.attention import AttentionStep, NoPEAttention, RoPEAttentio
 from hatchling.model.base import BlockStackLM
 from hatchling.model.config import ModelConfig
 from hatchling.model.int8 import Int8Linear
-from hatchling.model.kda import folded_norm, unit
+from hatchling.model.kda import StepWeight, folded_norm, unit
 from hatchling.model.kda_layer import KDALayer, KDAStep, StaticKDAStep
 from hatchling.model.memory import EpisodicMemory
 from hatchling.model.predictive import NextStateHead
@@ -48,13 +48,13 @@ class SwiGLUStep:
     """x + SwiGLU(norm(x)) for one token: the norm folded into the first matmul, the second fused
     with the residual add (a decoding step, as KDAStep and AttentionStep)."""
 
-    def __init__(self, mlp: SwiGLU, norm: nn.RMSNorm):
-        self.w_gate_up, self.root_eps = folded_norm(norm, mlp.gate_up.weight)
-        self.w_down = mlp.down.weight.T.contiguous()
+    def __init__(self, mlp: SwiGLU, norm: nn.RMSNorm, parts: int | None = None):
+        w_gate_up, self.root_eps = folded_norm(norm, mlp.gate_up.weight)
+        self.w_gate_up, self.w_down = StepWeight(w_gate_up, parts), StepWeight(mlp.down.weight.T.contiguous(), parts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = (unit(x, self.root_eps) @ self.w_gate_up).chunk(2, dim=-1)
-        return torch.addmm(x, F.silu(gate) * up, self.w_down)
+        gate, up = self.w_gate_up(unit(x, self.root_eps)).chunk(2, dim=-1)
+        return self.w_down(F.silu(gate) * up, x)
 
 
 class Block(nn.Module):
@@ -219,16 +219,20 @@ class Decoder:
     @torch.no_grad()
     def __init__(self, model: HatchlingLM, cache: list[dict], batch: int, max_len: int, compiled: bool = False):
         self.embed = model.embed.weight
-        self.head, self.root_eps = folded_norm(model.norm, model.embed.weight)
+        # compiled: the weights in one block each (inductor runs a batched matmul of one row as its own
+        # loop, slower than MKL's matmul); eager: a block per thread (StepWeight)
+        parts = 1 if compiled else None
+        head, self.root_eps = folded_norm(model.norm, model.embed.weight)
+        self.head = StepWeight(head, parts)
         kda, attention = (StaticKDAStep, StaticAttentionStep) if compiled else (KDAStep, AttentionStep)
         # compiled: few distinct KV sizes, so that the prompts of a process share few graphs (torch.compile
         # fails, with fullgraph, past its limit of recompiles: 8 by default)
         kv_len = max(256, 1 << (max_len - 1).bit_length()) if compiled else max_len
         self.steps = []
         for block, c in zip(model.blocks, cache, strict=True):
-            mixer = attention(block.mixer, block.mixer_norm, c, batch, kv_len) if block.kind == "attn" \
-                else kda(block.mixer, block.mixer_norm, c, batch)
-            self.steps += [mixer, SwiGLUStep(block.mlp, block.mlp_norm)]
+            mixer = attention(block.mixer, block.mixer_norm, c, batch, kv_len, parts) if block.kind == "attn" \
+                else kda(block.mixer, block.mixer_norm, c, batch, parts)
+            self.steps += [mixer, SwiGLUStep(block.mlp, block.mlp_norm, parts)]
         # steps left before max_len (the prefill's length: its keys'); without attention, no end
         self.max_len = max_len
         self.left = min((max_len - s.pos for s in self.steps if isinstance(s, AttentionStep)), default=None)
@@ -238,7 +242,7 @@ class Decoder:
         x = F.embedding(ids, self.embed)
         for branch in self.steps:
             x = branch(x)
-        return unit(x, self.root_eps) @ self.head
+        return self.head(unit(x, self.root_eps))
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ g: [B,T,H,K]; beta: [B,T,H]; state: [B,H,K,V] float32), so the GPU path can call
   vectorised over chunks except for one cheap sequential pass over chunk states.
 * :func:`kda_step_`     - one token with the state updated in place: decoding's step
   (kda_layer.KDAStep), with :func:`kda_step` as its reference.
+* :func:`unit`, :func:`folded_norm`, :class:`StepWeight` - the other decoding steps' norms and weights
+  (attention.AttentionStep, hatchling.SwiGLUStep, the head) as KDAStep's.
 * :func:`kda`           - dispatch: fla's Triton kernel on CUDA when installed, else the chunked form.
   It also takes the KDA layer's pre-ops (:func:`l2norm` of q and k, the decay :func:`kda_gate`, the
   sigmoid of beta), which fla fuses into its kernel and the other backends apply as these explicit
@@ -127,6 +129,29 @@ def folded_norm(norm: torch.nn.RMSNorm, weight: torch.Tensor) -> tuple[torch.Ten
     eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
     folded = (weight.view(weight.shape[0], -1, D) * (norm.weight * D ** 0.5)).flatten(1)
     return folded.T.contiguous(), weight.new_tensor((D * eps) ** 0.5)
+
+
+class StepWeight:
+    """A decoding step's weight W [in, out] (contiguous: :func:`folded_norm` gives it so) applied to one
+    token's rows x [B, in]: ``w(x)`` is x @ W, ``w(x, add)`` is add + x @ W (a residual or a bias).
+
+    A matmul of one row runs on one thread in MKL whatever torch's thread count (10-16 GB/s of weights
+    on the 2-core CPU machine, where one core can read 26). With `parts` > 1 (torch's thread count by
+    default) the columns are kept as that many blocks [parts, in, out / parts] and multiplied as one
+    batched matmul, which runs a block per thread (24-28 GB/s on two): the same products and sums, to
+    rounding. Where out is not a multiple of `parts`, one block."""
+
+    def __init__(self, w: torch.Tensor, parts: int | None = None):
+        parts = torch.get_num_threads() if parts is None else parts
+        n_in, n_out = w.shape
+        self.parts = parts if parts > 1 and n_out % parts == 0 else 1
+        self.w = w if self.parts == 1 else w.view(n_in, self.parts, n_out // self.parts).transpose(0, 1).contiguous()
+
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        if self.parts == 1:
+            return x @ self.w if add is None else torch.addmm(add, x, self.w)
+        y = torch.bmm(x.expand(self.parts, *x.shape), self.w).transpose(0, 1).reshape(x.shape[0], -1)
+        return y if add is None else add + y
 
 
 def kda_gate(g: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hatchling.model.config import ModelConfig
-from hatchling.model.kda import folded_norm, kda, kda_gate, kda_step_, l2norm, unit
+from hatchling.model.kda import StepWeight, folded_norm, kda, kda_gate, kda_step_, l2norm, unit
 from hatchling.model.segments import Segments
 from hatchling.model.spike import LIFGate, kda_skipping_silent
 
@@ -177,7 +177,7 @@ class KDAStep:
 
     TAPE = 64       # steps between two shifts of the conv tape
 
-    def __init__(self, layer: KDALayer, norm: nn.RMSNorm, cache: dict, batch: int):
+    def __init__(self, layer: KDALayer, norm: nn.RMSNorm, cache: dict, batch: int, parts: int | None = None):
         if layer.spike is not None:
             raise ValueError("KDAStep: spike-KDA gates its update per head; decode it through forward")
         H, D = layer.n_heads, layer.head_dim
@@ -185,22 +185,24 @@ class KDAStep:
         (f1, f2), (g1, g2) = layer.f_proj, layer.g_proj
         w_in = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight, f1.weight, g1.weight,
                           layer.b_proj.weight])
-        self.w_in, self.root_eps = folded_norm(norm, w_in)
-        self.w_fg = torch.block_diag(f2.weight.T, g2.weight.T)              # [2 D, 2 H D]
+        w_in, self.root_eps = folded_norm(norm, w_in)
+        self.w_in = StepWeight(w_in, parts)
+        self.w_fg = StepWeight(torch.block_diag(f2.weight.T, g2.weight.T), parts)   # [2 D, 2 H D]
         self.b_fg = torch.cat([layer.dt_bias, g2.bias])
         self.neg_A = -layer.A_log.exp().repeat_interleave(D)                # kda_gate's -exp(A_log), per channel
-        self.w_out, self.o_root_eps = folded_norm(layer.o_norm.norm, layer.o_proj.weight)
-        self.l2_root_eps = self.w_in.new_tensor(1e-3)                       # sqrt of l2norm's eps
+        w_out, self.o_root_eps = folded_norm(layer.o_norm.norm, layer.o_proj.weight)
+        self.w_out = StepWeight(w_out, parts)
+        self.l2_root_eps = w_in.new_tensor(1e-3)                            # sqrt of l2norm's eps
         convs = (layer.q_conv, layer.k_conv, layer.v_conv)
         self.conv_w = torch.cat([c.weight[:, 0] for c in convs]).T.contiguous()   # [W, 3 H D]
         self.keep = self.conv_w.shape[0] - 1
-        past = self.w_in.new_zeros(batch, self.keep, 3 * H * D)            # the conv's last W - 1 inputs
+        past = w_in.new_zeros(batch, self.keep, 3 * H * D)            # the conv's last W - 1 inputs
         if self.keep and "q_conv" in cache:
             past.copy_(torch.cat([cache[key] for key in ("q_conv", "k_conv", "v_conv")], dim=1).transpose(1, 2))
         self.start_conv(past)
         state = cache.get("state")
         self.state = state.clone(memory_format=torch.contiguous_format) if state is not None else \
-            self.w_in.new_zeros(batch, H, D, D)
+            w_in.new_zeros(batch, H, D, D)
 
     def start_conv(self, past: torch.Tensor) -> None:
         """The tape, its first W - 1 slots the conv's past inputs [B, W - 1, 3 H D]."""
@@ -220,14 +222,14 @@ class KDAStep:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, d] (one token's residual stream) -> x + layer(norm(x))."""
         B, H, D = x.shape[0], self.n_heads, self.head_dim
-        y = unit(x, self.root_eps) @ self.w_in
+        y = self.w_in(unit(x, self.root_eps))
         qkv = self.conv(y[:, :3 * H * D]).view(B, 3, H, D)
         qk = unit(qkv[:, :2], self.l2_root_eps)                             # kda's l2norm of q and k
-        fg = torch.addmm(self.b_fg, y[:, 3 * H * D:-H], self.w_fg)
+        fg = self.w_fg(y[:, 3 * H * D:-H], self.b_fg)
         g = self.neg_A * F.softplus(fg[:, :H * D])                          # kda_gate of the decay input
         o = kda_step_(qk[:, 0], qk[:, 1], qkv[:, 2], g.view(B, H, D), torch.sigmoid(y[:, -H:]), self.state)
         o = unit(o, self.o_root_eps) * torch.sigmoid(fg[:, H * D:].view(B, H, D))   # GatedHeadNorm
-        return torch.addmm(x, o.view(B, H * D), self.w_out)
+        return self.w_out(o.view(B, H * D), x)
 
 
 class StaticKDAStep(KDAStep):
