@@ -176,22 +176,23 @@ def test_causal_conv_equals_the_conv1d_reference_with_cache_and_positions(kernel
                 torch.testing.assert_close(cache[key], ref_cache[key], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("rate", [1.0, 2.0, 4.0, 6.0])
-def test_every_decay_span_gives_the_scores_and_the_op(rate):
-    """Gates of about -rate per token: a chunk of 32 spans 32, 64, 128 (all three through the chunk's
-    midpoint, past SAFE_SPAN for the last) or 192 (past 2 SAFE_SPAN: pair by pair); the scores equal
-    their pairwise definition and the op (outputs, state, gradients) the recurrent reference, in float32."""
+@pytest.mark.parametrize("spans", [0.4, 0.8, 1.6, 2.4])
+def test_every_decay_span_gives_the_scores_and_the_op(spans):
+    """Gates that make a chunk of 32 span about `spans` x SAFE_SPAN: the first three through the
+    chunk's midpoint (past SAFE_SPAN for 1.6), the last past 2 SAFE_SPAN (pair by pair); the scores
+    equal their pairwise definition and the op (outputs, state, gradients) the recurrent reference, in
+    float32."""
     from hatchling.model.kda import SAFE_SPAN, chunk_scores, kda_chunked, kda_recurrent
 
     gen = torch.Generator().manual_seed(0)
     B, T, H, K, V = 2, 128, 2, 16, 8
-    g = -rate * (0.9 + 0.2 * torch.rand(B, T, H, K, generator=gen))
+    g = -spans * SAFE_SPAN[torch.float32] / 32 * (0.9 + 0.2 * torch.rand(B, T, H, K, generator=gen))
     q, k = (F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) for _ in range(2))
     v, beta = torch.randn(B, T, H, V, generator=gen), torch.rand(B, T, H, generator=gen)
     G = g.view(B, 4, 32, H, K).cumsum(2).transpose(2, 3)                          # [B, N, H, C, K]
     span = -G[..., -1, :]
-    assert bool((span > SAFE_SPAN[G.dtype]).all()) == (rate >= 4)
-    assert bool((span > 2 * SAFE_SPAN[G.dtype]).all()) == (rate > 5)
+    assert bool((span > SAFE_SPAN[G.dtype]).all()) == (spans > 1)
+    assert bool((span > 2 * SAFE_SPAN[G.dtype]).all()) == (spans > 2)
     qc, kc = (x.view(B, 4, 32, H, K).transpose(2, 3) for x in (q, k))
     qk, kk, _ = chunk_scores(qc, kc, G)
     D = (G[..., :, None, :].double() - G[..., None, :, :].double()).clamp(max=0).exp()

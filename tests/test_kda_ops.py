@@ -194,13 +194,16 @@ def test_packed_sequences_start_from_their_own_state_and_never_leak():
     assert not torch.allclose(o2[:, :20], o[:, :20])
 
 
-@pytest.mark.parametrize("backend", ["chunked", "recurrent"])
-def test_segment_ids_restart_the_state_inside_chunks_exactly(backend):
+@pytest.mark.parametrize(("backend", "gate_scale"), [("chunked", 1.0), ("chunked", 100.0), ("recurrent", 1.0)])
+def test_segment_ids_restart_the_state_inside_chunks_exactly(backend, gate_scale):
     """segment_ids (the layer's packed documents) on a batch of rows: outputs and gradients equal each
     segment run on its own from a zero state (the cu_seqlens reference, one sequence at a time), for
-    segments that start mid-chunk, on a chunk's first token, one token long, and across chunks."""
+    segments that start mid-chunk, on a chunk's first token, one token long, and across chunks; with
+    mild gates and with gates strong enough that chunk-channels take the exact pairs (float64)."""
     B, T = 3, 75
-    xs, _ = make_inputs(T, torch.float64, B=B, seed=3)
+    xs, _ = make_inputs(T, torch.float64, B=B, seed=3, gate_scale=gate_scale)
+    spans = -xs[3][:, :64].reshape(B, 4, 16, 2, 16).sum(2)                 # per chunk of 16 and channel
+    assert bool((spans > 2 * SAFE_SPAN[torch.float64]).any()) == (gate_scale > 1)
     starts = torch.zeros(B, T, dtype=torch.bool)
     starts[0, [5, 16, 17, 40]] = True                   # chunk 16: starts at 16 and 17 (a one-token segment)
     starts[1, [15, 32, 64]] = True
@@ -221,6 +224,54 @@ def test_segment_ids_restart_the_state_inside_chunks_exactly(backend):
         assert rel_err(x.grad, ref.grad.view_as(x.grad)) < 1e-9
     plain, _ = kda(*xs, chunk_size=16, backend=backend)
     assert not torch.allclose(plain, o)
+
+
+@pytest.mark.parametrize("needs_grad", [("v",), ("q",), ("g",), ("state",), ("k", "beta")])
+def test_gradients_of_some_inputs_only(needs_grad):
+    """Only some inputs require a gradient (the others are constants, or a state without one): those
+    gradients equal the recurrent reference's, in float64, with mild and strong channels in one chunk."""
+    xs, s0 = make_inputs(70, torch.float64, with_state=True, seed=5)
+    xs[3] = xs[3] * torch.tensor([1.0, 1000.0]).repeat(8)               # every other channel past 2 SAFE_SPAN
+    names = ["q", "k", "v", "g", "beta", "state"]
+    results = []
+    for fn in (kda_recurrent, kda_chunked):
+        inputs = [x.clone().requires_grad_(name in needs_grad) for name, x in zip(names, [*xs, s0], strict=True)]
+        o, s = fn(*inputs[:5], initial_state=inputs[5], output_final_state=True, scale=0.3)
+        w = torch.randn(o.shape, dtype=o.dtype, generator=torch.Generator().manual_seed(2))
+        leaves = [x for x in inputs if x.requires_grad]
+        results.append((o, torch.autograd.grad((o * w).sum() + s.sum(), leaves)))
+    (o_ref, ref), (o, grads) = results
+    assert rel_err(o, o_ref) < 1e-10 and len(grads) == len(needs_grad)
+    for name, a, b in zip(needs_grad, grads, ref, strict=True):
+        assert rel_err(a, b) < 1e-9, name
+
+
+def test_large_queries_do_not_overflow_the_factored_scores():
+    """Queries of norm ~1e8 (no l2norm; keys stay unit vectors, as the delta rule needs) with chunk spans
+    just under 2 SAFE_SPAN, in float32: every factor of the scores' matmul stays finite, and the outputs,
+    state and gradients match the reference."""
+    xs, s0 = make_inputs(64, torch.float32, with_state=True, seed=7)
+    xs[0] = xs[0] * 1e8
+    span = -xs[3].view(2, 2, 32, 2, 16).sum(2)
+    xs[3] = xs[3] * (1.9 * SAFE_SPAN[torch.float32] / span.amax())         # the largest chunk span: 1.9 SAFE_SPAN
+    leaves = [x.clone().requires_grad_() for x in xs]
+    ref_leaves = [x.double().requires_grad_() for x in xs]
+    o, s = kda_chunked(*leaves, initial_state=s0, output_final_state=True)
+    o_ref, s_ref = kda_recurrent(*ref_leaves, initial_state=s0.double(), output_final_state=True)
+    assert rel_err(o.double(), o_ref) < 1e-4 and rel_err(s.double(), s_ref) < 1e-4
+    grads = torch.autograd.grad(o.sum() + s.sum(), leaves)
+    ref_grads = torch.autograd.grad(o_ref.sum() + s_ref.sum(), ref_leaves)
+    for name, a, b in zip("q k v g beta".split(), grads, ref_grads, strict=True):
+        assert rel_err(a.double(), b) < 1e-4, name
+
+
+def test_chunked_returns_the_dtype_of_v():
+    """bf16 inputs: the op computes in float32 and returns v's dtype, as the recurrent form does."""
+    xs, _ = make_inputs(40, torch.float32)
+    o, _ = kda_chunked(*(x.bfloat16() for x in xs))
+    ref, _ = kda_chunked(*(x.bfloat16().float() for x in xs))
+    assert o.dtype == torch.bfloat16 == kda_recurrent(*(x.bfloat16() for x in xs))[0].dtype
+    torch.testing.assert_close(o, ref.bfloat16(), atol=0, rtol=0)
 
 
 def test_bad_packing_is_named():

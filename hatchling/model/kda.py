@@ -54,10 +54,11 @@ import torch.nn.functional as F
 
 #: Largest head dimension fla's Triton kernels accept.
 FLA_MAX_HEAD_DIM = 256
-#: Largest exponent either factor of exp(G_r - Mid) exp(Mid - G_s) may take, up or down, without overflow or
-#: underflow to zero (exp(-80) > float32's tiniest normal): :func:`chunk_scores` factors a chunk-channel's
-#: scores through its midpoint when its decay span is at most twice this.
-SAFE_SPAN = {torch.float32: 80.0, torch.float64: 700.0}
+#: Largest exponent either factor of exp(G_r - Mid) exp(Mid - G_s) may take, up or down: :func:`chunk_scores`
+#: factors a chunk-channel's scores through its midpoint when its decay span is at most twice this. It leaves
+#: exp(88.7 - 60) ~ 3e12 (float32; float64 exp(709.8 - 650)) of headroom for |q| and |k| times the factor
+#: before a product overflows, and exp(-60) is far above the tiniest normal.
+SAFE_SPAN = {torch.float32: 60.0, torch.float64: 650.0}
 
 
 def fla_available() -> bool:
@@ -228,7 +229,7 @@ def chunk_scores(q, k, G):
     exp(G_r - G_s) = exp(G_r - Mid) exp(Mid - G_s) with Mid = G_C / 2, per chunk and channel: each
     factor lies within exp(+-span / 2), so every channel whose span -G_C is at most 2 SAFE_SPAN
     takes part in one matmul for P and KK together (pairs s > r may overflow there; the tril drops
-    them). A channel past it (its decay below exp(-160) over the chunk in float32: strong gates of a
+    them). A channel past it (its decay below exp(-120) over the chunk in float32: strong gates of a
     trained model) is left out of the matmul, and its pairs are added exactly, one exp(G_r - G_s) each,
     gathered over the chunk-channels that need it.
     """
@@ -358,8 +359,9 @@ class ChunkedKDA(torch.autograd.Function):
         return o, state
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do, dstate):
-        eG, to_end, e_end, qg, kg, kt, same, carried, last, *recurrence = ctx.saved_tensors
+        eG, to_end, e_end, qe, ke, k_to_end, same, carried, last, *recurrence = ctx.saved_tensors
         dqe, dke, dkt, dv, dbeta, dKK, dP, ddecay, dstate = _recurrence_backward(recurrence, do, dstate)
         dP = dP.tril()
         if same is not None:
@@ -368,8 +370,8 @@ class ChunkedKDA(torch.autograd.Function):
         dq, dk, dG = chunk_scores_backward(ctx.scores, dP, dKK)
         dq.addcmul_(dqe, eG)
         dk.addcmul_(dke, eG).addcmul_(dkt, to_end)
-        dG.addcmul_(dqe, qg).addcmul_(dke, kg).addcmul_(dkt, kt, value=-1)
-        dG[..., -1:, :] += (dkt * kt).sum(-2, keepdim=True) + (ddecay * e_end)[..., None, :]
+        dG.addcmul_(dqe, qe).addcmul_(dke, ke).addcmul_(dkt, k_to_end, value=-1)
+        dG[..., -1:, :] += (dkt * k_to_end).sum(-2, keepdim=True) + (ddecay * e_end)[..., None, :]
         return dq, dk, dv, dG, dbeta, dstate, None, None, None
 
 
@@ -383,7 +385,7 @@ def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_s
     not interact (A and P masked); the state carried out counts the chunk's last segment only."""
     check_kda_inputs(q, k, v, g, beta, initial_state)
     B, T, H, K = q.shape
-    V = v.shape[-1]
+    V, out_dtype = v.shape[-1], v.dtype
     C = chunk_size
     scale = K ** -0.5 if scale is None else scale
     state = _new_state(q, v, initial_state)
@@ -402,8 +404,9 @@ def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_s
     G = g.cumsum(-2)
     masks = (None, None, None)
     if segment_ids is not None:
-        seg = F.pad(segment_ids, (0, pad), mode="replicate").view(B, N, C).transpose(0, 1)[:, :, None]  # padding
-        same = (seg[..., :, None] == seg[..., None, :]).to(dt)          # [N, B, 1, C, C]           joins the last
+        # [N, B, 1, C]: the padding joins the last segment
+        seg = F.pad(segment_ids, (0, pad), mode="replicate").view(B, N, C).transpose(0, 1)[:, :, None]
+        same = (seg[..., :, None] == seg[..., None, :]).to(dt)          # [N, B, 1, C, C]
         # Each token's decay counts its own segment's gates only: the values stay the chunk's cumsum
         # (monotone, as the factored scores need), the gradient reaches no other segment's gates.
         own = (same * torch.ones(C, C, dtype=dt, device=q.device).tril()) @ g
@@ -413,7 +416,7 @@ def kda_chunked(q, k, v, g, beta, scale=None, initial_state=None, output_final_s
         masks = (same, carried, (seg == seg[..., -1:])[..., None].to(dt))  # and the chunk's last segment
     o, state = ChunkedKDA.apply(q, k, v, G, beta, state, *masks)
     o = o.transpose(0, 1).transpose(2, 3).reshape(B, N * C, H, V)[:, :T]
-    return o.to(v.dtype), (state if output_final_state else None)
+    return o.to(out_dtype), (state if output_final_state else None)
 
 
 def _per_sequence(fn, q, k, v, g, beta, cu_seqlens, initial_state, output_final_state, **kwargs):
