@@ -248,8 +248,8 @@ def test_gradients_of_some_inputs_only(needs_grad):
 
 def test_large_queries_do_not_overflow_the_factored_scores():
     """Queries of norm ~1e8 (no l2norm; keys stay unit vectors, as the delta rule needs) with chunk spans
-    just under 2 SAFE_SPAN, in float32: every factor of the scores' matmul stays finite, and the outputs,
-    state and gradients match the reference."""
+    just under 2 SAFE_SPAN, in float32: the channels whose factors times 1e8 would overflow take the exact
+    pairs, and the outputs, state and gradients match the reference."""
     xs, s0 = make_inputs(64, torch.float32, with_state=True, seed=7)
     xs[0] = xs[0] * 1e8
     span = -xs[3].view(2, 2, 32, 2, 16).sum(2)

@@ -48,17 +48,18 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
 
 #: Largest head dimension fla's Triton kernels accept.
 FLA_MAX_HEAD_DIM = 256
-#: Largest exponent either factor of exp(G_r - Mid) exp(Mid - G_s) may take, up or down: :func:`chunk_scores`
-#: factors a chunk-channel's scores through its midpoint when its decay span is at most twice this. It leaves
-#: exp(88.7 - 60) ~ 3e12 (float32; float64 exp(709.8 - 650)) of headroom for |q| and |k| times the factor
-#: before a product overflows, and exp(-60) is far above the tiniest normal.
-SAFE_SPAN = {torch.float32: 60.0, torch.float64: 650.0}
+#: Largest exponent either factor of exp(G_r - Mid) exp(Mid - G_s) may take, up or down, for q and k entries
+#: of magnitude at most 1 (the layer's l2-normalised q and k): :func:`chunk_scores` factors a chunk-channel's
+#: scores through its midpoint when its decay span is at most twice this (less log max(|q|, |k|) for larger
+#: entries, so that no factor times them overflows). exp(-80) is above float32's tiniest normal.
+SAFE_SPAN = {torch.float32: 80.0, torch.float64: 700.0}
 
 
 def fla_available() -> bool:
@@ -229,14 +230,17 @@ def chunk_scores(q, k, G):
     exp(G_r - G_s) = exp(G_r - Mid) exp(Mid - G_s) with Mid = G_C / 2, per chunk and channel: each
     factor lies within exp(+-span / 2), so every channel whose span -G_C is at most 2 SAFE_SPAN
     takes part in one matmul for P and KK together (pairs s > r may overflow there; the tril drops
-    them). A channel past it (its decay below exp(-120) over the chunk in float32: strong gates of a
-    trained model) is left out of the matmul, and its pairs are added exactly, one exp(G_r - G_s) each,
-    gathered over the chunk-channels that need it.
+    them). Entries of q or k past magnitude 1 lower that bound by their log, so that the factored q and
+    k stay finite. A channel past it (its decay below exp(-160) over the chunk in float32: strong gates
+    of a trained model) is left out of the matmul, and its pairs are added exactly, one exp(G_r - G_s)
+    each, gathered over the chunk-channels that need it.
     """
     C = q.shape[-2]
     mid = G[..., -1:, :] / 2                                                # [..., 1, K]
     to_mid, from_mid = (G - mid).exp(), (mid - G).exp()
-    strong = mid < -SAFE_SPAN[G.dtype]
+    largest = float(torch.maximum(q.abs().amax(), k.abs().amax())) if q.numel() else 0.0
+    half = min(SAFE_SPAN[G.dtype], math.log(torch.finfo(G.dtype).max / max(largest, 1.0)) - 1)
+    strong = mid < -half
     exact = None
     if bool(strong.any()):
         to_mid, from_mid = to_mid.masked_fill(strong, 0), from_mid.masked_fill(strong, 0)
