@@ -78,6 +78,14 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_step_weight_blocks_default_to_the_cpu_threads(threads):
+    """By default a CPU weight takes a block per torch thread; a weight elsewhere (a CUDA decoder's: here
+    the meta device) one block, since the split is for MKL's one-row matmul."""
+    assert StepWeight(torch.zeros(4, 6)).parts == threads
+    assert StepWeight(torch.zeros(4, 6, device="meta")).parts == 1
+
+
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("arch", ["hybrid", "gpt"])
 @pytest.mark.parametrize("batch", [1, 3])

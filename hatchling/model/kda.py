@@ -138,13 +138,14 @@ class StepWeight:
     token's rows x [B, in]: ``w(x)`` is x @ W, ``w(x, add)`` is add + x @ W (a residual or a bias).
 
     A matmul of one row runs on one thread in MKL whatever torch's thread count (10-16 GB/s of weights
-    on the 2-core CPU machine, where one core can read 26). With `parts` > 1 (torch's thread count by
-    default) the columns are kept as that many blocks [parts, in, out / parts] and multiplied as one
-    batched matmul, which runs a block per thread (24-28 GB/s on two): the same products and sums, to
-    rounding. Where out is not a multiple of `parts`, one block."""
+    on the 2-core CPU machine, where one core can read 26). With `parts` > 1 (by default torch's thread
+    count for a CPU weight, else 1) the columns are kept as that many blocks [parts, in, out / parts] and
+    multiplied as one batched matmul, which runs a block per thread (24-28 GB/s on two): the same
+    products and sums, to rounding. Where out is not a multiple of `parts`, one block."""
 
     def __init__(self, w: torch.Tensor, parts: int | None = None):
-        parts = torch.get_num_threads() if parts is None else parts
+        if parts is None:
+            parts = torch.get_num_threads() if w.device.type == "cpu" else 1
         n_in, n_out = w.shape
         self.parts = parts if parts > 1 and n_out % parts == 0 else 1
         self.w = w if self.parts == 1 else w.view(n_in, self.parts, n_out // self.parts).transpose(0, 1).contiguous()
