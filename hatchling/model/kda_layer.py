@@ -34,8 +34,11 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, cache: dict | None = No
     pieces gives exactly the output of feeding it whole; they are kept as [B, C_i, W - 1] under `keys`,
     one entry per equal share of the C channels (the KDA layer convolves q|k|v in one call and keeps
     their inputs apart). With `positions` (each token's offset in its packed document,
-    :class:`~hatchling.model.segments.Segments`) a tap that would reach back past the token's document
-    start reads zero, as at the start of a sequence.
+    :class:`~hatchling.model.segments.Segments`; no cache) a tap that would reach back past the token's
+    document start reads zero, as at the start of a sequence: the conv runs over the whole row, and the
+    few tokens within W - 1 of a start are computed again with those taps masked and put in place of
+    theirs (so no value or gradient crosses a start, exactly; forward and backward 3.5-4x faster than
+    masking every tap of every token, on SFT's packed chats on the CPU).
 
     The conv runs as a 2-D depthwise conv over [B, C, 1, T] in channels-last memory, which is x's own
     [B, T, C] layout: no transposed copy in or out, and on the CPU 2-3x faster forward and backward
@@ -46,10 +49,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, cache: dict | None = No
     keep = W - 1
     weight = weight.to(x.dtype)
     if positions is not None:
-        windows = F.pad(x, (0, 0, keep, 0)).unfold(1, W, 1)               # [B, T, C, W]: tap i lags keep - i
-        lags = torch.arange(keep, -1, -1, device=x.device)
-        reach = (lags <= positions[..., None]).to(x.dtype)[:, :, None, :]  # [B, T, 1, W]
-        return F.silu((windows * reach * weight[:, 0]).sum(-1))
+        x = F.pad(x, (0, 0, keep, 0))                                       # [B, keep + T, C]
+        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2), groups=C).squeeze(2).transpose(1, 2)
+        b, t = (positions < keep).nonzero(as_tuple=True)                  # tokens whose taps may cross a start
+        taps = torch.arange(W, device=x.device)                             # tap i reads x[t - (keep - i)]
+        reach = (keep - taps <= positions[b, t, None]).to(x.dtype)          # [n, W]
+        near = (x[b[:, None], t[:, None] + taps] * reach[..., None] * weight[:, 0].T).sum(1)   # [n, C]
+        return F.silu(y.index_put((b, t), near))
     if cache is not None and keys[0] in cache:
         x = torch.cat([torch.cat([cache[key] for key in keys], dim=1).transpose(1, 2).to(x.dtype), x], dim=1)
     else:
