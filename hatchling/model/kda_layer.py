@@ -48,14 +48,6 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, cache: dict | None = No
     W = weight.shape[-1]
     keep = W - 1
     weight = weight.to(x.dtype)
-    if positions is not None:
-        x = F.pad(x, (0, 0, keep, 0))                                       # [B, keep + T, C]
-        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2), groups=C).squeeze(2).transpose(1, 2)
-        b, t = (positions < keep).nonzero(as_tuple=True)                  # tokens whose taps may cross a start
-        taps = torch.arange(W, device=x.device)                             # tap i reads x[t - (keep - i)]
-        reach = (keep - taps <= positions[b, t, None]).to(x.dtype)          # [n, W]
-        near = (x[b[:, None], t[:, None] + taps] * reach[..., None] * weight[:, 0].T).sum(1)   # [n, C]
-        return F.silu(y.index_put((b, t), near))
     if cache is not None and keys[0] in cache:
         x = torch.cat([torch.cat([cache[key] for key in keys], dim=1).transpose(1, 2).to(x.dtype), x], dim=1)
     else:
@@ -65,9 +57,16 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, cache: dict | None = No
         for key, part in zip(keys, past.chunk(len(keys), dim=1), strict=True):
             cache[key] = part
     if T == 1:                   # one decoding step: a dot product beats a conv call
-        return F.silu((x * weight[:, 0].T).sum(1, keepdim=True))
-    y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2), groups=C)   # [B, C, 1, T], channels-last
-    return F.silu(y.squeeze(2).transpose(1, 2))
+        y = (x * weight[:, 0].T).sum(1, keepdim=True)
+    else:                        # [B, C, 1, T] in channels-last memory: [B, T, C] as a view
+        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight.unsqueeze(2), groups=C).squeeze(2).transpose(1, 2)
+    if positions is not None:    # the tokens within W - 1 of a document start again, their taps past it masked
+        b, t = (positions < keep).nonzero(as_tuple=True)
+        taps = torch.arange(W, device=x.device)                             # tap i reads x[t - (keep - i)]
+        reach = (keep - taps <= positions[b, t, None]).to(x.dtype)          # [n, W]
+        near = (x[b[:, None], t[:, None] + taps] * reach[..., None] * weight[:, 0].T).sum(1)   # [n, C]
+        y = y.index_put((b, t), near)
+    return F.silu(y)
 
 
 class CausalConv1d(nn.Module):
