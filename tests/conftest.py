@@ -126,6 +126,17 @@ def own_tracking(monkeypatch) -> None:
 
 
 @pytest.fixture
+def threads(request):
+    """torch's thread count for the test (parametrize it indirectly), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def project(tmp_path) -> Path:
     return make_project(tmp_path / "proj")
 

@@ -69,15 +69,6 @@ def test_step_weight_in_column_blocks_equals_the_matmul(parts, out, expected):
         torch.testing.assert_close(w(x, residual[0]), residual[0] + x @ W, atol=1e-12, rtol=0)
 
 
-@pytest.fixture
-def threads(request):
-    """torch's thread count for the test (the eager step splits its weights into a block per thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("threads", [2], indirect=True)
 def test_step_weight_blocks_default_to_the_cpu_threads(threads):
     """By default a CPU weight takes a block per torch thread; a weight elsewhere (a CUDA decoder's: here

@@ -176,6 +176,25 @@ def test_causal_conv_equals_the_conv1d_reference_with_cache_and_positions(kernel
                 torch.testing.assert_close(cache[key], ref_cache[key], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("threads", [16], indirect=True)
+def test_causal_conv_gradients_with_positions_are_the_same_every_call(threads):
+    """A document start every third token, on more threads than cores: the gradients of the re-computed
+    tokens near the starts are the same bits every call (through a gather that read an input twice,
+    its backward's accumulation raced between threads: 29 calls in 30 differed)."""
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(8, 128, 384, generator=gen), torch.randn(384, 1, 4, generator=gen)
+    positions = torch.arange(128).remainder(3).expand(8, 128)
+
+    def grads():
+        xi, wi = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        return torch.autograd.grad(causal_conv1d(xi, wi, positions=positions).square().sum(), (xi, wi))
+
+    first = grads()
+    for _ in range(10):
+        again = grads()
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
 @pytest.mark.parametrize("spans", [0.4, 0.8, 1.6, 2.4])
 def test_every_decay_span_gives_the_scores_and_the_op(spans):
     """Gates that make a chunk of 32 span about `spans` x SAFE_SPAN: the first three through the

@@ -113,6 +113,22 @@ def test_chunk_scores_against_pairwise_definition(dtype):
     torch.testing.assert_close(kk.double(), kk_ref, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("threads", [2], indirect=True)
+def test_strong_channels_add_in_the_same_order_every_call(threads):
+    """Every channel of one chunk past 2 SAFE_SPAN: their exact pairs all add into the same [2C, C]
+    scores, and every call gives the same bits (added by index_put_'s accumulate, the threads raced:
+    19 calls in 20 differed on two threads)."""
+    gen = torch.Generator().manual_seed(0)
+    C, K = 32, 256
+    q, k = torch.randn(1, C, K, generator=gen), F.normalize(torch.randn(1, C, K, generator=gen), dim=-1)
+    G = (-3 * SAFE_SPAN[torch.float32] / C * (0.5 + torch.rand(1, C, K, generator=gen))).cumsum(1)
+    assert bool((-G[:, -1] > 2 * SAFE_SPAN[torch.float32]).all())
+    first = chunk_scores(q, k, G)[:2]
+    for _ in range(10):
+        again = chunk_scores(q, k, G)[:2]
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
 def test_step_is_the_defining_recurrence():
     xs, s0 = make_inputs(1, torch.float64, with_state=True)
     q, k, v, g, beta = (x[:, 0] for x in xs)

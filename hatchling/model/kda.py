@@ -253,9 +253,13 @@ def chunk_scores(q, k, G):
     qkm = (torch.stack([q, k], dim=-3) * to_mid[..., None, :, :]).flatten(-3, -2)   # [q; k] e^{G - Mid}
     k_from = k * from_mid
     scores = qkm @ k_from.transpose(-1, -2)                                 # [..., 2C, C]: P and KK
-    if exact is not None:
+    if exact is not None:   # index_add_ adds in the order of `at`; index_put_'s accumulate races between threads
+        chunk = torch.zeros_like(at[0])
+        for i, size in zip(at[:-1], scores.shape[:-2], strict=True):       # the chunk's index in scores' rows
+            chunk = chunk * size + i
         Ek = E * ks[:, None, :]
-        scores.index_put_(at[:-1], torch.cat([qs[:, :, None] * Ek, ks[:, :, None] * Ek], dim=1), accumulate=True)
+        scores.view(-1, *scores.shape[-2:]).index_add_(0, chunk, torch.cat([qs[:, :, None] * Ek, ks[:, :, None] * Ek],
+                                                                           dim=1))
     return scores[..., :C, :].tril(), scores[..., C:, :].tril(-1), (to_mid, from_mid, qkm, k_from, exact)
 
 

@@ -64,7 +64,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, cache: dict | None = No
         b, t = (positions < keep).nonzero(as_tuple=True)
         taps = torch.arange(W, device=x.device)                             # tap i reads x[t - (keep - i)]
         reach = (keep - taps <= positions[b, t, None]).to(x.dtype)          # [n, W]
-        near = (x[b[:, None], t[:, None] + taps] * reach[..., None] * weight[:, 0].T).sum(1)   # [n, C]
+        windows = x.unfold(1, W, 1)[b, t]             # [n, C, W]; no index twice: a gather's backward would race
+        near = (windows * reach[:, None] * weight[:, 0]).sum(-1)            # [n, C]
         y = y.index_put((b, t), near)
     return F.silu(y)
 
