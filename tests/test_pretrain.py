@@ -154,6 +154,16 @@ def test_a_run_stopped_mid_way_resumes_to_the_weights_and_logs_of_an_uninterrupt
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     for log in ("steps.csv", "evals.csv"):
         assert (tmp_path / "stopped" / log).read_text() == (tmp_path / "straight" / log).read_text()
+    # A finished run asked for again (`dvc repro --force` keeps the persisted run dir and removes the
+    # logs): it resumes at its last step and writes its logs and weights again.
+    logs = {log: (tmp_path / "straight" / log).read_text() for log in ("steps.csv", "evals.csv")}
+    for log in logs:
+        (tmp_path / "straight" / log).unlink()
+    (tmp_path / "straight/out/model.safetensors").unlink()
+    assert trainer("straight").fit()["resumed_from_step"] == params.max_steps
+    assert {log: (tmp_path / "straight" / log).read_text() for log in logs} == logs
+    again = load_file(str(tmp_path / "straight/out/model.safetensors"))
+    assert again.keys() == a.keys() and all(torch.equal(again[k], a[k]) for k in a)
 
 
 def test_an_unreadable_resume_checkpoint_is_not_resumed_and_says_why(tmp_path, caplog):

@@ -262,6 +262,7 @@ class Trainer:
             if self.step % p.checkpoint_every == 0 or self.step == p.max_steps or stopped_early:
                 self.save_checkpoint()
         bar.close()
+        self._write_csvs()          # also for a finished run resumed (dvc repro --force keeps its run dir)
         final = self.history[-1] if self.history else self.evaluate()
         gathered = self._gathered_state([])
         if gathered is not None:
