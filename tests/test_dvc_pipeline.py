@@ -179,6 +179,8 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     # renders offline: vega, vega-lite and vega-embed inlined, nothing loaded from elsewhere
     assert not re.findall(r"<script[^>]+src=", html) and "vega-embed 6.18.2 (npm" in html
 
+    after = _mtimes(project)
+
     # an ablation as a DVC experiment, run as a queued one is: DVC runs it in a temporary workspace under
     # .dvc/tmp/exps/ (`--temp` runs it as `dvc queue start` does, in the foreground) holding the commit,
     # the workspace's tracked changes and the DVC-cached outputs. Only export runs (the trainers' resume
@@ -209,3 +211,14 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
         logged = json.loads(Path(client.download_artifacts(under["export"].info.run_id, "export.json")).read_text())
     assert exp["data"]["metrics"]["reports/export.json"]["data"] == logged
     assert _mtimes(project) == after                            # the workspace's outputs untouched
+
+    # forced (`dvc repro --force` keeps the persisted run dir, removes the other outputs): the trainer
+    # resumes its finished run and writes the same log and weights again; of the stages downstream only
+    # eval is stale (it reads the pretrain report, whose timing changed), none that reads the weights
+    weights = project / "checkpoints/pretrain/model.safetensors"
+    logs, weight_bytes = (project / "logs/pretrain.csv").read_text(), weights.read_bytes()
+    run_cmd(DVC + ["repro", "--force", "--single-item", "pretrain"], project, timeout=600)
+    assert json.loads((project / "reports/pretrain.json").read_text())["resumed_from_step"] == \
+        TINY_PARAMS["pretrain"]["max_steps"]
+    assert (project / "logs/pretrain.csv").read_text() == logs and weights.read_bytes() == weight_bytes
+    assert set(json.loads(run_cmd(DVC + ["status", "--json"], project).stdout)) == {"eval"}
