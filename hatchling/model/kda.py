@@ -254,9 +254,8 @@ def chunk_scores(q, k, G):
     k_from = k * from_mid
     scores = qkm @ k_from.transpose(-1, -2)                                 # [..., 2C, C]: P and KK
     if exact is not None:   # index_add_ adds in the order of `at`; index_put_'s accumulate races between threads
-        chunk = torch.zeros_like(at[0])
-        for i, size in zip(at[:-1], scores.shape[:-2], strict=True):       # the chunk's index in scores' rows
-            chunk = chunk * size + i
+        lead = scores.shape[:-2]
+        chunk = torch.arange(math.prod(lead), device=scores.device).view(lead)[at[:-1]]   # row in scores.view
         Ek = E * ks[:, None, :]
         scores.view(-1, *scores.shape[-2:]).index_add_(0, chunk, torch.cat([qs[:, :, None] * Ek, ks[:, :, None] * Ek],
                                                                            dim=1))
