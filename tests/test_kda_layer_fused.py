@@ -176,6 +176,26 @@ def test_causal_conv_equals_the_conv1d_reference_with_cache_and_positions(kernel
                 torch.testing.assert_close(cache[key], ref_cache[key], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 11])
+def test_the_conv_backward_by_blocks_of_rows_equals_autograd_of_conv1d(rows, monkeypatch):
+    """ConvOverTime's taps' gradient summed over blocks of `rows` time steps (11 blocks; 4, 4 and 3; one) and its
+    input's gradient equal those of the conv1d reference, with the previous calls' cache in front too."""
+    from hatchling.model.kda_layer import ConvOverTime
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(ConvOverTime, "BLOCK", rows * 2 * 6)
+    weight = torch.randn(6, 1, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 11, 6, dtype=torch.float64, requires_grad=True)
+    past = torch.randn(2, 6, 3, dtype=torch.float64)
+    for cache in (None, {"conv": past}):
+        y = causal_conv1d(x, weight, None if cache is None else dict(cache))
+        ref = reference_conv(x, weight, None if cache is None else dict(cache))
+        torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+        dy = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, (x, weight), dy), torch.autograd.grad(ref, (x, weight), dy),
+                                   atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("threads", [16], indirect=True)
 def test_causal_conv_gradients_with_positions_are_the_same_every_call(threads):
     """A document start every third token, on more threads than cores: the gradients of the re-computed
