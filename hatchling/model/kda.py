@@ -137,23 +137,26 @@ class StepWeight:
     """A decoding step's weight W [in, out] (contiguous: :func:`folded_norm` gives it so) applied to one
     token's rows x [B, in]: ``w(x)`` is x @ W, ``w(x, add)`` is add + x @ W (a residual or a bias).
 
-    A matmul of one row runs on one thread in MKL whatever torch's thread count (10-16 GB/s of weights
-    on the 2-core CPU machine, where one core can read 26). With `parts` > 1 (by default torch's thread
-    count for a CPU weight, else 1) the columns are kept as that many blocks [parts, in, out / parts] and
-    multiplied as one batched matmul, which runs a block per thread (24-28 GB/s on two): the same
-    products and sums, to rounding. Where out is not a multiple of `parts`, one block."""
+    A matmul of one row runs on one thread in MKL whatever torch's thread count, and reads W [in, out] at
+    18-22 GB/s on the 2-core CPU machine. With `parts` > 1 (by default max(2, torch's thread count) for a
+    CPU weight, else 1) W^T is kept as that many blocks of its rows [parts, out / parts, in] and multiplied
+    as one batched matmul, a block per thread: each output a dot product of one contiguous row with x, at
+    23-27 GB/s on one thread and 44-56 on two (as one block, P = 1: 9.5; docs/benchmarks.md): the
+    same products and sums, to rounding. Where out is not a multiple of `parts`, x @ W. (A weight read
+    from cache with short rows, the toddler's in = 128, is a little faster as x @ W on one thread: its
+    decode 0.62-0.64 ms a token that way, 0.73-0.75 in blocks; xs's 9.0-9.2 that way, 6.1-6.3 in blocks.)"""
 
     def __init__(self, w: torch.Tensor, parts: int | None = None):
         if parts is None:
-            parts = torch.get_num_threads() if w.device.type == "cpu" else 1
+            parts = max(2, torch.get_num_threads()) if w.device.type == "cpu" else 1
         n_in, n_out = w.shape
         self.parts = parts if parts > 1 and n_out % parts == 0 else 1
-        self.w = w if self.parts == 1 else w.view(n_in, self.parts, n_out // self.parts).transpose(0, 1).contiguous()
+        self.w = w if self.parts == 1 else w.T.reshape(self.parts, n_out // self.parts, n_in).contiguous()
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         if self.parts == 1:
             return x @ self.w if add is None else torch.addmm(add, x, self.w)
-        y = torch.bmm(x.expand(self.parts, *x.shape), self.w).transpose(0, 1).reshape(x.shape[0], -1)
+        y = torch.bmm(self.w, x.T.expand(self.parts, *x.T.shape)).permute(2, 0, 1).reshape(x.shape[0], -1)
         return y if add is None else add + y
 
 
