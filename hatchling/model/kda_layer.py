@@ -35,11 +35,11 @@ def _conv_over_time(x: torch.Tensor, taps: torch.Tensor, padding: int = 0) -> to
 
 class ConvOverTime(torch.autograd.Function):
     """:func:`_conv_over_time` without padding, x [B, T + W - 1, C] -> [B, T, C], with its backward written out for
-    the CPU, where mkldnn's own is 3-15x slower than this (the worst on one long row: 150 ms against 10 for
-    [1, 4096, 1536] on one thread). The input's gradient is the same conv of dy with the taps reversed and W - 1
-    zeros on each side; the taps' gradient, sum over b and t of dy[b, t, c] x[b, t + i, c], is accumulated one tap
-    and one block of `rows` times at a time (~1 MB: it stays in cache while the W taps read it) into a buffer summed
-    once at the end: a fixed order, the same bits every call."""
+    the CPU, where mkldnn's own is 1.5-9x slower than this (the worst on one long row: 130 ms against 15 for
+    [1, 4096, 1536] on one thread; bench/conv.py). The input's gradient is the same conv of dy with the taps reversed
+    and W - 1 zeros on each side; the taps' gradient, sum over b and t of dy[b, t, c] x[b, t + i, c], is accumulated
+    one tap and one block of `rows` time steps at a time (BLOCK elements of dy, 1 MiB in float32: it stays in cache
+    while the W taps read it) into a buffer summed once at the end: a fixed order, the same bits every call."""
 
     BLOCK = 1 << 18          # elements of dy per block of rows
 
