@@ -55,7 +55,7 @@ def test_unit_and_folded_norm_equal_l2norm_and_rmsnorm():
 
 
 @pytest.mark.parametrize(("parts", "out", "expected"), [(1, 12, 1), (2, 12, 2), (3, 12, 3), (3, 10, 1)])
-def test_step_weight_in_column_blocks_equals_the_matmul(parts, out, expected):
+def test_step_weight_in_row_blocks_equals_the_matmul(parts, out, expected):
     """StepWeight keeps W [in, out] as `parts` blocks of W^T's rows (x @ W where out is not a multiple): x @ W and
     add + x @ W (a residual [B, out], a bias [out]) as the plain matmul, for one row and for three."""
     torch.manual_seed(0)

@@ -156,7 +156,7 @@ class StepWeight:
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         if self.parts == 1:
             return x @ self.w if add is None else torch.addmm(add, x, self.w)
-        y = torch.bmm(self.w, x.T.expand(self.parts, *x.T.shape)).permute(2, 0, 1).reshape(x.shape[0], -1)
+        y = torch.bmm(self.w, x.T.expand(self.parts, -1, -1)).permute(2, 0, 1).reshape(x.shape[0], -1)
         return y if add is None else add + y
 
 
