@@ -1,44 +1,56 @@
-"""The decode step as an ONNX graph, in fp32 or dynamically quantized to int8 (needs the ``onnx`` extra).
+"""The decode step as an ONNX graph, in fp32 or quantized to int8 (needs the ``onnx`` extra).
 
-One graph: (input_ids [B, 1], the cache as flat tensors) -> (logits [B, vocab], the new cache). It is the
-model's own cached forward (``model.new_cache()``, ``model(ids, cache)``) traced by torch's TorchScript
-exporter (``dynamo=False``: the dynamo exporter needs onnxscript, and torch.export refuses the data-dependent
-checks of the KDA path). Each cache entry ``cache[i][key]`` becomes the input ``b{i}.{key}`` and the output
-``new.b{i}.{key}``: KDA's conv windows and recurrent state (fixed size), attention's keys and values (their
-length axis dynamic: an output one longer than its input). A fresh cache is zeros with keys and values of
-length 0, which the traced graph treats exactly as the model treats an empty cache.
+One graph: (input_ids [B, 1], the cache as flat tensors) -> (logits [B, vocab], the new cache). Its cache per
+block: a KDA layer's ``b{i}.conv`` [B, W - 1, 3 H D] (the q|k|v conv's last W - 1 inputs, oldest first) and
+``b{i}.state`` [B, H, D, D]; an attention layer's ``b{i}.k`` and ``b{i}.v`` [B, Hkv, past, D] (the length
+axis dynamic: an output one longer than its input). Each input ``name`` comes back as the output
+``new.name``; a fresh cache is zeros, with keys and values of length 0.
+
+The graph is :class:`StepGraph`, the model's forward for one token written for the graph (the same
+arithmetic, fewer nodes), traced by torch's TorchScript exporter (``dynamo=False``: the dynamo exporter
+needs onnxscript). Tracing the model's own cached forward instead gives ~1,700 nodes for xs (its prompt
+paths: chunking, checks, shape arithmetic for one token), and onnxruntime spends a few microseconds on
+each node whatever its size: ~740 after its fusions took 4.7 ms of a 6.5 ms int8 step. This graph has
+~370 after them for xs: one matmul for each layer's input projections, one block-diagonal matmul for
+KDA's two second low-rank factors, the recurrence as four small matmuls, the RMSNorms in the form
+onnxruntime fuses into one ``SimplifiedLayerNormalization`` node each (KDA's l2 norm of q and k is one
+too: x / sqrt(sum x^2 + eps) = RMSNorm_{eps / D}(x) / sqrt(D)), SiLU as onnxruntime's fused
+``QuickGelu``. tests/test_onnx_export.py checks it against the model's forward over a prompt and steps.
 
 Prefill runs the same graph token by token (:class:`hatchling.export.onnx_runtime.OnnxDecoder`): the
-model's prompt forms (KDA's chunked kernel, attention over a block) trace to graphs unrolled for one
-prompt length, so a prefill graph would need one graph per length or padded buckets with masked state
-updates; for the prompts `hatchling generate` takes, a loop over one compiled step graph is fast enough.
+model's prompt forms (KDA's chunked kernel, attention over a block) would trace to graphs unrolled for
+one prompt length, so a prefill graph would need one graph per length or padded buckets with masked
+state updates; for the prompts `hatchling generate` takes, a loop over one step graph is fast enough.
 
-INT8 is onnxruntime's dynamic quantization (``quantize_dynamic``): every MatMul with a weight becomes
-``DynamicQuantizeLinear`` + ``MatMulInteger`` with int8 weights per output channel (u8 x s8 kernels with
-AVX2; 7-bit weights, see :func:`quantize_onnx`), the embedding ``Gather`` reads int8 rows; norms, the KDA
-decay parameters and the state stay float32.
+INT8 (:func:`quantize_onnx`): every MatMul with a weight becomes onnxruntime's ``MatMulNBits`` with 8-bit
+weights in blocks and int8 arithmetic, the embedding ``Gather`` reads int8 rows; norms, the KDA decay
+parameters, the conv taps and the state stay float32. (onnxruntime's dynamic quantization of the MatMuls,
+``DynamicQuantizeLinear`` + ``MatMulInteger`` per output channel, decodes xs ~25 % slower: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.onnx import register_custom_op_symbolic, symbolic_helper, unregister_custom_op_symbolic
 
 from hatchling.errors import ConfigError
+from hatchling.model.attention import NoPEAttention
 from hatchling.model.config import RESEARCH_SWITCHES, ModelConfig
+from hatchling.model.hatchling import HatchlingLM, SwiGLU
+from hatchling.model.kda_layer import KDALayer
 
 ONNX_ARCHS = ("hybrid", "gpt")
-OPSET = 17
+OPSET = 20          # >= 18 (ReduceMean's axes an input): what the block quantizer's graph is checked against
 INPUT_IDS, LOGITS, NEW = "input_ids", "logits", "new."
 ONNX_FILE = "model.onnx"
-ONNX_QUANTIZATION = ("onnxruntime dynamic int8: DynamicQuantizeLinear + MatMulInteger, 7-bit weights per output "
-                     "channel; int8 embedding Gather")
+QUANT_BLOCK = 128
+ONNX_QUANTIZATION = (f"onnxruntime int8: MatMulNBits (8-bit weights, a scale per block of {QUANT_BLOCK}, int8 "
+                     "activations: accuracy_level 4); int8 embedding Gather")
 
 
 def onnx_unsupported(cfg: ModelConfig) -> str | None:
@@ -52,121 +64,176 @@ def onnx_unsupported(cfg: ModelConfig) -> str | None:
 
 
 def onnx_installed() -> bool:
-    """The ``onnx`` extra: onnx (the exporter writes its protobuf) and onnxruntime (quantization, decoding)."""
+    """The ``onnx`` extra: onnx (the exporter writes its protobuf), onnxruntime (quantization, decoding) and
+    onnx_ir (onnxruntime's block quantizer reads the graph through it)."""
     try:
         import onnx  # noqa: F401
+        import onnx_ir  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
         return False
     return True
 
 
-class DecodeStep(nn.Module):
-    """(input_ids [B, 1], *cache tensors in `names` order) -> (logits [B, vocab], *new cache tensors)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, written as the node chain onnxruntime fuses into one SimplifiedLayerNormalization
+    (Pow, ReduceMean, Add, Sqrt, Div, Mul)."""
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
-    def __init__(self, model: nn.Module, names: list[tuple[int, str]]):
+
+def _weight(w: torch.Tensor) -> nn.Parameter:
+    """A graph initializer: a copy, so that the graph holds what the model held when it was built."""
+    return nn.Parameter(w.detach().clone().contiguous(), requires_grad=False)
+
+
+class KDAStepGraph(nn.Module):
+    """x + KDALayer(RMSNorm(x)) for one token: (x [B, d], conv [B, W - 1, 3 H D], state [B, H, D, D]) ->
+    (x', conv', state'); q, k, v as [B, H, 1, D] rows, so that the recurrence is matmuls."""
+
+    def __init__(self, layer: KDALayer, norm: nn.RMSNorm):
         super().__init__()
-        self.model, self.names = model, names
+        H, D = layer.n_heads, layer.head_dim
+        self.n_heads, self.head_dim, self.eps, self.o_eps = H, D, norm.eps, layer.o_norm.norm.eps
+        w_in, w_fg, b_fg, neg_A, conv_w = layer.step_weights()
+        self.norm, self.w_in, self.w_fg, self.b_fg = _weight(norm.weight), _weight(w_in.T), _weight(w_fg), _weight(b_fg)
+        self.neg_A, self.conv_w = _weight(neg_A), _weight(conv_w)
+        # kda's l2norm of q and k as RMSNorms (eps / D, weight 1 / sqrt(D)); q's also times kda's scale D^-1/2
+        self.l2_eps = 1e-6 / D
+        self.q_norm, self.k_norm = _weight(torch.full((D,), 1.0 / D)), _weight(torch.full((D,), D ** -0.5))
+        self.o_norm, self.w_out = _weight(layer.o_norm.norm.weight), _weight(layer.o_proj.weight.T)
 
-    def forward(self, input_ids: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cache = self.model.new_cache()
-        for (i, key), tensor in zip(self.names, state, strict=True):
-            cache[i][key] = tensor
-        logits = self.model(input_ids, cache)[:, -1]
-        return logits, *(cache[i][key] for i, key in self.names)
-
-
-def _example_cache(model: nn.Module, length: int) -> list[dict]:
-    """The cache after `length` tokens (batch 1)."""
-    cache = model.new_cache()
-    with torch.no_grad():
-        model(torch.zeros(1, length, dtype=torch.long), cache)
-    return cache
-
-
-def _growing_axes(model: nn.Module) -> dict[tuple[int, str], int | None]:
-    """{(block, key): the axis that grows by one per token, or None for a fixed-size entry}, found by
-    comparing the cache after two and after three tokens."""
-    two, three = _example_cache(model, 2), _example_cache(model, 3)
-    axes = {}
-    for i, entries in enumerate(two):
-        for key, tensor in sorted(entries.items()):
-            grown = [a for a, (m, n) in enumerate(zip(tensor.shape, three[i][key].shape, strict=True)) if m != n]
-            axes[(i, key)] = grown[0] if grown else None
-    return axes
+    def forward(self, x: torch.Tensor, conv: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        H, D = self.n_heads, self.head_dim
+        qkv, fg, b = (rms_norm(x, self.norm, self.eps) @ self.w_in).split([3 * H * D, 2 * D, H], dim=-1)
+        window = torch.cat([conv, qkv[:, None]], dim=1)                     # [B, W, 3 H D]
+        q, k, v = F.silu((window * self.conv_w).sum(1)).view(-1, 3 * H, 1, D).split(H, dim=1)
+        q, k = rms_norm(q, self.q_norm, self.l2_eps), rms_norm(k, self.k_norm, self.l2_eps)
+        f, gate = (fg @ self.w_fg + self.b_fg).split(H * D, dim=-1)
+        state = state * (self.neg_A * F.softplus(f)).exp().view(-1, H, D, 1)      # Diag(alpha) S
+        u = (v - k @ state) * torch.sigmoid(b).view(-1, H, 1, 1)           # beta (v - S^T k)
+        state = state + k.transpose(-1, -2) @ u                             # + k u^T
+        o = rms_norm(q @ state, self.o_norm, self.o_eps) * torch.sigmoid(gate.view(-1, H, 1, D))
+        return x + o.view(-1, H * D) @ self.w_out, window[:, 1:], state
 
 
-def _rms_norm_symbolic():
-    @symbolic_helper.parse_args("v", "is", "v", "f")
-    def rms_norm(g, x, normalized_shape, weight, eps):
-        mean_square = g.op("ReduceMean", g.op("Mul", x, x), axes_i=list(range(-len(normalized_shape), 0)),
-                           keepdims_i=1)
-        y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean_square, g.op("Constant", value_t=torch.tensor(eps)))))
-        return y if weight.node().mustBeNone() else g.op("Mul", y, weight)
+class AttentionStepGraph(nn.Module):
+    """x + attention(RMSNorm(x)) for one token: (x [B, d], k, v [B, Hkv, past, D]) -> (x', k', v' one longer);
+    each KV head's query heads as its rows (grouped-query attention without repeating the keys), the
+    softmax scale folded into the query weights (RoPE is linear: it commutes with it)."""
 
-    return rms_norm
+    def __init__(self, layer: NoPEAttention, norm: nn.RMSNorm):
+        super().__init__()
+        self.layer, self.eps = layer, norm.eps
+        w_qkv = torch.cat([layer.q_proj.weight * layer.head_dim ** -0.5, layer.kv_proj.weight])
+        self.norm, self.w_qkv, self.w_out = _weight(norm.weight), _weight(w_qkv.T), _weight(layer.o_proj.weight.T)
+
+    def forward(self, x: torch.Tensor, k_past: torch.Tensor, v_past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        H, Hkv, D = self.layer.n_heads, self.layer.n_kv_heads, self.layer.head_dim
+        qkv = (rms_norm(x, self.norm, self.eps) @ self.w_qkv).view(-1, H + 2 * Hkv, 1, D)
+        q, k, v = qkv.split([H, Hkv, Hkv], dim=1)
+        q, k = self.layer.encode_positions(q, k, k_past.shape[2])
+        k, v = torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2)
+        probs = torch.softmax(q.reshape(-1, Hkv, H // Hkv, D) @ k.transpose(-1, -2), dim=-1)
+        return x + (probs @ v).view(-1, H * D) @ self.w_out, k, v
 
 
-def _decode_attention_symbolic(n_heads: int, n_kv_heads: int, head_dim: int):
-    """SDPA of a decode step (one query per head over the whole cache), grouped-query without copying the
-    keys: the query heads that share a KV head become its rows. The exporter's own SDPA has no GQA."""
+class SwiGLUStepGraph(nn.Module):
+    """x + SwiGLU(RMSNorm(x)) for one token: x [B, d] -> x'."""
 
-    @symbolic_helper.parse_args("v", "v", "v", "v", "f", "b", "v", "b")
-    def attention(g, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa):
-        if not attn_mask.node().mustBeNone() or is_causal or not scale.node().mustBeNone():
-            raise ConfigError("ONNX export: the traced attention is not a decode step's (it has a mask, "
-                              "is_causal or a scale)")
-        const = lambda value: g.op("Constant", value_t=torch.tensor(value))
-        q = g.op("Reshape", q, const([0, n_kv_heads, -1, head_dim]))        # [B, Hkv, G * T, D]
-        scores = g.op("MatMul", q, g.op("Transpose", k, perm_i=[0, 1, 3, 2]))
-        probs = g.op("Softmax", g.op("Mul", scores, const(1 / math.sqrt(head_dim))), axis_i=-1)
-        return g.op("Reshape", g.op("MatMul", probs, v), const([0, n_heads, -1, head_dim]))
+    def __init__(self, mlp: SwiGLU, norm: nn.RMSNorm):
+        super().__init__()
+        self.eps, self.hidden = norm.eps, mlp.down.in_features
+        self.norm, self.w_gate_up = _weight(norm.weight), _weight(mlp.gate_up.weight.T)
+        self.w_down = _weight(mlp.down.weight.T)
 
-    return attention
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (rms_norm(x, self.norm, self.eps) @ self.w_gate_up).split(self.hidden, dim=-1)
+        return x + (F.silu(gate) * up) @ self.w_down
+
+
+class StepGraph(nn.Module):
+    """HatchlingLM's forward for one token: (input_ids [B, 1], *cache tensors in `names` order) -> (logits
+    [B, vocab], *new cache tensors), each block's cache its mixer's two tensors."""
+
+    def __init__(self, model: HatchlingLM):
+        super().__init__()
+        self.eps = model.norm.eps
+        self.embed, self.norm = _weight(model.embed.weight), _weight(model.norm.weight)
+        self.head = _weight(model.embed.weight.T)                           # tied to the embedding
+        self.mixers = nn.ModuleList(AttentionStepGraph(b.mixer, b.mixer_norm) if b.kind == "attn" else
+                                    KDAStepGraph(b.mixer, b.mixer_norm) for b in model.blocks)
+        self.mlps = nn.ModuleList(SwiGLUStepGraph(b.mlp, b.mlp_norm) for b in model.blocks)
+        self.names = [f"b{i}.{key}" for i, b in enumerate(model.blocks)
+                      for key in (("k", "v") if b.kind == "attn" else ("conv", "state"))]
+
+    def forward(self, input_ids: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, new = F.embedding(input_ids[:, 0], self.embed), []
+        for i, (mixer, mlp) in enumerate(zip(self.mixers, self.mlps, strict=True)):
+            x, *entries = mixer(x, *cache[2 * i:2 * i + 2])
+            x = mlp(x)
+            new += entries
+        return rms_norm(x, self.norm, self.eps) @ self.head, *new
+
+    def example_cache(self, past: int) -> list[torch.Tensor]:
+        """A batch-1 cache, zeros, with `past` keys and values in each attention layer."""
+        cache = []
+        for mixer in self.mixers:
+            if isinstance(mixer, KDAStepGraph):
+                H, D = mixer.n_heads, mixer.head_dim
+                cache += [torch.zeros(1, mixer.conv_w.shape[0] - 1, 3 * H * D), torch.zeros(1, H, D, D)]
+            else:
+                cache += [torch.zeros(1, mixer.layer.n_kv_heads, past, mixer.layer.head_dim)] * 2
+        return cache
 
 
 def export_onnx(model: nn.Module, path: str | Path) -> Path:
     """Write the fp32 decode-step graph of `model` (arch hybrid or gpt, the switches off) to `path`."""
-    cfg = model.config
-    if why := onnx_unsupported(cfg):
+    if why := onnx_unsupported(model.config):
         raise ConfigError(why)
     model.eval()
-    axes = _growing_axes(model)
-    names = list(axes)
-    example = _example_cache(model, 2)          # a past of two tokens: the step traces attention's concat
-    labels = [f"b{i}.{key}" for i, key in names]
+    with torch.no_grad():
+        graph = StepGraph(model)
     dynamic = {INPUT_IDS: {0: "batch"}, LOGITS: {0: "batch"}}
-    for label, axis in zip(labels, axes.values(), strict=True):
-        dynamic[label] = {0: "batch"} | ({} if axis is None else {axis: "past"})
-        dynamic[NEW + label] = {0: "batch"} | ({} if axis is None else {axis: "length"})
-    symbolics = {"aten::rms_norm": _rms_norm_symbolic(),
-                 "aten::scaled_dot_product_attention": _decode_attention_symbolic(cfg.n_heads, cfg.n_kv_heads,
-                                                                                  cfg.head_dim)}
-    for op, fn in symbolics.items():
-        register_custom_op_symbolic(op, fn, OPSET)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)    # the KDA path's checks of its inputs
-            warnings.simplefilter("ignore", DeprecationWarning)         # dynamo=False
-            torch.onnx.export(DecodeStep(model, names), (torch.zeros(1, 1, dtype=torch.long),
-                                                         *(example[i][key] for i, key in names)),
-                              str(path), dynamo=False, opset_version=OPSET, input_names=[INPUT_IDS, *labels],
-                              output_names=[LOGITS, *(NEW + label for label in labels)], dynamic_axes=dynamic)
-    finally:
-        for op in symbolics:
-            unregister_custom_op_symbolic(op, OPSET)
+    for name in graph.names:
+        grows = name.endswith((".k", ".v"))
+        dynamic[name] = {0: "batch"} | ({2: "past"} if grows else {})
+        dynamic[NEW + name] = {0: "batch"} | ({2: "length"} if grows else {})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)                 # dynamo=False
+        # a past of two tokens: the trace sees attention's concat with keys on both sides
+        torch.onnx.export(graph, (torch.zeros(1, 1, dtype=torch.long), *graph.example_cache(past=2)), str(path),
+                          dynamo=False, opset_version=OPSET, input_names=[INPUT_IDS, *graph.names],
+                          output_names=[LOGITS, *(NEW + name for name in graph.names)], dynamic_axes=dynamic)
     return Path(path)
 
 
-def quantize_onnx(source: str | Path, path: str | Path) -> Path:
-    """The int8 graph of an fp32 one: onnxruntime's dynamic quantization of every weight MatMul (per output
-    channel) and of the embedding Gather, weights in 7 bits (``reduce_range``): without VNNI, onnxruntime's
-    u8 x s8 kernels add pairs of products in int16 (vpmaddubsw), which 255 x 127 x 2 overflows and 255 x 63 x 2
-    does not."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def quantize_onnx(source: str | Path, path: str | Path, block_size: int = QUANT_BLOCK) -> Path:
+    """The int8 graph of an fp32 one, by two of onnxruntime's quantizers: the embedding ``Gather`` reads int8 rows
+    (dynamic quantization, a scale per row), then every weight MatMul becomes ``MatMulNBits`` with 8-bit
+    weights, symmetric, a float scale per block of `block_size` inputs, and ``accuracy_level`` 4: the token's
+    activations quantized to int8 per block on the fly and int8 dot products, the kernel onnxruntime writes for
+    LLM decoding (its 8-bit Gather is not offered: "Gather only supports 4 bits")."""
+    import logging
 
-    quantize_dynamic(str(source), str(path), per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gather"])
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        embedding = Path(tmp) / "embedding_int8.onnx"
+        quantize_dynamic(str(source), str(embedding), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["Gather"])
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=8,
+                                              op_types_to_quantize=("MatMul",))
+        logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+        level = logger.level
+        logger.setLevel(logging.WARNING)        # its INFO lines: two per MatMul
+        try:
+            quantizer = MatMulNBitsQuantizer(onnx.load(str(embedding)), algo_config=config)
+            quantizer.process()
+        finally:
+            logger.setLevel(level)
+        quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
     return Path(path)
 
 

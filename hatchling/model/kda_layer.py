@@ -172,16 +172,16 @@ class KDALayer(nn.Module):
         stay one module each. tests/test_kda_layer_fused.py keeps the unfused form as the reference."""
         B, T, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        (f1, f2), (g1, g2) = self.f_proj, self.g_proj
+        f2, g2 = self.f_proj[1], self.g_proj[1]
         # q, k, v, the first low-rank factors of the decay and of the output gate, and beta: one matmul
         # (unless they were swapped for other modules, e.g. the export's int8 Linears: then one call each)
-        projections = (self.q_proj, self.k_proj, self.v_proj, f1, g1, self.b_proj)
+        projections = self.input_projections()
         if all(isinstance(p, nn.Linear) for p in projections):
             y = F.linear(x, torch.cat([p.weight for p in projections]))
         else:
             y = torch.cat([p(x) for p in projections], dim=-1)
         qkv, f, gate, b = y.split([3 * H * D, D, D, H], dim=-1)
-        conv_w = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
+        conv_w = torch.cat([c.weight for c in self.convs()])
         qkv = causal_conv1d(qkv, conv_w, cache, ("q_conv", "k_conv", "v_conv"),
                             None if segments is None else segments.positions)
         q, k, v = qkv.view(B, T, 3, H, D).unbind(2)
@@ -209,6 +209,28 @@ class KDALayer(nn.Module):
         return self.o_proj(o.reshape(B, T, H * D))
 
 
+    def input_projections(self) -> tuple[nn.Module, ...]:
+        """The six projections of the layer's input, in the order forward concatenates their outputs: q, k, v,
+        the first low-rank factors of the decay and of the output gate, beta."""
+        return self.q_proj, self.k_proj, self.v_proj, self.f_proj[0], self.g_proj[0], self.b_proj
+
+    def convs(self) -> tuple[CausalConv1d, ...]:
+        return self.q_conv, self.k_conv, self.v_conv
+
+    def step_weights(self) -> tuple[torch.Tensor, ...]:
+        """The weights of a one-token step (KDAStep, the ONNX decode step), packed: (w_in [6 proj. out, d]: the
+        input projections as one, w_fg [2 D, 2 H D]: both second low-rank factors as one block-diagonal matmul,
+        b_fg [2 H D]: its bias (dt_bias, then the gate's), neg_A [H D]: kda_gate's -exp(A_log) per channel,
+        conv_w [W, 3 H D]: the q|k|v conv taps, oldest first)."""
+        f2, g2 = self.f_proj[1], self.g_proj[1]
+        w_in = torch.cat([p.weight for p in self.input_projections()])
+        w_fg = torch.block_diag(f2.weight.T, g2.weight.T)
+        b_fg = torch.cat([self.dt_bias, g2.bias])
+        neg_A = -self.A_log.exp().repeat_interleave(self.head_dim)
+        conv_w = torch.cat([c.weight[:, 0] for c in self.convs()]).T.contiguous()
+        return w_in, w_fg, b_fg, neg_A, conv_w
+
+
 class KDAStep:
     """x + KDALayer(norm(x)) for one token at a time, from the cache a prefill left (`layer(x, cache)`).
 
@@ -230,19 +252,12 @@ class KDAStep:
             raise ValueError("KDAStep: spike-KDA gates its update per head; decode it through forward")
         H, D = layer.n_heads, layer.head_dim
         self.n_heads, self.head_dim = H, D
-        (f1, f2), (g1, g2) = layer.f_proj, layer.g_proj
-        w_in = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight, f1.weight, g1.weight,
-                          layer.b_proj.weight])
+        w_in, w_fg, self.b_fg, self.neg_A, self.conv_w = layer.step_weights()
         w_in, self.root_eps = folded_norm(norm, w_in)
-        self.w_in = StepWeight(w_in, parts)
-        self.w_fg = StepWeight(torch.block_diag(f2.weight.T, g2.weight.T), parts)   # [2 D, 2 H D]
-        self.b_fg = torch.cat([layer.dt_bias, g2.bias])
-        self.neg_A = -layer.A_log.exp().repeat_interleave(D)                # kda_gate's -exp(A_log), per channel
+        self.w_in, self.w_fg = StepWeight(w_in, parts), StepWeight(w_fg, parts)
         w_out, self.o_root_eps = folded_norm(layer.o_norm.norm, layer.o_proj.weight)
         self.w_out = StepWeight(w_out, parts)
         self.l2_root_eps = w_in.new_tensor(1e-3)                            # sqrt of l2norm's eps
-        convs = (layer.q_conv, layer.k_conv, layer.v_conv)
-        self.conv_w = torch.cat([c.weight[:, 0] for c in convs]).T.contiguous()   # [W, 3 H D]
         self.keep = self.conv_w.shape[0] - 1
         past = w_in.new_zeros(batch, self.keep, 3 * H * D)            # the conv's last W - 1 inputs
         if self.keep and "q_conv" in cache:
