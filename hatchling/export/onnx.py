@@ -11,10 +11,10 @@ arithmetic, fewer nodes), traced by torch's TorchScript exporter (``dynamo=False
 needs onnxscript). Tracing the model's own cached forward instead gives ~1,700 nodes for xs (its prompt
 paths: chunking, checks, shape arithmetic for one token), and onnxruntime spends a few microseconds on
 each node whatever its size: ~740 after its fusions took 4.7 ms of a 6.5 ms int8 step. This graph has
-725 nodes for xs, 304 after onnxruntime's fusions: one matmul for each layer's input projections, one block-diagonal matmul for
-KDA's two second low-rank factors, the recurrence as four small matmuls, the RMSNorms in the form
-onnxruntime fuses into one ``SimplifiedLayerNormalization`` node each (KDA's l2 norm of q and k is one
-too: x / sqrt(sum x^2 + eps) = RMSNorm_{eps / D}(x) / sqrt(D)), SiLU as onnxruntime's fused
+725 nodes for xs, 304 after onnxruntime's fusions: one matmul for each layer's input projections, one
+block-diagonal matmul for KDA's two second low-rank factors, the recurrence as four small matmuls, the
+RMSNorms in the form onnxruntime fuses into one ``SimplifiedLayerNormalization`` node each (KDA's l2 norm
+of q and k is one too: x / sqrt(sum x^2 + eps) = RMSNorm_{eps / D}(x) / sqrt(D)), SiLU as onnxruntime's fused
 ``QuickGelu``. tests/test_onnx_export.py checks it against the model's forward over a prompt and steps.
 
 Prefill runs the same graph token by token (:class:`hatchling.export.onnx_runtime.OnnxDecoder`): the
