@@ -9,6 +9,10 @@ with its MLP widened until its parameter count matches the hybrid's (``hatchling
 to a multiple of 64 hidden units), so the comparison is at equal size. On CUDA: bf16 autocast, fused AdamW, fla's
 ``chunk_kda`` for KDA (when installed) and SDPA's flash kernel for attention.
 
+The process keeps the memory it frees for its next allocations (``keep_freed_memory``, as a pipeline
+stage's process does; --malloc-default leaves glibc's malloc as it is: the hybrid's step then maps
+and faults in its large temporaries anew each time).
+
 Every measurement is built once and then taken --repeats times, in rounds that visit all of them in
 turn (interleaved, so a shared machine's load hits each alike); a row gives the median over the rounds
 and the min-max spread, and each ratio is taken within a round (hybrid and GPT back to back) first.
@@ -41,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from hatchling.model import ModelConfig, build_model
+from hatchling.model.device import keep_freed_memory
 from hatchling.model.kda import fla_available, kda, kda_gate, l2norm
 from hatchling.model.kda_layer import KDALayer
 from hatchling.model.sizing import matched
@@ -211,10 +216,13 @@ def main() -> None:
     ap.add_argument("--no-layer", action="store_true", help="skip the KDA layer vs op rows")
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (CPU); default: torch's")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak (MFU)")
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="leave glibc's malloc as it is (default: keep_freed_memory, as a stage process does)")
     ap.add_argument("--out", default="reports/bench_train_throughput.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = not args.malloc_default and keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     load_before = os.getloadavg()
     benches, configs = [], {}
@@ -238,7 +246,7 @@ def main() -> None:
             row |= {metric: spread(values, 4 if metric in ("mfu", "layer_vs_op") else 1)
                     for metric, values in per_round[id(row)].items()}
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "fla": fla_available(),
+            "threads": torch.get_num_threads(), "fla": fla_available(), "keep_freed_memory": kept,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     print("  ".join(f"{k}={v}" for k, v in meta.items()))

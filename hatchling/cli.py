@@ -46,6 +46,9 @@ def _run(args) -> int:
         if args.stage != "pretrain":
             raise StageError("--overfit-one-batch applies to the pretrain stage only")
         return _overfit(params, args.overfit_steps)
+    from hatchling.model.device import keep_freed_memory
+
+    keep_freed_memory()             # a stage process keeps the memory it frees (training steps reuse it)
     metrics = run_stage(args.stage, params, Path("."))
     print(json.dumps(metrics, indent=2))
     return 0
