@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hatchling.malloc import keep_freed_memory
 from hatchling.model import ModelConfig, build_model
-from hatchling.model.device import keep_freed_memory
 from hatchling.model.kda import fla_available, kda, kda_gate, l2norm
 from hatchling.model.kda_layer import KDALayer
 from hatchling.model.sizing import matched

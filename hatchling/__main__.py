@@ -1,5 +1,5 @@
 import sys
 
-from hatchling.cli import main
+from hatchling.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -46,9 +46,6 @@ def _run(args) -> int:
         if args.stage != "pretrain":
             raise StageError("--overfit-one-batch applies to the pretrain stage only")
         return _overfit(params, args.overfit_steps)
-    from hatchling.model.device import keep_freed_memory
-
-    keep_freed_memory()             # a stage process keeps the memory it frees (training steps reuse it)
     metrics = run_stage(args.stage, params, Path("."))
     print(json.dumps(metrics, indent=2))
     return 0
@@ -116,7 +113,7 @@ def _onnx_unusable(args) -> str | None:
     onnxruntime is not installed, or --runtime, --compile or --device ask for PyTorch. --runtime onnx makes each an
     error."""
     from hatchling.checkpoint import read_sidecar
-    from hatchling.export.onnx import onnx_installed
+    from hatchling.export.onnx_runtime import onnxruntime_installed
     from hatchling.model.device import resolve_device
 
     if args.compile:
@@ -128,7 +125,7 @@ def _onnx_unusable(args) -> str | None:
     device = resolve_device(args.device)
     if "onnx" not in read_sidecar(args.checkpoint):
         why = "the checkpoint has no ONNX graph (an int8 export written with the onnx extra has one)"
-    elif not onnx_installed():
+    elif not onnxruntime_installed():
         why = "onnxruntime is not installed (pip install 'baby-hatchling[onnx]' for the int8 fast path)"
     elif device.type != "cpu":
         why = f"--device is {device.type} (the ONNX graph runs on onnxruntime's CPU kernels)"
@@ -206,6 +203,17 @@ def _doctor(args) -> int:
 
     rows = doctor(Path("."), args.params)
     return 1 if any(r.status == "FAIL" for r in rows) else 0
+
+
+def entry() -> int:
+    """The `hatchling` command and `python -m hatchling` (how DVC and the Prefect flow run a stage): a process
+    of its own, which keeps the memory it frees before it runs :func:`main` (keep_freed_memory: a training
+    step then reuses its temporaries' pages). main itself, which tests call in their own process, leaves
+    the process's malloc as it is."""
+    from hatchling.malloc import keep_freed_memory
+
+    keep_freed_memory()
+    return main()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """The decode step as ONNX (hatchling/export/onnx.py) on onnxruntime (hatchling/export/onnx_runtime.py): the
-fp32 graph is the PyTorch step with the cache carried, the int8 graph keeps the greedy tokens and the loss,
+fp32 graph is the PyTorch step with the cache carried, the int8 graph keeps the next token and the loss,
 unsupported archs are named, and `hatchling generate` says which runtime decodes an INT8 export."""
 
 import pytest
@@ -8,7 +8,7 @@ import torch
 from hatchling.cli import main
 from hatchling.data.tokenizer import EOT, TOKENIZER, train_tokenizer
 from hatchling.errors import ConfigError
-from hatchling.export import onnx as onnx_export
+from hatchling.export import onnx_runtime
 from hatchling.export.onnx import ONNX_FILE, export_onnx, write_int8_onnx
 from hatchling.export.onnx_runtime import OnnxDecoder, load_decoder
 from hatchling.export.stage import greedy_agreement, write_int8
@@ -25,10 +25,13 @@ TINY = {"size": "toddler", "d_model": 32, "n_layers": 4, "n_heads": 4, "head_dim
         "mlp_hidden": 64, "vocab_size": 64}
 
 
-@pytest.mark.parametrize("arch", ["hybrid", "gpt"])
-def test_fp32_graph_is_the_torch_step_with_the_cache_carried(arch, tmp_path):
+@pytest.mark.parametrize("arch, changes", [("hybrid", {}), ("gpt", {}), ("hybrid", {"conv_size": 1, "n_kv_heads": 4}),
+                                           ("gpt", {"n_kv_heads": 1})])
+def test_fp32_graph_is_the_torch_step_with_the_cache_carried(arch, changes, tmp_path):
+    """Grouped-query heads (TINY's two KV heads for four query heads), multi-head and multi-query attention,
+    and a KDA conv of one tap (its past: W - 1 = 0 inputs)."""
     torch.manual_seed(0)
-    model = build_model({**TINY, "arch": arch}).eval()
+    model = build_model({**TINY, "arch": arch, **changes}).eval()
     decoder = OnnxDecoder(export_onnx(model, tmp_path / "step.onnx"))
     ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
@@ -107,7 +110,7 @@ def test_generate_decodes_an_int8_export_with_onnxruntime_and_says_so(int8_expor
     code, out, err = generate(int8_export, capsys, "--runtime", "torch")
     assert code == 0 and out.startswith("the cat") and "decoding with PyTorch: --runtime torch" in err
 
-    monkeypatch.setattr(onnx_export, "onnx_installed", lambda: False)
+    monkeypatch.setattr(onnx_runtime, "onnxruntime_installed", lambda: False)
     code, out, err = generate(int8_export, capsys)
     assert code == 0 and out.startswith("the cat") and "decoding with PyTorch: onnxruntime is not installed" in err
     code, out, err = generate(int8_export, capsys, "--runtime", "onnx")

@@ -11,11 +11,13 @@ arithmetic, fewer nodes), traced by torch's TorchScript exporter (``dynamo=False
 needs onnxscript). Tracing the model's own cached forward instead gives ~1,700 nodes for xs (its prompt
 paths: chunking, checks, shape arithmetic for one token), and onnxruntime spends a few microseconds on
 each node whatever its size: ~740 after its fusions took 4.7 ms of a 6.5 ms int8 step. This graph has
-725 nodes for xs, 304 after onnxruntime's fusions: one matmul for each layer's input projections, one
-block-diagonal matmul for KDA's two second low-rank factors, the recurrence as four small matmuls, the
-RMSNorms in the form onnxruntime fuses into one ``SimplifiedLayerNormalization`` node each (KDA's l2 norm
-of q and k is one too: x / sqrt(sum x^2 + eps) = RMSNorm_{eps / D}(x) / sqrt(D)), SiLU as onnxruntime's fused
-``QuickGelu``. tests/test_onnx_export.py checks it against the model's forward over a prompt and steps.
+725 nodes for xs, 296 after onnxruntime's fusions (304 quantized): one matmul for each layer's input
+projections, one block-diagonal matmul for KDA's two second low-rank factors, the recurrence as three
+small matmuls (S^T k, k u^T, S^T q), the RMSNorms in the form onnxruntime fuses into one
+``SimplifiedLayerNormalization`` node each (KDA's l2 norm of q and k too: x / sqrt(sum x^2 + eps) =
+RMSNorm_{eps / D}(x) / sqrt(D); in the int8 graph all but the first, which reads the embedding's
+dequantized rows), SiLU as onnxruntime's fused ``QuickGelu``. tests/test_onnx_export.py checks it
+against the model's forward over a prompt and steps.
 
 Prefill runs the same graph token by token (:class:`hatchling.export.onnx_runtime.OnnxDecoder`): the
 model's prompt forms (KDA's chunked kernel, attention over a block) would trace to graphs unrolled for
@@ -23,13 +25,17 @@ one prompt length, so a prefill graph would need one graph per length or padded 
 state updates; for the prompts `hatchling generate` takes, a loop over one step graph is fast enough.
 
 INT8 (:func:`quantize_onnx`): every MatMul with a weight becomes onnxruntime's ``MatMulNBits`` with 8-bit
-weights in blocks and int8 arithmetic, the embedding ``Gather`` reads int8 rows; norms, the KDA decay
-parameters, the conv taps and the state stay float32. (onnxruntime's dynamic quantization of the MatMuls,
-``DynamicQuantizeLinear`` + ``MatMulInteger`` per output channel, decodes xs ~25 % slower: docs/benchmarks.md.)
+weights in blocks and int8 arithmetic, the embedding ``Gather`` reads a uint8 table (one scale and zero
+point for the table); norms, the KDA decay parameters, the conv taps and the state stay float32. The
+embedding is stored twice, as the Gather's table and as the tied head's weights (the quantizer takes
+a MatMul's weight from an initializer of its own): a fifth of the int8 file for the toddler, 7 % for xs.
+(onnxruntime's dynamic quantization of the MatMuls, ``DynamicQuantizeLinear`` + ``MatMulInteger`` per
+output channel, decodes xs ~25 % slower: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -39,18 +45,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from hatchling.errors import ConfigError
+from hatchling.io import atomic_path
 from hatchling.model.attention import NoPEAttention
 from hatchling.model.config import RESEARCH_SWITCHES, ModelConfig
 from hatchling.model.hatchling import HatchlingLM, SwiGLU
-from hatchling.model.kda_layer import KDALayer
+from hatchling.model.kda import L2_EPS
+from hatchling.model.kda_layer import KDALayer, conv_step
 
 ONNX_ARCHS = ("hybrid", "gpt")
-OPSET = 20          # >= 18 (ReduceMean's axes an input): what the block quantizer's graph is checked against
+OPSET = 17
 INPUT_IDS, LOGITS, NEW = "input_ids", "logits", "new."
 ONNX_FILE = "model.onnx"
 QUANT_BLOCK = 128
 ONNX_QUANTIZATION = (f"onnxruntime int8: MatMulNBits (8-bit weights, a scale per block of {QUANT_BLOCK}, int8 "
-                     "activations: accuracy_level 4); int8 embedding Gather")
+                     "activations: accuracy_level 4); uint8 embedding Gather (one scale)")
 
 
 def onnx_unsupported(cfg: ModelConfig) -> str | None:
@@ -64,8 +72,9 @@ def onnx_unsupported(cfg: ModelConfig) -> str | None:
 
 
 def onnx_installed() -> bool:
-    """The ``onnx`` extra: onnx (the exporter writes its protobuf), onnxruntime (quantization, decoding) and
-    onnx_ir (onnxruntime's block quantizer reads the graph through it)."""
+    """What writing the graph needs, the ``onnx`` extra: onnx (the exporter writes its protobuf), onnxruntime
+    (quantization) and onnx_ir (onnxruntime's block quantizer reads the graph through it). Decoding one needs
+    only onnxruntime (:func:`hatchling.export.onnx_runtime.onnxruntime_installed`)."""
     try:
         import onnx  # noqa: F401
         import onnx_ir  # noqa: F401
@@ -98,15 +107,15 @@ class KDAStepGraph(nn.Module):
         self.norm, self.w_in, self.w_fg, self.b_fg = _weight(norm.weight), _weight(w_in.T), _weight(w_fg), _weight(b_fg)
         self.neg_A, self.conv_w = _weight(neg_A), _weight(conv_w)
         # kda's l2norm of q and k as RMSNorms (eps / D, weight 1 / sqrt(D)); q's also times kda's scale D^-1/2
-        self.l2_eps = 1e-6 / D
+        self.l2_eps = L2_EPS / D
         self.q_norm, self.k_norm = _weight(torch.full((D,), 1.0 / D)), _weight(torch.full((D,), D ** -0.5))
         self.o_norm, self.w_out = _weight(layer.o_norm.norm.weight), _weight(layer.o_proj.weight.T)
 
     def forward(self, x: torch.Tensor, conv: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         H, D = self.n_heads, self.head_dim
         qkv, fg, b = (rms_norm(x, self.norm, self.eps) @ self.w_in).split([3 * H * D, 2 * D, H], dim=-1)
-        window = torch.cat([conv, qkv[:, None]], dim=1)                     # [B, W, 3 H D]
-        q, k, v = F.silu((window * self.conv_w).sum(1)).view(-1, 3 * H, 1, D).split(H, dim=1)
+        qkv, window = conv_step(conv, qkv, self.conv_w)
+        q, k, v = qkv.view(-1, 3 * H, 1, D).split(H, dim=1)
         q, k = rms_norm(q, self.q_norm, self.l2_eps), rms_norm(k, self.k_norm, self.l2_eps)
         f, gate = (fg @ self.w_fg + self.b_fg).split(H * D, dim=-1)
         state = state * (self.neg_A * F.softplus(f)).exp().view(-1, H, D, 1)      # Diag(alpha) S
@@ -123,15 +132,17 @@ class AttentionStepGraph(nn.Module):
 
     def __init__(self, layer: NoPEAttention, norm: nn.RMSNorm):
         super().__init__()
-        self.layer, self.eps = layer, norm.eps
+        self.n_heads, self.n_kv_heads, self.head_dim = layer.n_heads, layer.n_kv_heads, layer.head_dim
+        self.eps = norm.eps
+        self.encode_positions = layer.encode_positions                      # NoPE: none; RoPE: at the cache's length
         w_qkv = torch.cat([layer.q_proj.weight * layer.head_dim ** -0.5, layer.kv_proj.weight])
         self.norm, self.w_qkv, self.w_out = _weight(norm.weight), _weight(w_qkv.T), _weight(layer.o_proj.weight.T)
 
     def forward(self, x: torch.Tensor, k_past: torch.Tensor, v_past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        H, Hkv, D = self.layer.n_heads, self.layer.n_kv_heads, self.layer.head_dim
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         qkv = (rms_norm(x, self.norm, self.eps) @ self.w_qkv).view(-1, H + 2 * Hkv, 1, D)
         q, k, v = qkv.split([H, Hkv, Hkv], dim=1)
-        q, k = self.layer.encode_positions(q, k, k_past.shape[2])
+        q, k = self.encode_positions(q, k, k_past.shape[2])
         k, v = torch.cat([k_past, k], dim=2), torch.cat([v_past, v], dim=2)
         probs = torch.softmax(q.reshape(-1, Hkv, H // Hkv, D) @ k.transpose(-1, -2), dim=-1)
         return x + (probs @ v).view(-1, H * D) @ self.w_out, k, v
@@ -182,7 +193,7 @@ class StepGraph(nn.Module):
                 H, D = mixer.n_heads, mixer.head_dim
                 cache += [torch.zeros(1, mixer.conv_w.shape[0] - 1, 3 * H * D), torch.zeros(1, H, D, D)]
             else:
-                cache += [torch.zeros(1, mixer.layer.n_kv_heads, past, mixer.layer.head_dim)] * 2
+                cache += [torch.zeros(1, mixer.n_kv_heads, past, mixer.head_dim)] * 2
         return cache
 
 
@@ -208,32 +219,43 @@ def export_onnx(model: nn.Module, path: str | Path) -> Path:
 
 
 def quantize_onnx(source: str | Path, path: str | Path, block_size: int = QUANT_BLOCK) -> Path:
-    """The int8 graph of an fp32 one, by two of onnxruntime's quantizers: the embedding ``Gather`` reads int8 rows
-    (dynamic quantization, a scale per row), then every weight MatMul becomes ``MatMulNBits`` with 8-bit
-    weights, symmetric, a float scale per block of `block_size` inputs, and ``accuracy_level`` 4: the token's
-    activations quantized to int8 per block on the fly and int8 dot products, the kernel onnxruntime writes for
-    LLM decoding (its 8-bit Gather is not offered: "Gather only supports 4 bits")."""
-    import logging
+    """The int8 graph of an fp32 one at `path` (written whole or not at all), by two of onnxruntime's quantizers:
+    the embedding ``Gather`` reads a uint8 table (its dynamic quantization: one scale and zero point for the
+    table), then every weight MatMul becomes ``MatMulNBits`` with 8-bit weights, symmetric, a float scale per
+    block of `block_size` inputs, and ``accuracy_level`` 4: the token's activations quantized to int8 per block
+    on the fly and int8 dot products, the kernel onnxruntime writes for LLM decoding (its block quantizer's
+    Gather takes 4 bits only). The process's root logger is left as it was (the block quantizer's module calls
+    basicConfig(INFO) when first imported, and a warning logged to a root without handlers adds one), and
+    the block quantizer's two INFO lines per MatMul are not emitted."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
 
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    def restore_root() -> None:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        embedding = Path(tmp) / "embedding_int8.onnx"
-        quantize_dynamic(str(source), str(embedding), per_channel=True, weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["Gather"])
-        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=8,
-                                              op_types_to_quantize=("MatMul",))
-        logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-        level = logger.level
-        logger.setLevel(logging.WARNING)        # its INFO lines: two per MatMul
+    try:
+        import onnx
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+        from onnxruntime.quantization import quantize_dynamic
+
+        restore_root()                          # its module's basicConfig(INFO)
+        log = logging.getLogger(nbits.__name__)
+        log_level = log.level
+        log.setLevel(logging.WARNING)
         try:
-            quantizer = MatMulNBitsQuantizer(onnx.load(str(embedding)), algo_config=config)
-            quantizer.process()
+            with tempfile.TemporaryDirectory() as tmp, atomic_path(path) as out:
+                embedding = Path(tmp) / "embedding.onnx"
+                quantize_dynamic(str(source), str(embedding), op_types_to_quantize=["Gather"])
+                config = nbits.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+                                                            accuracy_level=4, bits=8, op_types_to_quantize=("MatMul",))
+                quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(embedding)), algo_config=config)
+                quantizer.process()
+                quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
         finally:
-            logger.setLevel(level)
-        quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+            log.setLevel(log_level)
+    finally:
+        restore_root()                          # and the handler logging.warning adds to a root without one
     return Path(path)
 
 

@@ -21,6 +21,15 @@ from hatchling.export.onnx import INPUT_IDS, LOGITS, NEW
 from hatchling.model.generate import generate, stream
 
 
+def onnxruntime_installed() -> bool:
+    """What decoding a graph needs: onnxruntime (in the ``onnx`` extra, which writing one needs whole)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def load_decoder(directory: str | Path, threads: int | None = None) -> tuple[OnnxDecoder, object, dict]:
     """(decoder, tokenizer, sidecar) of an export directory with an ONNX graph (its sidecar's ``onnx``), the
     directory checked whole as hatchling.checkpoint checks it: every file whose sha256 the sidecar records."""

@@ -108,7 +108,10 @@ def check_kda_inputs(q, k, v, g, beta, initial_state=None, max_head_dim: int | N
         raise ValueError(f"kda: g must be a log-decay (<= 0) but has max {g.max().item():.4g}")
 
 
-def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+L2_EPS = 1e-6                   # l2norm's, as fla's
+
+
+def l2norm(x: torch.Tensor, eps: float = L2_EPS) -> torch.Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim, in at least float32: fla's ``l2norm`` (its in-kernel q, k norm)."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return (xf * torch.rsqrt(xf.square().sum(-1, keepdim=True) + eps)).to(x.dtype)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hatchling.model.config import ModelConfig
-from hatchling.model.kda import StepWeight, folded_norm, kda, kda_gate, kda_step_, l2norm, unit
+from hatchling.model.kda import L2_EPS, StepWeight, folded_norm, kda, kda_gate, kda_step_, l2norm, unit
 from hatchling.model.segments import Segments
 from hatchling.model.spike import LIFGate, kda_skipping_silent
 
@@ -110,6 +110,14 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, cache: dict | None = No
         near = (windows * reach[:, None] * weight[:, 0]).sum(-1)            # [n, C]
         y = y.index_put((b, t), near)
     return F.silu(y)
+
+
+def conv_step(past: torch.Tensor, x: torch.Tensor, taps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token of :func:`causal_conv1d` from its last W - 1 inputs past [B, W - 1, C] (oldest first), the token's
+    x [B, C] and the taps [W, C] (oldest first): (SiLU of the conv [B, C], the window [B, W, C], whose last W - 1
+    rows are the next step's past)."""
+    window = torch.cat([past, x[:, None]], dim=1)
+    return F.silu((window * taps).sum(1)), window
 
 
 class CausalConv1d(nn.Module):
@@ -208,13 +216,13 @@ class KDALayer(nn.Module):
         o = self.o_norm(o.to(x.dtype), g2(gate).view(B, T, H, D))
         return self.o_proj(o.reshape(B, T, H * D))
 
-
     def input_projections(self) -> tuple[nn.Module, ...]:
         """The six projections of the layer's input, in the order forward concatenates their outputs: q, k, v,
         the first low-rank factors of the decay and of the output gate, beta."""
         return self.q_proj, self.k_proj, self.v_proj, self.f_proj[0], self.g_proj[0], self.b_proj
 
     def convs(self) -> tuple[CausalConv1d, ...]:
+        """The q, k and v convs, in the order forward convolves q|k|v."""
         return self.q_conv, self.k_conv, self.v_conv
 
     def step_weights(self) -> tuple[torch.Tensor, ...]:
@@ -257,7 +265,7 @@ class KDAStep:
         self.w_in, self.w_fg = StepWeight(w_in, parts), StepWeight(w_fg, parts)
         w_out, self.o_root_eps = folded_norm(layer.o_norm.norm, layer.o_proj.weight)
         self.w_out = StepWeight(w_out, parts)
-        self.l2_root_eps = w_in.new_tensor(1e-3)                            # sqrt of l2norm's eps
+        self.l2_root_eps = w_in.new_tensor(L2_EPS ** 0.5)
         self.keep = self.conv_w.shape[0] - 1
         past = w_in.new_zeros(batch, self.keep, 3 * H * D)            # the conv's last W - 1 inputs
         if self.keep and "q_conv" in cache:
@@ -304,6 +312,6 @@ class StaticKDAStep(KDAStep):
         self.past = past
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
-        window = torch.cat([self.past, x[:, None]], dim=1)                  # [B, W, 3 H D]
+        y, window = conv_step(self.past, x, self.conv_w)
         self.past.copy_(window[:, 1:])
-        return F.silu((window * self.conv_w).sum(1))
+        return y
