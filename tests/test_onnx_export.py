@@ -2,6 +2,9 @@
 fp32 graph is the PyTorch step with the cache carried, the int8 graph keeps the next token and the loss,
 unsupported archs are named, and `hatchling generate` says which runtime decodes an INT8 export."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -138,3 +141,21 @@ def test_generate_compile_decodes_with_pytorch_s_compiled_step(int8_export, caps
     assert code == 2 and "--compile compiles PyTorch's decoding step" in err
     code, out, err = generate(int8_export, capsys, "--compile", "--compute", "int8")
     assert code == 2 and out == "" and "compiled decoding: its Linears are INT8" in err
+
+
+def test_writing_the_int8_graph_leaves_the_process_s_logging_as_it_was(tmp_path):
+    """onnxruntime's block quantizer calls logging.basicConfig(INFO) when imported, and a warning logged to a root
+    logger without handlers adds one: an export stage's process would print every library's INFO lines from
+    then on. In a process of its own (pytest's own handlers sit on the root logger here)."""
+    code = f"""
+import logging, torch
+from hatchling.export.onnx import write_int8_onnx
+from hatchling.model import build_model
+before = (list(logging.root.handlers), logging.root.level)
+write_int8_onnx(build_model({TINY!r}).eval(), {str(tmp_path / ONNX_FILE)!r})
+assert (list(logging.root.handlers), logging.root.level) == before, (logging.root.handlers, logging.root.level)
+logging.getLogger("some.library").info("an INFO line no one asked for")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "no one asked for" not in run.stderr and (tmp_path / ONNX_FILE).is_file()
