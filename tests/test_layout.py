@@ -7,7 +7,7 @@ from hatchling.stages import PACKAGE, module_imports
 # Lowest first; a unit may import itself and the units of lower layers only (peers in one layer may not
 # import each other). The README's Layout section describes each.
 LAYERS: list[set[str]] = [
-    {"errors"},
+    {"errors", "malloc"},
     {"io"},
     {"sandbox", "tracking", "context", "stats"},
     {"model"},
