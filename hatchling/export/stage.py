@@ -3,8 +3,9 @@
 Writes checkpoints/export/int8 and checkpoints/export/bf16 (each safetensors + model.json +
 tokenizer.json, loadable by :func:`hatchling.checkpoint.load_for_inference` in a fresh process), with
 ``export.hf`` also checkpoints/export/hf (a transformers directory: :mod:`hatchling.export.hf`), and
-reports file sizes, CPU prefill and per-token decode latency, validation loss / bits per byte and
-greedy-generation agreement of each against the fp32 source.
+reports file sizes, CPU prefill and per-token decode latency (the best of ``latency_repeats`` rounds,
+each round timing every variant in turn, so that a burst of load hits all alike), validation loss /
+bits per byte and greedy-generation agreement of each against the fp32 source.
 
 With the ``onnx`` extra installed, int8/ also holds model.onnx: the decode step as an onnxruntime
 int8 graph (:mod:`hatchling.export.onnx`), the fast path `hatchling generate` takes for it, measured
@@ -15,7 +16,6 @@ carry, the report's ``int8_onnx`` says why it was not written.
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -34,22 +34,18 @@ from hatchling.model.lm import bits_per_byte, sample_batch, tokens_per_byte, val
 
 
 @torch.no_grad()
-def latency(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(prefill ms for the prompt, mean ms per decoded token), best of `repeats`, batch 1, greedy,
-    each token through the path `generate` takes (on the CPU, the model's step path where it has one)."""
-    best_prefill = best_decode = math.inf
-    for _ in range(repeats):
-        cache = model.new_cache()
-        t0 = time.perf_counter()
-        logits = model(prompt, cache)[:, -1]
-        step = step_function(model, cache, 1, prompt.shape[1] + new_tokens, prompt.device)
-        t1 = time.perf_counter()
-        for _ in range(new_tokens):
-            logits = step(logits.argmax(-1))
-        t2 = time.perf_counter()
-        best_prefill = min(best_prefill, (t1 - t0) * 1e3)
-        best_decode = min(best_decode, (t2 - t1) * 1e3 / new_tokens)
-    return best_prefill, best_decode
+def latency(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill ms for the prompt, mean ms per decoded token) of one run, batch 1, greedy, each token through
+    the path `generate` takes (on the CPU, the model's step path where it has one)."""
+    cache = model.new_cache()
+    t0 = time.perf_counter()
+    logits = model(prompt, cache)[:, -1]
+    step = step_function(model, cache, 1, prompt.shape[1] + new_tokens, prompt.device)
+    t1 = time.perf_counter()
+    for _ in range(new_tokens):
+        logits = step(logits.argmax(-1))
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e3, (t2 - t1) * 1e3 / new_tokens
 
 
 def greedy_agreement(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> float:
@@ -117,9 +113,13 @@ def export(ctx, model, meta: dict, source, out, data) -> dict:
     report: dict = {"source": sidecar["provenance"]["source"], "fp32_bytes": fp32_size,
                     "int8_onnx": no_onnx or f"int8/{ONNX_FILE}"}
     reference = [model.generate(prompts[i:i + 1], p.new_tokens)[0, p.prompt_len:] for i in range(p.prompts)]
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
+    for _ in range(p.latency_repeats):      # rounds over the variants (a burst of load hits each alike): the best
+        for name, m in variants.items():
+            runs[name].append(latency(m, prompts[:1], p.new_tokens))
     for name, m in variants.items():
         loss = validation_loss(m, val, p.eval_batches, p.batch_size, p.seq_len)
-        prefill, decode = latency(m, prompts[:1], p.new_tokens, p.latency_repeats)
+        prefill, decode = (min(times) for times in zip(*runs[name], strict=True))
         report[f"{name}_val_loss"] = round(loss, 5)
         report[f"{name}_val_bpb"] = round(bits_per_byte(loss, val_tokens_per_byte), 5)
         report[f"{name}_prefill_ms"] = round(prefill, 3)
