@@ -99,6 +99,8 @@ class KDAStepGraph(nn.Module):
     """x + KDALayer(RMSNorm(x)) for one token: (x [B, d], conv [B, W - 1, 3 H D], state [B, H, D, D]) ->
     (x', conv', state'); q, k, v as [B, H, 1, D] rows, so that the recurrence is matmuls."""
 
+    CACHE, GROWS = ("conv", "state"), None      # its cache entries' names, and the axis that grows per token
+
     def __init__(self, layer: KDALayer, norm: nn.RMSNorm):
         super().__init__()
         H, D = layer.n_heads, layer.head_dim
@@ -124,11 +126,18 @@ class KDAStepGraph(nn.Module):
         o = rms_norm(q @ state, self.o_norm, self.o_eps) * torch.sigmoid(gate.view(-1, H, 1, D))
         return x + o.view(-1, H * D) @ self.w_out, window[:, 1:], state
 
+    def example_cache(self, past: int) -> list[torch.Tensor]:
+        """Its cache for batch 1, zeros (fixed sizes: `past` is the attention layers')."""
+        H, D = self.n_heads, self.head_dim
+        return [torch.zeros(1, self.conv_w.shape[0] - 1, 3 * H * D), torch.zeros(1, H, D, D)]
+
 
 class AttentionStepGraph(nn.Module):
     """x + attention(RMSNorm(x)) for one token: (x [B, d], k, v [B, Hkv, past, D]) -> (x', k', v' one longer);
     each KV head's query heads as its rows (grouped-query attention without repeating the keys), the
     softmax scale folded into the query weights (RoPE is linear: it commutes with it)."""
+
+    CACHE, GROWS = ("k", "v"), 2
 
     def __init__(self, layer: NoPEAttention, norm: nn.RMSNorm):
         super().__init__()
@@ -147,6 +156,10 @@ class AttentionStepGraph(nn.Module):
         probs = torch.softmax(q.reshape(-1, Hkv, H // Hkv, D) @ k.transpose(-1, -2), dim=-1)
         return x + (probs @ v).view(-1, H * D) @ self.w_out, k, v
 
+    def example_cache(self, past: int) -> list[torch.Tensor]:
+        """Its keys and values for batch 1, zeros, `past` of each."""
+        return [torch.zeros(1, self.n_kv_heads, past, self.head_dim)] * 2
+
 
 class SwiGLUStepGraph(nn.Module):
     """x + SwiGLU(RMSNorm(x)) for one token: x [B, d] -> x'."""
@@ -163,7 +176,7 @@ class SwiGLUStepGraph(nn.Module):
 
 
 class StepGraph(nn.Module):
-    """HatchlingLM's forward for one token: (input_ids [B, 1], *cache tensors in `names` order) -> (logits
+    """HatchlingLM's forward for one token: (input_ids [B, 1], *cache tensors in `grows` order) -> (logits
     [B, vocab], *new cache tensors), each block's cache its mixer's two tensors."""
 
     def __init__(self, model: HatchlingLM):
@@ -174,8 +187,8 @@ class StepGraph(nn.Module):
         self.mixers = nn.ModuleList(AttentionStepGraph(b.mixer, b.mixer_norm) if b.kind == "attn" else
                                     KDAStepGraph(b.mixer, b.mixer_norm) for b in model.blocks)
         self.mlps = nn.ModuleList(SwiGLUStepGraph(b.mlp, b.mlp_norm) for b in model.blocks)
-        self.names = [f"b{i}.{key}" for i, b in enumerate(model.blocks)
-                      for key in (("k", "v") if b.kind == "attn" else ("conv", "state"))]
+        # each cache entry's input name -> the axis that grows by one per token (None: fixed size)
+        self.grows = {f"b{i}.{key}": mixer.GROWS for i, mixer in enumerate(self.mixers) for key in mixer.CACHE}
 
     def forward(self, input_ids: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x, new = F.embedding(input_ids[:, 0], self.embed), []
@@ -187,14 +200,7 @@ class StepGraph(nn.Module):
 
     def example_cache(self, past: int) -> list[torch.Tensor]:
         """A batch-1 cache, zeros, with `past` keys and values in each attention layer."""
-        cache = []
-        for mixer in self.mixers:
-            if isinstance(mixer, KDAStepGraph):
-                H, D = mixer.n_heads, mixer.head_dim
-                cache += [torch.zeros(1, mixer.conv_w.shape[0] - 1, 3 * H * D), torch.zeros(1, H, D, D)]
-            else:
-                cache += [torch.zeros(1, mixer.n_kv_heads, past, mixer.head_dim)] * 2
-        return cache
+        return [tensor for mixer in self.mixers for tensor in mixer.example_cache(past)]
 
 
 def export_onnx(model: nn.Module, path: str | Path) -> Path:
@@ -205,16 +211,15 @@ def export_onnx(model: nn.Module, path: str | Path) -> Path:
     with torch.no_grad():
         graph = StepGraph(model)
     dynamic = {INPUT_IDS: {0: "batch"}, LOGITS: {0: "batch"}}
-    for name in graph.names:
-        grows = name.endswith((".k", ".v"))
-        dynamic[name] = {0: "batch"} | ({2: "past"} if grows else {})
-        dynamic[NEW + name] = {0: "batch"} | ({2: "length"} if grows else {})
+    for name, axis in graph.grows.items():
+        dynamic[name] = {0: "batch"} | ({} if axis is None else {axis: "past"})
+        dynamic[NEW + name] = {0: "batch"} | ({} if axis is None else {axis: "length"})
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)                 # dynamo=False
         # a past of two tokens: the trace sees attention's concat with keys on both sides
         torch.onnx.export(graph, (torch.zeros(1, 1, dtype=torch.long), *graph.example_cache(past=2)), str(path),
-                          dynamo=False, opset_version=OPSET, input_names=[INPUT_IDS, *graph.names],
-                          output_names=[LOGITS, *(NEW + name for name in graph.names)], dynamic_axes=dynamic)
+                          dynamo=False, opset_version=OPSET, input_names=[INPUT_IDS, *graph.grows],
+                          output_names=[LOGITS, *(NEW + name for name in graph.grows)], dynamic_axes=dynamic)
     return Path(path)
 
 
