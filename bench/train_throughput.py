@@ -29,7 +29,11 @@ Rows (printed as a table, written as JSON):
   ``hatchling.model.kda.kda`` (fla's ``chunk_kda`` on CUDA) on the layer's shapes, back to back; the
   op's inputs are the layer's own (normalised q, k, its decay gates and beta at init), since the chunked
   form's cost depends on the decay spans (chunk-channels past 2 ``SAFE_SPAN`` take exact pairs:
-  ``hatchling.model.kda.chunk_scores``).
+  ``hatchling.model.kda.chunk_scores``). Beside them the layer's matmuls alone: fwd + bwd of its
+  weights (the six input projections as the layer's one matmul, the two second low-rank factors, the
+  output projection) on inputs of their shapes, which no fusion of the rest removes. Ratios per round:
+  layer / op, (op + matmuls) / op (the floor of layer / op for this op on this machine) and
+  layer / (op + matmuls) (what the convs, gates, norms and copies add).
 """
 
 from __future__ import annotations
@@ -179,13 +183,27 @@ def kda_layer_bench(model_cfg: dict, seq: int, args, device: torch.device):
         o, _ = kda(*inputs, chunk_size=cfg.chunk_size, backend=cfg.kda_backend)
         o.float().sum().backward()
 
+    # The layer's matmuls alone, with its weights: [x -> six input projections], [f -> decay], [gate -> gate],
+    # [o -> output], each input a leaf of its shape, so that backward computes both the input's and the weight's grad.
+    w_in = torch.cat([p.weight for p in layer.input_projections()]).detach().requires_grad_()
+    matmuls = [(x, w_in)] + [(torch.randn(B, seq, linear.in_features, device=device, requires_grad=True), linear.weight)
+                             for linear in (layer.f_proj[1], layer.g_proj[1], layer.o_proj)]
+
+    def matmuls_step():
+        with autocast:
+            y = sum(F.linear(a, w).float().sum() for a, w in matmuls)
+        y.backward()
+
     def measure() -> dict:
         layer_s, op_s = timed(layer_step, device, args.steps), timed(op_step, device, args.steps)
-        return {"layer_ms": layer_s * 1e3, "op_ms": op_s * 1e3, "layer_vs_op": layer_s / op_s}
+        mm_s = timed(matmuls_step, device, args.steps)
+        return {"layer_ms": layer_s * 1e3, "op_ms": op_s * 1e3, "matmuls_ms": mm_s * 1e3, "layer_vs_op": layer_s / op_s,
+                "op_and_matmuls_vs_op": (op_s + mm_s) / op_s, "layer_vs_op_and_matmuls": layer_s / (op_s + mm_s)}
 
     for _ in range(args.warmup):
         layer_step()
         op_step()
+        matmuls_step()
     backend = "fla" if device.type == "cuda" and fla_available() else "chunked"
     return {"kind": "kda_layer", "size": cfg.size, "seq": seq, "batch": B, "heads": H, "head_dim": D,
             "op_backend": backend}, measure
@@ -243,7 +261,7 @@ def main() -> None:
     rows += hybrid_vs_gpt(rows, per_round, "decode", "context", "tokens_per_s")
     for row in rows:
         if row["kind"] != "ratio":
-            row |= {metric: spread(values, 4 if metric in ("mfu", "layer_vs_op") else 1)
+            row |= {metric: spread(values, 4 if metric == "mfu" or "_vs_" in metric else 1)
                     for metric, values in per_round[id(row)].items()}
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "threads": torch.get_num_threads(), "fla": fla_available(), "keep_freed_memory": kept,
