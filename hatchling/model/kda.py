@@ -379,6 +379,9 @@ class ChunkedKDA(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dstate):
         eG, to_end, e_end, qe, ke, k_to_end, same, carried, last, *recurrence = ctx.saved_tensors
+        # do arrives in o's [B, T, H, V] memory (kda_chunked's layout change back): chunk-major for the batched
+        # matmuls, which otherwise copy it out one [C, V] block at a time
+        do = do.contiguous()
         dqe, dke, dkt, dv, dbeta, dKK, dP, ddecay, dstate = _recurrence_backward(recurrence, do, dstate)
         dP = dP.tril()
         if same is not None:
