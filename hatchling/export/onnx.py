@@ -177,7 +177,7 @@ class SwiGLUStepGraph(nn.Module):
 
 class StepGraph(nn.Module):
     """HatchlingLM's forward for one token: (input_ids [B, 1], *cache tensors in `grows` order) -> (logits
-    [B, vocab], *new cache tensors), each block's cache its mixer's two tensors."""
+    [B, vocab], *new cache tensors), each block's cache its mixer's entries (its CACHE)."""
 
     def __init__(self, model: HatchlingLM):
         super().__init__()
@@ -191,11 +191,12 @@ class StepGraph(nn.Module):
         self.grows = {f"b{i}.{key}": mixer.GROWS for i, mixer in enumerate(self.mixers) for key in mixer.CACHE}
 
     def forward(self, input_ids: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x, new = F.embedding(input_ids[:, 0], self.embed), []
-        for i, (mixer, mlp) in enumerate(zip(self.mixers, self.mlps, strict=True)):
-            x, *entries = mixer(x, *cache[2 * i:2 * i + 2])
+        x, new, start = F.embedding(input_ids[:, 0], self.embed), [], 0
+        for mixer, mlp in zip(self.mixers, self.mlps, strict=True):
+            x, *entries = mixer(x, *cache[start:start + len(mixer.CACHE)])
             x = mlp(x)
             new += entries
+            start += len(mixer.CACHE)
         return rms_norm(x, self.norm, self.eps) @ self.head, *new
 
     def example_cache(self, past: int) -> list[torch.Tensor]:

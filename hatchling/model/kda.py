@@ -379,8 +379,9 @@ class ChunkedKDA(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dstate):
         eG, to_end, e_end, qe, ke, k_to_end, same, carried, last, *recurrence = ctx.saved_tensors
-        # do arrives in o's [B, T, H, V] memory (kda_chunked's layout change back): chunk-major for the batched
-        # matmuls, which otherwise copy it out one [C, V] block at a time
+        # do comes back through kda_chunked's layout change in whatever memory the caller's gradient has (an
+        # expanded one from a loss of o.sum(): stride 0): chunk-major once, here, for the batched matmuls below,
+        # which would otherwise copy such a gradient out one [C, V] block at a time (a dense one is a copy either way)
         do = do.contiguous()
         dqe, dke, dkt, dv, dbeta, dKK, dP, ddecay, dstate = _recurrence_backward(recurrence, do, dstate)
         dP = dP.tril()
