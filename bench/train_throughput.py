@@ -34,6 +34,9 @@ Rows (printed as a table, written as JSON):
   output projection) on inputs of their shapes, which no fusion of the rest removes. Ratios per round:
   layer / op, (op + matmuls) / op (the floor of layer / op for this op on this machine) and
   layer / (op + matmuls) (what the convs, gates, norms and copies add).
+- bound: per T, hybrid / GPT training tokens/s were the hybrid's KDA layers cheaper, from the same round's
+  times: with the op free (the hybrid's step less its KDA layers' op time) and with each KDA layer costing
+  its matmuls alone (less layer - matmuls): how far a faster op, or any fusion around it, could take the ratio.
 """
 
 from __future__ import annotations
@@ -220,6 +223,31 @@ def hybrid_vs_gpt(rows: list[dict], per_round: dict, kind: str, key: str, metric
     return out
 
 
+def train_bounds(rows: list[dict], per_round: dict, configs: dict) -> list[dict]:
+    """Per (size, T) with both train rows and a kda_layer row: the hybrid / GPT training ratio were the hybrid's KDA
+    layers cheaper, taken per round from the same round's times: (a) the op free, its step less n_kda x the op's
+    fwd + bwd; (b) each KDA layer costing its matmuls alone, its step less n_kda x (layer - matmuls). Estimates (the
+    layer and op as timed alone, not inside the model's step), which bound what any faster op (a) or any fusion of
+    the op with the layer's convs, gates and norms (b) can give on this machine."""
+    out = []
+    for layer_row in (r for r in rows if r["kind"] == "kda_layer"):
+        size, seq = layer_row["size"], layer_row["seq"]
+        train = {r["model"]: r for r in rows if r["kind"] == "train" and r["size"] == size and r["seq"] == seq}
+        if set(train) != {"hybrid", "gpt"}:
+            continue
+        n_kda = ModelConfig(**configs[size]["hybrid"]).layer_kinds().count("kda")
+        tokens = train["hybrid"]["batch"] * seq
+        layer = per_round[id(layer_row)]
+        beyond_matmuls = [a - b for a, b in zip(layer["layer_ms"], layer["matmuls_ms"], strict=True)]
+        saved_ms = {"op_free": layer["op_ms"], "kda_layers_only_matmuls": beyond_matmuls}   # a KDA layer's, per round
+        hybrid_s, gpt_s = ([tokens / tps for tps in per_round[id(train[m])]["tokens_per_s"]] for m in ("hybrid", "gpt"))
+        bounds = {name: [g / (h - n_kda * ms / 1e3) for h, g, ms in zip(hybrid_s, gpt_s, saved, strict=True)]
+                  for name, saved in saved_ms.items()}
+        out.append({"kind": "bound", "size": size, "seq": seq, "kda_layers": n_kda}
+                   | {f"train_tokens_per_s_hybrid_vs_gpt_if_{name}": spread(v, 3) for name, v in bounds.items()})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", nargs="+", default=["xs"])
@@ -259,8 +287,9 @@ def main() -> None:
     rows = [fixed for fixed, _ in benches]
     rows += hybrid_vs_gpt(rows, per_round, "train", "seq", "tokens_per_s")
     rows += hybrid_vs_gpt(rows, per_round, "decode", "context", "tokens_per_s")
+    rows += train_bounds(rows, per_round, configs)
     for row in rows:
-        if row["kind"] != "ratio":
+        if row["kind"] not in ("ratio", "bound"):
             row |= {metric: spread(values, 4 if metric == "mfu" or "_vs_" in metric else 1)
                     for metric, values in per_round[id(row)].items()}
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
