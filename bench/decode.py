@@ -11,7 +11,10 @@ each path in turn (interleaved, so the machine's load hits them alike). Rows giv
 ms/token over the repeats and their min-max spread, tokens/s from the median, and each step path vs
 the reference. The compiled path (``model.decoder(..., compiled=True)``: torch.compile) is compiled
 for each (size, context) before the repeats; the time that took, with its first step, is its
-``compile_s`` (less when inductor's on-disk cache already holds the graph).
+``compile_s`` (less when inductor's on-disk cache already holds the graph). The ``weights`` row is no
+way to decode: the fast step's weight matmuls alone (``Decoder.weights``), back to back on fixed random
+rows, as a token reads them: the least the eager step can cost on the machine, everything between its
+matmuls free.
 
 Memory bandwidth: a copy of a 1 GiB float32 tensor (beyond the 260 MiB L3 of the CPU machine),
 counting bytes read and written, and a read-only pass (a sum) over it, once per repeat between the
@@ -36,7 +39,7 @@ import torch
 from hatchling.model import build_model
 from hatchling.model.generate import step_function
 
-PATHS = ("reference", "fast", "compiled")
+PATHS = ("reference", "fast", "compiled", "weights")
 
 
 def spread(values: list[float], digits: int, name: str = "median") -> dict:
@@ -59,8 +62,24 @@ def bandwidth(src: torch.Tensor, dst: torch.Tensor) -> tuple[float, float]:
 def decoding_step(model, cache: list[dict], context: int, tokens: int, path: str):
     """`path`'s step for `tokens` tokens after `context`, continuing a copy of a prefilled cache, batch 1."""
     cache = [dict(c) for c in cache]                                # the reference replaces, never mutates
-    return step_function(model, cache, 1, context + tokens, torch.device("cpu"), fast=path != "reference",
+    step = step_function(model, cache, 1, context + tokens, torch.device("cpu"), fast=path != "reference",
                          compiled=path == "compiled")
+    return weights_alone(step) if path == "weights" else step
+
+
+def weights_alone(decoder):
+    """ids -> the head's output from a fixed random row: the decoder's weights alone, in the order a step reads
+    them, each on a row of its input size (the `weights` row)."""
+    weights = decoder.weights()
+    rows = [torch.randn(1, w.n_in) for w in weights]
+
+    @torch.inference_mode()
+    def step(ids: torch.Tensor) -> torch.Tensor:
+        for w, x in zip(weights, rows, strict=True):
+            y = w(x)
+        return y
+
+    return step
 
 
 @torch.no_grad()
@@ -126,8 +145,9 @@ def main() -> None:
                **spread(ms, 3, "ms_per_token"), "tokens_per_s": round(1e3 / statistics.median(ms), 1)}
         if path == "compiled":
             row["compile_s"] = round(compile_s[size, context], 1)
-        if path != "reference":
+        if path not in ("reference", "weights"):
             row["vs_reference"] = round(statistics.median(times[size, context, "reference"]) / statistics.median(ms), 2)
+        if path != "reference":
             weight_bytes = sum(p.numel() * p.element_size() for p in models[size].parameters())
             for kind in ("copy", "read"):
                 stream_ms = weight_bytes / (bw[f"{kind}_gb_s"]["median"] * 1e9) * 1e3

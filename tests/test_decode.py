@@ -93,11 +93,10 @@ def test_step_logits_equal_the_full_forward_at_every_position(arch, batch, threa
             cache = model.new_cache()
             model(ids[:, :20], cache)
         decoder = model.decoder(cache, batch, 100)
-        weights = [decoder.head] + [w for step in decoder.steps for w in vars(step).values()
-                                    if isinstance(w, StepWeight)]
-        # the head (vocabulary 97: one block), 2 per MLP, 3 per KDA mixer and 2 per attention (hybrid: 3 KDA + 1)
-        assert len(weights) == (20 if arch == "hybrid" else 17) and decoder.head.parts == 1
-        assert {w.parts for w in weights[1:]} == {2}
+        weights = decoder.weights()
+        # 2 per MLP, 3 per KDA mixer and 2 per attention (hybrid: 3 KDA + 1), the head (vocabulary 97: one block)
+        assert len(weights) == (20 if arch == "hybrid" else 17) and weights[-1] is decoder.head
+        assert decoder.head.parts == 1 and {w.parts for w in weights[:-1]} == {2}
         steps = torch.stack([decoder(ids[:, t]) for t in range(20, 100)], dim=1)
         torch.testing.assert_close(steps, full[:, 20:], atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="built for 100 positions"):
@@ -145,6 +144,24 @@ def test_fast_greedy_decode_is_the_argmax_of_the_full_forward(arch):
     assert torch.equal(out, generate(model, prompt, 90, fast=False))
     sampled = [generate(model, prompt, 30, temperature=1.0, top_k=20, seed=3, fast=fast) for fast in (True, False)]
     assert torch.equal(*sampled)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_decoder_weights_are_what_a_step_reads_in_order(monkeypatch, compiled):
+    """Decoder.weights (bench/decode.py's `weights` row times them alone) lists every StepWeight a step calls, each
+    once, in the order of the calls; the compiled decoder's too (its steps' weights, called eagerly here)."""
+    model = small_model()
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(torch.randint(0, 97, (1, 9)), cache)
+    decoder = model.decoder(cache, 1, 20, compiled=compiled)
+    called = []
+    step_weight_call = StepWeight.__call__
+    monkeypatch.setattr(StepWeight, "__call__", lambda w, *a: called.append(w) or step_weight_call(w, *a))
+    with torch.inference_mode():
+        decoder.step(torch.tensor([3]))
+    assert called == decoder.weights() and len({id(w) for w in called}) == len(called) == 20
+    assert all(w.n_in == (w.w.shape[0] if w.parts == 1 else w.w.shape[-1]) for w in called)
 
 
 def test_the_decoder_leaves_the_cache_and_the_tokens_usable():

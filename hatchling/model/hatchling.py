@@ -238,6 +238,11 @@ class Decoder:
         self.left = min((max_len - s.pos for s in self.steps if isinstance(s, AttentionStep)), default=None)
         self.forward = torch.compile(self.step, fullgraph=True, dynamic=False) if compiled else self.step
 
+    def weights(self) -> list[StepWeight]:
+        """Every weight a step reads, in the order it reads them (bench/decode.py times them alone, back to back:
+        the least a step can cost on the machine, with everything between the matmuls free)."""
+        return [w for step in self.steps for w in vars(step).values() if isinstance(w, StepWeight)] + [self.head]
+
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         x = F.embedding(ids, self.embed)
         for branch in self.steps:

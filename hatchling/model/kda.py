@@ -152,9 +152,9 @@ class StepWeight:
     def __init__(self, w: torch.Tensor, parts: int | None = None):
         if parts is None:
             parts = max(2, torch.get_num_threads()) if w.device.type == "cpu" else 1
-        n_in, n_out = w.shape
+        self.n_in, n_out = w.shape
         self.parts = parts if parts > 1 and n_out % parts == 0 else 1
-        self.w = w if self.parts == 1 else w.T.reshape(self.parts, n_out // self.parts, n_in).contiguous()
+        self.w = w if self.parts == 1 else w.T.reshape(self.parts, n_out // self.parts, self.n_in).contiguous()
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         if self.parts == 1:
