@@ -247,11 +247,14 @@ def test_page_rules():
 
 
 def test_pydoc_mirror_is_served_with_robots_and_crawled_byte_for_byte_the_same_twice(tmp_path):
-    # configparser's page shows objects "at 0x..." (HTML-escaped); difflib's, sets in hash order
-    modules = ["json", "textwrap", "configparser", "difflib"]
+    # configparser's page shows objects "at 0x..." (HTML-escaped); difflib's, sets in hash order; http.client's title
+    # links its package, http, which the mirror does not serve
+    modules = ["json", "textwrap", "configparser", "difflib", "http.client"]
     mirror = build_pydoc_mirror(modules, tmp_path / "mirror")
     json_page = (mirror / "library/json.html").read_text()
     assert "file:" not in json_page and 'content="PSF-2.0"' in json_page
+    pages = [page.read_text() for page in (mirror / "library").glob("*.html")]
+    assert {m for page in pages for m in re.findall(r'href="([^"#:/]+)\.html', page)} == set(modules)   # served only
     assert 'href="textwrap.html"' in (mirror / "library/index.html").read_text()
     import urllib.request
 

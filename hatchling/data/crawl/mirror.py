@@ -42,7 +42,7 @@ Disallow: /search.html
 _RENDER_HTML = ("import importlib, pydoc, sys; m = importlib.import_module(sys.argv[1]);"
                 "sys.stdout.write(pydoc.html.page(pydoc.describe(m), pydoc.html.document(m, sys.argv[1])))")
 _ADDRESS = re.compile(r"(?:\s|&nbsp;)+at(?:\s|&nbsp;)+0x[0-9a-fA-F]+")     # "<object at 0x7f..>", plain or HTML
-_PAGE_LINK = re.compile(r'<a href="([^"#:/]+)\.html(?:#[^"]*)?">(.*?)</a>', re.S)
+_PAGE_LINK = re.compile(r'<a href="([^"#:/]+)\.html(?:#[^"]*)?"[^>]*>(.*?)</a>', re.S)   # a title's has a class
 _FILE_LINK = re.compile(r'<br><a href="file:[^"]*">[^<]*</a>|<a href="file:[^"]*">[^<]*</a>')
 
 
