@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                              help="auto: an INT8 export's ONNX graph on onnxruntime when both are there (else PyTorch)")
             cmd.add_argument("--compile", action="store_true",
                              help="compile PyTorch's decoding step on the CPU (torch.compile, a C++ compiler: seconds "
-                                  "first; then ~1.1-1.4x faster a token, for long generations)")
+                                  "first; then the toddler 1.3-1.6x faster a token, for long generations; xs slower)")
         else:
             cmd.add_argument("--system", default="", help="an optional system message")
         cmd.add_argument("--max-new-tokens", type=int, default=128)
