@@ -135,10 +135,13 @@ def export(ctx, model, meta: dict, source, out, data) -> dict:
     for name, path in sizes.items():
         report[f"{name}_bytes"] = path.stat().st_size
         report[f"{name}_size_ratio"] = round(path.stat().st_size / fp32_size, 4)
+    # the int8 variant that decodes fastest (the ONNX graph where it exports): what a user of the INT8 export gets
+    report["fastest_int8"] = min((name for name in variants if name.startswith("int8")),
+                                 key=lambda name: report[f"{name}_decode_latency_ratio"])
     report["goals"] = {"int8_size_ratio<=0.35": report["int8_size_ratio"] <= 0.35,
                        "int8_val_loss_delta<=2%": report["int8_val_loss_delta_pct"] <= 2.0,
-                       "int8_decode_latency_ratio<=0.6": min(report[f"{name}_decode_latency_ratio"]
-                                                            for name in variants if name.startswith("int8")) <= 0.6}
+                       "fastest_int8_decode_latency_ratio<=0.6":
+                           report[f"{report['fastest_int8']}_decode_latency_ratio"] <= 0.6}
     if not no_onnx:           # issue 25's goal for the fast path, on its own artifact
         report["goals"] |= {"int8_onnx_size_ratio<=0.3": report["int8_onnx_size_ratio"] <= 0.3,
                             "int8_onnx_val_loss_delta<=1%": report["int8_onnx_val_loss_delta_pct"] <= 1.0,
