@@ -314,7 +314,8 @@ def dvc_yaml(params: Params) -> dict:
     for s in STAGES:
         for plot in s.plots.values():
             for title, columns in plot.charts.items():
-                chart = charts.setdefault(f"{s.name} {title}", {"x": "step", "y": {}, "title": f"{s.name}: {title}"})
+                chart = charts.setdefault(f"{s.name} {title}", {"x": "step", "y": {}, "title": f"{s.name}: {title}",
+                                                                "x_label": "step", "y_label": title})
                 chart["y"][plot.path] = list(columns)
     plots = [{name: chart} for name, chart in charts.items()]
     return {"stages": stages, "plots": plots}
