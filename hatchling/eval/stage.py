@@ -114,6 +114,7 @@ def run(ctx) -> dict:
     shots, haystack = fewshot(cfg, ctx.root), haystack_tokens(ctx.inputs.tokenized)
     val = load_split(ctx.inputs.tokenized, "val")
     split = json.loads((ctx.inputs.tokenized / "meta.json").read_text())["val"]
+    per_byte = tokens_per_byte(split["tokens"], split["bytes"])
     rows: dict[tuple[str, str], dict] = {}
     needles, forgot, text_bpb = {}, {}, {}
     for ckpt in cfg.checkpoints:
@@ -121,7 +122,7 @@ def run(ctx) -> dict:
         check_same_tokenizer(ctx.inputs.tokenized, ctx.inputs[ckpt], meta.get("tokenizer_sha256"))
         # plain text as pretraining read it: what SFT and RL keep of it
         text_bpb[ckpt] = round(bits_per_byte(split_loss(model, val, cfg.text_seq_len, cfg.batch_size, device),
-                                             tokens_per_byte(split["tokens"], split["bytes"])), 5)
+                                             per_byte), 5)
         log({f"{ckpt}.text_val_bpb": text_bpb[ckpt]}, 0)
         ev = Evaluator(model, tokenizer, cfg, device=device, chat=meta.get("stage") in ("sft", "rlvr"))
         for name, records in data.items():
