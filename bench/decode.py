@@ -11,10 +11,13 @@ each path in turn (interleaved, so the machine's load hits them alike). Rows giv
 ms/token over the repeats and their min-max spread, tokens/s from the median, and each step path vs
 the reference. The compiled path (``model.decoder(..., compiled=True)``: torch.compile) is compiled
 for each (size, context) before the repeats; the time that took, with its first step, is its
-``compile_s`` (less when inductor's on-disk cache already holds the graph). The ``weights`` row is no
+``compile_s`` (less when inductor's on-disk cache already holds the graph). The ``weights_*`` rows are no
 way to decode: the fast step's weight matmuls alone (``Decoder.weights``), back to back on fixed random
 rows, as a token reads them: the least the eager step can cost on the machine, everything between its
-matmuls free.
+matmuls free; ``weights_plain`` with each weight as one matrix (x @ W), ``weights_blocks`` in a block of
+rows per thread (``StepWeight``'s two layouts). The fast step holds them as ``kda.step_weight_parts``
+says for the CPU (by its vendor; printed and in the JSON as ``step_weights``): these two rows check that
+choice on the machine.
 
 Memory bandwidth: a copy of a 1 GiB float32 tensor (beyond the 260 MiB L3 of the CPU machine),
 counting bytes read and written, and a read-only pass (a sum) over it, once per repeat between the
@@ -38,8 +41,9 @@ import torch
 
 from hatchling.model import build_model
 from hatchling.model.generate import step_function
+from hatchling.model.kda import StepWeight, cpu_vendor, step_weight_parts
 
-PATHS = ("reference", "fast", "compiled", "weights")
+PATHS = ("reference", "fast", "compiled", "weights_plain", "weights_blocks")
 
 
 def spread(values: list[float], digits: int, name: str = "median") -> dict:
@@ -64,13 +68,16 @@ def decoding_step(model, cache: list[dict], context: int, tokens: int, path: str
     cache = [dict(c) for c in cache]                                # the reference replaces, never mutates
     step = step_function(model, cache, 1, context + tokens, torch.device("cpu"), fast=path != "reference",
                          compiled=path == "compiled")
-    return weights_alone(step) if path == "weights" else step
+    if path.startswith("weights_"):
+        return weights_alone(step, 1 if path == "weights_plain" else max(2, torch.get_num_threads()))
+    return step
 
 
-def weights_alone(decoder):
+def weights_alone(decoder, parts: int):
     """ids -> the head's output from a fixed random row: the decoder's weights alone, in the order a step reads
-    them, each on a row of its input size (the `weights` row)."""
-    weights = decoder.weights()
+    them, each in `parts` blocks of rows (StepWeight's; 1: x @ W) on a row of its input size (`weights_*`)."""
+    weights = [StepWeight(w.w if w.parts == 1 else w.w.reshape(-1, w.n_in).T.contiguous(), parts)
+               for w in decoder.weights()]
     rows = [torch.randn(1, w.n_in) for w in weights]
 
     @torch.inference_mode()
@@ -145,7 +152,7 @@ def main() -> None:
                **spread(ms, 3, "ms_per_token"), "tokens_per_s": round(1e3 / statistics.median(ms), 1)}
         if path == "compiled":
             row["compile_s"] = round(compile_s[size, context], 1)
-        if path not in ("reference", "weights"):
+        if path in ("fast", "compiled"):
             row["vs_reference"] = round(statistics.median(times[size, context, "reference"]) / statistics.median(ms), 2)
         if path != "reference":
             weight_bytes = sum(p.numel() * p.element_size() for p in models[size].parameters())
@@ -155,8 +162,10 @@ def main() -> None:
                 row[f"vs_stream_{kind}"] = round(statistics.median(ms) / stream_ms, 2)
         rows.append(row)
 
+    step_weights = "plain" if step_weight_parts(torch.device("cpu")) == 1 else "blocks"
     print(f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPUs, "
-          f"load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
+          f"load average {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}; "
+          f"the fast step's weights on this CPU ({cpu_vendor() or 'vendor unknown'}): {step_weights}")
     copy, read = bw["copy_gb_s"], bw["read_gb_s"]
     print(f"memory bandwidth ({args.bandwidth_gib} GiB), median (min-max) GB/s: copy (read + write) "
           f"{copy['median']} ({copy['min']}-{copy['max']}), read {read['median']} ({read['min']}-{read['max']})")
@@ -168,8 +177,9 @@ def main() -> None:
         ratio = f"{r['vs_stream_copy']}/{r['vs_stream_read']}" if "vs_stream_copy" in r else ""
         print(" | ".join(str(c) for c in (r["size"], r["context"], r["path"], ms, r["tokens_per_s"],
                                           r.get("vs_reference", ""), ratio, r.get("compile_s", ""))))
-    out = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-           "threads": args.threads, "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+    out = {"machine": platform.processor() or platform.machine(), "vendor": cpu_vendor(), "cpus": os.cpu_count(),
+           "torch": torch.__version__, "threads": args.threads, "step_weights": step_weights,
+           "load_average": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
            "args": vars(args), "bandwidth": bw, "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hatchling.errors import ConfigError
-from hatchling.model import build_model
+from hatchling.model import build_model, kda
 from hatchling.model.config import for_arch
 from hatchling.model.generate import generate, stream
 from hatchling.model.int8 import quantize_state_dict, use_int8_linears
@@ -70,21 +70,37 @@ def test_step_weight_in_row_blocks_equals_the_matmul(parts, out, expected):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
-def test_step_weight_blocks_default_to_the_cpu_threads(threads):
+@pytest.mark.parametrize(("vendor", "blocks"), [("AuthenticAMD", True), ("GenuineIntel", False), ("", True)])
+def test_step_weight_blocks_default_by_the_cpu(threads, vendor, blocks, monkeypatch):
     """By default a CPU weight takes a block per torch thread, and two on one thread (rows in one block
-    read at half the speed); a weight elsewhere (a CUDA decoder's: here the meta device) one block, since
-    the split is for MKL's one-row matmul."""
-    assert StepWeight(torch.zeros(4, 6)).parts == max(2, threads)
+    read at half the speed), except on an Intel CPU, whose MKL spreads x @ W over the threads itself; a
+    weight elsewhere (a CUDA decoder's: here the meta device) one block, since the split is for MKL."""
+    monkeypatch.setattr(kda, "cpu_vendor", lambda: vendor)
+    assert StepWeight(torch.zeros(4, 6)).parts == (max(2, threads) if blocks else 1)
     assert StepWeight(torch.zeros(4, 6, device="meta")).parts == 1
+
+
+def test_cpu_vendor_reads_proc_cpuinfo(tmp_path):
+    """The vendor_id of the first processor; '' for a file without one, or none (cached by path: a file each)."""
+    amd, arm = tmp_path / "amd", tmp_path / "arm"
+    amd.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n\n"
+                   "processor\t: 1\nvendor_id\t: AuthenticAMD\n")
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")            # an ARM CPU's: no vendor_id
+    assert kda.cpu_vendor(str(amd)) == "AuthenticAMD"
+    assert kda.cpu_vendor(str(arm)) == ""
+    assert kda.cpu_vendor(str(tmp_path / "absent")) == ""
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("arch", ["hybrid", "gpt"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_step_logits_equal_the_full_forward_at_every_position(arch, batch, threads):
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_step_logits_equal_the_full_forward_at_every_position(arch, batch, threads, vendor, monkeypatch):
     """Prefill 20 tokens, then 80 one-token steps (past a wrap of KDAStep's conv tape): float32 logits
     within float32 tolerance of the non-cached full forward, float64 to 1e-10; on one thread and on
-    two (every weight of the step in two blocks of rows, the head's 97 outputs in none: x @ W)."""
+    two, with each weight of the step in two blocks of rows (the head's 97 outputs in none: x @ W) as on
+    AMD CPUs, and in one as on Intel's."""
+    monkeypatch.setattr(kda, "cpu_vendor", lambda: vendor)
     for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-10)):
         model = small_model(arch, dtype)
         ids = torch.randint(0, 97, (batch, 100))
@@ -96,7 +112,7 @@ def test_step_logits_equal_the_full_forward_at_every_position(arch, batch, threa
         weights = decoder.weights()
         # 2 per MLP, 3 per KDA mixer and 2 per attention (hybrid: 3 KDA + 1), the head (vocabulary 97: one block)
         assert len(weights) == (20 if arch == "hybrid" else 17) and weights[-1] is decoder.head
-        assert decoder.head.parts == 1 and {w.parts for w in weights[:-1]} == {2}
+        assert decoder.head.parts == 1 and {w.parts for w in weights[:-1]} == {2 if vendor == "AuthenticAMD" else 1}
         steps = torch.stack([decoder(ids[:, t]) for t in range(20, 100)], dim=1)
         torch.testing.assert_close(steps, full[:, 20:], atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="built for 100 positions"):
@@ -148,7 +164,7 @@ def test_fast_greedy_decode_is_the_argmax_of_the_full_forward(arch):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_decoder_weights_are_what_a_step_reads_in_order(monkeypatch, compiled):
-    """Decoder.weights (bench/decode.py's `weights` row times them alone) lists every StepWeight a step calls, each
+    """Decoder.weights (bench/decode.py's `weights_*` rows time them alone) lists every StepWeight a step calls, each
     once, in the order of the calls; the compiled decoder's too (its steps' weights, called eagerly here)."""
     model = small_model()
     with torch.no_grad():

@@ -220,7 +220,7 @@ class Decoder:
     def __init__(self, model: HatchlingLM, cache: list[dict], batch: int, max_len: int, compiled: bool = False):
         self.embed = model.embed.weight
         # compiled: the weights in one block each (inductor runs a batched matmul of one row as its own
-        # loop, slower than MKL's matmul); eager: a block per thread (StepWeight)
+        # loop, slower than MKL's matmul); eager: StepWeight's default for the machine (kda.step_weight_parts)
         parts = 1 if compiled else None
         head, self.root_eps = folded_norm(model.norm, model.embed.weight)
         self.head = StepWeight(head, parts)

@@ -46,9 +46,11 @@ W_n S_n and S_{n+1} from it (two small matmuls a chunk), and o = (Q e^G) S_n + P
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -136,22 +138,44 @@ def folded_norm(norm: torch.nn.RMSNorm, weight: torch.Tensor) -> tuple[torch.Ten
     return folded.T.contiguous(), weight.new_tensor((D * eps) ** 0.5)
 
 
+@functools.cache
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor as /proc/cpuinfo names it (``GenuineIntel``, ``AuthenticAMD``), '' where it cannot be read."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")), "")
+
+
+def step_weight_parts(device: torch.device) -> int:
+    """StepWeight's blocks of rows for a weight on `device` by default: max(2, torch's thread count) on a CPU
+    whose MKL runs a one-row matmul on one thread, else 1 (x @ W). Which CPUs do is measured, not queried:
+    on AMD EPYC (2-core VM) x @ W reads W at 18-22 GB/s on one thread or two, the blocks at 23-27 on one and
+    44-56 on two; on Intel Xeon (Sapphire Rapids, 2-core VM) MKL spreads x @ W over the threads, 22 GB/s on
+    one and 45-48 on two, where the blocks read 12-16 (docs/benchmarks.md). So the blocks are kept for any
+    CPU but Intel's, as before this rule (the vendor, not a timing, decides: the two differ in rounding, and
+    a decode must give the same tokens on every run on a machine)."""
+    if device.type != "cpu" or cpu_vendor() == "GenuineIntel":
+        return 1
+    return max(2, torch.get_num_threads())
+
+
 class StepWeight:
     """A decoding step's weight W [in, out] (contiguous: :func:`folded_norm` gives it so) applied to one
     token's rows x [B, in]: ``w(x)`` is x @ W, ``w(x, add)`` is add + x @ W (a residual or a bias).
 
-    A matmul of one row runs on one thread in MKL whatever torch's thread count, and reads W [in, out] at
-    18-22 GB/s on the 2-core CPU machine. With `parts` > 1 (by default max(2, torch's thread count) for a
-    CPU weight, else 1) W^T is kept as that many blocks of its rows [parts, out / parts, in] and multiplied
-    as one batched matmul, a block per thread: each output a dot product of one contiguous row with x, at
-    23-27 GB/s on one thread and 44-56 on two (as one block, P = 1: 9.5; docs/benchmarks.md): the
-    same products and sums, to rounding. Where out is not a multiple of `parts`, x @ W. (A weight read
-    from cache with short rows, the toddler's in = 128, is a little faster as x @ W on one thread: its
-    decode 0.62-0.64 ms a token that way, 0.73-0.75 in blocks; xs's 9.0-9.2 that way, 6.1-6.3 in blocks.)"""
+    With `parts` > 1 W^T is kept as that many blocks of its rows [parts, out / parts, in] and multiplied
+    as one batched matmul, a block per thread: each output a dot product of one contiguous row with x, the
+    same products and sums as x @ W, to rounding; where out is not a multiple of `parts`, x @ W. By default
+    (`parts` None) :func:`step_weight_parts`: blocks where MKL runs a one-row matmul on one thread.
+    (On AMD, a weight read from cache with short rows, the toddler's in = 128, is a little faster as x @ W
+    on one thread: its decode 0.62-0.64 ms a token that way, 0.73-0.75 in blocks; xs's 9.0-9.2 that way,
+    6.1-6.3 in blocks.)"""
 
     def __init__(self, w: torch.Tensor, parts: int | None = None):
         if parts is None:
-            parts = max(2, torch.get_num_threads()) if w.device.type == "cpu" else 1
+            parts = step_weight_parts(w.device)
         self.n_in, n_out = w.shape
         self.parts = parts if parts > 1 and n_out % parts == 0 else 1
         self.w = w if self.parts == 1 else w.T.reshape(self.parts, n_out // self.parts, self.n_in).contiguous()
