@@ -41,7 +41,7 @@ import torch
 
 from hatchling.model import build_model
 from hatchling.model.generate import step_function
-from hatchling.model.kda import StepWeight, cpu_vendor, step_weight_parts
+from hatchling.model.kda import StepWeight, cpu_vendor, row_blocks, step_weight_parts
 
 PATHS = ("reference", "fast", "compiled", "weights_plain", "weights_blocks")
 
@@ -69,15 +69,14 @@ def decoding_step(model, cache: list[dict], context: int, tokens: int, path: str
     step = step_function(model, cache, 1, context + tokens, torch.device("cpu"), fast=path != "reference",
                          compiled=path == "compiled")
     if path.startswith("weights_"):
-        return weights_alone(step, 1 if path == "weights_plain" else max(2, torch.get_num_threads()))
+        return weights_alone(step, 1 if path == "weights_plain" else row_blocks())
     return step
 
 
 def weights_alone(decoder, parts: int):
     """ids -> the head's output from a fixed random row: the decoder's weights alone, in the order a step reads
     them, each in `parts` blocks of rows (StepWeight's; 1: x @ W) on a row of its input size (`weights_*`)."""
-    weights = [StepWeight(w.w if w.parts == 1 else w.w.reshape(-1, w.n_in).T.contiguous(), parts)
-               for w in decoder.weights()]
+    weights = [StepWeight(w.matrix().contiguous(), parts) for w in decoder.weights()]
     rows = [torch.randn(1, w.n_in) for w in weights]
 
     @torch.inference_mode()

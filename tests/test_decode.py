@@ -57,11 +57,11 @@ def test_unit_and_folded_norm_equal_l2norm_and_rmsnorm():
 @pytest.mark.parametrize(("parts", "out", "expected"), [(1, 12, 1), (2, 12, 2), (3, 12, 3), (3, 10, 1)])
 def test_step_weight_in_row_blocks_equals_the_matmul(parts, out, expected):
     """StepWeight keeps W [in, out] as `parts` blocks of W^T's rows (x @ W where out is not a multiple): x @ W and
-    add + x @ W (a residual [B, out], a bias [out]) as the plain matmul, for one row and for three."""
+    add + x @ W (a residual [B, out], a bias [out]) as the plain matmul, for one row and for three; matrix() is W."""
     torch.manual_seed(0)
     W = torch.randn(7, out, dtype=torch.float64)
     w = StepWeight(W, parts)
-    assert w.parts == expected
+    assert w.parts == expected and torch.equal(w.matrix(), W)          # W back from either layout
     for rows in (1, 3):
         x, residual = torch.randn(rows, 7, dtype=torch.float64), torch.randn(rows, out, dtype=torch.float64)
         torch.testing.assert_close(w(x), x @ W, atol=1e-12, rtol=0)

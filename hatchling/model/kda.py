@@ -150,7 +150,7 @@ def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 def step_weight_parts(device: torch.device) -> int:
     """StepWeight's blocks of rows for a weight on `device` by default: max(2, torch's thread count) on a CPU
-    whose MKL runs a one-row matmul on one thread, else 1 (x @ W). Which CPUs do is measured, not queried:
+    whose MKL runs a one-row matmul on one thread, else 1 (x @ W). Which CPUs do was measured:
     on AMD EPYC (2-core VM) x @ W reads W at 18-22 GB/s on one thread or two, the blocks at 23-27 on one and
     44-56 on two; on Intel Xeon (Sapphire Rapids, 2-core VM) MKL spreads x @ W over the threads, 22 GB/s on
     one and 45-48 on two, where the blocks read 12-16 (docs/benchmarks.md). So the blocks are kept for any
@@ -158,6 +158,11 @@ def step_weight_parts(device: torch.device) -> int:
     a decode must give the same tokens on every run on a machine)."""
     if device.type != "cpu" or cpu_vendor() == "GenuineIntel":
         return 1
+    return row_blocks()
+
+
+def row_blocks() -> int:
+    """StepWeight's blocks of rows where it keeps them: one per torch thread, two on one thread."""
     return max(2, torch.get_num_threads())
 
 
@@ -179,6 +184,10 @@ class StepWeight:
         self.n_in, n_out = w.shape
         self.parts = parts if parts > 1 and n_out % parts == 0 else 1
         self.w = w if self.parts == 1 else w.T.reshape(self.parts, n_out // self.parts, self.n_in).contiguous()
+
+    def matrix(self) -> torch.Tensor:
+        """W [in, out] as given, whatever the layout it is kept in."""
+        return self.w if self.parts == 1 else self.w.reshape(-1, self.n_in).T
 
     def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         if self.parts == 1:
