@@ -200,11 +200,17 @@ def test_checkpoint_loads_and_bad_checkpoints_fail_clearly(tokenized_project, tm
 def test_early_stopping(tokenized_project, tmp_path):
     proj = make_project(tmp_path / "p")
     shutil.copytree(tokenized_project / "data", proj / "data", dirs_exist_ok=True)
-    run_cmd(hatchling_cmd("run", "pretrain", "--set", "pretrain.max_steps=40", "--set", "pretrain.eval_every=1",
-                          "--set", "pretrain.early_stopping_patience=1", "--set", "pretrain.lr=0.9",
-                          "--set", "pretrain.warmup_steps=0"), proj)
+    command = hatchling_cmd("run", "pretrain", "--set", "pretrain.max_steps=40", "--set", "pretrain.eval_every=1",
+                            "--set", "pretrain.early_stopping_patience=1", "--set", "pretrain.lr=0.9",
+                            "--set", "pretrain.warmup_steps=0")
+    run_cmd(command, proj)
     report = json.loads((proj / "reports/pretrain.json").read_text())
     assert report["stopped_early"] and report["steps"] < 40
+    weights = (proj / "checkpoints/pretrain/model.safetensors").read_bytes()
+    run_cmd(command, proj)                # run again (dvc repro --force): resumes the stopped run, trains no further
+    again = json.loads((proj / "reports/pretrain.json").read_text())
+    assert again["stopped_early"] and again["resumed_from_step"] == again["steps"] == report["steps"]
+    assert (proj / "checkpoints/pretrain/model.safetensors").read_bytes() == weights
 
 
 def test_two_process_ddp_and_fsdp_equal_one_process_with_the_global_batch(tokenized_project, tmp_path):

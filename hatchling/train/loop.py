@@ -236,7 +236,7 @@ class Trainer:
         bar = tqdm(total=p.max_steps, initial=self.step, disable=not (p.progress and self.world.is_main),
                    desc="train", unit="step",
                    mininterval=1.0 if sys.stderr.isatty() else 15.0)
-        stopped_early = False
+        stopped_early = 0 < p.early_stopping_patience <= self.stale_evals      # a resumed run that had stopped
         while self.step < p.max_steps and not stopped_early:
             self.train_loss, lr, length = self.train_step()
             bar.update(1)
