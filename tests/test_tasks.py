@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from hatchling.data.benchmarks import load_records
+from hatchling.errors import ConfigError
 from hatchling.eval.harness import Evaluator
+from hatchling.tasks import docs_qa
 from hatchling.tasks.code import Code, pass_at_k
 from hatchling.tasks.math import Math, extract_answer, normalize_number
 from hatchling.train.rlvr import families
@@ -62,6 +64,18 @@ def test_the_lowest_tier_is_one_digit_sums():
     for item in (x for x in Math().generate(100, seed=0) if x["tier"] == 1):
         a, b = map(int, re.search(r"(\d+) \+ (\d+) = (\d+)", item["answer"]).groups()[:2])
         assert 0 <= a <= 9 and 0 <= b <= 9 and extract_answer(item["answer"]) == str(a + b)
+
+
+def test_more_problems_than_a_tier_can_give_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"tasks.math_per_tier=25000: tier 1's templates gave only \d+ distinct"):
+        Math().generate(25_000, seed=0)
+
+
+def test_docs_qa_gives_at_most_its_limit():
+    docs = [{"text": f"Page {i}\nThis page explains topic number {i} in some detail. It has examples."}
+            for i in range(5)]
+    assert [len(docs_qa.chats(docs, limit)) for limit in (0, 1, 3, 9)] == [0, 1, 3, 5]
+    assert docs_qa.chats(docs, 1)[0]["messages"][0]["content"] == 'What does the page "Page 0" cover?'
 
 
 def test_how_items_are_asked():

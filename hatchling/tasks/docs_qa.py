@@ -9,6 +9,8 @@ def chats(docs: list[dict], limit: int) -> list[dict]:
     """At most `limit` chats ({"messages": [...]}), one per usable document, in the documents' order."""
     out = []
     for doc in docs:
+        if len(out) >= limit:
+            break
         lines = [ln.strip() for ln in doc["text"].splitlines() if ln.strip()]
         if len(lines) < 2:
             continue
@@ -19,6 +21,4 @@ def chats(docs: list[dict], limit: int) -> list[dict]:
             continue
         out.append({"messages": [{"role": "user", "content": f"What does the page \"{title}\" cover?"},
                                  {"role": "assistant", "content": answer if answer.endswith(".") else answer + "."}]})
-        if len(out) >= limit:
-            break
     return out

@@ -11,11 +11,13 @@ value); the same seed always gives the same problems. An answer is correct when 
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections.abc import Callable, Sequence
 from decimal import Decimal, InvalidOperation
 
+from hatchling.errors import ConfigError
 from hatchling.tasks.base import Task
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
@@ -126,11 +128,17 @@ class Math(Task):
         self.shots = list(shots)
 
     def generate(self, per_tier: int, seed: int) -> list[dict]:
-        """`per_tier` distinct problems of each tier, each answered with a rationale and ``#### N``."""
+        """`per_tier` distinct problems of each tier, each answered with a rationale and ``#### N``; a
+        ConfigError when a tier's templates cannot give that many (tier 1 has 20,300 wordings, most of them rare)."""
         items = []
         for tier, (_, templates) in self.tiers.items():
             rng, seen = random.Random(f"{self.name}:{tier}:{seed}"), set()
-            while len(seen) < per_tier:
+            for draws in itertools.count():
+                if len(seen) == per_tier:
+                    break
+                if draws == 20 * per_tier + 10_000:
+                    raise ConfigError(f"tasks.math_per_tier={per_tier}: tier {tier}'s templates gave only "
+                                      f"{len(seen)} distinct problems in {draws} draws; ask for fewer")
                 question, rationale, value = rng.choice(templates)(rng)
                 if question not in seen:
                     seen.add(question)
