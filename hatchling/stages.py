@@ -547,6 +547,10 @@ def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
     try:
         with run.system_metrics() if stage.model else contextlib.nullcontext():
             metrics = fn(context(name, params, root, run.log_metrics))
+        declared = (*stage.outputs.values(), *stage.reports.values(), *(p.path for p in stage.plots.values()))
+        if missing := [path for path in declared if not (root / path).exists()]:
+            raise StageError(f"stage {name} did not write {', '.join(missing)}, which hatchling/stages.py declares "
+                             "as its outputs (dvc.yaml's outs): a bug in the stage")
         atomic_write_json(root / stage.metrics, metrics)
         run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})   # summary: no step
         run.log_headline(headline(stage, metrics))

@@ -141,3 +141,14 @@ def test_the_cli_writes_the_result_table_and_plot(tmp_path, capsys):
     assert "| palindrome | 32 |" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["bench", "probes", "--lengths", "8", "--out", str(out)]) == 2          # too short: one line
+
+
+def test_with_the_bench_off_the_figure_says_so_and_the_card_does_not_link_it(tmp_path):
+    from hatchling.eval.probe_bench import plot
+    from hatchling.eval.report import markdown as card
+
+    png = tmp_path / "probes.png"
+    plot({}, png)                          # the eval stage writes its declared figure whatever eval.probe_bench says
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = {"checkpoints": ["pretrain"], "rows": [], "not_run": {}, "probe_bench": {}}
+    assert "eval_probes.png" not in card(report) and "## Probe bench" not in card(report)

@@ -18,7 +18,7 @@ from hatchling.config import validate_params
 from hatchling.errors import StageError
 from hatchling.io import hash_paths
 from hatchling.stages import PACKAGE, STAGES, context, dvc_params, input_hash, module_file
-from tests.conftest import REPO, TINY_PARAMS
+from tests.conftest import REPO, TINY_PARAMS, write_params
 
 PATH_LITERAL = re.compile(r"^(data|checkpoints|reports|logs)/")
 
@@ -127,6 +127,16 @@ def test_a_dedup_setting_does_not_rerun_the_tasks_stage(tmp_path):
     assert stage_cache_key(tasks, other_dedup, tmp_path) == key
     assert stage_cache_key(tasks, other_check, tmp_path) != key
     assert input_hash(tasks, tmp_path) == input_hash(tasks, tmp_path.resolve())
+
+
+def test_a_stage_that_does_not_write_a_declared_output_fails_before_its_report(tmp_path, monkeypatch, own_tracking):
+    from hatchling.stages import Stage, run_stage
+
+    write_params(tmp_path, TINY_PARAMS)
+    monkeypatch.setattr(Stage, "function", lambda self: lambda ctx: {"kept": 0, "characters": 0})
+    with pytest.raises(StageError, match=r"^stage crawl did not write data/crawl, which hatchling/stages.py declares"):
+        run_stage("crawl", root=tmp_path)
+    assert not (tmp_path / "reports/crawl.json").exists()
 
 
 def test_eval_reads_validation_tokens_in_the_dtype_tokenize_wrote(tmp_path):

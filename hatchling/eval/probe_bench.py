@@ -197,29 +197,35 @@ def markdown(result: dict) -> list[str]:
 
 
 def plot(result: dict, path: str | Path) -> None:
-    """Accuracy vs length (log scale), one panel per probe, one line per arch."""
+    """Accuracy vs length (log scale), one panel per probe, one line per arch; for no result (the bench
+    switched off) a figure that says so, since the eval stage always writes this file."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    probes = list(result["accuracy"])
-    fig, axes = plt.subplots(1, len(probes), figsize=(3.2 * len(probes), 3), squeeze=False)
-    for ax, probe in zip(axes[0], probes, strict=True):
-        for arch, by_length in result["accuracy"][probe].items():
-            ax.plot([int(n) for n in by_length], list(by_length.values()), marker="o", label=arch)
-        ax.axhline(result["chance"][probe], color="grey", linestyle="--", linewidth=1, label="chance")
-        if probe in result.get("no_recall", {}):
-            base = result["no_recall"][probe]
-            ax.plot([int(n) for n in base], list(base.values()), color="grey", linestyle=":", linewidth=1,
-                    label="no-recall")
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{probe} ({result['steps']} steps)")
-        ax.set_xlabel("sequence length")
-    axes[0][0].set_ylabel("held-out accuracy")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    if not result:
+        fig, ax = plt.subplots(figsize=(4.5, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "probe bench not run (eval.probe_bench is null)", ha="center", va="center")
+    else:
+        probes = list(result["accuracy"])
+        fig, axes = plt.subplots(1, len(probes), figsize=(3.2 * len(probes), 3), squeeze=False)
+        for ax, probe in zip(axes[0], probes, strict=True):
+            for arch, by_length in result["accuracy"][probe].items():
+                ax.plot([int(n) for n in by_length], list(by_length.values()), marker="o", label=arch)
+            ax.axhline(result["chance"][probe], color="grey", linestyle="--", linewidth=1, label="chance")
+            if probe in result.get("no_recall", {}):
+                base = result["no_recall"][probe]
+                ax.plot([int(n) for n in base], list(base.values()), color="grey", linestyle=":", linewidth=1,
+                        label="no-recall")
+            ax.set_xscale("log", base=2)
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{probe} ({result['steps']} steps)")
+            ax.set_xlabel("sequence length")
+        axes[0][0].set_ylabel("held-out accuracy")
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

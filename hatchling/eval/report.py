@@ -85,8 +85,8 @@ def markdown(report: dict) -> str:
              "Each score: value [95% interval] (Wilson's for a proportion, else ± 1.96 standard errors); "
              "≈ marks a score whose interval contains the chance level. *found*: scored items that the dedup stage "
              "found in the training data; where there are any, the score on the clean rest follows the full one. "
-             "Figures: training curves ([eval_training.png](eval_training.png)), probe bench "
-             "([eval_probes.png](eval_probes.png)).", ""]
+             "Figures: training curves ([eval_training.png](eval_training.png))"
+             + (", probe bench ([eval_probes.png](eval_probes.png))." if report.get("probe_bench") else "."), ""]
     training = report.get("training", {})
     if "pretrain" in training:
         lines += _pretrain_section(training["pretrain"], report.get("text_val_bpb", {}))

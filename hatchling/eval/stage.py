@@ -149,10 +149,9 @@ def run(ctx) -> dict:
               "rows": list(rows.values()),
               "not_run": not_run, "scores": scores(rows.values(), cfg.checkpoints), "probe_bench": bench,
               "needle": needles, "forgetting": forgot, "seconds": round(time.perf_counter() - t0, 2)}
-    atomic_write_text(ctx.outputs.report, markdown(report))
     plot_training({name: read_csv(ctx.inputs[f"{name}_log"]) for name in ("pretrain_eval", "sft", "sft_eval", "rlvr")},
                   report["training"]["pretrain"], ctx.outputs.training_plot)
-    if bench:
-        plot_bench(bench, ctx.outputs.probes_plot)
+    plot_bench(bench, ctx.outputs.probes_plot)
+    atomic_write_text(ctx.outputs.report, markdown(report))       # last: a failed plot leaves the old card
     return report
 
