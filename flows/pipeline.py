@@ -49,6 +49,7 @@ from hatchling.stages import (
     get_stage,
     headline,
     input_hash,
+    param_deps,
     topological_order,
     upstream,
     with_upstream,
@@ -56,12 +57,14 @@ from hatchling.stages import (
 
 
 def stage_cache_key(stage: Stage, params: Params, root: Path) -> str:
-    """Content hash of what decides a stage's outputs: inputs, params sections, code, version (all
-    location-free: the same checkout and data give the same key wherever they live)."""
+    """Content hash of what decides a stage's outputs: inputs, the files its params name, params
+    sections, code, version (what DVC's deps and params track; all location-free: the same checkout and
+    data give the same key wherever they live)."""
     parts = {"stage": stage.name, "version": hatchling.__version__,
              # progress bars change no output (DVC does not track them either)
              "params": {s: {k: v for k, v in params.section(s).items() if k != "progress"} for s in stage.params},
              "inputs": input_hash(stage, root),
+             "param_files": hash_paths(param_deps(stage, params), root),
              "code": hash_paths(stage.code, PACKAGE.parent)}
     return f"{stage.name}-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

@@ -286,12 +286,16 @@ def _within(path: str, places) -> bool:
     return any(path == place or path.startswith(place.rstrip("/") + "/") for place in map(posixpath.normpath, places))
 
 
-def dvc_deps(stage: Stage, params: Params) -> list[str]:
-    """A stage's DVC deps: its declared inputs, the files its params name that lie outside them (a
-    changed sft.data file reruns sft; one inside its own outputs is not a dep), then its code."""
+def param_deps(stage: Stage, params: Params) -> list[str]:
+    """The files the stage's params name that lie outside its declared inputs and its own outputs: deps
+    beside them (a changed sft.data file reruns sft), for DVC and the Prefect flow's cache key alike."""
     named = [posixpath.normpath(p) for p in param_paths(stage, params)]
-    extra = [p for p in dict.fromkeys(named) if not _within(p, [*stage.deps, *stage.written.values()])]
-    return [*stage.deps, *extra, *stage.code]
+    return [p for p in dict.fromkeys(named) if not _within(p, [*stage.deps, *stage.written.values()])]
+
+
+def dvc_deps(stage: Stage, params: Params) -> list[str]:
+    """A stage's DVC deps: its declared inputs, the files its params name (:func:`param_deps`), then its code."""
+    return [*stage.deps, *param_deps(stage, params), *stage.code]
 
 
 def dvc_yaml(params: Params) -> dict:

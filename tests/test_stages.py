@@ -129,6 +129,21 @@ def test_a_dedup_setting_does_not_rerun_the_tasks_stage(tmp_path):
     assert input_hash(tasks, tmp_path) == input_hash(tasks, tmp_path.resolve())
 
 
+def test_the_flows_cache_key_follows_the_files_params_name_as_dvc_does(tmp_path):
+    from flows.pipeline import stage_cache_key
+    from hatchling.stages import get_stage, param_deps
+
+    sft = get_stage("sft")
+    chats = tmp_path / "my/chats.jsonl"
+    chats.parent.mkdir()
+    chats.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    params = validate_params({**TINY_PARAMS, "sft": {**TINY_PARAMS["sft"], "data": ["my/chats.jsonl"]}})
+    assert param_deps(sft, params) == ["my/chats.jsonl"] and param_deps(sft, validate_params(TINY_PARAMS)) == []
+    key = stage_cache_key(sft, params, tmp_path)
+    chats.write_text('{"messages": [{"role": "user", "content": "hello"}]}\n')     # an edit DVC reruns sft for
+    assert stage_cache_key(sft, params, tmp_path) != key
+
+
 def test_a_stage_that_does_not_write_a_declared_output_fails_before_its_report(tmp_path, monkeypatch, own_tracking):
     from hatchling.stages import Stage, run_stage
 
