@@ -76,16 +76,28 @@ def read_sidecar(directory: str | Path) -> dict:
         raise InputError(f"corrupted checkpoint sidecar {path}: {e.msg}") from None
 
 
+def verified(directory: str | Path, name: str, expected: str | None) -> Path:
+    """The checkpoint file `name` in `directory`, with one clear error when it is missing or its sha256 is
+    not the `expected` one its sidecar records (when the sidecar records one): truncated, tampered, replaced."""
+    path = Path(directory) / name
+    what = "weights" if name == WEIGHTS else "file"
+    if not path.is_file():
+        raise MissingInputError(f"no checkpoint {what} at {path}")
+    if expected and (got := file_sha256(path)) != expected:
+        raise InputError(f"corrupted checkpoint {what} {path}: sha256 {got} is not the {expected} recorded in "
+                         f"{Path(directory) / SIDECAR} at save time (truncated, tampered or replaced)")
+    return path
+
+
+def load_checkpoint_tokenizer(directory: str | Path, meta: dict):
+    """The tokenizer saved with a checkpoint (`meta`: its sidecar), checked against the sidecar's hash."""
+    return load_tokenizer(verified(directory, TOKENIZER, meta.get("tokenizer_sha256")))
+
+
 def load_weights(directory: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The stored tensors of a checkpoint, with one clear error for a truncated, garbled or tampered
     file: its sha256 is checked against the sidecar's ``weights_sha256`` (when the sidecar has one)."""
-    path = Path(directory) / WEIGHTS
-    if not path.is_file():
-        raise MissingInputError(f"no checkpoint weights at {path}")
-    expected = read_sidecar(directory).get("weights_sha256")
-    if expected and (got := file_sha256(path)) != expected:
-        raise InputError(f"corrupted checkpoint weights {path}: sha256 {got} is not the {expected} recorded in "
-                         f"{Path(directory) / SIDECAR} at save time (truncated, tampered or replaced)")
+    path = verified(directory, WEIGHTS, read_sidecar(directory).get("weights_sha256"))
     try:
         return load_file(str(path), device=device)
     except Exception as e:  # safetensors raises its own error types for truncated files
@@ -116,12 +128,7 @@ def load_for_inference(directory: str | Path, compute: str = "fp32",
     """(model in eval mode on `device`, its tokenizer, sidecar): what generation, the eval and the
     export (which measures CPU latency, so loads on the CPU) need."""
     model, meta = load_model(directory, device, compute)
-    tokenizer_path = Path(directory) / TOKENIZER
-    expected = meta.get("tokenizer_sha256")
-    if expected and tokenizer_path.is_file() and (got := file_sha256(tokenizer_path)) != expected:
-        raise InputError(f"{tokenizer_path}: sha256 {got} is not the tokenizer_sha256 {expected} that "
-                         f"{Path(directory) / SIDECAR} records (the checkpoint's tokenizer was replaced)")
-    return model.eval(), load_tokenizer(tokenizer_path), meta
+    return model.eval(), load_checkpoint_tokenizer(directory, meta), meta
 
 
 def load_resume_state(directory: str | Path, fingerprint: str) -> dict | None:

@@ -109,9 +109,16 @@ def test_a_checkpoint_whose_tokenizer_is_not_the_datas_is_refused(tmp_path):
     train_tokenizer(["hello world, hello hatchling"] * 4, 300).save(str(tok))
     ck = tmp_path / "ck"
     save_model(build_model(CONFIG), ck, {"tokenizer_sha256": "b" * 64}, files={TOKENIZER: tok})
-    with pytest.raises(InputError, match=rf"^{ck / TOKENIZER}: sha256 {sha256(tok)} is not the tokenizer_sha256 "
-                                         rf"b{{64}} that {ck / SIDECAR} records"):
+    with pytest.raises(InputError, match=rf"^corrupted checkpoint file {ck / TOKENIZER}: sha256 {sha256(tok)} is not "
+                                         rf"the b{{64}} recorded in {ck / SIDECAR}"):
         load_for_inference(ck)
+    from hatchling.train import rlvr, sft
+
+    for stage in (sft, rlvr):             # the stages that train on from a checkpoint check it before any work
+        ctx = SimpleNamespace(params=SimpleNamespace(sft=None, rlvr=None), inputs=Inputs(init=ck),
+                              outputs=SimpleNamespace(run=tmp_path / "run"))
+        with pytest.raises(InputError, match=rf"^corrupted checkpoint file {ck / TOKENIZER}: sha256"):
+            stage.run(ctx)
     save_model(build_model(CONFIG), ck, {"tokenizer_sha256": sha256(tok)}, files={TOKENIZER: tok})
     from hatchling.export import stage as export_stage
 

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hatchling.checkpoint import SIDECAR, WEIGHTS, file_sha256, read_sidecar
-from hatchling.data.tokenizer import TOKENIZER, load_tokenizer
-from hatchling.errors import InputError, MissingInputError
+from hatchling.checkpoint import WEIGHTS, load_checkpoint_tokenizer, read_sidecar, verified
+from hatchling.errors import MissingInputError
 from hatchling.export.onnx import INPUT_IDS, LOGITS, NEW
 from hatchling.model.generate import generate, stream
 
@@ -37,16 +36,9 @@ def load_decoder(directory: str | Path, threads: int | None = None) -> tuple[Onn
     meta = read_sidecar(directory)
     if "onnx" not in meta:
         raise MissingInputError(f"{directory} has no ONNX graph (an int8 export written with the onnx extra has one)")
-    for name, expected in ((WEIGHTS, meta.get("weights_sha256")), (meta["onnx"]["file"], meta["onnx"]["sha256"]),
-                           (TOKENIZER, meta.get("tokenizer_sha256"))):
-        path = directory / name
-        if not path.is_file():
-            raise MissingInputError(f"no checkpoint file at {path}")
-        if expected and (got := file_sha256(path)) != expected:
-            raise InputError(f"corrupted checkpoint {'weights' if name == WEIGHTS else 'file'} {path}: sha256 {got} "
-                             f"is not the {expected} recorded in {directory / SIDECAR} (truncated, tampered or "
-                             "replaced)")
-    return OnnxDecoder(directory / meta["onnx"]["file"], threads), load_tokenizer(directory / TOKENIZER), meta
+    verified(directory, WEIGHTS, meta.get("weights_sha256"))
+    graph = verified(directory, meta["onnx"]["file"], meta["onnx"]["sha256"])
+    return OnnxDecoder(graph, threads), load_checkpoint_tokenizer(directory, meta), meta
 
 
 class OnnxDecoder:

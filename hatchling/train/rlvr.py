@@ -29,9 +29,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from hatchling.checkpoint import load_model, load_resume_state, load_weights, read_sidecar, save_model
+from hatchling.checkpoint import (
+    load_checkpoint_tokenizer,
+    load_model,
+    load_resume_state,
+    load_weights,
+    read_sidecar,
+    save_model,
+)
 from hatchling.data.chat import render_chat, stop_ids
-from hatchling.data.tokenizer import TOKENIZER, load_tokenizer
+from hatchling.data.tokenizer import TOKENIZER
 from hatchling.errors import ConfigError, MissingInputError, StageError
 from hatchling.inference import generate_texts
 from hatchling.io import atomic_write_text, hash_paths, read_jsonl
@@ -129,7 +136,7 @@ def run(ctx) -> dict:
     p, init_dir, run_dir = ctx.params.rlvr, ctx.inputs.init, ctx.outputs.run
     t0 = time.perf_counter()
     init = read_sidecar(init_dir)
-    tokenizer = load_tokenizer(init_dir / TOKENIZER)
+    tokenizer = load_checkpoint_tokenizer(init_dir, init)
     torch.manual_seed(p.seed)
     device = resolve_device(p.device)
     policy, _ = load_model(init_dir, device)

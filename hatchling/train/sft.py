@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hatchling.checkpoint import load_model, read_sidecar
+from hatchling.checkpoint import load_checkpoint_tokenizer, load_model, read_sidecar
 from hatchling.data.chat import render_chat_with_mask
-from hatchling.data.tokenizer import EOT, TOKENIZER, load_tokenizer
+from hatchling.data.tokenizer import EOT, TOKENIZER
 from hatchling.errors import InputError, MissingInputError
 from hatchling.io import hash_paths, read_jsonl
 from hatchling.model.lm import IGNORE, tokens_per_byte
@@ -57,7 +57,7 @@ def pack_chats(tokenizer, chats: list[list[dict]]) -> tuple[np.ndarray, np.ndarr
 def run(ctx) -> dict:
     p, init_dir = ctx.params.sft, ctx.inputs.init
     init = read_sidecar(init_dir)
-    tokenizer = load_tokenizer(init_dir / TOKENIZER)
+    tokenizer = load_checkpoint_tokenizer(init_dir, init)
     train_files, val_files = [ctx.root / f for f in p.data], [ctx.root / f for f in p.val_data]
     chats = read_chats(train_files)
     train_ids, train_labels, _ = pack_chats(tokenizer, chats)
