@@ -307,8 +307,29 @@ def test_empty_or_malformed_input_fails_and_keeps_previous_output(tmp_path, caps
     assert hatchling_here(proj, "run", "dedup") == 2 and "hold no documents" in capsys.readouterr().err
     shutil.rmtree(proj / "data/crawl")
     (proj / "data/crawl").mkdir()
-    assert hatchling_here(proj, "run", "dedup") == 2 and "no JSONL shards" in capsys.readouterr().err
+    assert hatchling_here(proj, "run", "dedup") == 2 and "no corpus files (JSONL shards, .txt documents) in" \
+        in capsys.readouterr().err
+    (proj / "data/crawl/notes.txt").write_text("one\n")
+    (proj / "data/crawl/notes.jsonl").write_text('{"id": "x", "text": "two"}\n')
+    assert hatchling_here(proj, "run", "dedup") == 2
+    assert "notes.jsonl and " in capsys.readouterr().err
     assert (proj / "data/dedup/shard-00000.jsonl").read_bytes() == before
+
+
+def test_own_text_files_and_shards_in_subfolders_all_reach_dedups_output(tmp_path):
+    """What a user brings to data/crawl: .txt documents and shards of the same name in two folders."""
+    rng = random.Random(5)
+    texts = [doc_text(rng) for _ in range(4)]
+    proj = _stage_project(tmp_path, "report", [{"id": "a", "text": texts[0]}])
+    (proj / "data/crawl/mine").mkdir()
+    write_jsonl(proj / "data/crawl/mine/shard-00000.jsonl", [{"id": "b", "text": texts[1]}])
+    (proj / "data/crawl/essay.txt").write_text(texts[2])
+    (proj / "data/crawl/mine/copy.txt").write_text(texts[0])      # "a" again; files in path order, the first kept
+    run_cmd(hatchling_cmd("run", "dedup"), proj)
+    out = {p.relative_to(proj / "data/dedup").as_posix(): [d["text"] for d in read_jsonl(p)]
+           for p in sorted((proj / "data/dedup").rglob("*.jsonl"))}
+    assert out == {"essay.jsonl": [texts[2]], "mine/copy.jsonl": [texts[0]], "mine/shard-00000.jsonl": [texts[1]],
+                   "shard-00000.jsonl": []}
 
 
 def test_unknown_benchmark_name_is_a_config_error():

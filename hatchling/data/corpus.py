@@ -1,8 +1,9 @@
 """Documents in the shared schema: writing and reading JSONL shards.
 
 Documents are JSONL objects ``{"id", "url", "text", "lang", "license", "fetched_at", "sha1"}``
-(extra keys allowed). The crawl stage writes them, dedup and tokenize read them; tokenize also
-takes plain .txt files, one document each, for users who bring their own text.
+(extra keys allowed). The crawl stage writes them, dedup and tokenize read them; dedup (and the tasks
+stage) also take plain .txt files in data/crawl, one document each, for users who bring their own text:
+dedup writes them on as shards.
 """
 
 from __future__ import annotations
@@ -34,17 +35,24 @@ def corpus_files(spec: str | Path) -> list[Path]:
     return sorted(f for f in files if f.is_file())
 
 
+def read_documents(path: str | Path) -> Iterator[dict]:
+    """The documents of one corpus file: a JSONL shard's objects (each with a "text" string) or a .txt
+    file as one document (its path the id)."""
+    path = Path(path)
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8")
+        yield {"id": str(path), "text": text, "sha1": sha1_text(text)}
+        return
+    for line, doc in enumerate(read_jsonl(path), 1):
+        if not isinstance(doc.get("text"), str):
+            raise InputError(f"{path}:{line}: document {doc.get('id', '?')!r} has no text field")
+        yield doc
+
+
 def iter_documents(spec: str | Path) -> Iterator[dict]:
     """Documents from JSONL shards (objects with a "text" field) or text files (one document each)."""
     files = corpus_files(spec)
     if not files:
         raise MissingInputError(f"no corpus files (*.jsonl, *.txt) at {spec}")
     for f in files:
-        if f.suffix == ".txt":
-            text = f.read_text(encoding="utf-8")
-            yield {"id": str(f), "text": text, "sha1": sha1_text(text)}
-            continue
-        for doc in read_jsonl(f):
-            if not isinstance(doc.get("text"), str):
-                raise InputError(f"{f}: document {doc.get('id', '?')!r} has no text field")
-            yield doc
+        yield from read_documents(f)

@@ -30,11 +30,10 @@ from pathlib import Path
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
+from hatchling.data.corpus import read_documents
 from hatchling.data.decontam import ContaminationIndex, Hit, read_index, word_hashes
 from hatchling.data.shard_map import map_ordered
 from hatchling.data.textnorm import normalized_words
-from hatchling.errors import InputError
-from hatchling.io import read_jsonl
 
 SCHEME = "affine32"   # datasketch's permutation scheme for 32-bit inputs (our shingle hashes)
 
@@ -166,9 +165,10 @@ def _shared_index(scan: tuple[str, str]) -> ContaminationIndex:
 
 def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1, chunk: int = 128,
                scan: tuple[str, str] | None = None) -> ShardSignatures:
-    """MinHash signatures of every document in one JSONL shard (datasketch's affine32 scheme), and
-    with `scan` (from ``shared_index``) the eval items found in each document: the contamination
-    check runs here, in the worker, on the words just normalized and hashed for the signatures.
+    """MinHash signatures of every document in one corpus file, a JSONL shard or a .txt document
+    (datasketch's affine32 scheme), and with `scan` (from ``shared_index``) the eval items found in each
+    document: the contamination check runs here, in the worker, on the words just normalized and hashed
+    for the signatures.
 
     Documents stream through `chunk` at a time, so a worker holds the texts and word lists of one
     chunk, not of its whole shard (~20 KB of small strings per 300-word page: a 1,500-page shard
@@ -177,10 +177,7 @@ def signatures(shard: str | Path, shingle: int, num_perm: int, seed: int = 1, ch
     name = Path(shard).name
     index = _shared_index(scan) if scan else None
     doc_ids, exact, hashed, hits = [], [], [], {}
-    for first, docs in _chunks(read_jsonl(shard), chunk):
-        for i, doc in enumerate(docs, first):
-            if not isinstance(doc.get("text"), str):
-                raise InputError(f"{shard}:{i + 1}: document has no text field")
+    for first, docs in _chunks(read_documents(shard), chunk):
         words = [normalized_words(d["text"]) for d in docs]
         doc_ids += [str(d["id"]) if "id" in d else f"{name}:{i}" for i, d in enumerate(docs, first)]
         exact += [hashlib.sha1(" ".join(w).encode()).digest() for w in words]

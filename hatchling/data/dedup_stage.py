@@ -5,10 +5,11 @@ The check's index comes from its cache when the sets, params and code are unchan
 the words it normalizes and hashes for MinHash (dedup.signatures); the hits of the kept documents are used
 when they are written. On a cluster runner the check runs here, after dedup, on the kept ones.
 
-Reads the crawl shards, writes cleaned shards (same names, same schema) to data/dedup, and
-reports to reports/dedup.json (metrics; `index`: whether the benchmark index came from its cache
-under .hatchling/cache/, decontam.cached_index), reports/dedup.md (largest clusters, quoted overlaps)
-and reports/contamination.json (per benchmark: items found and their ids, documents affected, action).
+Reads the crawl shards (and .txt documents), writes cleaned shards (same paths, same schema; a .txt as
+a one-document .jsonl) to data/dedup, and reports to reports/dedup.json (metrics; `index`: whether the
+benchmark index came from its cache under .hatchling/cache/, decontam.cached_index), reports/dedup.md
+(largest clusters, quoted overlaps) and reports/contamination.json (per benchmark: items found and their
+ids, documents affected, action).
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import contextlib
 import itertools
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 
 from hatchling.data.benchmarks import load_benchmarks
-from hatchling.data.corpus import corpus_files
+from hatchling.data.corpus import corpus_files, read_documents
 from hatchling.data.decontam import INDEX_CACHE, ContaminationIndex, Hit, cached_index, redact
 from hatchling.data.dedup import deduplicate, iter_signatures, shared_index
 from hatchling.errors import InputError, MissingInputError
-from hatchling.io import atomic_path, atomic_write_json, atomic_write_text, read_jsonl, sha1_text, write_jsonl
+from hatchling.io import atomic_path, atomic_write_json, atomic_write_text, sha1_text, write_jsonl
 
 SCAN_BATCH = 256        # documents the contamination check hashes at once (numpy work per batch, not per page)
 
@@ -38,9 +41,10 @@ def scanned(index: ContaminationIndex, docs: Iterator[dict]) -> Iterator[tuple[d
 def run(ctx) -> dict:
     p = ctx.params.dedup
     t0 = time.perf_counter()
-    shards = [f for f in corpus_files(ctx.inputs.crawl) if f.suffix == ".jsonl"]
+    shards = corpus_files(ctx.inputs.crawl)
     if not shards:
-        raise MissingInputError(f"no JSONL shards in {ctx.inputs.crawl}")
+        raise MissingInputError(f"no corpus files (JSONL shards, .txt documents) in {ctx.inputs.crawl}")
+    written = shard_names(shards, ctx.inputs.crawl)
     workers = p.workers or os.cpu_count() or 1
     benchmarks, status = load_benchmarks(ctx.params.benchmarks, ctx.root)
     c = ctx.params.contamination
@@ -72,8 +76,8 @@ def run(ctx) -> dict:
     quotes, kept_docs, dropped, redacted = [], 0, 0, 0
     with atomic_path(ctx.outputs.dedup) as tmp:
         tmp.mkdir()
-        for shard in shards:     # read again here: workers return signatures only, never the texts
-            kept = ((line, doc) for line, doc in enumerate(read_jsonl(shard)) if result.kept(str(shard), line))
+        for shard, name in zip(shards, written, strict=True):    # read again: workers return signatures, not texts
+            kept = ((line, doc) for line, doc in enumerate(read_documents(shard)) if result.kept(str(shard), line))
             found = hits.get(str(shard), {})
             pairs = ((doc, found.get(line, [])) for line, doc in kept) if in_workers or not index.items \
                 else scanned(index, (doc for _, doc in kept))
@@ -93,7 +97,8 @@ def run(ctx) -> dict:
                     redacted += 1
                 out.append(doc)
             kept_docs += len(out)
-            write_jsonl(tmp / shard.name, out)
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            write_jsonl(tmp / name, out)
 
     for info in per_bench.values():         # the ids let the eval score the items no page held
         info["found_ids"] = sorted(info["items_found"])
@@ -107,6 +112,16 @@ def run(ctx) -> dict:
     atomic_write_json(ctx.outputs.contamination, per_bench)
     atomic_write_text(ctx.outputs.report, markdown_report(metrics, result.clusters, per_bench, quotes))
     return metrics
+
+
+def shard_names(files: list[Path], crawl: Path) -> list[str]:
+    """Where each corpus file's kept documents go under data/dedup: its path under data/crawl as a JSONL
+    shard (a .txt document becomes a one-document shard); an InputError where two files would share one."""
+    names = [Path(f).relative_to(crawl).with_suffix(".jsonl").as_posix() for f in files]
+    if clash := next((n for n, count in Counter(names).items() if count > 1), None):
+        both = [str(f) for f, n in zip(files, names, strict=True) if n == clash]
+        raise InputError(f"{' and '.join(both)} would both be written to data/dedup/{clash}: rename one")
+    return names
 
 
 def markdown_report(metrics: dict, clusters: dict, per_bench: dict, quotes: list, top: int = 10) -> str:
