@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from hatchling.checkpoint import load_for_inference
-from hatchling.data.tokenizer import EOT
+from hatchling.data.tokenizer import EOT, document_ids
 from hatchling.errors import InputError
 from hatchling.model.device import resolve_device
 from hatchling.model.generate import check_compilable
@@ -75,10 +75,11 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 def stream_text(model, tokenizer, ids: list[int], max_new_tokens: int, stop: tuple[int, ...] = (), *,
                 device: torch.device, **decoding):
     """Yield text pieces as tokens come (the model is on `device`; `decoding`: the sampling and other
-    arguments of its stream); decodes the running suffix so multi-byte characters stay whole."""
+    arguments of its stream); decodes the running suffix so multi-byte characters stay whole. The pieces
+    join to the decoded continuation: bytes of a character the model never completes come at the end."""
     prompt = torch.tensor([ids], device=device)
     new: list[int] = []
-    shown = ""
+    shown = text = ""
     for tok in model.stream(prompt, max_new_tokens, stop_ids=stop, **decoding):
         t = int(tok[0])
         if t in stop:
@@ -88,6 +89,8 @@ def stream_text(model, tokenizer, ids: list[int], max_new_tokens: int, stop: tup
         if not text.endswith("\ufffd"):          # wait for the rest of a split UTF-8 character
             yield text[len(shown):]
             shown = text
+    if text != shown:
+        yield text[len(shown):]
 
 
 def generate_cli(args) -> int:
@@ -102,8 +105,8 @@ def print_continuation(args, model, tokenizer, device: torch.device, **decoding)
     """`generate`'s output: args.prompt, then its continuation by `model` (a module, or anything
     `stream_text` decodes with, such as an ONNX decoder; `decoding`: further arguments of its stream)
     streamed to stdout as it is decoded."""
-    ids = tokenizer.encode(args.prompt).ids
-    if not ids:
+    ids = document_ids(tokenizer, args.prompt)
+    if len(ids) == 1:
         raise InputError("--prompt is empty after tokenization")
     sys.stdout.write(args.prompt)
     for piece in stream_text(model, tokenizer, ids, args.max_new_tokens, (tokenizer.token_to_id(EOT),), device=device,

@@ -25,7 +25,7 @@ import hatchling
 from hatchling import tracking
 from hatchling.checkpoint import load_for_inference
 from hatchling.data.chat import render_chat, stop_ids
-from hatchling.data.tokenizer import EOT
+from hatchling.data.tokenizer import EOT, document_ids
 from hatchling.errors import InputError
 from hatchling.inference import generate_text
 
@@ -56,7 +56,7 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
             ids = render_chat(self.tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
             stop = stop_ids(self.tokenizer)
         else:
-            ids, stop = self.tokenizer.encode(prompt).ids, (self.tokenizer.token_to_id(EOT),)
+            ids, stop = document_ids(self.tokenizer, prompt), (self.tokenizer.token_to_id(EOT),)
         return generate_text(self.model, ids, max_new_tokens, self.tokenizer.decode, temperature=temperature,
                              seed=0, stop_ids=stop, device=self.device)
 

@@ -10,7 +10,7 @@ import torch
 
 from hatchling.checkpoint import load_for_inference
 from hatchling.data.chat import render_chat
-from hatchling.data.tokenizer import load_tokenizer
+from hatchling.data.tokenizer import document_ids, load_tokenizer, train_tokenizer
 from hatchling.export.onnx import onnx_installed
 from hatchling.inference import stream_text
 from hatchling.model import build_model
@@ -112,7 +112,7 @@ def test_artifact_loads_in_a_fresh_process(exported):
 
 def test_streaming_equals_non_streaming(exported):
     model, tok, _ = load_for_inference(exported / "checkpoints/export/int8")
-    ids = tok.encode("Return the").ids
+    ids = document_ids(tok, "Return the")          # generate gives a base model its prompt as a document's start
     pieces = list(stream_text(model, tok, ids, 25, device=torch.device("cpu"), temperature=0.0))
     full = model.generate(torch.tensor([ids]), 25)[0, len(ids):].tolist()
     assert "".join(pieces) == tok.decode(full) and len(pieces) > 1
@@ -121,6 +121,26 @@ def test_streaming_equals_non_streaming(exported):
     assert proc.stdout == "Return the" + tok.decode(full) + "\n"
     sampled = [hatchling_cmd("generate", "--checkpoint", "checkpoints/pretrain", "--prompt", "x", "--seed", "3")] * 2
     assert run_cmd(sampled[0], exported).stdout == run_cmd(sampled[1], exported).stdout
+
+
+def test_stream_pieces_join_to_the_decoded_continuation_even_ending_mid_character():
+    """A model's tokens may end inside a UTF-8 character (here the first byte of "é" alone): the stream
+    holds a split character back until it is whole, and gives what is left at the end."""
+    tok = train_tokenizer(["plain ascii text only"] * 4, 300)
+    e1, e2 = (tok.token_to_id(c) for c in ("Ã", "©"))           # byte-level symbols of 0xC3 and 0xA9: "é"
+    a, b = tok.token_to_id("a"), tok.token_to_id("b")
+
+    class Replay:                       # plays back fixed tokens through the model interface stream_text uses
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def stream(self, prompt, max_new_tokens, stop_ids=(), **decoding):
+            yield from (torch.tensor([t]) for t in self.tokens[:max_new_tokens])
+
+    for tokens, pieces in [([a, e1, e2, b], ["a", "é", "b"]), ([a, e1, e2, e1], ["a", "é", "\ufffd"]),
+                           ([e1, a], ["\ufffda"])]:
+        got = list(stream_text(Replay(tokens), tok, [a], 8, device=torch.device("cpu")))
+        assert got == pieces and "".join(got) == tok.decode(tokens)
 
 
 def test_chat_command_answers_each_turn(exported):

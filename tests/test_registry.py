@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from hatchling.checkpoint import load_for_inference
 from hatchling.data.chat import render_chat, stop_ids
+from hatchling.data.tokenizer import EOT, document_ids
 from hatchling.inference import generate_text
 from hatchling.registry import CANDIDATE, REGISTERED_MODEL, log_model
 from tests.conftest import copy_project, hatchling_cmd, hatchling_here, run_cmd
@@ -36,9 +37,11 @@ def test_stages_log_models_and_rlvr_registers_the_candidate(pretrained_project, 
     client = MlflowClient(tracking_uri=uri)
     runs = _stage_runs(client)
     exp = client.get_experiment_by_name("hatchling").experiment_id
+    logged = {}
     for stage in ("pretrain", "sft", "rlvr"):
         models = client.search_logged_models([exp], filter_string=f"source_run_id = '{runs[stage].info.run_id}'")
         assert len(models) == 1, stage
+        logged[stage] = models[0].model_uri
     inputs = {d.dataset.name: d.dataset for d in runs["rlvr"].inputs.dataset_inputs}
     assert set(inputs) == {"init", "tasks"} and inputs["init"].source == "checkpoints/sft"
     assert all(len(d.digest) == 36 for d in inputs.values())
@@ -54,6 +57,12 @@ def test_stages_log_models_and_rlvr_registers_the_candidate(pretrained_project, 
                               stop_ids=stop_ids(tokenizer), device=torch.device("cpu"))
                 for q in ("What is 2 + 3?", "Write a function")]
     assert list(answers) == expected
+    # a base model continues its prompt from a document's start, as generate and the eval feed it
+    base, tokenizer, _ = load_for_inference(proj / "checkpoints/pretrain")
+    continued = mlflow.pyfunc.load_model(logged["pretrain"]).predict(pd.DataFrame({"prompt": ["def add"]}),
+                                                                      params={"max_new_tokens": 6})
+    assert list(continued) == [generate_text(base, document_ids(tokenizer, "def add"), 6, tokenizer.decode, seed=0,
+                                             stop_ids=(tokenizer.token_to_id(EOT),), device=torch.device("cpu"))]
 
     # logging a model in-process leaves the environment's tracking URI as it found it (MLflow exports its own),
     # and from another working directory (a flow run given the root) puts it beside this copy's store

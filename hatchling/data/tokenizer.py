@@ -29,6 +29,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     return tok
 
 
+def document_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """`text` as the start of a document: <|endoftext|>, which precedes every document in the packed
+    pretraining stream, then its tokens. How a base model is given a prompt everywhere: the eval, the
+    lm-eval adapter, ``hatchling generate``, the MLflow model and the transformers export's tokenizer."""
+    return [tokenizer.token_to_id(EOT), *tokenizer.encode(text).ids]
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from hatchling.data.benchmarks import SCHEMAS
 from hatchling.data.chat import render_chat, stop_ids
-from hatchling.data.tokenizer import EOT
+from hatchling.data.tokenizer import EOT, document_ids
 from hatchling.errors import ConfigError
 from hatchling.eval.continual import Memorizer
 from hatchling.eval.probes import needle, probe_accuracy
@@ -89,7 +89,7 @@ class Evaluator:
         if self.chat:
             return render_chat(self.tokenizer, [{"role": "user", "content": task.question(item)}],
                                add_generation_prompt=True)
-        return [self.bos, *self.encode(task.prompt(item))]
+        return document_ids(self.tokenizer, task.prompt(item))
 
     def answers(self, task: Task, items: list[dict], max_new_tokens: int) -> list[str]:
         """Greedy answers to many items, batched (each equal to `answer` at temperature 0)."""

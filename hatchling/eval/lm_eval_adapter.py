@@ -15,7 +15,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from hatchling.data.tokenizer import EOT
+from hatchling.data.tokenizer import EOT, document_ids
 from hatchling.eval.scoring import encode_pair, token_loglikelihoods
 from hatchling.inference import generate_text
 from hatchling.model.device import resolve_device
@@ -67,7 +67,7 @@ class HatchlingLMEval(LM):
             until = kwargs.get("until") or [self._decode([self.eot])]
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
-            out.append(generate_text(self.model, [self.eot, *self._encode(context)],
+            out.append(generate_text(self.model, document_ids(self.tokenizer, context),
                                      int(kwargs.get("max_gen_toks", 256)), self._decode, until, self.max_length,
                                      temperature, device=self._device))
         return out
