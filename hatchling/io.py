@@ -185,19 +185,25 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
     """The objects of a JSONL file, one a line (blank lines skipped); a line that is not UTF-8, not
     JSON or not a JSON object is refused as ``path:line: what is wrong``."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+        yield from (record for _, record in jsonl_records(f, path))
+
+
+def jsonl_records(lines: Iterable[bytes], path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of JSONL bytes read from `path` (a file, or the
+    decompressed content of one), with :func:`read_jsonl`'s errors."""
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+        if line.strip():
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-                yield record
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, record
 
 
 def sha1_text(text: str) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from hatchling.checkpoint import SIDECAR, TRAINER, WEIGHTS, load_for_inference, load_model, load_weights, save_model
 from hatchling.config import validate_params
-from hatchling.data.benchmarks import load_records
+from hatchling.data.benchmarks import load_records, read_raw
 from hatchling.data.corpus import iter_documents
 from hatchling.data.packed import check_same_tokenizer, load_split, pack
 from hatchling.data.tokenizer import TOKENIZER, train_tokenizer
@@ -67,6 +67,10 @@ def test_a_shard_line_that_is_not_a_json_object_is_named_by_file_and_line(tmp_pa
         shard.write_bytes(good.encode() + b"\n" + line + b"\n")       # a blank line 3 is skipped, not miscounted
         with pytest.raises(InputError, match=rf"^{shard}:4: {message}"):
             list(iter_documents(shard.parent))
+        own = tmp_path / "own_eval_set.jsonl"                           # an eval set of one's own: the same errors
+        own.write_bytes(shard.read_bytes())
+        with pytest.raises(InputError, match=rf"^{own}:4: {message}"):
+            read_raw(own)
 
 
 def tokenized(directory: Path, train: np.ndarray, vocab_size: int = 64, tokenizer_sha256: str = "a" * 64) -> Path:

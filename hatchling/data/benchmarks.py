@@ -11,13 +11,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
-import json
 import re
 import zlib
 from pathlib import Path
 
 from hatchling.data.decontam import Item
 from hatchling.errors import ConfigError, InputError
+from hatchling.io import jsonl_records
 
 SCHEMAS = {
     "arc_easy": "arc", "arc_challenge": "arc", "openbookqa": "arc", "commonsense_qa": "arc",
@@ -83,14 +83,7 @@ def read_raw(path: Path, expected_sha256: str | None = None) -> list[tuple[int, 
     data = _content(path)
     if expected_sha256:
         verify_sha256(path, data, expected_sha256)
-    records = []
-    for lineno, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                records.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-    return records
+    return list(jsonl_records(data.splitlines(), path))
 
 
 # ---- each schema's accepted forms, read into one canonical record --------------------------------
