@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -62,6 +63,13 @@ def test_bad_sft_data_is_named(tmp_path):
         read_chats([bad])
     with pytest.raises(FileNotFoundError, match="sft data: no such file"):
         read_chats([tmp_path / "absent.jsonl"])
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    for message, what in [({"role": "user", "content": None}, '"content": null'),
+                          ({"role": "bot", "content": "x"}, '"role": "bot"'), ("hi", '"hi"')]:
+        chat = {"messages": [message, *good["messages"]]}
+        bad.write_text(json.dumps(good) + "\n\n" + json.dumps(chat) + "\n")          # line 3, after a blank one
+        with pytest.raises(ValueError, match=rf"chats.jsonl:3: message 0 must be .*got .*{re.escape(what)}"):
+            read_chats([bad])
 
 
 def test_sft_stage_lowers_the_heldout_assistant_loss(pretrained_project):

@@ -10,30 +10,38 @@ begins after an end-of-text, where attention is masked and the KDA state restart
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
 from hatchling.checkpoint import load_checkpoint_tokenizer, load_model, read_sidecar
 from hatchling.data.chat import render_chat_with_mask
-from hatchling.data.tokenizer import EOT, TOKENIZER
+from hatchling.data.tokenizer import EOT, ROLE_TOKENS, TOKENIZER
 from hatchling.errors import InputError, MissingInputError
-from hatchling.io import hash_paths, read_jsonl
+from hatchling.io import hash_paths, jsonl_records
 from hatchling.model.lm import IGNORE, tokens_per_byte
 from hatchling.train.loop import Trainer, run_fingerprint
 
 
 def read_chats(paths: list[Path]) -> list[list[dict]]:
+    """The conversations of JSONL files, each checked: a bad one is named by file and line."""
     chats = []
     for path in paths:
         if not path.is_file():
             raise MissingInputError(f"sft data: no such file {path}")
-        for i, record in enumerate(read_jsonl(path), 1):
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list) or not any(m.get("role") == "assistant" for m in messages
-                                                         if isinstance(m, dict)):
-                raise InputError(f"{path}:{i}: expected {{\"messages\": [...]}} with at least one assistant turn")
-            chats.append(messages)
+        with open(path, "rb") as f:
+            for line, record in jsonl_records(f, path):
+                messages = record.get("messages")
+                if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant"
+                                                             for m in messages):
+                    raise InputError(f"{path}:{line}: expected {{\"messages\": [...]}} with at least one assistant "
+                                     "turn")
+                for i, m in enumerate(messages):
+                    if not (isinstance(m, dict) and m.get("role") in ROLE_TOKENS and isinstance(m.get("content"), str)):
+                        raise InputError(f"{path}:{line}: message {i} must be {{\"role\": one of "
+                                         f"{sorted(ROLE_TOKENS)}, \"content\": a string}}, got {json.dumps(m)[:120]}")
+                chats.append(messages)
     if not chats:
         raise InputError(f"sft data: no conversations in {', '.join(map(str, paths))}")
     return chats
@@ -50,7 +58,7 @@ def pack_chats(tokenizer, chats: list[list[dict]]) -> tuple[np.ndarray, np.ndarr
         chat_ids, trained = render_chat_with_mask(tokenizer, chat)
         ids += [*chat_ids, eot]
         labels += [t if keep else IGNORE for t, keep in zip(chat_ids, trained, strict=True)] + [IGNORE]
-        assistant_bytes += sum(len(m.get("content", "").encode()) + 1 for m in chat if m["role"] == "assistant")
+        assistant_bytes += sum(len(m["content"].encode()) + 1 for m in chat if m["role"] == "assistant")
     return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), assistant_bytes
 
 
