@@ -25,7 +25,7 @@ from hatchling.data.tokenizer import TOKENIZER, train_tokenizer
 from hatchling.errors import InputError, StageError
 from hatchling.model import build_model
 from hatchling.train.loop import Trainer
-from tests.conftest import REPO, TINY_PARAMS
+from tests.conftest import REPO, TINY_PARAMS, hatchling_here, make_project
 
 CONFIG = {"arch": "hybrid", "vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 16,
           "mlp_hidden": 64, "attn_every": 2, "chunk_size": 8}
@@ -130,6 +130,16 @@ def test_a_checkpoint_whose_tokenizer_is_not_the_datas_is_refused(tmp_path):
                           inputs=Inputs(pretrain=ck, tokenized=data), outputs=SimpleNamespace(export=tmp_path / "ex"))
     with pytest.raises(InputError, match=rf"^{ck}: its tokenizer \(sha256 {sha256(tok)}\) is not the one"):
         export_stage.run(ctx)
+
+
+def test_tokenized_data_without_a_readable_meta_json_is_named(tmp_path, capsys):
+    proj = make_project(tmp_path / "p")
+    (proj / "data/tokenized").mkdir(parents=True)
+    assert hatchling_here(proj, "run", "pretrain") == 2
+    assert f"no tokenized data at {proj / 'data/tokenized'} (run the tokenize stage first)" in capsys.readouterr().err
+    (proj / "data/tokenized/meta.json").write_text('{"dtype": "uint16", ')
+    assert hatchling_here(proj, "run", "pretrain") == 2
+    assert f"{proj / 'data/tokenized/meta.json'}: not valid JSON" in capsys.readouterr().err
 
 
 def test_a_benchmark_file_cut_short_is_refused_naming_it(tmp_path):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from hatchling.checkpoint import load_for_inference
 from hatchling.data.benchmarks import load_records
-from hatchling.data.packed import check_same_tokenizer, load_split
+from hatchling.data.packed import check_same_tokenizer, load_split, read_meta
 from hatchling.errors import MissingInputError
 from hatchling.eval.continual import forgetting
 from hatchling.eval.harness import Evaluator, Row, mean_row, run_task, tier_about
@@ -113,7 +113,7 @@ def run(ctx) -> dict:
     found = contaminated_ids(ctx.inputs.contamination)
     shots, haystack = fewshot(cfg, ctx.root), haystack_tokens(ctx.inputs.tokenized)
     val = load_split(ctx.inputs.tokenized, "val")
-    split = json.loads((ctx.inputs.tokenized / "meta.json").read_text())["val"]
+    split = read_meta(ctx.inputs.tokenized)["val"]
     per_byte = tokens_per_byte(split["tokens"], split["bytes"])
     rows: dict[tuple[str, str], dict] = {}
     needles, forgot, text_bpb = {}, {}, {}

@@ -15,7 +15,6 @@ carry, the report's ``int8_onnx`` says why it was not written.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from hatchling.checkpoint import WEIGHTS, file_sha256, load_for_inference, save_model
-from hatchling.data.packed import check_same_tokenizer, load_split
+from hatchling.data.packed import check_same_tokenizer, load_split, read_meta
 from hatchling.data.tokenizer import TOKENIZER
 from hatchling.export.onnx import ONNX_FILE, ONNX_QUANTIZATION, onnx_installed, onnx_unsupported, write_int8_onnx
 from hatchling.export.onnx_runtime import load_decoder
@@ -99,7 +98,7 @@ def export(ctx, model, meta: dict, source, out, data) -> dict:
     bf16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     save_model(model, out / "bf16", {**sidecar, "format": "bf16"}, files=files, weights=bf16)
 
-    tok_meta = json.loads((data / "meta.json").read_text())
+    tok_meta = read_meta(data)
     val = load_split(data, "val")
     val_tokens_per_byte = tokens_per_byte(tok_meta["val"]["tokens"], tok_meta["val"]["bytes"])
     prompts = sample_batch(val, p.prompts, p.prompt_len, seed=2024, device="cpu")[0]

@@ -11,11 +11,9 @@ model at step 0 (its initialisation), a unigram and an add-k bigram model of the
 
 from __future__ import annotations
 
-import json
-
 import torch
 
-from hatchling.data.packed import load_split
+from hatchling.data.packed import load_split, read_meta
 from hatchling.data.tokenizer import TOKENIZER
 from hatchling.io import hash_paths
 from hatchling.model import build_model
@@ -26,7 +24,7 @@ from hatchling.train.loop import Trainer, run_fingerprint
 
 def fresh_model(ctx) -> tuple:
     """(model seeded for pretraining, sized to the tokenizer's vocabulary; the tokenized meta)."""
-    meta = json.loads((ctx.inputs.tokenized / "meta.json").read_text())
+    meta = read_meta(ctx.inputs.tokenized)
     torch.manual_seed(ctx.params.pretrain.seed)
     return build_model(ctx.params.model.model_copy(update={"vocab_size": meta["vocab_size"]})), meta
 
