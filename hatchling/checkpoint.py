@@ -13,7 +13,6 @@ name instead of loading wrong weights.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from hatchling.data.tokenizer import TOKENIZER, load_tokenizer
 from hatchling.errors import InputError, MissingInputError
-from hatchling.io import atomic_path
+from hatchling.io import atomic_path, file_sha256
 from hatchling.model import build_model
 from hatchling.model.base import LanguageModel
 from hatchling.model.int8 import dequantize_state_dict, use_int8_linears
@@ -33,15 +32,6 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS, SIDECAR, TRAINER = "model.safetensors", "model.json", "trainer.pt"
 FORMATS = ("fp32", "bf16", "int8")
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks (about 1 GB/s: seconds for a big checkpoint)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _state_dict(model: torch.nn.Module) -> dict:

@@ -9,10 +9,12 @@ DiskFullError naming the output, after the temporary files are removed.
 from __future__ import annotations
 
 import contextlib
+import csv
 import ctypes
 import errno
 import glob
 import hashlib
+import io
 import json
 import os
 import re
@@ -175,6 +177,15 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def atomic_write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Rows as CSV with a header; the columns: every key any row has, in the order they first appear."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
@@ -206,6 +217,19 @@ def jsonl_records(lines: Iterable[bytes], path: str | Path) -> Iterator[tuple[in
             yield lineno, record
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (about 1 GB/s: seconds for a big checkpoint)."""
+    return _hashed(hashlib.sha256(), path).hexdigest()
+
+
+def _hashed(h, path: str | Path):
+    """`h` updated with the bytes of the file at `path`, a 1 MiB block at a time."""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h
+
+
 def sha1_text(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
@@ -227,7 +251,5 @@ def hash_paths(paths: Iterable[str | Path], root: str | Path) -> str:
             named.append((label.as_posix(), path))
     for name, f in sorted(named):
         h.update(name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        _hashed(h, f)
     return h.hexdigest()

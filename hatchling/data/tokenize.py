@@ -18,7 +18,7 @@ from hatchling.data.packed import pack, token_dtype
 from hatchling.data.shard_map import map_ordered
 from hatchling.data.tokenizer import EOT, TOKENIZER, train_tokenizer
 from hatchling.errors import InputError
-from hatchling.io import atomic_path
+from hatchling.io import atomic_path, file_sha256
 
 
 def is_validation(doc_key: str, fraction: float, seed: int) -> bool:
@@ -68,7 +68,7 @@ def run(ctx) -> dict:
     with atomic_path(ctx.outputs.tokenized) as tmp:
         tmp.mkdir()
         tok.save(str(tmp / TOKENIZER))
-        meta["tokenizer_sha256"] = hashlib.sha256((tmp / TOKENIZER).read_bytes()).hexdigest()
+        meta["tokenizer_sha256"] = file_sha256(tmp / TOKENIZER)
         for split, docs in (("train", train), ("val", val)):
             ids = pack(encode_documents(tok, docs, p.scale, p.workers or os.cpu_count() or 1), eot, dtype)
             ids.tofile(tmp / f"{split}.bin")

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from hatchling.checkpoint import WEIGHTS, file_sha256, load_for_inference, save_model
+from hatchling.checkpoint import WEIGHTS, load_for_inference, save_model
 from hatchling.data.packed import check_same_tokenizer, load_split, read_meta
 from hatchling.data.tokenizer import TOKENIZER
 from hatchling.export.onnx import ONNX_FILE, ONNX_QUANTIZATION, onnx_installed, onnx_unsupported, write_int8_onnx
 from hatchling.export.onnx_runtime import load_decoder
-from hatchling.io import atomic_path
+from hatchling.io import atomic_path, file_sha256
 from hatchling.model.generate import step_function
 from hatchling.model.int8 import quantize_state_dict
 from hatchling.model.lm import bits_per_byte, sample_batch, tokens_per_byte, validation_loss

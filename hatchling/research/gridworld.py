@@ -12,14 +12,12 @@ against a per-batch baseline. Every iteration appends a row to a summary CSV.
 
 from __future__ import annotations
 
-import csv
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hatchling.io import atomic_write_text
+from hatchling.io import atomic_write_csv
 from hatchling.model import build_model
 
 MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))          # up, down, left, right
@@ -116,11 +114,7 @@ def train(world: GridWorld, iterations: int, batch: int = 16, max_steps: int | N
                      "reached_fraction": round(float(reached.float().mean()), 5),
                      "steps_mean": round(float(steps.float().mean()), 3)})
     if csv_path is not None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(Path(csv_path), buf.getvalue())
+        atomic_write_csv(csv_path, rows)
     return model, rows
 
 

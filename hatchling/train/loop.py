@@ -8,9 +8,7 @@ weights of an uninterrupted run (on CPU, where kernels are deterministic).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import os
@@ -25,7 +23,7 @@ from tqdm import tqdm
 
 from hatchling.checkpoint import load_resume_state, load_weights, save_model
 from hatchling.errors import InputError, StageError
-from hatchling.io import atomic_write_text
+from hatchling.io import atomic_write_csv
 from hatchling.model.base import LanguageModel
 from hatchling.model.device import autocast, resolve_device
 from hatchling.model.lm import IGNORE, bits_per_byte, lm_loss, loss_sum, sample_batch, validation_loss
@@ -156,11 +154,7 @@ class Trainer:
         for path, rows in ((self.csv_path, self.steps), (self.eval_csv_path, self.history)):
             if path is None or not rows:
                 continue
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-            writer.writeheader()
-            writer.writerows(rows)
-            atomic_write_text(path, buf.getvalue())
+            atomic_write_csv(path, rows)
 
     # -- training -----------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, int]:

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
-import io
 import math
 import random
 import time
@@ -41,7 +39,7 @@ from hatchling.data.chat import render_chat, stop_ids
 from hatchling.data.tokenizer import TOKENIZER
 from hatchling.errors import ConfigError, MissingInputError, StageError
 from hatchling.inference import generate_texts
-from hatchling.io import atomic_write_text, hash_paths, read_jsonl
+from hatchling.io import atomic_write_csv, hash_paths, read_jsonl
 from hatchling.model.device import resolve_device
 from hatchling.stats import wilson_interval
 from hatchling.tasks.base import Task, by_tier
@@ -213,11 +211,7 @@ def run(ctx) -> dict:
     before = state["heldout_pass_before"]
     after = pass_rate(policy, tokenizer, heldout, p.max_new_tokens, tasks, device)
     sampled_before, sampled_after = mean_interval(state["heldout_sampled_before"]), mean_interval(sampled_heldout())
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(ctx.outputs.log, buf.getvalue())
+    atomic_write_csv(ctx.outputs.log, history)
     save_model(policy, ctx.outputs.model, {"tokenizer_sha256": init["tokenizer_sha256"], "stage": "rlvr",
                                     "step": p.max_steps, "init_step": init.get("step")},
                files={TOKENIZER: init_dir / TOKENIZER})
