@@ -16,20 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from hatchling.model.kda_layer import ConvOverTime, _conv_over_time
+from hatchling.stats import spread
 
 WIDTH = 4           # the layers' conv_size
-
-
-def spread(values: list[float], digits: int = 2) -> dict:
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits)}
 
 
 def main() -> None:

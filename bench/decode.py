@@ -42,14 +42,9 @@ import torch
 from hatchling.model import build_model
 from hatchling.model.generate import step_function
 from hatchling.model.kda import StepWeight, cpu_vendor, row_blocks, step_weight_parts
+from hatchling.stats import spread
 
 PATHS = ("reference", "fast", "compiled", "weights_plain", "weights_blocks")
-
-
-def spread(values: list[float], digits: int, name: str = "median") -> dict:
-    """{name: median, "min": ..., "max": ...} of repeated measurements."""
-    return {name: round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits)}
 
 
 def bandwidth(src: torch.Tensor, dst: torch.Tensor) -> tuple[float, float]:

@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from hatchling.model.kda import fla_available, kda_chunked, kda_recurrent
+from hatchling.stats import spread
 
 CPU_SHAPES = [(1, 1024, 4, 64), (1, 512, 4, 64), (2, 2048, 2, 64)]
 GPU_SHAPES = [(8, 2048, 8, 64), (2, 8192, 8, 64)]
@@ -96,12 +96,6 @@ def time_fwd_bwd(fn, xs, device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
-
-
-def spread(values: list[float], digits: int) -> dict:
-    """The median of repeated measurements and their min-max spread."""
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits)}
 
 
 def sdpa(q, k, v, g, beta):

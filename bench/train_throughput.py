@@ -56,6 +56,7 @@ from hatchling.model import ModelConfig, build_model
 from hatchling.model.kda import fla_available, kda, kda_gate, l2norm
 from hatchling.model.kda_layer import KDALayer
 from hatchling.model.sizing import matched
+from hatchling.stats import spread
 
 
 def sync(device: torch.device) -> None:
@@ -73,12 +74,6 @@ def timed(fn, device: torch.device, repeats: int) -> float:
         sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def spread(values: list[float], digits: int) -> dict:
-    """The median of repeated measurements and their min-max spread."""
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits)}
 
 
 def peak_reset(device: torch.device) -> None:
