@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -159,12 +160,18 @@ def test_seeded_rl_run_learns_an_easy_verifiable_task():
     after = heldout_accuracy()
     assert after > before + 0.4, (before, after)
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2 and stats["kl"] > 0
+    assert 0 <= stats["tis_truncated"] < 0.5
+    # the same step with every importance weight truncated (rho_max below any ratio) says so
+    everything = rl_step(policy, ref, optimizer, batch, lambda i, c: 0.0, dataclasses.replace(cfg, rho_max=0.0),
+                         kl, stop_ids=[0], generator=gen, device=torch.device("cpu"))
+    assert everything["tis_truncated"] == pytest.approx(1.0)
 
 
 def test_rlvr_stage_logs_every_step(pretrained_project):
     rows = list(csv.DictReader((pretrained_project / "logs/rlvr.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2]
-    assert {"reward_mean", "pass_rate", "kl", "kl_coef", "clip_fraction", "entropy", "response_length"} <= set(rows[0])
+    assert {"reward_mean", "pass_rate", "kl", "kl_coef", "clip_fraction", "tis_truncated", "entropy",
+            "response_length"} <= set(rows[0])
     assert float(rows[1]["kl_coef"]) != float(rows[0]["kl_coef"])            # the controller acted
     report = json.loads((pretrained_project / "reports/rlvr.json").read_text())
     assert report["heldout_items"] == 2 and 0 <= report["heldout_pass_after"] <= 1

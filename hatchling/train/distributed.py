@@ -69,10 +69,6 @@ def init_world(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
-def current_world() -> World:
-    return World(dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else World()
-
-
 def wrap_for_training(model: torch.nn.Module, world: World, strategy: str) -> torch.nn.Module:
     """The module that runs forward/backward: `model` itself (one process, or FSDP, which shards it
     in place) or a DistributedDataParallel wrapper. Build optimizers after this (FSDP swaps the

@@ -126,9 +126,9 @@ class KLController:
     def __init__(self, init: float, target: float, horizon: int):
         self.value, self.target, self.horizon = init, target, horizon
 
-    def update(self, kl: float, n_steps: int = 1) -> float:
+    def update(self, kl: float) -> float:
         error = max(-0.2, min(0.2, kl / self.target - 1))
-        self.value *= 1 + error * n_steps / self.horizon
+        self.value *= 1 + error / self.horizon
         return self.value
 
 
@@ -179,7 +179,7 @@ def rl_step(policy, ref, optimizer, prompts: list[list[int]], reward: Callable[[
     total_tokens = max(sum(int(s.mask.sum()) for _, s in buckets), 1)
     for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
-        clip_tokens = kl_sum = entropy_sum = 0.0
+        clip_tokens = truncated_tokens = kl_sum = entropy_sum = 0.0
         for (_, s), adv, old_logp, ref_logp in zip(buckets, advantages, old, refs, strict=True):
             with paused_writes(policy, epoch > 0), autocast(device):   # a memory stores each sample once
                 logp = completion_logprobs(policy, s, cfg.temperature)
@@ -188,6 +188,7 @@ def rl_step(policy, ref, optimizer, prompts: list[list[int]], reward: Callable[[
             n = int(s.mask.sum())
             ((pg * n + kl.value * kl_tok) / total_tokens).backward()
             clip_tokens += st["clip_fraction"] * n
+            truncated_tokens += st["tis_truncated"] * n
             kl_sum += float(kl_tok.detach())
             entropy_sum += float(-(logp.detach() * s.mask).sum())
         if grad_clip > 0:
@@ -197,6 +198,7 @@ def rl_step(policy, ref, optimizer, prompts: list[list[int]], reward: Callable[[
     stats = {"reward_mean": float(all_rewards.mean()), "pass_rate": float((all_rewards > 0.5).float().mean()),
              "curiosity_bonus": float(torch.cat(bonus).mean()),
              "kl": kl_sum / total_tokens, "kl_coef": kl.value, "clip_fraction": clip_tokens / total_tokens,
+             "tis_truncated": truncated_tokens / total_tokens,
              "entropy": entropy_sum / total_tokens, "response_length": total_tokens / len(all_rewards)}
     kl.update(stats["kl"])
     return stats
