@@ -308,8 +308,9 @@ class EvalParams(Section):
     batch_size: int = Field(16, ge=1)
     max_len: int = Field(512, ge=16, description="tokens of context + continuation scored at most")
     text_seq_len: int = Field(128, ge=2, description="window of each checkpoint's bits per byte on the whole "
-                                                     "validation split (pretrain.seq_len's: the pretrained model's "
-                                                     "then equals reports/pretrain.json's full_val_bpb)")
+                                                     "validation split, documents run together in it (at "
+                                                     "pretrain.seq_len, with pretrain.isolate_documents false, the "
+                                                     "pretrained model's equals reports/pretrain.json's full_val_bpb)")
     gsm8k_fewshot: int = Field(0, ge=0)
     gsm8k_fewshot_path: str = Field("data/benchmarks/gsm8k_train.jsonl.gz",
                                     description="GSM8K train file the few-shot examples come from",
