@@ -9,6 +9,7 @@ Anything wrong - an unknown key, a wrong type, a value out of range - raises one
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -443,24 +444,29 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _describe(error: dict, source: str) -> str:
+def _describe(error: dict, source: str, overridden: Iterable[str]) -> str:
     key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if any(key == o or key.startswith(f"{o}.") or o.startswith(f"{key}.") for o in overridden):
+        source = "--set"                    # the value came from the command line, not the file
     value = error.get("input")
     if error["type"] == "extra_forbidden":
         return f"{source}: {key} = {value!r}: unknown key"
     if error["type"] == "missing":
         return f"{source}: {key}: required key is missing"
-    return f"{source}: {key} = {value!r}: {error['msg']}"
+    return f"{source}: {key} = {value!r}: {error['msg'].removeprefix('Value error, ')}"
 
 
-def validate_params(tree: dict, source: str = "params") -> Params:
+def validate_params(tree: dict, source: str = "params", overridden: Iterable[str] = ()) -> Params:
+    """`tree` as Params, or one ConfigError naming each bad key, where it came from (`source`, or --set for
+    the `overridden` keys) and what is wrong."""
     try:
         return Params.model_validate(tree)
     except ValidationError as e:
         errors = e.errors(include_url=False)
-        message = _describe(errors[0], source)
+        message = _describe(errors[0], source, overridden)
         if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more: " + "; ".join(_describe(x, source) for x in errors[1:]) + ")"
+            message += f" (and {len(errors) - 1} more: " + "; ".join(_describe(x, source, overridden)
+                                                                   for x in errors[1:]) + ")"
         raise ConfigError(message) from None
 
 
@@ -497,6 +503,9 @@ def _merged(base: dict, over: dict) -> dict:
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] = ()) -> Params:
     tree = read_params_tree(path)
+    overridden = []
     for text in overrides:
-        _set_dotted(tree, *parse_override(text))
-    return validate_params(tree, source=str(path))
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+        overridden.append(key)
+    return validate_params(tree, source=str(path), overridden=overridden)

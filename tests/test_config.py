@@ -1,5 +1,7 @@
 """params.yaml validation: each kind of bad value gets one clear error, before any work."""
 
+import copy
+
 import pytest
 import yaml
 
@@ -101,8 +103,15 @@ def test_bad_values_name_key_value_and_expectation(tmp_path, override, message):
     write_params(tmp_path, TINY_PARAMS)
     with pytest.raises(ConfigError) as err:
         load_params(tmp_path / "params.yaml", [override])
-    assert message in str(err.value)
-    assert str(err.value).startswith(str(tmp_path / "params.yaml"))
+    assert str(err.value).startswith(f"--set: {message}")
+    key, value = parse_override(override)              # the same value written in the file is named by the file
+    tree = copy.deepcopy(TINY_PARAMS)
+    section, *rest = key.split(".")
+    tree.setdefault(section, {})[rest[0]] = value
+    write_params(tmp_path, tree)
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml", ["sft.lr=0.01"])                # another key given on the line
+    assert str(err.value).startswith(f"{tmp_path / 'params.yaml'}: {message}")
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -124,7 +133,7 @@ def test_cli_rejects_bad_params_before_work_and_leaves_outputs(tokenized_project
                    check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: params.yaml: tokenize.vocab_size = 'ten': "
+        "error: --set: tokenize.vocab_size = 'ten': "
         "Input should be a valid integer, unable to parse string as an integer"]
     after = {p: p.read_bytes() for p in (tokenized_project / "data").rglob("*") if p.is_file()}
     assert after == before

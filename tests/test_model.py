@@ -190,7 +190,7 @@ def test_a_field_the_arch_does_not_read_is_one_clear_error(arch, key, value, tmp
     write_params(tmp_path, {**TINY_PARAMS, "model": {"size": "toddler"}})
     with pytest.raises(ConfigError) as err:                   # the config loader names the dotted key
         load_params(tmp_path / "params.yaml", [f"model.arch={arch}", f"model.{key}={json.dumps(value)}"])
-    assert f"model.{key} = {value!r}: Value error, {key} is read only by arch" in str(err.value)
+    assert f"--set: model.{key} = {value!r}: {key} is read only by arch" in str(err.value)
     assert "more" not in str(err.value)
 
 
