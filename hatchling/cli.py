@@ -292,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     except HatchlingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:               # Ctrl-C: every output is written whole or not at all, so one line
+        print(f"error: interrupted: {args.command} stopped; what it had not finished writing was not written",
+              file=sys.stderr)
+        return 130
     except Exception as e:
         traceback.print_exc()
         if environment_fault(e):

@@ -228,6 +228,31 @@ def test_a_stage_killed_at_a_random_moment_keeps_its_outputs_and_its_rerun_ends_
         assert json.loads((proj / stage.metrics).read_text())["resumed_from_step"], "the rerun did not resume"
 
 
+def test_ctrl_c_stops_a_stage_with_one_line_its_outputs_kept_and_its_run_failed(pretrained_project, tmp_path):
+    """SIGINT to the foreground process group, as a terminal's Ctrl-C sends it, while pretraining."""
+    proj = copy_project(pretrained_project, tmp_path / "p")
+    before = _files(proj, ["checkpoints/pretrain", "reports/pretrain.json"])
+    resume = proj / "checkpoints/pretrain-run/model.json"
+    old_resume = resume.read_text()
+    proc = subprocess.Popen(hatchling_cmd("run", "pretrain", "--set", "pretrain.max_steps=100000"), cwd=proj,
+                            env=project_env(proj), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120            # until this run's first resume checkpoint: training under way
+    while proc.poll() is None and time.monotonic() < deadline and resume.read_text() == old_resume:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == (
+        "error: interrupted: run stopped; what it had not finished writing was not written")
+    assert _files(proj, ["checkpoints/pretrain", "reports/pretrain.json"]) == before
+    client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("hatchling").experiment_id],
+                              "tags.`hatchling.stage` = 'pretrain'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
 def test_a_run_killed_while_mlflow_builds_a_new_store_leaves_none_half_made(tmp_path):
     """MLflow makes its tables on a store's first use, for seconds: killed then, the store would be
     left half-made and every later run would fail on it. It is made beside its place and linked in."""
