@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -45,6 +46,7 @@ from hatchling.io import TEMP, sweep
 EXPERIMENT = "hatchling"
 PARENT_ENV = "HATCHLING_PARENT_RUN_ID"
 PIPELINE_KEY_TAG = "hatchling.pipeline_key"
+PROCESS_TAG = "hatchling.process"         # '<host>:<pid>:<start time>' of the process that owns a run
 ARTIFACTS = "mlruns"          # beside the store, as MLflow's own default
 
 logger = logging.getLogger(__name__)
@@ -186,15 +188,55 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, parent, ..., start time at [19]);
+    None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def process_key(pid: int) -> str:
+    """'<host>:<pid>:<start time>': one process, told apart from a later one given the same pid."""
+    stat = _stat(pid)
+    return f"{socket.gethostname()}:{pid}:{stat[19] if stat else '?'}"
+
+
+def _ended(key: str) -> bool:
+    """Whether the process `key` names (:func:`process_key`) has ended; only known of this host's."""
+    host, pid, start = key.rsplit(":", 2)
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    stat = _stat(int(pid))
+    return stat is None or stat[19] != start
+
+
+def close_orphans(mlf, exp_id: str) -> list[str]:
+    """Mark KILLED every run still RUNNING whose owner process (its PROCESS_TAG) has ended without
+    closing it: killed by SIGKILL, out of memory, a lost machine. A run's own process closes it however
+    it stops but these, so a new stage's run does this first. Returns the runs closed."""
+    closed = []
+    for run in mlf.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+        owner = run.data.tags.get(PROCESS_TAG)
+        if owner and _ended(owner):
+            mlf.set_tag(run.info.run_id, "hatchling.error", f"its process ({owner}) ended without closing the run: "
+                                                            "killed (SIGKILL, out of memory) or lost")
+            mlf.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
 def _dvc_ancestor_key() -> str | None:
     """'dvc:<pid>:<start time>' of the nearest ancestor process running dvc, if any (Linux /proc)."""
     pid = os.getppid()
     for _ in range(6):
-        proc = Path(f"/proc/{pid}")
         try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
+            return None
+        stat = _stat(pid)
+        if stat is None:
             return None
         if any(Path(arg.decode(errors="replace")).name in ("dvc", "dvc.exe") for arg in cmdline[:2]) or \
                 b"dvc" in cmdline[:3] and b"-m" in cmdline[:3]:
@@ -209,7 +251,8 @@ def start_parent(mlf, exp_id: str, root: Path, label: str, orchestrator: str, de
                  key: str | None = None) -> str:
     """A pipeline run. Its name says what it is: `label` (the DVC experiment, the Prefect flow run, ...)
     and the params it changes against the commit; its tags and params hold the rest (`describe`: the
-    run's overrides, params digest and flattened params, from hatchling.stages.describe_run)."""
+    run's overrides, params digest and flattened params, from hatchling.stages.describe_run). Its owner
+    (PROCESS_TAG) is the process that runs the pipeline: dvc's for `key`, else this one."""
     describe = describe or {}
     overrides = describe.get("overrides", [])
     shown = ", ".join(overrides[:3]) + (f" (+{len(overrides) - 3})" if len(overrides) > 3 else "")
@@ -221,8 +264,10 @@ def start_parent(mlf, exp_id: str, root: Path, label: str, orchestrator: str, de
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     tags.update(describe.get("tags", {}))
+    tags[PROCESS_TAG] = process_key(os.getpid())
     if key:
         tags[PIPELINE_KEY_TAG] = key
+        tags[PROCESS_TAG] = f"{socket.gethostname()}:{key.removeprefix('dvc:')}"
     run_id = mlf.create_run(exp_id, tags=tags).info.run_id
     _log_params(mlf, run_id, describe.get("params", {}))
     return run_id
@@ -257,13 +302,15 @@ class StageRun:
         self.uri = tracking_uri(root)
         self.mlf = client(root)
         self.exp_id = experiment_id(self.mlf)
+        close_orphans(self.mlf, self.exp_id)
         self.parent_id = find_or_start_parent(self.mlf, self.exp_id, root, describe)
         self.stage = stage
         parent_tags = self.mlf.get_run(self.parent_id).data.tags
         label = parent_tags.get("hatchling.label", "pipeline")
         self.orchestrator = parent_tags.get("hatchling.orchestrator")
         run_tags = {"mlflow.runName": f"{stage} @ {label}", "mlflow.parentRunId": self.parent_id,
-                    "hatchling.stage": stage, "hatchling.git_commit": git_commit(root), **tags}
+                    "hatchling.stage": stage, "hatchling.git_commit": git_commit(root),
+                    PROCESS_TAG: process_key(os.getpid()), **tags}
         self.run_id = self.mlf.create_run(self.exp_id, tags=run_tags).info.run_id
         _log_params(self.mlf, self.run_id, flatten(params))
         self._buffer: list = []

@@ -221,6 +221,10 @@ def test_a_stage_killed_at_a_random_moment_keeps_its_outputs_and_its_rerun_ends_
     assert not stray, f"the killed run left {sorted(map(str, stray))}"
 
     assert hatchling_here(proj, "run", name) == 0         # the rerun, in this process (no start-up to pay)
+    client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")     # the killed run's were closed
+    unfinished = client.search_runs([client.get_experiment_by_name("hatchling").experiment_id],
+                                    "attributes.status != 'FINISHED'")
+    assert {r.info.status for r in unfinished} <= {"KILLED"}, "a run of the killed process is left RUNNING"
     _same_work(_files(proj, kept), before)
     assert _files(proj, logs) == before_logs
     assert not [p for p in proj.rglob("*") if ".tmp-" in p.name], "the rerun left temporary files"

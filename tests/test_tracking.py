@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -157,3 +159,24 @@ def test_a_queued_dvc_experiment_records_into_the_project_that_queued_it(tmp_pat
     assert tracking.tracking_uri(Path(".")) == f"sqlite:///{project / 'mlflow.db'}"
     other = tmp_path / "other"                          # a root that is no workspace of DVC_ROOT's
     assert tracking.tracking_uri(other) == f"sqlite:///{other / 'mlflow.db'}"
+
+
+def test_runs_whose_process_ended_unclosed_are_marked_killed_when_a_stage_starts(tmp_path):
+    """A stage killed by SIGKILL cannot close its MLflow run; the next stage run in the store does, for the
+    runs whose owner process (on this host) is gone, and only those."""
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = tracking.process_key(victim.pid)
+    victim.kill()
+    victim.wait()
+    mlf = tracking.client(tmp_path)
+    exp = tracking.experiment_id(mlf)
+    runs = {name: mlf.create_run(exp, tags={tracking.PROCESS_TAG: key} if key else {}).info.run_id
+            for name, key in [("orphan", gone), ("alive", tracking.process_key(os.getpid())),
+                              ("elsewhere", f"another-host:{victim.pid}:{gone.rsplit(':', 1)[1]}"), ("untagged", None)]}
+    run = tracking.StageRun("export", {}, {}, tmp_path)
+    status = {name: mlf.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"orphan": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING", "untagged": "RUNNING"}
+    assert mlf.get_run(runs["orphan"]).data.tags["hatchling.error"].startswith(f"its process ({gone}) ended without")
+    ours = tracking.process_key(os.getpid())
+    assert {mlf.get_run(r).data.tags[tracking.PROCESS_TAG] for r in (run.run_id, run.parent_id)} == {ours}
+    run.end()
