@@ -459,6 +459,7 @@ def _describe(error: dict, source: str, overridden: Iterable[str]) -> str:
 def validate_params(tree: dict, source: str = "params", overridden: Iterable[str] = ()) -> Params:
     """`tree` as Params, or one ConfigError naming each bad key, where it came from (`source`, or --set for
     the `overridden` keys) and what is wrong."""
+    overridden = tuple(overridden)
     try:
         return Params.model_validate(tree)
     except ValidationError as e:

@@ -178,11 +178,13 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 
 def atomic_write_csv(path: str | Path, rows: list[dict]) -> None:
-    """Rows as CSV with a header; the columns: every key any row has, in the order they first appear."""
+    """Rows as CSV with a header; the columns: every key any row has, in the order they first appear.
+    No rows: an empty file."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
-    writer.writeheader()
-    writer.writerows(rows)
+    if rows:
+        writer.writeheader()
+        writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
 
 

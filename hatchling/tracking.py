@@ -197,34 +197,56 @@ def _stat(pid: int) -> list[str] | None:
         return None
 
 
+def _machine() -> str:
+    """'<host>:<boot id>:<pid namespace>': where a pid names one process (a container sharing the
+    host's name has its own namespace; a rebooted machine, a new boot id)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        boot, namespace = "?", "?"
+    return f"{socket.gethostname()}:{boot}:{namespace}"
+
+
 def process_key(pid: int) -> str:
-    """'<host>:<pid>:<start time>': one process, told apart from a later one given the same pid."""
+    """'<host>:<boot id>:<pid namespace>:<pid>:<start time>': one process, told apart from any other,
+    a later one given the same pid included."""
     stat = _stat(pid)
-    return f"{socket.gethostname()}:{pid}:{stat[19] if stat else '?'}"
+    return f"{_machine()}:{pid}:{stat[19] if stat else '?'}"
 
 
 def _ended(key: str) -> bool:
-    """Whether the process `key` names (:func:`process_key`) has ended; only known of this host's."""
-    host, pid, start = key.rsplit(":", 2)
-    if host != socket.gethostname() or not pid.isdigit():
+    """Whether the process `key` names (:func:`process_key`) is known to have ended: only said of one
+    on this machine, in this pid namespace, whose start time was read; else it may live elsewhere."""
+    head, _, start = key.rpartition(":")
+    machine, _, pid = head.rpartition(":")
+    if machine != _machine() or "?" in machine or not (pid.isdigit() and start.isdigit()):
         return False
     stat = _stat(int(pid))
-    return stat is None or stat[19] != start
+    if stat is not None:
+        return stat[19] != start
+    try:
+        os.kill(int(pid), 0)        # /proc may hide another user's processes (hidepid): ask the kernel
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
+    return False
 
 
-def close_orphans(mlf, exp_id: str) -> list[str]:
+def close_orphans(mlf, exp_id: str) -> None:
     """Mark KILLED every run still RUNNING whose owner process (its PROCESS_TAG) has ended without
     closing it: killed by SIGKILL, out of memory, a lost machine. A run's own process closes it however
-    it stops but these, so a new stage's run does this first. Returns the runs closed."""
-    closed = []
+    it stops but these, so a new stage's run does this first."""
     for run in mlf.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
         owner = run.data.tags.get(PROCESS_TAG)
-        if owner and _ended(owner):
+        # read again once its owner is gone: it may have closed the run between the search and now
+        if owner and _ended(owner) and mlf.get_run(run.info.run_id).info.status == "RUNNING":
+            logger.info("closing MLflow run %s as KILLED: its process %s ended without closing it",
+                        run.info.run_id, owner)
             mlf.set_tag(run.info.run_id, "hatchling.error", f"its process ({owner}) ended without closing the run: "
                                                             "killed (SIGKILL, out of memory) or lost")
             mlf.set_terminated(run.info.run_id, "KILLED")
-            closed.append(run.info.run_id)
-    return closed
 
 
 def _dvc_ancestor_key() -> str | None:
@@ -264,10 +286,9 @@ def start_parent(mlf, exp_id: str, root: Path, label: str, orchestrator: str, de
         if os.environ.get(env):
             tags[tag] = os.environ[env]
     tags.update(describe.get("tags", {}))
-    tags[PROCESS_TAG] = process_key(os.getpid())
+    tags[PROCESS_TAG] = f"{_machine()}:{key.removeprefix('dvc:')}" if key else process_key(os.getpid())
     if key:
         tags[PIPELINE_KEY_TAG] = key
-        tags[PROCESS_TAG] = f"{socket.gethostname()}:{key.removeprefix('dvc:')}"
     run_id = mlf.create_run(exp_id, tags=tags).info.run_id
     _log_params(mlf, run_id, describe.get("params", {}))
     return run_id

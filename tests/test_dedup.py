@@ -309,6 +309,9 @@ def test_empty_or_malformed_input_fails_and_keeps_previous_output(tmp_path, caps
     (proj / "data/crawl").mkdir()
     assert hatchling_here(proj, "run", "dedup") == 2 and "no corpus files (JSONL shards, .txt documents) in" \
         in capsys.readouterr().err
+    (proj / "data/crawl/notes.txt").write_bytes(b"caf\xe9\n")
+    assert hatchling_here(proj, "run", "dedup") == 2
+    assert f"{proj / 'data/crawl/notes.txt'}: not valid UTF-8 (byte 4)" in capsys.readouterr().err
     (proj / "data/crawl/notes.txt").write_text("one\n")
     (proj / "data/crawl/notes.jsonl").write_text('{"id": "x", "text": "two"}\n')
     assert hatchling_here(proj, "run", "dedup") == 2
@@ -326,10 +329,10 @@ def test_own_text_files_and_shards_in_subfolders_all_reach_dedups_output(tmp_pat
     (proj / "data/crawl/essay.txt").write_text(texts[2])
     (proj / "data/crawl/mine/copy.txt").write_text(texts[0])      # "a" again; files in path order, the first kept
     run_cmd(hatchling_cmd("run", "dedup"), proj)
-    out = {p.relative_to(proj / "data/dedup").as_posix(): [d["text"] for d in read_jsonl(p)]
+    out = {p.relative_to(proj / "data/dedup").as_posix(): [(d["id"], d["text"]) for d in read_jsonl(p)]
            for p in sorted((proj / "data/dedup").rglob("*.jsonl"))}
-    assert out == {"essay.jsonl": [texts[2]], "mine/copy.jsonl": [texts[0]], "mine/shard-00000.jsonl": [texts[1]],
-                   "shard-00000.jsonl": []}
+    assert out == {"essay.jsonl": [("essay.txt", texts[2])], "mine/copy.jsonl": [("copy.txt", texts[0])],
+                   "mine/shard-00000.jsonl": [("b", texts[1])], "shard-00000.jsonl": []}
 
 
 def test_unknown_benchmark_name_is_a_config_error():

@@ -140,6 +140,9 @@ def test_tokenized_data_without_a_readable_meta_json_is_named(tmp_path, capsys):
     (proj / "data/tokenized/meta.json").write_text('{"dtype": "uint16", ')
     assert hatchling_here(proj, "run", "pretrain") == 2
     assert f"{proj / 'data/tokenized/meta.json'}: not valid JSON" in capsys.readouterr().err
+    (proj / "data/tokenized/meta.json").write_text('["uint16"]')
+    assert hatchling_here(proj, "run", "pretrain") == 2
+    assert f"{proj / 'data/tokenized/meta.json'}: expected a JSON object, got list" in capsys.readouterr().err
 
 
 def test_a_benchmark_file_cut_short_is_refused_naming_it(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hatchling.cli import main
-from hatchling.data.tokenizer import EOT, TOKENIZER, train_tokenizer
+from hatchling.data.tokenizer import EOT, TOKENIZER, document_ids, train_tokenizer
 from hatchling.errors import ConfigError
 from hatchling.export import onnx_runtime
 from hatchling.export.onnx import ONNX_FILE, export_onnx, write_int8_onnx
@@ -104,7 +104,7 @@ def generate(checkpoint, capsys, *options: str) -> tuple[int, str, str]:
 
 def test_generate_decodes_an_int8_export_with_onnxruntime_and_says_so(int8_export, capsys, monkeypatch):
     decoder, tokenizer, _ = load_decoder(int8_export)
-    ids = tokenizer.encode("the cat").ids
+    ids = document_ids(tokenizer, "the cat")
     expected = "the cat" + "".join(stream_text(decoder, tokenizer, ids, 6, (tokenizer.token_to_id(EOT),),
                                                device=torch.device("cpu"), temperature=0.0)) + "\n"
     code, out, err = generate(int8_export, capsys)

@@ -170,12 +170,16 @@ def test_runs_whose_process_ended_unclosed_are_marked_killed_when_a_stage_starts
     victim.wait()
     mlf = tracking.client(tmp_path)
     exp = tracking.experiment_id(mlf)
+    host, boot, namespace, pid, start = gone.split(":")
     runs = {name: mlf.create_run(exp, tags={tracking.PROCESS_TAG: key} if key else {}).info.run_id
             for name, key in [("orphan", gone), ("alive", tracking.process_key(os.getpid())),
-                              ("elsewhere", f"another-host:{victim.pid}:{gone.rsplit(':', 1)[1]}"), ("untagged", None)]}
+                              ("other host", f"another-host:{boot}:{namespace}:{pid}:{start}"),
+                              ("other container", f"{host}:{boot}:1:{pid}:{start}"),
+                              ("start unknown", f"{host}:{boot}:{namespace}:{pid}:?"),
+                              ("malformed", "not a process key"), ("untagged", None)]}
     run = tracking.StageRun("export", {}, {}, tmp_path)
     status = {name: mlf.get_run(run_id).info.status for name, run_id in runs.items()}
-    assert status == {"orphan": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING", "untagged": "RUNNING"}
+    assert status == {"orphan": "KILLED", **{name: "RUNNING" for name in runs if name != "orphan"}}
     assert mlf.get_run(runs["orphan"]).data.tags["hatchling.error"].startswith(f"its process ({gone}) ended without")
     ours = tracking.process_key(os.getpid())
     assert {mlf.get_run(r).data.tags[tracking.PROCESS_TAG] for r in (run.run_id, run.parent_id)} == {ours}

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hatchling.errors import InputError, MissingInputError
-from hatchling.io import atomic_path, read_jsonl, sha1_text, write_jsonl
+from hatchling.io import atomic_path, jsonl_records, sha1_text, write_jsonl
 
 
 def write_shards(docs: list[dict], out_dir: str | Path, docs_per_shard: int) -> int:
@@ -36,17 +36,21 @@ def corpus_files(spec: str | Path) -> list[Path]:
 
 
 def read_documents(path: str | Path) -> Iterator[dict]:
-    """The documents of one corpus file: a JSONL shard's objects (each with a "text" string) or a .txt
-    file as one document (its path the id)."""
+    """The documents of one corpus file: a JSONL shard's objects (each with a "text" string) or a UTF-8
+    .txt file as one document (its file name the id: no path, which would differ between checkouts)."""
     path = Path(path)
     if path.suffix == ".txt":
-        text = path.read_text(encoding="utf-8")
-        yield {"id": str(path), "text": text, "sha1": sha1_text(text)}
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not valid UTF-8 (byte {e.start + 1})") from None
+        yield {"id": path.name, "text": text, "sha1": sha1_text(text)}
         return
-    for line, doc in enumerate(read_jsonl(path), 1):
-        if not isinstance(doc.get("text"), str):
-            raise InputError(f"{path}:{line}: document {doc.get('id', '?')!r} has no text field")
-        yield doc
+    with open(path, "rb") as f:
+        for line, doc in jsonl_records(f, path):
+            if not isinstance(doc.get("text"), str):
+                raise InputError(f"{path}:{line}: document {doc.get('id', '?')!r} has no text field")
+            yield doc
 
 
 def iter_documents(spec: str | Path) -> Iterator[dict]:

@@ -35,9 +35,12 @@ def read_meta(directory: str | Path) -> dict:
     if not meta_path.is_file():
         raise MissingInputError(f"no tokenized data at {directory} (run the tokenize stage first)")
     try:
-        return json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{meta_path}: not valid JSON ({e.msg})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 CHECK_CHUNK = 1 << 24       # tokens per block when scanning a split for its largest id

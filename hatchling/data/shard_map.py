@@ -53,7 +53,7 @@ def _local_map(fn: Callable, items: Sequence, workers: int) -> Iterator:
     try:
         with tempfile.TemporaryDirectory(prefix="shard-map-") as spool:
             pool = ProcessPoolExecutor(min(workers, len(items)), mp_context=get_context(method),
-                                       initializer=_default_termination)
+                                       initializer=_worker_signals)
             try:
                 for path in pool.map(functools.partial(_spooled, fn, spool), items):
                     yield _unspooled(path)
@@ -63,10 +63,13 @@ def _local_map(fn: Callable, items: Sequence, workers: int) -> Iterator:
         gc.unfreeze()
 
 
-def _default_termination() -> None:
+def _worker_signals() -> None:
     """A forked worker inherits the parent's SIGTERM handler (Prefect's raises TerminationSignal, whose
-    traceback each worker would print when the pool shuts it down): workers just end on SIGTERM."""
+    traceback each worker would print when the pool shuts it down): workers just end on SIGTERM. Ctrl-C
+    reaches the whole process group: the parent stops (one line) and ends the pool; workers ignore it
+    rather than each print a KeyboardInterrupt traceback."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _spooled(fn: Callable, spool: str, item) -> str:

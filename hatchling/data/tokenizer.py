@@ -31,8 +31,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 
 def document_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """`text` as the start of a document: <|endoftext|>, which precedes every document in the packed
-    pretraining stream, then its tokens. How a base model is given a prompt everywhere: the eval, the
-    lm-eval adapter, ``hatchling generate``, the MLflow model and the transformers export's tokenizer."""
+    pretraining stream, then its tokens: how ``hatchling generate``, the MLflow model, the eval's and the
+    lm-eval adapter's generation prompt a base model (their log-likelihood requests and the transformers
+    export's tokenizer put the same token first)."""
     return [tokenizer.token_to_id(EOT), *tokenizer.encode(text).ids]
 
 

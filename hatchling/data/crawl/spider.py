@@ -322,7 +322,9 @@ def crawl(config: dict) -> dict:
     if not_started:
         return {"fatal": fatal(not_started[0].value, url=None)}
     seconds = time.perf_counter() - t0
-    crawler.spider.progress.close()
+    bar = crawler.spider.progress
+    bar.total = bar.n               # the frontier ran out before max_pages: the bar ends full, at what was done
+    bar.close()
     spider, stats = crawler.spider, crawler.stats.get_stats()
     return {"docs": docs, "counts": dict(spider.counts), "seed_errors": spider.seed_errors,
             "errors": list(spider.errors.values()), "fatal": spider.fatal,
