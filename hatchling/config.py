@@ -444,8 +444,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _describe(error: dict, source: str, overridden: Iterable[str]) -> str:
-    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+def _key(error: dict, tree: dict) -> str:
+    """The dotted key of the value an error is about: pydantic's location less the tags it adds for the
+    member of a union it tried (``eval.limit.dict[str,int].arc_easy`` is ``eval.limit.arc_easy``)."""
+    node, parts, loc = tree, [], error["loc"]
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) \
+                and 0 <= part < len(node):
+            parts.append(str(part))
+            node = node[part]
+        elif i == len(loc) - 1 and error["type"] == "missing":
+            parts.append(str(part))
+    return ".".join(parts) or "(top level)"
+
+
+def _describe(error: dict, key: str, source: str, overridden: Iterable[str]) -> str:
     if any(key == o or key.startswith(f"{o}.") or o.startswith(f"{key}.") for o in overridden):
         source = "--set"                    # the value came from the command line, not the file
     value = error.get("input")
@@ -463,11 +476,11 @@ def validate_params(tree: dict, source: str = "params", overridden: Iterable[str
     try:
         return Params.model_validate(tree)
     except ValidationError as e:
-        errors = e.errors(include_url=False)
-        message = _describe(errors[0], source, overridden)
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more: " + "; ".join(_describe(x, source, overridden)
-                                                                   for x in errors[1:]) + ")"
+        # the deepest key first: of a union's errors, the one about the value itself
+        keyed = sorted(((_key(x, tree), x) for x in e.errors(include_url=False)), key=lambda kx: -kx[0].count("."))
+        message, *more = (_describe(x, key, source, overridden) for key, x in keyed)
+        if more:
+            message += f" (and {len(more)} more: " + "; ".join(more) + ")"
         raise ConfigError(message) from None
 
 

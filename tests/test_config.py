@@ -114,6 +114,15 @@ def test_bad_values_name_key_value_and_expectation(tmp_path, override, message):
     assert str(err.value).startswith(f"{tmp_path / 'params.yaml'}: {message}")
 
 
+def test_a_bad_value_in_a_union_is_named_by_its_own_key(tmp_path):
+    """eval.limit is a number or {task: number}: pydantic tags each member it tried onto the location."""
+    write_params(tmp_path, {**TINY_PARAMS, "eval": {**TINY_PARAMS["eval"], "limit": {"default": 3}}})
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml", ["eval.limit.arc_easy=x"])
+    assert str(err.value).startswith("--set: eval.limit.arc_easy = 'x': Input should be a valid integer")
+    assert "dict[" not in str(err.value)
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="no such params file"):
         load_params(tmp_path / "nope.yaml")
