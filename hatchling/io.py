@@ -197,8 +197,13 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> None:
 def read_jsonl(path: str | Path) -> Iterator[dict]:
     """The objects of a JSONL file, one a line (blank lines skipped); a line that is not UTF-8, not
     JSON or not a JSON object is refused as ``path:line: what is wrong``."""
+    yield from (record for _, record in numbered_jsonl(path))
+
+
+def numbered_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file, with :func:`read_jsonl`'s errors."""
     with open(path, "rb") as f:
-        yield from (record for _, record in jsonl_records(f, path))
+        yield from jsonl_records(f, path)
 
 
 def jsonl_records(lines: Iterable[bytes], path: str | Path) -> Iterator[tuple[int, dict]]:

@@ -91,6 +91,11 @@ class Stage:
         return tuple(self.outputs.values())
 
     @property
+    def kept_in_git(self) -> tuple[str, ...]:
+        """Its plots' logs and its reports: DVC outputs with ``cache: false``, which git keeps."""
+        return (*(p.path for p in self.plots.values()), *self.reports.values())
+
+    @property
     def written(self) -> dict[str, str]:
         """Every path the stage writes, by name (its metrics file aside)."""
         return {**self.outputs, **self.persist, **{k: p.path for k, p in self.plots.items()}, **self.reports}
@@ -306,8 +311,7 @@ def dvc_yaml(params: Params) -> dict:
     stages = {}
     for s in STAGES:
         entry: dict = {"cmd": f"python -m hatchling run {s.name}", "deps": dvc_deps(s, params), "params": dvc_params(s),
-                       "outs": [*s.outs, *({r: {"cache": False}} for r in (*(p.path for p in s.plots.values()),
-                                                                        *s.reports.values()))],
+                       "outs": [*s.outs, *({r: {"cache": False}} for r in s.kept_in_git)],
                        "metrics": [{s.metrics: {"cache": False}}]}
         if s.description:
             entry["desc"] = s.description
@@ -551,8 +555,7 @@ def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
     try:
         with run.system_metrics() if stage.model else contextlib.nullcontext():
             metrics = fn(context(name, params, root, run.log_metrics))
-        declared = (*stage.outputs.values(), *stage.reports.values(), *(p.path for p in stage.plots.values()))
-        if missing := [path for path in declared if not (root / path).exists()]:
+        if missing := [path for path in (*stage.outs, *stage.kept_in_git) if not (root / path).exists()]:
             raise StageError(f"stage {name} did not write {', '.join(missing)}, which hatchling/stages.py declares "
                              "as its outputs (dvc.yaml's outs): a bug in the stage")
         atomic_write_json(root / stage.metrics, metrics)

@@ -46,7 +46,7 @@ from hatchling.io import TEMP, sweep
 EXPERIMENT = "hatchling"
 PARENT_ENV = "HATCHLING_PARENT_RUN_ID"
 PIPELINE_KEY_TAG = "hatchling.pipeline_key"
-PROCESS_TAG = "hatchling.process"         # '<host>:<pid>:<start time>' of the process that owns a run
+PROCESS_TAG = "hatchling.process"         # the process that owns a run: process_key's form
 ARTIFACTS = "mlruns"          # beside the store, as MLflow's own default
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hatchling.errors import InputError, MissingInputError
-from hatchling.io import atomic_path, jsonl_records, sha1_text, write_jsonl
+from hatchling.io import atomic_path, numbered_jsonl, sha1_text, write_jsonl
 
 
 def write_shards(docs: list[dict], out_dir: str | Path, docs_per_shard: int) -> int:
@@ -46,11 +46,10 @@ def read_documents(path: str | Path) -> Iterator[dict]:
             raise InputError(f"{path}: not valid UTF-8 (byte {e.start + 1})") from None
         yield {"id": path.name, "text": text, "sha1": sha1_text(text)}
         return
-    with open(path, "rb") as f:
-        for line, doc in jsonl_records(f, path):
-            if not isinstance(doc.get("text"), str):
-                raise InputError(f"{path}:{line}: document {doc.get('id', '?')!r} has no text field")
-            yield doc
+    for line, doc in numbered_jsonl(path):
+        if not isinstance(doc.get("text"), str):
+            raise InputError(f"{path}:{line}: document {doc.get('id', '?')!r} has no text field")
+        yield doc
 
 
 def iter_documents(spec: str | Path) -> Iterator[dict]:

@@ -19,7 +19,7 @@ from hatchling.checkpoint import load_checkpoint_tokenizer, load_model, read_sid
 from hatchling.data.chat import render_chat_with_mask
 from hatchling.data.tokenizer import EOT, ROLE_TOKENS, TOKENIZER
 from hatchling.errors import InputError, MissingInputError
-from hatchling.io import hash_paths, jsonl_records
+from hatchling.io import hash_paths, numbered_jsonl
 from hatchling.model.lm import IGNORE, tokens_per_byte
 from hatchling.train.loop import Trainer, run_fingerprint
 
@@ -30,18 +30,16 @@ def read_chats(paths: list[Path]) -> list[list[dict]]:
     for path in paths:
         if not path.is_file():
             raise MissingInputError(f"sft data: no such file {path}")
-        with open(path, "rb") as f:
-            for line, record in jsonl_records(f, path):
-                messages = record.get("messages")
-                if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant"
-                                                             for m in messages):
-                    raise InputError(f"{path}:{line}: expected {{\"messages\": [...]}} with at least one assistant "
-                                     "turn")
-                for i, m in enumerate(messages):
-                    if not (isinstance(m, dict) and m.get("role") in ROLE_TOKENS and isinstance(m.get("content"), str)):
-                        raise InputError(f"{path}:{line}: message {i} must be {{\"role\": one of "
-                                         f"{sorted(ROLE_TOKENS)}, \"content\": a string}}, got {json.dumps(m)[:120]}")
-                chats.append(messages)
+        for line, record in numbered_jsonl(path):
+            messages = record.get("messages")
+            if not isinstance(messages, list) or not any(isinstance(m, dict) and m.get("role") == "assistant"
+                                                         for m in messages):
+                raise InputError(f"{path}:{line}: expected {{\"messages\": [...]}} with at least one assistant turn")
+            for i, m in enumerate(messages):
+                if not (isinstance(m, dict) and m.get("role") in ROLE_TOKENS and isinstance(m.get("content"), str)):
+                    raise InputError(f"{path}:{line}: message {i} must be {{\"role\": one of {sorted(ROLE_TOKENS)}, "
+                                     f"\"content\": a string}}, got {json.dumps(m)[:120]}")
+            chats.append(messages)
     if not chats:
         raise InputError(f"sft data: no conversations in {', '.join(map(str, paths))}")
     return chats
