@@ -189,6 +189,13 @@ def attempts(ctx: dict) -> list[dict]:
         dict(name="infinite loop", code=f"while True:\n    pass\nprint('{t}')", check=no_token),
         dict(name="daemon left behind (double fork)", code=DAEMON.format(token=t),
              check=lambda r: not ctx["survivors"]),
+        # a wrong answer that ends the program before its tests: contained when it does not pass
+        dict(name="sys.exit(0) before the tests", code="import sys\nsys.exit(0)\nassert False, 'the tests'",
+             check=lambda r: not r.passed),
+        dict(name="os._exit(0) before the tests", code="import os\nos._exit(0)\nassert False, 'the tests'",
+             check=lambda r: not r.passed),
+        dict(name="atexit os._exit(0)", code="import atexit, os\natexit.register(os._exit, 0)\nassert False",
+             check=lambda r: not r.passed),
     ]
 
 

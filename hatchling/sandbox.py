@@ -12,8 +12,12 @@ process and never lets it hang or harm the harness. Layers, outermost first:
    removable from Python): no process creation (fork, exec, spawn, system, subprocess, fork_exec),
    no signals to other processes (kill, pidfd), no sockets, no ctypes, no writes or other changes
    to files outside the working directory (dir_fds and file descriptors resolved), no reads of
-   other processes' /proc entries (their environment) or of home directories.
-   bench/sandbox_escapes.py measures every layer against the escapes (docs/benchmarks.md).
+   other processes' /proc entries (their environment) or of home directories, no raising of the
+   limits (setrlimit, prlimit), at most ``MAX_CREATED`` new files and directories (each capped in size
+   by the limits, so the disk use is bounded too). The program cannot end itself early as a pass:
+   a SystemExit (sys.exit, exit()) before the tests have run to the end is a failure (``exited``),
+   os._exit is refused, and the guard ends the process itself once the tests are through (no atexit
+   handler runs). bench/sandbox_escapes.py measures every layer against the escapes (docs/benchmarks.md).
 4. **The harness**: a wall-clock timeout, then the whole process group is killed.
 
 ``Result.isolation`` says which outer layer was in force: ``"bwrap"`` or ``"guard"`` (limits,
@@ -42,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BLOCKED_MARK = "sandbox-blocked:"
+EXITED_MARK = "sandbox-exited:"
+MAX_CREATED = 64        # new files and directories a program may make in its working directory
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +62,8 @@ _PREFIXES = tuple({os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_p
 _BLOCKED = {"os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "os.kill",
             "os.killpg", "subprocess.Popen", "socket.__new__", "socket.connect", "socket.bind",
             "socket.sendto", "ctypes.dlopen", "ctypes.dlsym", "ctypes.addressof", "ctypes.cdata",
-            "sys.addaudithook", "os.chdir", "os.putenv", "os.setuid", "os.setgid", "pty.spawn"}
+            "sys.addaudithook", "os.chdir", "os.putenv", "os.setuid", "os.setgid", "pty.spawn",
+            "resource.setrlimit", "resource.prlimit"}
 # modules the guard has disarmed below: loading a fresh copy would arm them again
 _NO_IMPORT = {"ctypes", "_ctypes", "_posixsubprocess", "_signal", "posix"}
 # events that change the file system: (where a path is, where the dir_fd it is relative to is)
@@ -65,6 +72,7 @@ _PATH_EVENTS = {"os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 
                 "os.chown": ((0, 3),), "os.utime": ((0, 3),), "os.truncate": ((0, None),),
                 "shutil.rmtree": ((0, 1),)}
 _WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+_created = [0]      # files and directories the program has made (each file's size is capped by RLIMIT_FSIZE)
 
 
 def _real(path):
@@ -97,7 +105,15 @@ def _secret(path):
 
 
 def _refuse(*args, **kwargs):
-    raise PermissionError("MARK process creation and signals by pidfd are not allowed")
+    raise PermissionError("MARK process creation, signals by pidfd and os._exit are not allowed")
+
+
+def _create(path):
+    """Count one more file or directory at `path` if it does not exist yet; refuse past MAX_CREATED."""
+    if not os.path.lexists(path):
+        _created[0] += 1
+        if _created[0] > MAX_CREATED:
+            raise PermissionError("MARK creating more than MAX_CREATED files and directories is not allowed")
 
 
 def _guard(event, args):
@@ -106,8 +122,10 @@ def _guard(event, args):
         raise PermissionError(f"MARK {what} is not allowed")
     if event == "open" and args[0] is not None and not isinstance(args[0], int):
         mode, flags = args[1] or "", args[2] or 0
-        if (any(c in mode for c in "wax+") or flags & _WRITE) and not _inside(args[0]):
-            raise PermissionError(f"MARK writing {args[0]} outside the sandbox is not allowed")
+        if any(c in mode for c in "wax+") or flags & _WRITE:
+            if not _inside(args[0]):
+                raise PermissionError(f"MARK writing {args[0]} outside the sandbox is not allowed")
+            _create(args[0])
         if _secret(args[0]):
             raise PermissionError(f"MARK reading {args[0]} is not allowed")
         if args[1] is None and not _inside(args[0]) and (flags & _WRITE or not os.path.isfile(args[0])):
@@ -122,12 +140,16 @@ def _guard(event, args):
             inside = False
         if not inside:
             raise PermissionError(f"MARK {event} outside the sandbox is not allowed")
+        if event in ("os.mkdir", "os.symlink", "os.link"):
+            _create(_target(args, *_PATH_EVENTS[event][-1]))
 
 
-# calls that raise no audit event: a child made by fork_exec, a signal sent through a pidfd
+# calls that raise no audit event: a child made by fork_exec, a signal sent through a pidfd, an exit
+# that would skip the tests (the guard keeps its own reference to end the process)
+_exit = os._exit
 _posixsubprocess.fork_exec = _refuse
 for _module, _name in ((os, "pidfd_open"), (sys.modules["posix"], "pidfd_open"), (signal, "pidfd_send_signal"),
-                       (_signal, "pidfd_send_signal")):
+                       (_signal, "pidfd_send_signal"), (os, "_exit"), (sys.modules["posix"], "_exit")):
     if hasattr(_module, _name):
         setattr(_module, _name, _refuse)
 sys.addaudithook(_guard)
@@ -136,8 +158,16 @@ _ready = int(sys.argv.pop())        # the harness's pipe: one byte says the guar
 os.write(_ready, b"1")
 os.close(_ready)
 import runpy
-runpy.run_path("program.py", run_name="__main__")
-'''.replace("MARK", BLOCKED_MARK)
+try:
+    runpy.run_path("program.py", run_name="__main__")
+except SystemExit as e:
+    sys.__stderr__.write(f"EXITED the program raised SystemExit({e.code!r}) before its tests had run to the end\n")
+    sys.__stderr__.flush()
+    _exit(1)
+for _stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+    _stream.flush()
+_exit(0)        # the tests are through: end here, before any atexit handler the program registered
+'''.replace("MARK", BLOCKED_MARK).replace("EXITED", EXITED_MARK).replace("MAX_CREATED", str(MAX_CREATED))
 
 
 class SandboxError(RuntimeError):
@@ -147,7 +177,7 @@ class SandboxError(RuntimeError):
 @dataclass
 class Result:
     passed: bool
-    status: str        # passed | failed | blocked | timeout | cpu_limit | memory_limit | output_limit
+    status: str        # passed | failed | exited | blocked | timeout | cpu_limit | memory_limit | output_limit
     stdout: str
     stderr: str
     seconds: float
@@ -228,6 +258,8 @@ def _status(code: int | None, stderr: str, timed_out: bool) -> str:
         return "output_limit"
     if BLOCKED_MARK in stderr:
         return "blocked"
+    if EXITED_MARK in stderr:
+        return "exited"
     return "failed"
 
 
@@ -247,7 +279,8 @@ def _read(path: Path, limit: int) -> str:
 
 def run_python(code: str, tests: str = "", timeout_s: float = 5.0, memory_mb: int = 512,
                output_bytes: int = 64_000, isolation: str = "auto") -> Result:
-    """Run `code` then `tests` (e.g. asserts) in a sandboxed child; passed means exit status 0."""
+    """Run `code` then `tests` (e.g. asserts) in a sandboxed child; passed means both ran to their end
+    without an exception (the guard's exit status 0)."""
     if isolation not in ("auto", "bwrap", "guard"):
         raise ValueError(f"isolation must be auto, bwrap or guard, got {isolation!r}")
     use_bwrap = isolation == "bwrap" or (isolation == "auto" and bwrap_works())

@@ -113,9 +113,44 @@ def test_bad_isolation_argument():
 
 
 def test_failing_code_is_a_result_even_when_it_mimics_the_sandbox(isolation):
-    r = run_python("import sys\nsys.stderr.write('bwrap: Creating new namespace failed\\n')\nsys.exit(1)",
+    r = run_python("import sys\nsys.stderr.write('bwrap: Creating new namespace failed\\n')\nraise ValueError",
                    isolation=isolation)
     assert r.status == "failed" and not r.passed and "bwrap: Creating new namespace failed" in r.stderr
+
+
+@pytest.mark.parametrize("ending", ["import sys\nsys.exit(0)", "exit()", "raise SystemExit", "import os\nos._exit(0)",
+                                    "import atexit, os\natexit.register(os._exit, 0)",
+                                    "import sys\nsys.modules['posix']._exit(0)"])
+def test_a_wrong_answer_cannot_end_the_program_early_as_a_pass(isolation, ending):
+    """An exit status of 0 before the tests ran would be a free reward in RLVR and a pass in the eval."""
+    r = run_python(f"def add(a, b):\n    return 0\n{ending}\n", "assert add(2, 3) == 5", isolation=isolation)
+    assert not r.passed and r.status in ("exited", "blocked", "failed"), r
+    if "SystemExit" in ending or "exit()" in ending or "sys.exit" in ending:
+        assert r.status == "exited" and "before its tests had run to the end" in r.stderr
+
+
+def test_the_guard_ends_the_program_once_the_tests_are_through(isolation):
+    """No atexit handler of the program runs after its tests, and a thread it left running does not hold the run."""
+    code = ("import atexit, threading, time\natexit.register(print, 'late')\n"
+            "threading.Thread(target=time.sleep, args=(60,)).start()\ndef add(a, b):\n    return a + b\n")
+    t0 = time.perf_counter()
+    r = run_python(code, "assert add(2, 3) == 5\nprint('tested')", timeout_s=20, isolation=isolation)
+    assert r.passed and r.stdout == "tested\n" and time.perf_counter() - t0 < 15
+
+
+def test_files_made_are_capped_and_limits_cannot_be_raised(isolation):
+    """Each file's size is capped by RLIMIT_FSIZE; their number by the guard, so the disk used is bounded."""
+    from hatchling.sandbox import MAX_CREATED
+    code = ("import os\nfor make in (lambda i: open(f'f{i}', 'w').close(), lambda i: os.mkdir(f'd{i}')):\n"
+            "    try:\n        for i in range(1000):\n            make(i)\n    except PermissionError as e:\n"
+            "        print(e)\nprint(len(os.listdir('.')))\n")
+    r = run_python(code, isolation=isolation)
+    before = {"program.py", "guard.py", "stdout", "stderr"}
+    assert r.passed and r.stdout.splitlines()[-1] == str(len(before) + MAX_CREATED), r.stdout
+    assert r.stdout.count("creating more than") == 2
+    for call in ("setrlimit(resource.RLIMIT_AS, (-1, -1))", "prlimit(0, resource.RLIMIT_CPU, (-1, -1))"):
+        r = run_python(f"import resource\nresource.{call}", isolation=isolation)
+        assert r.status == "blocked", (call, r)
 
 
 def test_an_interpreter_that_cannot_start_is_a_sandbox_error_not_failed_code(isolation):
