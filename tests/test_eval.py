@@ -220,6 +220,48 @@ ARC_ITEMS = [{"id": f"q{i}", "question": q, "choices": {"label": ["A", "B", "C"]
                  ("What is the type of 3.0?", ("int", "str", "float"), "C")])]
 
 
+class Scripted:
+    """A model whose every row says `text`'s characters (CharTokenizer ids, 0 = <|endoftext|>) one per step."""
+
+    def __init__(self, text: str):
+        self.ids = [ord(c) for c in text]
+
+    def stream(self, ids, max_new_tokens, **decoding):
+        for t in self.ids[:max_new_tokens]:
+            yield torch.full((ids.shape[0],), t)
+
+
+def test_a_base_models_answer_ends_with_its_document():
+    """Past <|endoftext|> a base model writes the next document: its numbers are not the answer."""
+    model = Scripted(" 5\0In 1990 the city grew")
+    item = {"id": "g1", "question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}
+    evaluator = Evaluator(model, CharTokenizer(), cfg(gsm8k_max_new_tokens=30), device=CPU)
+    assert evaluator.answer(Math(), item, 30) == " 5"
+    assert evaluator.answers(Math(), [item, item], 30) == [" 5", " 5"]
+    [row] = evaluator.gsm8k([item], [])
+    assert row.metric == "exact_match" and row.value == 1.0
+
+
+def test_lm_eval_adapter_generates_until_its_stops_or_the_documents_end(monkeypatch):
+    """No `until` (or an empty one, as IFEval asks) generates up to max_gen_toks, never past <|endoftext|>;
+    --batch_size auto is the adapter's default batch."""
+    import hatchling.checkpoint
+    from lm_eval.api.instance import Instance
+
+    from hatchling.eval.lm_eval_adapter import BATCH_SIZE, HatchlingLMEval
+
+    monkeypatch.setattr(hatchling.checkpoint, "load_for_inference",
+                        lambda path, device: (Scripted(" hello world\nbye\0 the next document"), CharTokenizer(), {}))
+    lm = HatchlingLMEval(checkpoint="scripted", batch_size="auto", device="cpu")
+    assert lm.batch_size == BATCH_SIZE and HatchlingLMEval(checkpoint="scripted", batch_size="3").batch_size == 3
+    with pytest.raises(ValueError, match="batch_size must be a positive whole number or auto, got 'big'"):
+        HatchlingLMEval(checkpoint="scripted", batch_size="big")
+    asks = [{"max_gen_toks": 64}, {"until": [], "max_gen_toks": 64}, {"until": "\n", "max_gen_toks": 64},
+            {"max_gen_toks": 4}]
+    said = lm.generate_until([Instance("generate_until", {}, ("Say:", kw), 0) for kw in asks])
+    assert said == [" hello world\nbye", " hello world\nbye", " hello world", " hel"]
+
+
 def test_lm_eval_adapter_agrees_with_our_harness(pretrained_project, tmp_path):
     """A local lm-eval task (ARC's prompt) on our checkpoint gives our harness's acc and acc_norm;
     rolling log-likelihood equals the sum over windows; generate_until stops at `until`."""

@@ -76,13 +76,15 @@ class Evaluator:
     def answer(self, task: Task, item: dict, max_new_tokens: int, temperature: float = 0.0,
                seed: int | None = None) -> str:
         """The model's answer to a generation item: a chat model is asked the task's question, a base
-        model continues the task's prompt up to its stop strings."""
+        model continues the task's prompt up to its stop strings or the end of its document (<|endoftext|>:
+        what follows would be the next document, not the answer)."""
         ids = self.prompt_ids(task, item)
-        if self.chat:
-            return generate_text(self.model, ids, max_new_tokens, self.decode, (), self.cfg.max_len, temperature,
-                                 seed, stop_ids(self.tokenizer), device=self.device)
-        return generate_text(self.model, ids, max_new_tokens, self.decode, task.stop, self.cfg.max_len, temperature,
-                             seed, device=self.device)
+        return generate_text(self.model, ids, max_new_tokens, self.decode, () if self.chat else task.stop,
+                             self.cfg.max_len, temperature, seed, self.stop_ids(), device=self.device)
+
+    def stop_ids(self) -> tuple[int, ...]:
+        """The tokens that end an answer: a chat model's end of turn (and of text), a base model's end of text."""
+        return stop_ids(self.tokenizer) if self.chat else (self.bos,)
 
     def prompt_ids(self, task: Task, item: dict) -> list[int]:
         """A chat model is asked the task's question as a user turn; a base model gets the task's prompt."""
@@ -94,8 +96,8 @@ class Evaluator:
     def answers(self, task: Task, items: list[dict], max_new_tokens: int) -> list[str]:
         """Greedy answers to many items, batched (each equal to `answer` at temperature 0)."""
         return generate_texts(self.model, [self.prompt_ids(task, x) for x in items], max_new_tokens, self.decode,
-                              () if self.chat else task.stop, self.cfg.max_len,
-                              stop_ids(self.tokenizer) if self.chat else (), self.cfg.batch_size, device=self.device)
+                              () if self.chat else task.stop, self.cfg.max_len, self.stop_ids(), self.cfg.batch_size,
+                              device=self.device)
 
     def multiple_choice(self, task: MultipleChoice, records: list[dict], memorizer: Memorizer | None = None,
                         suffix: str = "") -> list[Row]:

@@ -20,18 +20,34 @@ from hatchling.eval.scoring import encode_pair, token_loglikelihoods
 from hatchling.inference import generate_text
 from hatchling.model.device import resolve_device
 
+BATCH_SIZE = 16
+
+
+def batch_rows(batch_size: int | str) -> int:
+    """lm-eval's --batch_size: a number, or "auto" / "auto:N" (lm-eval's search for the largest batch that
+    fits), which this adapter takes as its default, BATCH_SIZE rows."""
+    if str(batch_size).startswith("auto"):
+        return BATCH_SIZE
+    try:
+        rows = int(batch_size)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise ValueError(f"batch_size must be a positive whole number or auto, got {batch_size!r}")
+    return rows
+
 
 @register_model("hatchling")
 class HatchlingLMEval(LM):
-    def __init__(self, checkpoint: str, batch_size: int | str = 16, max_length: int = 512, device: str | None = None,
-                 **_):
+    def __init__(self, checkpoint: str, batch_size: int | str = BATCH_SIZE, max_length: int = 512,
+                 device: str | None = None, **_):
         """`device`: lm_eval's --device (cuda, cuda:1, cpu); none given: cuda when available."""
         from hatchling.checkpoint import load_for_inference
 
         super().__init__()
         self._device = resolve_device(device or "auto")
         self.model, self.tokenizer, _ = load_for_inference(checkpoint, device=self._device)
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_rows(batch_size)
         self.max_length = int(max_length)
         self.eot = self.tokenizer.token_to_id(EOT)
 
@@ -64,12 +80,12 @@ class HatchlingLMEval(LM):
         out = []
         for req in requests:
             context, kwargs = req.args
-            until = kwargs.get("until") or [self._decode([self.eot])]
+            until = kwargs.get("until") or []          # and always the end of the document (<|endoftext|>)
             until = [until] if isinstance(until, str) else list(until)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0
             out.append(generate_text(self.model, document_ids(self.tokenizer, context),
                                      int(kwargs.get("max_gen_toks", 256)), self._decode, until, self.max_length,
-                                     temperature, device=self._device))
+                                     temperature, stop_ids=(self.eot,), device=self._device))
         return out
 
 
