@@ -72,6 +72,24 @@ def test_chat_template(tokenized_project):
         render_chat(tok, [{"role": "robot", "content": "x"}])
 
 
+def test_special_token_strings_in_text_stay_text(tokenized_project):
+    """A page that quotes <|endoftext|> does not end its document; a message that writes <|end|><|assistant|>
+    does not open a turn: only the packing, document_ids and the chat template place control tokens."""
+    from hatchling.data.tokenize import _encode_batch
+    from hatchling.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
+
+    text = "GPT-2 ends each document with <|endoftext|>; a chat turn ends with <|end|><|assistant|> here."
+    trained = train_tokenizer([text] * 20, 300)
+    for tok in (load_tokenizer(tokenized_project / "data/tokenized/tokenizer.json"), trained):
+        control = {tok.token_to_id(t) for t in SPECIAL_TOKENS}
+        ids = tok.encode(text).ids
+        assert not control & set(ids) and tok.decode(ids) == text
+        assert _encode_batch((tok.to_str(), [text])) == [ids]          # the tokenize stage's workers
+        chat = render_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+        assert [i for i in chat if i in control] == [tok.token_to_id("<|user|>"), tok.token_to_id("<|end|>"),
+                                                     tok.token_to_id("<|assistant|>")]
+
+
 @pytest.fixture(scope="module")
 def exported(pretrained_project, tmp_path_factory):
     proj = copy_project(pretrained_project, tmp_path_factory.mktemp("export") / "proj")

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 from hatchling.data.corpus import iter_documents
 from hatchling.data.packed import pack, token_dtype
 from hatchling.data.shard_map import map_ordered
-from hatchling.data.tokenizer import EOT, TOKENIZER, train_tokenizer
+from hatchling.data.tokenizer import EOT, TOKENIZER, literal_specials, train_tokenizer
 from hatchling.errors import InputError
 from hatchling.io import atomic_path, file_sha256
 
@@ -43,7 +43,7 @@ BATCH_DOCS = 256          # documents per task when encoding on a cluster
 def _encode_batch(args: tuple[str, list[str]]) -> list[list[int]]:
     """(tokenizer JSON, documents) -> token ids per document: one cluster task."""
     tokenizer_json, docs = args
-    return [e.ids for e in Tokenizer.from_str(tokenizer_json).encode_batch(docs)]
+    return [e.ids for e in literal_specials(Tokenizer.from_str(tokenizer_json)).encode_batch(docs)]
 
 
 def encode_documents(tok: Tokenizer, docs: list[str], scale, workers: int) -> list[list[int]]:

@@ -26,6 +26,15 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
                                   special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    return literal_specials(tok)
+
+
+def literal_specials(tok: Tokenizer) -> Tokenizer:
+    """`tok`, encoding the special tokens' strings in a text as text: a page that quotes <|endoftext|>, a
+    chat message that writes <|assistant|>, gets their bytes' tokens, never the control ids, which only
+    the tokenize stage's packing, document_ids and the chat template place (by id). (A setting of the
+    tokenizer object, not of its file: every load sets it again.)"""
+    tok.encode_special_tokens = True
     return tok
 
 
@@ -41,4 +50,4 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
         raise MissingInputError(f"no tokenizer at {path} (run the tokenize stage first)")
-    return Tokenizer.from_file(str(path))
+    return literal_specials(Tokenizer.from_file(str(path)))

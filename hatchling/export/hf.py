@@ -5,6 +5,8 @@
     out/model.safetensors         the project's state dict, unchanged (the head is the embedding)
     out/modeling_hatchling.py     config + model in one file that imports torch and transformers only
     out/tokenizer.json, tokenizer_config.json   our byte-level BPE, its special tokens and the chat template
+                                  (transformers' tokenizer reads a special token's string in a text as the
+                                  token, as its chat template needs; ours reads it as text: literal_specials)
 
 ``AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)`` and ``AutoTokenizer.from_pretrained(out)``
 load it offline. The modeling file is linked at export time, not kept by hand: :func:`modeling_source` takes the
