@@ -12,7 +12,15 @@ import torch
 
 from hatchling.data.packed import load_split
 from hatchling.model import build_model
-from hatchling.model.lm import bits_per_byte, loss_sum, split_loss, tokens_per_byte
+from hatchling.model.lm import (
+    IGNORE,
+    bits_per_byte,
+    loss_sum,
+    sample_batch,
+    split_loss,
+    tokens_per_byte,
+    validation_loss,
+)
 from hatchling.train.baselines import bigram_loss, ngram_baselines, unigram_loss
 
 
@@ -65,6 +73,26 @@ def test_split_loss_covers_every_token_once():
         total, count = total + float(s), count + int(n)
     assert count == 202
     assert split_loss(model, data, 16, 5) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_validation_loss_weighs_every_trained_target_alike():
+    """SFT's labels leave most windows without a target: such a window adds nothing (it used to add a loss of 0
+    to a mean of per-window means, pulling val_loss, and the early stop on it, down)."""
+    torch.manual_seed(0)
+    model = build_model({"size": "toddler", "vocab_size": 50, "d_model": 32, "n_layers": 2, "n_heads": 2,
+                         "head_dim": 16, "mlp_hidden": 64, "chunk_size": 8}).eval()
+    data = np.random.default_rng(0).integers(1, 50, 400)
+    labels = np.full(400, IGNORE)
+    for start in range(0, 400, 100):                   # trained targets in blocks of 40, gaps of 60
+        labels[start:start + 40] = data[start:start + 40]
+    total, counts = 0.0, []
+    for i in range(20):
+        x, y = sample_batch(data, 1, 16, 10**9 + i, "cpu", labels)
+        with torch.no_grad():
+            s, n = loss_sum(model, x, y)
+        total, counts = total + float(s), counts + [int(n)]
+    assert min(counts) == 0 and max(counts) > 0        # some windows hold targets, some none
+    assert validation_loss(model, data, 20, 1, 16, labels=labels) == pytest.approx(total / sum(counts), rel=1e-6)
 
 
 def test_pretrain_reports_its_baselines(pretrained_project):

@@ -49,16 +49,18 @@ def lm_loss(model, x: torch.Tensor, y: torch.Tensor, eot_id: int | None = None) 
 @torch.no_grad()
 def validation_loss(model, data: np.ndarray, batches: int, batch_size: int, seq_len: int, device="cpu",
                     autocast=None, labels: np.ndarray | None = None, eot_id: int | None = None) -> float:
-    """Mean next-token loss (nats) over fixed, seeded windows of `data`: the same for every call
-    (documents kept apart at each `eot_id`, as in loss_sum)."""
+    """Mean next-token loss (nats) per trained target over fixed, seeded windows of `data`: the same for
+    every call (documents kept apart at each `eot_id`, as in loss_sum). Every target weighs the same, so a
+    window with none (SFT: only user turns) counts for nothing rather than as a loss of 0."""
     model.eval()
     length = min(seq_len, len(data) - 2)
-    losses = []
+    total, count = 0.0, 0
     for i in range(batches):
         x, y = sample_batch(data, batch_size, length, 10**9 + i, device, labels)
         with autocast or contextlib.nullcontext():
-            losses.append(lm_loss(model, x, y, eot_id).item())
-    return float(np.mean(losses))
+            batch_total, batch_count = loss_sum(model, x, y, eot_id)
+        total, count = total + batch_total.item(), count + int(batch_count)
+    return total / max(count, 1)
 
 
 @torch.no_grad()
