@@ -260,6 +260,31 @@ def test_silent_heads_skip_their_kda_work_and_match_the_gated_update(monkeypatch
     assert torch.equal(state[0, 1], S0[0, 1])                                   # silent: state untouched
 
 
+def test_silent_heads_still_get_their_spikes_gradient_in_training():
+    """A head silent over the whole window must still learn to fire: in training no pair is skipped and the
+    gradient reaching every spike is the gated update's."""
+    torch.manual_seed(0)
+    B, T, H, K = 2, 12, 3, 8
+    q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, K, dtype=torch.float64), dim=-1) for _ in range(2))
+    v, w = torch.randn(B, T, H, K, dtype=torch.float64), torch.randn(B, T, H, K, dtype=torch.float64)
+    g = -torch.rand(B, T, H, K, dtype=torch.float64)
+    beta = torch.rand(B, T, H, dtype=torch.float64)
+    fired = (torch.rand(B, T, H) < 0.5).double()
+    fired[0, :, 1] = 0                                    # (row 0, head 1) silent throughout
+    grads = []
+    for skipping in (True, False):
+        spikes = fired.clone().requires_grad_(True)
+        if skipping:
+            o, _, skipped = kda_skipping_silent(q, k, v, g, beta, spikes, chunk_size=4, backend="chunked")
+            assert skipped == 0.0
+        else:
+            o, _ = kda(q, k, v, g * spikes[..., None], beta * spikes, chunk_size=4, backend="recurrent")
+        (o * w).sum().backward()
+        grads.append(spikes.grad)
+    assert grads[1][0, :, 1].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-8)
+
+
 # -- token dropping ---------------------------------------------------------------------------------
 
 def dropping_model():

@@ -4,8 +4,10 @@ Each head integrates a scalar drive from the layer input, u_t = decay * u_{t-1} 
 when u_t crosses the threshold (soft reset: u_t -= threshold). On a spike the head's KDA update
 runs as usual; when it is silent both the decay and the write are switched off (g = 0, beta = 0),
 so the state S_t is exactly S_{t-1}. A head silent over a whole sequence therefore needs no KDA
-work at all: `kda_skipping_silent` leaves it out of the kernel call and answers its queries from
-the unchanged initial state.
+work in a forward pass: where no gradient flows to the spikes (eval, decoding), `kda_skipping_silent`
+leaves it out of the kernel call and answers its queries from the unchanged initial state. In
+training it does not: the surrogate gradient of a silent head's spikes, what lets it learn to fire,
+runs through the KDA update it switched off.
 
 The spike is a step function; training uses a surrogate gradient (the derivative of a fast
 sigmoid, 1 / (1 + k|u - threshold|)^2) so the drive still learns.
@@ -108,16 +110,17 @@ class LIFGate(nn.Module):
 
 
 def kda_skipping_silent(q, k, v, g, beta, spikes, initial_state=None, output_final_state=False, **kda_kwargs):
-    """KDA with the update of silent tokens switched off, skipping (batch, head) pairs that never fire.
+    """KDA with the update of silent tokens switched off, skipping (batch, head) pairs that never fire
+    when no gradient is to flow to `spikes` (a skipped pair's spikes would get none).
 
     q, k: [B, T, H, K]; v: [B, T, H, V]; g: [B, T, H, K]; beta, spikes: [B, T, H].
     Returns (o [B, T, H, V], final state [B, H, K, V] or None, skipped share of (batch, head) pairs).
-    Equal to ``kda(q, k, v, g * spikes, beta * spikes, ...)`` (test: tests/test_research.py).
+    Equal to ``kda(q, k, v, g * spikes, beta * spikes, ...)``, values and gradients (tests/test_research.py).
     """
     g, beta = g * spikes[..., None], beta * spikes
     B, T, H, K = q.shape
     active = spikes.detach().amax(dim=1) > 0                               # [B, H]
-    if bool(active.all()):
+    if bool(active.all()) or (torch.is_grad_enabled() and spikes.requires_grad):
         o, state = kda(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
                        **kda_kwargs)
         return o, state, 0.0
