@@ -247,6 +247,72 @@ def test_two_process_ddp_and_fsdp_equal_one_process_with_the_global_batch(tokeni
                                                   for k, v in exp_avg.items()), "optimizer state not whole"
 
 
+def _train_on_two_ranks(rank: int, port: int, strategy: str, config: dict, out: str) -> None:
+    """One of two gloo ranks: 3 AdamW steps of `config`'s model on this rank's half of fixed global batches
+    (the trainer's loss: the mean next-token loss plus the switches' own), then its whole weights to `out`."""
+    import os
+
+    import torch.distributed as dist
+
+    from hatchling.train.distributed import full_state, init_world, wrap_for_training
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    world = init_world(torch.device("cpu"))
+    try:
+        weights = _three_steps(config, world, wrap_for_training, strategy)
+        torch.save(full_state(weights, [], strategy)[0], f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _three_steps(config: dict, world, wrap, strategy: str):
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    module = wrap(model, world, strategy)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(3):
+        x = torch.randint(0, 61, (4, 17), generator=torch.Generator().manual_seed(step))
+        x, y = world.shard(x[:, :-1]), world.shard(x[:, 1:])
+        loss = torch.nn.functional.cross_entropy(module(x).float().flatten(0, 1), y.flatten())
+        (loss + sum(model.aux_losses().values(), torch.zeros(()))).backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("strategy, config", [
+    ("ddp", {"vocab_size": 61, "d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 8, "mlp_hidden": 64,
+             "use_episodic_memory": True}),
+    ("fsdp", {"arch": "bdh", "vocab_size": 61, "d_model": 32, "n_layers": 2, "n_heads": 2, "bdh": {"neurons": 64}})])
+def test_two_ranks_train_the_research_models(strategy, config, tmp_path):
+    """DDP with the episodic memory (its read path idle on the first step, an empty store, and on any step a
+    rank reads nothing) and FSDP with BDH (its layers' parameters read without calling them) train on two
+    gloo ranks: DDP's ranks end with the same weights; FSDP's equal one process's on the whole batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from hatchling.train.distributed import World
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_train_on_two_ranks, args=(port, strategy, config, str(tmp_path)), nprocs=2, join=True)
+    first = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    if strategy == "fsdp":                # rank 0 gathers the whole state
+        alone = _three_steps(config, World(), lambda model, *_: model, strategy).state_dict()
+        assert first.keys() == alone.keys()
+        for key in alone:
+            torch.testing.assert_close(first[key], alone[key], rtol=1e-4, atol=1e-5, msg=key)
+    else:
+        second = torch.load(tmp_path / "rank1.pt", weights_only=True)
+        for key in first:
+            torch.testing.assert_close(second[key], first[key], msg=key)
+        initial = (torch.manual_seed(0), build_model(config))[1].state_dict()
+        assert any(not torch.equal(first[k], initial[k]) for k in initial if k.startswith("memory."))
+
+
 def test_rank_losses_average_to_the_global_mean_gradient_with_uneven_masks():
     """Two ranks whose halves hold different numbers of trained (non-IGNORE) targets: averaging
     their gradients (what DDP does) gives the single-process gradient of the global mean."""

@@ -169,12 +169,17 @@ class EpisodicMemory(nn.Module):
         reads = (a > 0.5) & (len(self.store) > 0)
         self.last_stats = {"memory_read_fraction": float(reads.float().mean()),
                            "memory_access_mean": float(a.detach().mean())}
-        out = h + self._read(h, reads, a, embedding) if bool(reads.any()) else h
+        out = h + (self._read(h, reads, a, embedding) if bool(reads.any()) else self._idle(a))
         self.last_aux = {"memory_penalty": self.penalty * F.relu(a.mean() - self.budget) ** 2} if self.training else {}
         if (self.training or self.write_in_eval) and not self.writes_paused:
             self._write(h.detach(), input_ids, logp.detach(), cache)
         self.last_stats["memory_size"] = float(len(self.store))
         return out
+
+    def _idle(self, a: torch.Tensor) -> torch.Tensor:
+        """Nothing read (an empty store, no token asking): a zero that passes through the read path's
+        parameters, so each step's graph holds every parameter, as DistributedDataParallel requires."""
+        return 0.0 * (a.sum() + sum(p.sum() for p in (*self.gate.parameters(), *self.read_proj.parameters())))
 
     def _read(self, h: torch.Tensor, reads: torch.Tensor, a: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """The gated recall for the reading tokens, zero elsewhere: [B, T, d]."""

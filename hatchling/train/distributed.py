@@ -76,11 +76,13 @@ def wrap_for_training(model: torch.nn.Module, world: World, strategy: str) -> to
     if world.size == 1:
         return model
     if strategy == "fsdp":
-        for block in model.blocks:
+        # each block a unit of its own; BDH reads its layers' parameters without calling them (no forward
+        # for FSDP to gather them in), so it is one unit, the model
+        for block in getattr(model, "blocks", ()):
             fully_shard(block)
         fully_shard(model)
         return model
-    return DistributedDataParallel(model)
+    return DistributedDataParallel(model)      # every parameter is in every step's graph (memory.py: _idle)
 
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
