@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -100,6 +100,13 @@ class CrawlParams(Section):
     license: LicenseParams = Field(default_factory=LicenseParams)
     docs_per_shard: int = Field(32, ge=1)
     progress: bool | None = None
+
+    @model_validator(mode="after")
+    def _check_chars(self):
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is above max_chars ({self.max_chars}): every page "
+                             "would be dropped")
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -220,6 +227,16 @@ class TrainParams(Section):
         return self
 
     @model_validator(mode="after")
+    def _check_betas(self):
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
+        low, high = self.adapm_beta_range
+        if self.optimizer == "adapm" and not 0 <= low <= self.betas[0] <= high < 1:
+            raise ValueError(f"optimizer 'adapm' needs 0 <= adapm_beta_range[0] <= betas[0] <= adapm_beta_range[1] "
+                             f"< 1, got betas {list(self.betas)} and adapm_beta_range {[low, high]}")
+        return self
+
+    @model_validator(mode="after")
     def _check_curriculum(self):
         steps = [s for s, _ in self.seq_len_curriculum]
         if steps != sorted(steps) or any(length < 2 for _, length in self.seq_len_curriculum):
@@ -326,7 +343,7 @@ class EvalParams(Section):
         default_factory=ProbeBenchConfig, description="fresh small models of each arch trained on synthetic recall "
                                                       "tasks, accuracy by length (hatchling/eval/probe_bench.py); "
                                                       "null = off")
-    needle_lengths: list[int] = Field(default_factory=lambda: [128, 512], min_length=1)
+    needle_lengths: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [128, 512], min_length=1)
     needle_items: int = Field(0, ge=0, description="needle-in-a-haystack items per length (0 = off: it means "
                                                    "something for models trained on long contexts, xs and up)")
     memorize_steps: int = Field(0, ge=0, description="test-time memorization: SGD steps on each multiple-choice "
@@ -432,13 +449,34 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, refusing a key given twice in one mapping (PyYAML keeps the last one and
+    drops the first without a word: a second `pretrain:` section pasted at the end would silently
+    replace the whole first one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep) if key_node.tag != "tag:yaml.org,2002:merge" else "<<"
+            if key in seen and key != "<<":
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """`text` read as YAML, safely, refusing a key given twice in one mapping."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=value`` -> ("a.b", parsed value); the value is read as YAML (so 3e-4, true, [1, 2])."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. pretrain.lr=3e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {key}: cannot parse {raw!r} as a value ({e.problem})") from None
     return key.strip(), value
@@ -490,9 +528,13 @@ def read_params_tree(path: str | Path, _seen: frozenset = frozenset()) -> dict:
     a profile such as params-gpu.yaml holds only what it changes and follows params.yaml otherwise."""
     path = Path(path)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = load_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such params file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the params file: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):

@@ -34,7 +34,7 @@ import yaml
 from pydantic import BaseModel
 
 import hatchling
-from hatchling.config import RUN_KEYS, Params, load_params, validate_params
+from hatchling.config import RUN_KEYS, Params, load_params, load_yaml, validate_params
 from hatchling.context import Declared, StageContext
 from hatchling.errors import ConfigError, StageError
 from hatchling.io import atomic_write_json, hash_paths
@@ -354,11 +354,14 @@ def describe_run(params: Params, root: Path) -> dict:
     from hatchling.tracking import flatten
 
     flat = flatten(params.model_dump(mode="json"))
-    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True)
+    try:
+        committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True)
+    except OSError:                          # no git on this machine (doctor: optional): nothing to compare with
+        committed = None
     overrides = []
-    if committed.returncode == 0:
+    if committed is not None and committed.returncode == 0:
         try:
-            baseline = flatten(validate_params(yaml.safe_load(committed.stdout) or {}).model_dump(mode="json"))
+            baseline = flatten(validate_params(load_yaml(committed.stdout) or {}).model_dump(mode="json"))
         except (ConfigError, yaml.YAMLError):
             baseline = {}                    # the committed file predates the schema: everything differs
         overrides = [f"{k}={v}" for k, v in sorted(flat.items()) if baseline.get(k) != v]

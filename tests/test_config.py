@@ -131,6 +131,34 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_override("pretrain.lr")
+    # a section given twice: PyYAML would keep the second and drop the first without a word
+    (tmp_path / "twice.yaml").write_text("pretrain:\n  warmup_steps: 30\nsft: {}\npretrain:\n  max_steps: 5\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: 'pretrain' is given twice in one mapping"):
+        load_params(tmp_path / "twice.yaml")
+    with pytest.raises(ConfigError, match=r"--set pretrain.betas: cannot parse .* as a value \('a' is given twice"):
+        parse_override("pretrain.betas={a: 1, a: 2}")
+    with pytest.raises(ConfigError, match=r"cannot read the params file: Is a directory"):
+        load_params(tmp_path)
+    (tmp_path / "latin1.yaml").write_bytes("pretrain:\n  lr: 0.01 # d\xe9j\xe0\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 text"):
+        load_params(tmp_path / "latin1.yaml")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["pretrain.betas=[1.5, 0.95]"], "betas must each be in [0, 1), got [1.5, 0.95]"),
+    (["pretrain.optimizer=adapm", "pretrain.adapm_beta_range=[0.95, 0.99]"],
+     "optimizer 'adapm' needs 0 <= adapm_beta_range[0] <= betas[0] <= adapm_beta_range[1] < 1"),
+    (["crawl.min_chars=5000", "crawl.max_chars=100"], "min_chars (5000) is above max_chars (100)"),
+    (["eval.needle_lengths=[128, -4]"], "eval.needle_lengths.1 = -4: Input should be greater than or equal to 1"),
+    (["model.arch=gpt", "model.chunk_size=32", "model.head_dim=5"], "head_dim (5) must be even for arch 'gpt'"),
+])
+def test_values_that_cannot_work_together_are_refused_before_any_work(tmp_path, overrides, message):
+    """Each used to pass the schema and fail late: the optimizers' raw ValueError, a crawl that drops every
+    page, the eval's needle after loading its checkpoints, RoPE in the first forward pass."""
+    write_params(tmp_path, TINY_PARAMS)
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml", overrides)
+    assert message in str(err.value)
 
 
 def test_cli_rejects_bad_params_before_work_and_leaves_outputs(tokenized_project):

@@ -245,9 +245,9 @@ def test_a_base_models_answer_ends_with_its_document():
 def test_lm_eval_adapter_generates_until_its_stops_or_the_documents_end(monkeypatch):
     """No `until` (or an empty one, as IFEval asks) generates up to max_gen_toks, never past <|endoftext|>;
     --batch_size auto is the adapter's default batch."""
-    import hatchling.checkpoint
     from lm_eval.api.instance import Instance
 
+    import hatchling.checkpoint
     from hatchling.eval.lm_eval_adapter import BATCH_SIZE, HatchlingLMEval
 
     monkeypatch.setattr(hatchling.checkpoint, "load_for_inference",
@@ -260,6 +260,21 @@ def test_lm_eval_adapter_generates_until_its_stops_or_the_documents_end(monkeypa
             {"max_gen_toks": 4}]
     said = lm.generate_until([Instance("generate_until", {}, ("Say:", kw), 0) for kw in asks])
     assert said == [" hello world\nbye", " hello world\nbye", " hello world", " hel"]
+
+
+def test_a_needle_fills_its_length_or_names_the_setting_that_is_too_short():
+    import random
+
+    from hatchling.errors import ConfigError
+    from hatchling.eval.probes import needle
+
+    tok, haystack = CharTokenizer(), [ord(c) for c in "filler text. " * 50]
+    item = needle(random.Random(0), tok, haystack, 200)
+    answer = "".join(chr(t) for t in item.tokens[item.targets[0]:])
+    assert len(item.tokens) == 200 and answer.strip().isdigit() and f"number is {answer.strip()}." in \
+        "".join(map(chr, item.tokens))
+    with pytest.raises(ConfigError, match=r"eval.needle_lengths: 40 tokens is too short .* \(\d+ tokens at least"):
+        needle(random.Random(0), tok, haystack, 40)
 
 
 def test_lm_eval_adapter_agrees_with_our_harness(pretrained_project, tmp_path):

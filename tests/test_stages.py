@@ -154,6 +154,23 @@ def test_a_stage_that_does_not_write_a_declared_output_fails_before_its_report(t
     assert not (tmp_path / "reports/crawl.json").exists()
 
 
+def test_a_run_is_described_against_the_committed_params_and_without_git_as_well(tmp_path, monkeypatch):
+    """The MLflow run's overrides are the keys that differ from HEAD's params.yaml; a machine without git
+    (doctor: optional) describes the run without them instead of failing the stage."""
+    from hatchling.stages import describe_run
+
+    write_params(tmp_path, TINY_PARAMS)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    for args in (["init", "-q"], ["add", "params.yaml"], ["commit", "-qm", "params"]):
+        subprocess.run(git + args, check=True)
+    params = validate_params({**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "lr": 0.5}})
+    with_git = describe_run(params, tmp_path)
+    assert with_git["overrides"] == ["pretrain.lr=0.5"]
+    monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
+    without = describe_run(params, tmp_path)
+    assert without["overrides"] == [] and without["params"] == with_git["params"]
+
+
 def test_eval_reads_validation_tokens_in_the_dtype_tokenize_wrote(tmp_path):
     """A vocabulary over 65,536 packs uint32 tokens; the needle probe's haystack must read them as such."""
     from hatchling.data.packed import pack, token_dtype

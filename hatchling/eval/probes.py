@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hatchling.errors import ConfigError
 from hatchling.model.device import autocast
 
 
@@ -63,7 +64,8 @@ def needle(rng: random.Random, tokenizer, haystack: list[int], length: int) -> P
     answer = tokenizer.encode(f" {number}").ids
     room = length - len(fact) - len(question) - len(answer)
     if room < 1:
-        raise ValueError(f"needle length {length} is too short for the needle and the question")
+        raise ConfigError(f"eval.needle_lengths: {length} tokens is too short for the needle, the question and the "
+                          f"answer ({length - room + 1} tokens at least with this tokenizer)")
     start = rng.randrange(0, max(1, len(haystack) - room))
     filler = haystack[start:start + room]
     depth = rng.randrange(0, len(filler) + 1)

@@ -174,6 +174,8 @@ class ModelConfig(BaseModel):
         reads = ARCH_FIELDS[self.arch]
         if "n_kv_heads" in reads and self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.arch == "gpt" and self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for arch 'gpt' (RoPE rotates pairs)")
         defaults = {name: field.get_default(call_default_factory=True)      # other archs' fields: e.g. after
                     for name, field in type(self).model_fields.items() if name not in reads}   # `cfg.arch = "bdh"`
         set_elsewhere = [name for name, default in defaults.items() if getattr(self, name) != default]
