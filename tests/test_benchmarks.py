@@ -109,6 +109,11 @@ def test_the_real_files_read_into_lm_evals_prompt_fields():
     assert siqa["label"] == 2 and len(siqa["answers"]) == 3          # "3" -> the third answer
 
 
+WINO = {"sentence": "_ ran", "option1": "a", "option2": "b", "answer": "1"}
+PIQA = {"goal": "g", "sol1": "a", "sol2": "b", "label": 0}
+SIQA = {"context": "c", "question": "q", "answerA": "a", "answerB": "b", "answerC": "c", "label": "1"}
+
+
 @pytest.mark.parametrize("name, record, message", [
     ("arc_easy", {"id": "x", "question": {"stem": "Q?"}, "answerKey": "A"},
      r"f\.jsonl:2: missing field 'choices' of the arc_easy schema \(accepted: AI2's"),
@@ -118,15 +123,27 @@ def test_the_real_files_read_into_lm_evals_prompt_fields():
      r"f\.jsonl:2: sentence has no blank '_'"),
     ("boolq", {"passage": "p", "question": "q", "answer": "maybe"}, r"f\.jsonl:2: answer 'maybe' is not a boolean"),
     ("arc_easy", {**ARC_HF, "answerKey": "E"}, r"f\.jsonl:2: answerKey 'E' is not one of the labels \['A', 'B'\]"),
+    # answers out of range and empty choices were scored (as wrong) or crashed acc_norm (a division by zero)
+    ("piqa", {**PIQA, "label": -1}, r"f\.jsonl:2: label -1 is not one of \[0, 1\] \(an unlabeled split\?\)"),
+    ("hellaswag", {**HS_PRE, "label": 7}, r"f\.jsonl:2: label 7 is not one of \[0, 1\]"),
+    ("winogrande", {**WINO, "answer": "3"}, r"f\.jsonl:2: answer '3' is not one of \[1, 2\]"),
+    ("siqa", {**SIQA, "label": "0"}, r"f\.jsonl:2: label '0' is not one of \[1, 2, 3\]"),
+    ("arc_easy", {**ARC_HF, "choices": {"text": ["x", " "], "label": ["A", "B"]}}, r"f\.jsonl:2: choice 1 has no text"),
+    ("piqa", {**PIQA, "sol2": ""}, r"f\.jsonl:2: choice 1 has no text"),
 ])
 def test_a_record_in_no_known_form_names_file_line_and_field(tmp_path, name, record, message):
-    good = {"arc_easy": ARC_HF, "hellaswag": HS_PRE, "winogrande": {"sentence": "_ ran", "option1": "a",
-                                                                    "option2": "b", "answer": "1"},
+    good = {"arc_easy": ARC_HF, "hellaswag": HS_PRE, "winogrande": WINO, "piqa": PIQA, "siqa": SIQA,
             "boolq": {"passage": "p", "question": "q", "answer": False}}[name]
     path = tmp_path / "f.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
     with pytest.raises(InputError, match=message):
         load_records(name, str(path))
+
+
+def test_an_empty_set_is_refused_rather_than_scored_nan(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(InputError, match=r"empty.jsonl: no records \(benchmarks.piqa: an empty file scores nothing\)"):
+        load_records("piqa", str(tmp_path / "empty.jsonl"))
 
 
 def test_gsm8k_fewshot_works_out_of_the_box():

@@ -90,6 +90,22 @@ def read_raw(path: Path, expected_sha256: str | None = None) -> list[tuple[int, 
 # A reader takes a record in any accepted form and returns the canonical one; a missing field is a
 # KeyError naming it, which the loader turns into an error naming the file and line.
 
+def _answer(value, n: int, first: int = 0, field: str = "label") -> int:
+    """`value` (a number, or its string) as the 0-based index of one of n choices numbered from `first`."""
+    index = int(value) - first
+    if not 0 <= index < n:
+        raise ValueError(f"{field} {value!r} is not one of {list(range(first, first + n))} (an unlabeled split?)")
+    return index
+
+
+def _texts(choices: list[str]) -> list[str]:
+    """The choices, each with some text (acc_norm divides a choice's score by its length)."""
+    empty = [i for i, text in enumerate(choices) if not str(text).strip()]
+    if empty:
+        raise ValueError(f"choice {empty[0]} has no text")
+    return choices
+
+
 def _choices(c) -> tuple[list[str], list[str]]:
     if isinstance(c, dict):                      # HF: {"text": [...], "label": [...]}
         return [str(x) for x in c["label"]], [str(x) for x in c["text"]]
@@ -105,7 +121,7 @@ def _arc(d: dict) -> dict:
     key = str(d["answerKey"]).strip()
     if key not in labels:
         raise ValueError(f"answerKey {key!r} is not one of the labels {labels}")
-    return {"question": question, "choices": texts, "labels": labels, "label": labels.index(key)}
+    return {"question": question, "choices": _texts(texts), "labels": labels, "label": labels.index(key)}
 
 
 def hellaswag_clean(text: str) -> str:
@@ -117,26 +133,29 @@ def hellaswag_clean(text: str) -> str:
 
 def _hellaswag(d: dict) -> dict:
     if "query" in d:                             # lm-eval's preprocessed form: {query, endings, label}
-        return {"query": d["query"], "endings": list(d["endings"]), "label": int(d["label"])}
-    ctx = f"{d['ctx_a']} {d['ctx_b'].capitalize()}" if "ctx_a" in d else d["ctx"]    # raw (or HF's ctx)
-    return {"query": hellaswag_clean(f"{d['activity_label']}: {ctx}"),
-            "endings": [hellaswag_clean(e) for e in d["endings"]], "label": int(d["label"])}
+        query, endings = d["query"], list(d["endings"])
+    else:
+        ctx = f"{d['ctx_a']} {d['ctx_b'].capitalize()}" if "ctx_a" in d else d["ctx"]    # raw (or HF's ctx)
+        query, endings = hellaswag_clean(f"{d['activity_label']}: {ctx}"), [hellaswag_clean(e) for e in d["endings"]]
+    return {"query": query, "endings": _texts(endings), "label": _answer(d["label"], len(endings))}
 
 
 def _winogrande(d: dict) -> dict:
     if "_" not in d["sentence"]:
         raise ValueError("sentence has no blank '_'")
+    _texts([d["option1"], d["option2"]])
     return {"sentence": d["sentence"], "option1": d["option1"], "option2": d["option2"],
-            "label": int(d["answer"]) - 1}
+            "label": _answer(d["answer"], 2, first=1, field="answer")}
 
 
 def _piqa(d: dict) -> dict:
-    return {"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": int(d["label"])}
+    _texts([d["sol1"], d["sol2"]])
+    return {"goal": d["goal"], "sol1": d["sol1"], "sol2": d["sol2"], "label": _answer(d["label"], 2)}
 
 
 def _siqa(d: dict) -> dict:
     return {"context": d["context"], "question": d["question"],
-            "answers": [d["answerA"], d["answerB"], d["answerC"]], "label": int(d["label"]) - 1}
+            "answers": _texts([d["answerA"], d["answerB"], d["answerC"]]), "label": _answer(d["label"], 3, first=1)}
 
 
 _TRUE, _FALSE = (True, 1, "true", "yes", "1"), (False, 0, "false", "no", "0")
@@ -204,6 +223,8 @@ def load_records(name: str, path: str, root: Path = Path(".")) -> tuple[list[dic
     listed = published(found)
     expected = KNOWN_SHA256.get(path) or (listed[0] if listed else None)
     raw = read_raw(found, expected)
+    if not raw:
+        raise InputError(f"{found}: no records (benchmarks.{name}: an empty file scores nothing)")
     if listed and len(raw) != listed[1]:
         raise InputError(f"{found}: {len(raw)} items, not the {listed[1]} that {found.parent / SOURCES} lists")
     return canonical(name, found, raw), "ok"
