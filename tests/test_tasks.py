@@ -96,6 +96,9 @@ def test_how_items_are_asked():
     ("#### 5\nthen 9", "5"),                      # the marked answer wins over a later number
     ("no numbers here", None),
     ("it costs $0.00", "0"),
+    ("I think .5", "0.5"),                        # a half, not 5
+    ("pi is 3.14.", "3.14"),
+    ("#### 12345678901234567890123456789", "12345678901234567890123456789"),    # exact past 28 digits
 ])
 def test_gsm8k_answer_extraction(text, expected):
     assert normalize_number(extract_answer(text)) == expected
@@ -105,6 +108,8 @@ def test_math_exact_match_after_normalization():
     score = Math().score
     assert score({"answer": "48 + 24 = 72\n#### 72"}, "Natalia sold 72 clips")
     assert score({"answer": "#### 1000"}, "#### 1,000") and not score({"answer": "#### 1000"}, "#### 100")
+    assert not score({"answer": "#### 5"}, "I think .5")
+    assert not score({"answer": "#### 1" + "0" * 29}, "#### 1" + "0" * 28 + "1")
 
 
 def test_humaneval_sandbox_verdicts():

@@ -15,12 +15,13 @@ import itertools
 import random
 import re
 from collections.abc import Callable, Sequence
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 
 from hatchling.errors import ConfigError
 from hatchling.tasks.base import Task
 
-_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
+# a number starts where no digit or point precedes it (".5" is one half, not 5)
+_NUMBER = re.compile(r"(?<![\d.])-?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _FINAL = re.compile(r"####\s*(" + _NUMBER.pattern + ")")
 
 NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Finn", "Grace", "Hugo", "Iris", "Jack", "Kira", "Leo", "Maya",
@@ -47,7 +48,7 @@ def normalize_number(text: str | None) -> str | None:
         value = Decimal(cleaned)
     except InvalidOperation:
         return cleaned
-    normalized = value.normalize()
+    normalized = value.normalize(Context(prec=len(cleaned) + 1))     # exact: the default 28 digits would round
     return format(normalized, "f") if normalized != 0 else "0"
 
 
