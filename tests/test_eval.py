@@ -115,6 +115,24 @@ def test_winogrande_partial_scoring():
     assert [(r.metric, r.value) for r in rows] == [("acc", 1.0)]    # acc only: no acc_norm for partial scoring
 
 
+def test_test_time_memorization_reads_what_the_choices_share():
+    """WinoGrande's contexts end with their own option: memorizing the first would favour option 1."""
+    [record] = records("winogrande", [{"sentence": "Ann gave Bea the book because _ was done.",
+                                       "option1": "Ann", "option2": "Bea", "answer": "2"}])
+    memorized = []
+
+    class Memorizer:
+        def __call__(self, ids):
+            memorized.append("".join(map(chr, ids[1:])))
+
+        def restore(self):
+            pass
+
+    Evaluator(BigramLM(table_with({})), CharTokenizer(), cfg(), device=CPU).multiple_choice(
+        MULTIPLE_CHOICE["winogrande"], [record], Memorizer(), "_ttm")
+    assert memorized == ["Ann gave Bea the book because "]
+
+
 def test_hellaswag_and_siqa_follow_lm_eval_formats():
     [hs] = records("hellaswag", [{"activity_label": "Baking", "ctx_a": "She mixes the flour.", "ctx_b": "then she",
                                   "label": "1", "endings": ["eats it [title] Yum.", "bakes the bread."]}])

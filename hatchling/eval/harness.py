@@ -4,6 +4,7 @@ chance, stderr), and probe accuracy by length; every pass on the device the mode
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import dataclass, replace
 
@@ -111,7 +112,8 @@ class Evaluator:
         else:
             scored = []
             for reqs in per_doc:
-                memorizer([self.bos, *self.encode(reqs[0][0])])
+                # what every choice's context shares: WinoGrande's contexts end with their own option
+                memorizer([self.bos, *self.encode(os.path.commonprefix([context for context, _ in reqs]))])
                 scored += loglikelihoods(self.model, self.encode, reqs, self.cfg.max_len, self.cfg.batch_size,
                                          self.bos, device=self.device)
             memorizer.restore()
