@@ -18,7 +18,7 @@ from hatchling.model import build_model
 from hatchling.model.config import for_arch
 from hatchling.model.lm import IGNORE, lm_loss, loss_sum, sample_batch
 from hatchling.stages import get_stage
-from hatchling.train.loop import Trainer, overfit_one_batch, run_fingerprint, seq_len_at
+from hatchling.train.loop import Trainer, batch_seed, overfit_one_batch, run_fingerprint, seq_len_at
 from hatchling.train.optim import lr_multiplier
 from tests.conftest import TINY_PARAMS, copy_project, hatchling_cmd, hatchling_here, make_project, run_cmd, write_params
 
@@ -195,6 +195,15 @@ def test_checkpoint_loads_and_bad_checkpoints_fail_clearly(tokenized_project, tm
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupted checkpoint weights"):
         load_model(bad)
+
+
+@pytest.mark.parametrize("grad_accum", [1, 4, 64, 128, 300])
+def test_every_micro_batch_of_a_run_has_its_own_seed(grad_accum):
+    """Micro-batch 64 + m of a step used to be micro-batch m of the next one (grad_accum > 64)."""
+    seeds = [batch_seed(7, step, micro, grad_accum) for step in range(5) for micro in range(grad_accum)]
+    assert len(set(seeds)) == len(seeds)
+    if grad_accum <= 64:                       # the seeds every run so far has used, unchanged
+        assert batch_seed(7, 1, grad_accum - 1, grad_accum) == (7 * 1_000_003 + 1) * 64 + grad_accum - 1
 
 
 def test_early_stopping(tokenized_project, tmp_path):

@@ -33,6 +33,13 @@ from hatchling.train.optim import build_optimizers, lr_multiplier, set_lr
 from hatchling.train.sparsity import SparsityController
 
 
+def batch_seed(seed: int, step: int, micro: int, grad_accum: int) -> int:
+    """The sampling seed of one micro-batch: a different one for every (step, micro) of a run. Up to 64
+    micro-batches a step they are numbered in blocks of 64 (the seeds every run so far has used); past
+    that, in blocks of grad_accum (64 would hand micro-batch 64 + m of one step micro-batch m of the next)."""
+    return (seed * 1_000_003 + step) * max(64, grad_accum) + micro
+
+
 def seq_len_at(step: int, base: int, curriculum: list[tuple[int, int]]) -> int:
     length = base
     for start, value in curriculum:
@@ -167,8 +174,8 @@ class Trainer:
         self.step_stats = {}
         self.model.set_train_step(self.step)
         for micro in range(p.grad_accum):
-            x, y = sample_batch(self.train_data, p.batch_size, length,
-                                (p.seed * 1_000_003 + self.step) * 64 + micro, self.device, self.train_labels)
+            seed = batch_seed(p.seed, self.step, micro, p.grad_accum)
+            x, y = sample_batch(self.train_data, p.batch_size, length, seed, self.device, self.train_labels)
             count = (y != IGNORE).sum().clamp(min=1)          # the global batch's target count
             x, y = self.world.shard(x), self.world.shard(y)
             with self.autocast:
