@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from hatchling.data.tokenizer import TOKENIZER, load_tokenizer
@@ -61,9 +63,14 @@ def read_sidecar(directory: str | Path) -> dict:
     if not path.is_file():
         raise MissingInputError(f"no checkpoint at {directory} (missing {SIDECAR})")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"corrupted checkpoint sidecar {path}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"corrupted checkpoint sidecar {path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"corrupted checkpoint sidecar {path}: a JSON {type(meta).__name__}, not an object")
+    return meta
 
 
 def verified(directory: str | Path, name: str, expected: str | None) -> Path:
@@ -105,8 +112,18 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     if fmt not in FORMATS:
         raise InputError(f"{directory}: unknown checkpoint format {fmt!r}")
     sd = load_weights(directory)
-    model = build_model(meta["model_config"])
-    model.load_state_dict(dequantize_state_dict(sd) if fmt == "int8" else sd)    # bf16 is cast on copy
+    if not isinstance(meta.get("model_config"), dict):
+        raise InputError(f"{directory / SIDECAR}: no model_config object (not a checkpoint's sidecar?)")
+    try:
+        model = build_model(meta["model_config"])
+    except ValidationError as e:
+        wrong = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False))
+        raise InputError(f"{directory / SIDECAR}: its model_config does not fit the model schema ({wrong})") from None
+    try:
+        model.load_state_dict(dequantize_state_dict(sd) if fmt == "int8" else sd)    # bf16 is cast on copy
+    except RuntimeError as e:
+        what = (str(e).splitlines()[1:2] or [str(e)])[0].strip()[:200]      # torch's first complaint
+        raise InputError(f"{directory}: its weights do not fit the model_config of {SIDECAR} ({what})") from None
     if fmt == "int8" and compute == "int8":
         use_int8_linears(model, sd)
     model.load_state_files(directory)
@@ -124,13 +141,16 @@ def load_for_inference(directory: str | Path, compute: str = "fp32",
 def load_resume_state(directory: str | Path, fingerprint: str) -> dict | None:
     """The trainer state of the checkpoint in `directory` when it is one of this very run (the same
     `fingerprint`), to resume from; None when there is none or it is another run's. An unreadable one
-    (cut short, garbled) is said in a warning and not resumed: the run starts from step 0."""
+    (cut short, garbled, its weights not those its sidecar names) is said in a warning and not resumed:
+    the run starts from step 0."""
+    if not (Path(directory) / TRAINER).is_file():          # no checkpoint yet
+        return None
     try:
         state = torch.load(Path(directory) / TRAINER, weights_only=True)
-        read_sidecar(directory)
-    except FileNotFoundError:                   # no checkpoint yet
-        return None
-    except (RuntimeError, ValueError) as e:     # unreadable (torch's RuntimeError, or a bad sidecar)
+        if not isinstance(state, dict):
+            raise InputError(f"{TRAINER} holds a {type(state).__name__}, not a trainer's state")
+        verified(directory, WEIGHTS, read_sidecar(directory).get("weights_sha256"))
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:   # InputError: ValueError
         logger.warning("not resuming from %s: its checkpoint is unreadable (%s: %s); training starts from step 0",
                        directory, type(e).__name__, e)
         return None

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hatchling.checkpoint import SIDECAR, load_model, save_model
+from hatchling.errors import InputError
 from hatchling.model import build_model
 from hatchling.model.int8 import Int8Linear, dequantize_state_dict, quantize_state_dict, relative_error
 
@@ -58,6 +59,26 @@ def test_every_format_loads_back_with_the_logits_of_its_stored_weights(arch, tmp
         assert any(isinstance(m, Int8Linear) for m in kernel.modules())
     with torch.no_grad():
         assert relative_error(kernel.eval()(ids), dequantized) < 1e-3
+
+
+def test_a_sidecar_that_does_not_describe_its_weights_is_refused_by_name(tmp_path):
+    model = build_model(config("hybrid"))
+    save_model(model, tmp_path / "ck", {})
+    sidecar = tmp_path / "ck" / SIDECAR
+    meta = json.loads(sidecar.read_text())
+    for content, message in (
+            ({k: v for k, v in meta.items() if k != "model_config"}, r"model.json: no model_config object"),
+            ({**meta, "model_config": {**meta["model_config"], "n_layers": 1}},
+             r"ck: its weights do not fit the model_config of model.json \(Unexpected key\(s\) in state_dict"),
+            ({**meta, "model_config": {**meta["model_config"], "rope_scaling": 2}},
+             r"model.json: its model_config does not fit the model schema \(rope_scaling: Extra inputs"),
+            ([meta], r"corrupted checkpoint sidecar .*model.json: a JSON list, not an object")):
+        sidecar.write_text(json.dumps(content))
+        with pytest.raises(InputError, match=message):
+            load_model(tmp_path / "ck")
+    sidecar.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(InputError, match=r"model.json: not UTF-8 \(invalid start byte at byte 0\)"):
+        load_model(tmp_path / "ck")
 
 
 def test_an_unknown_format_is_refused_by_name(tmp_path):

@@ -179,6 +179,19 @@ def test_an_unreadable_resume_checkpoint_is_not_resumed_and_says_why(tmp_path, c
     assert not trainer.try_resume()
     assert f"not resuming from {tmp_path / 'run'}: its checkpoint is unreadable (RuntimeError: PytorchStreamReader " \
            "failed reading zip archive" in caplog.text and "training starts from step 0" in caplog.text
+    # each other way a checkpoint can be unreadable: said, not resumed, never a traceback
+    weights = (tmp_path / "run/model.safetensors").read_bytes()
+    for name, content, why in ((TRAINER, b"", "EOFError"), (TRAINER, b"garbage" * 10, "UnpicklingError"),
+                               ("model.safetensors", weights[:-9] + bytes([weights[-9] ^ 1]) + weights[-8:],
+                                "InputError: corrupted checkpoint weights")):
+        trainer.save_checkpoint()
+        (tmp_path / "run" / name).write_bytes(content)
+        caplog.clear()
+        assert not trainer.try_resume() and f"its checkpoint is unreadable ({why}" in caplog.text, name
+    trainer.save_checkpoint()
+    torch.save([1, 2], tmp_path / "run" / TRAINER)
+    caplog.clear()
+    assert not trainer.try_resume() and "(InputError: trainer.pt holds a list, not a trainer's state)" in caplog.text
 
 
 def test_checkpoint_loads_and_bad_checkpoints_fail_clearly(tokenized_project, tmp_path):
