@@ -1,7 +1,9 @@
 """Research switches (docs/ablations.md): each off = the plain model, each on = does what it claims."""
 
+import contextlib
 import copy
 import json
+import sqlite3
 import subprocess
 import sys
 
@@ -11,8 +13,9 @@ import torch
 from pydantic import ValidationError
 
 import hatchling.model.spike as spike_mod
-from hatchling.checkpoint import load_model
+from hatchling.checkpoint import load_model, save_model
 from hatchling.config import validate_params
+from hatchling.errors import InputError
 from hatchling.model import ModelConfig, build_model
 from hatchling.model.kda import kda
 from hatchling.model.memory import EpisodicStore
@@ -174,6 +177,46 @@ def test_memory_persists_across_processes(tmp_path):
     key = store.index.reconstruct(int(store.entries()[0][0]))[None]
     assert store.search(key, 1)[1][0, 0] == store.entries()[0][2]                # vector and row agree
     assert torch.isfinite(model.memory.surprise_threshold)                      # the threshold came too
+
+
+def test_a_live_memory_file_starts_empty_and_a_loaded_checkpoint_leaves_it_alone(tmp_path):
+    """model.memory_path mirrors the training run's store: a second run over the same file starts it empty (it
+    failed on the ids already there); eval or generation loading that run's checkpoint keeps its memory in its
+    own process (it replaced the live file's rows with the checkpoint's)."""
+    live = tmp_path / "live.sqlite"
+
+    def rows() -> int:
+        with contextlib.closing(sqlite3.connect(live)) as db:
+            return db.execute("SELECT count(*) FROM entries").fetchone()[0]
+
+    config = SMALL | dict(use_episodic_memory=True, memory_path=str(live), memory_write_fraction=0.5)
+    for run in range(2):
+        torch.manual_seed(run)
+        model = build_model(config).train()
+        model(torch.randint(0, 61, (2, 16)))
+        assert rows() == len(model.memory.store) > 0
+    save_model(model, tmp_path / "ck", {})
+    model(torch.randint(0, 61, (2, 16)))                               # the run goes on after its checkpoint
+    training = rows()
+    loaded, _ = load_model(tmp_path / "ck")
+    assert rows() == training == len(model.memory.store) > len(loaded.memory.store) > 0
+
+
+def test_a_checkpoints_memory_files_missing_or_garbled_are_named(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(SMALL | dict(use_episodic_memory=True, memory_write_fraction=0.5)).train()
+    model(torch.randint(0, 61, (2, 16)))
+    for name, content, message in (("memory.sqlite", None, r"no episodic memory file .*ck/memory.sqlite"),
+                                   ("memory.sqlite", b"garbage" * 100, r"corrupted episodic memory .*memory.sqlite"),
+                                   ("memory.faiss", b"garbage", r"corrupted episodic memory index .*memory.faiss")):
+        save_model(model, tmp_path / "ck", {})
+        if content is None:
+            (tmp_path / "ck" / name).unlink()
+        else:
+            (tmp_path / "ck" / name).write_bytes(content)
+        with pytest.raises(InputError, match=message):
+            load_model(tmp_path / "ck")
+        assert (content is None) != (tmp_path / "ck" / name).exists()      # a load never writes into the checkpoint
 
 
 def test_memory_reads_on_uncertain_tokens_within_budget_and_stays_causal():

@@ -130,7 +130,9 @@ class ModelConfig(BaseModel):
     memory_write_fraction: float = Field(0.02, gt=0, le=1, description="most surprising share of tokens written")
     memory_budget: float = Field(0.25, gt=0, le=1, description="share of tokens that may read before a penalty")
     memory_penalty: float = Field(1.0, ge=0, description="weight of the access-budget penalty")
-    memory_path: str | None = Field(None, description="SQLite file of the memory; None = in memory until saved")
+    memory_path: str | None = Field(None, description="SQLite file the training run mirrors its memory into, live "
+                                                      "(readable while it trains; empty at its start); None = in "
+                                                      "memory until saved. A loaded checkpoint never opens it")
     spike: bool = Field(False, description="LIF neurons per KDA head gate the state update (Spike-KDA)")
     spike_threshold: float = Field(1.0, gt=0)
     spike_decay: float = Field(0.5, ge=0, lt=1, description="membrane leak per token")

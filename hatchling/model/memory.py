@@ -15,8 +15,11 @@ A forward pass searches before it writes, so no token ever reads what its own se
 that pass: outputs at t depend on tokens <= t and on what earlier passes stored. Validation and
 evaluation pass ``model.eval()``: they read but never write.
 
-Concurrency: one writer. The process that owns the model writes; SQLite runs in WAL mode so other
-processes (a notebook, a dashboard) can read the store while it trains. DataLoader workers never
+Concurrency: one writer. The process that owns the model writes; with ``model.memory_path`` the store
+is a file that mirrors it, in WAL mode, so other processes (a notebook, a dashboard) can read it while
+it trains. The file starts empty with the model (a new run, or one resuming, which then loads its
+checkpoint's memory into it); a model loaded from a checkpoint (eval, generation, SFT's start) keeps
+its memory in its own process and never opens that file. DataLoader workers never
 touch the memory (the trainer draws batches in the main process). Under DDP each rank keeps its own.
 """
 
@@ -34,6 +37,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from hatchling.errors import InputError, MissingInputError
 
 SPAN = 8              # tokens of context stored with each entry (metadata for inspection)
 SIMILARITY_TEMPERATURE = 0.1
@@ -55,6 +60,8 @@ class EpisodicStore:
             self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY, step INTEGER, "
                         "token INTEGER, surprise REAL, span TEXT)")
+        self.db.execute("DELETE FROM entries")          # a file mirrors this store, which starts empty
+        self.db.commit()
         self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self.tokens = np.full(capacity, -1, dtype=np.int64)
         self.next_id = 0
@@ -117,25 +124,40 @@ class EpisodicStore:
             faiss.write_index(self.index, str(Path(directory) / INDEX_FILE))
 
     def load(self, directory: Path) -> None:
-        """Replace the contents with a saved memory; checks that the index and the rows agree."""
+        """Replace the contents with a saved memory (read only: the checkpoint is left as it is); one clear
+        error for a file that is missing, not what it should be, or disagreeing with the other."""
         directory = Path(directory)
-        source = sqlite3.connect(str(directory / STORE_FILE))
-        rows = source.execute("SELECT id, token FROM entries ORDER BY id").fetchall()
-        index = faiss.read_index(str(directory / INDEX_FILE))
-        if index.ntotal != len(rows) or index.d != self.dim:
-            raise ValueError(f"episodic memory in {directory} is inconsistent: {len(rows)} rows, "
-                             f"{index.ntotal} vectors of dim {index.d} (expected dim {self.dim})")
-        with self.lock:
-            source.backup(self.db)
+        store, vectors = directory / STORE_FILE, directory / INDEX_FILE
+        for path in (store, vectors):
+            if not path.is_file():
+                raise MissingInputError(f"no episodic memory file {path} (saved with every checkpoint of a model "
+                                        "with use_episodic_memory)")
+        source = sqlite3.connect(f"{store.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            try:
+                rows = source.execute("SELECT id, token FROM entries ORDER BY id").fetchall()
+            except sqlite3.DatabaseError as e:
+                raise InputError(f"corrupted episodic memory {store}: {e}") from None
+            try:
+                index = faiss.read_index(str(vectors))
+            except RuntimeError as e:
+                raise InputError(f"corrupted episodic memory index {vectors}: "
+                                 f"{str(e).strip().splitlines()[-1][:200]}") from None
+            if index.ntotal != len(rows) or index.d != self.dim:
+                raise InputError(f"episodic memory in {directory} is inconsistent: {len(rows)} rows, "
+                                 f"{index.ntotal} vectors of dim {index.d} (expected dim {self.dim})")
+            with self.lock:
+                source.backup(self.db)
+                self.index = index
+                self.tokens[:] = -1
+                if rows:
+                    ids, tokens = np.array(rows, dtype=np.int64).T
+                    self.tokens[ids % self.capacity] = tokens
+                    self.next_id = int(ids[-1]) + 1
+                else:
+                    self.next_id = 0
+        finally:
             source.close()
-            self.index = index
-            self.tokens[:] = -1
-            if rows:
-                ids, tokens = np.array(rows, dtype=np.int64).T
-                self.tokens[ids % self.capacity] = tokens
-                self.next_id = int(ids[-1]) + 1
-            else:
-                self.next_id = 0
 
 
 class EpisodicMemory(nn.Module):
