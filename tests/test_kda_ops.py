@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hatchling.errors import ConfigError
 from hatchling.model.kda import (
     SAFE_SPAN,
     check_kda_inputs,
@@ -190,6 +191,21 @@ def test_bad_initial_state_and_fla_head_dim_limit():
     big, _ = make_inputs(2, torch.float32, K=300, V=4)
     with pytest.raises(ValueError, match="head dim <= 256 on the fla path"):
         check_kda_inputs(*big, max_head_dim=256)
+
+
+def test_the_fla_backend_off_cuda_or_without_fla_names_the_setting(monkeypatch):
+    """Triton said "0 active drivers ([]). There should only be one." for a CPU run with kda_backend: fla."""
+    import hatchling.model.kda as ops
+
+    xs, _ = make_inputs(5, torch.float32)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ops, "fla_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"model.kda_backend 'fla' runs fla's Triton kernels on a CUDA device, not "
+                                          r"on cpu \(TRITON_INTERPRET=1"):
+        kda(*xs, backend="fla")
+    monkeypatch.setattr(ops, "fla_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"model.kda_backend 'fla' needs fla-core, the gpu extra"):
+        kda(*xs, backend="fla")
 
 
 def test_packed_sequences_start_from_their_own_state_and_never_leak():

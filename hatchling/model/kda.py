@@ -50,10 +50,13 @@ import functools
 import importlib.util
 import itertools
 import math
+import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from hatchling.errors import ConfigError
 
 #: Largest head dimension fla's Triton kernels accept.
 FLA_MAX_HEAD_DIM = 256
@@ -535,6 +538,12 @@ def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=Fal
                            A_log, dt_bias, use_beta_sigmoid)
             return o.view(B, T, *o.shape[2:]), state
     if backend == "fla":
+        if not fla_available():
+            raise ConfigError("model.kda_backend 'fla' needs fla-core, the gpu extra (pip install -e '.[gpu]'); "
+                              "auto uses it where it can")
+        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError("model.kda_backend 'fla' runs fla's Triton kernels on a CUDA device, not on "
+                              f"{q.device.type} (TRITON_INTERPRET=1 interprets them, for tests); use auto or chunked")
         check_kda_inputs(q, k, v, g, beta, initial_state, max_head_dim=FLA_MAX_HEAD_DIM, cu_seqlens=cu_seqlens,
                          log_decay=not use_gate)
         from fla.ops.kda import chunk_kda
