@@ -8,6 +8,7 @@ Anything wrong - an unknown key, a wrong type, a value out of range - raises one
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
@@ -421,6 +422,13 @@ class Params(Section):
             for key in RUN_KEYS if isinstance(section, Section) else ():
                 if key in type(section).model_fields and getattr(section, key) is None:
                     setattr(section, key, getattr(self.run, key))
+        return self
+
+    @model_validator(mode="after")
+    def _fla_installed(self):
+        if self.model.kda_backend == "fla" and importlib.util.find_spec("fla") is None:
+            raise ValueError("model.kda_backend 'fla' needs fla-core, the gpu extra (pip install -e '.[gpu]'); "
+                             "auto uses it where it can")
         return self
 
     @model_validator(mode="after")

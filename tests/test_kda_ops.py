@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hatchling.config import validate_params
 from hatchling.errors import ConfigError
 from hatchling.model.kda import (
     SAFE_SPAN,
@@ -17,6 +18,7 @@ from hatchling.model.kda import (
     l2norm,
 )
 from hatchling.model.segments import Segments
+from tests.conftest import TINY_PARAMS
 
 TOL = {torch.float64: 1e-8, torch.float32: 1e-4}
 
@@ -195,17 +197,24 @@ def test_bad_initial_state_and_fla_head_dim_limit():
 
 def test_the_fla_backend_off_cuda_or_without_fla_names_the_setting(monkeypatch):
     """Triton said "0 active drivers ([]). There should only be one." for a CPU run with kda_backend: fla."""
+    import importlib.util
+
     import hatchling.model.kda as ops
+
+    find_spec = importlib.util.find_spec
 
     xs, _ = make_inputs(5, torch.float32)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(ops, "fla_available", lambda: True)
-    with pytest.raises(ConfigError, match=r"model.kda_backend 'fla' runs fla's Triton kernels on a CUDA device, not "
-                                          r"on cpu \(TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match=r"backend 'fla' \(model.kda_backend\) runs fla's Triton kernels on a CUDA "
+                                         r"device, not on cpu \(TRITON_INTERPRET=1"):
         kda(*xs, backend="fla")
     monkeypatch.setattr(ops, "fla_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"model.kda_backend 'fla' needs fla-core, the gpu extra"):
+    with pytest.raises(ValueError, match=r"backend 'fla' \(model.kda_backend\) needs fla-core, the gpu extra"):
         kda(*xs, backend="fla")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fla" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"model.kda_backend 'fla' needs fla-core, the gpu extra"):
+        validate_params({**TINY_PARAMS, "model": {**TINY_PARAMS["model"], "kda_backend": "fla"}})   # before any work
 
 
 def test_packed_sequences_start_from_their_own_state_and_never_leak():

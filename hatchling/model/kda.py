@@ -56,8 +56,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hatchling.errors import ConfigError
-
 #: Largest head dimension fla's Triton kernels accept.
 FLA_MAX_HEAD_DIM = 256
 #: Largest exponent either factor of exp(G_r - Mid) exp(Mid - G_s) may take, up or down, for q and k entries
@@ -539,11 +537,11 @@ def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=Fal
             return o.view(B, T, *o.shape[2:]), state
     if backend == "fla":
         if not fla_available():
-            raise ConfigError("model.kda_backend 'fla' needs fla-core, the gpu extra (pip install -e '.[gpu]'); "
-                              "auto uses it where it can")
+            raise ValueError("kda: backend 'fla' (model.kda_backend) needs fla-core, the gpu extra (pip install -e "
+                             "'.[gpu]'); auto uses it where it can")
         if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ConfigError("model.kda_backend 'fla' runs fla's Triton kernels on a CUDA device, not on "
-                              f"{q.device.type} (TRITON_INTERPRET=1 interprets them, for tests); use auto or chunked")
+            raise ValueError("kda: backend 'fla' (model.kda_backend) runs fla's Triton kernels on a CUDA device, not "
+                             f"on {q.device.type} (TRITON_INTERPRET=1 interprets them, for tests); use auto or chunked")
         check_kda_inputs(q, k, v, g, beta, initial_state, max_head_dim=FLA_MAX_HEAD_DIM, cu_seqlens=cu_seqlens,
                          log_decay=not use_gate)
         from fla.ops.kda import chunk_kda
