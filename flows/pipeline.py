@@ -39,7 +39,7 @@ import hatchling
 from hatchling import tracking
 from hatchling.cli import BROKEN_ENVIRONMENT
 from hatchling.config import Params, load_params
-from hatchling.errors import BrokenEnvironment, StageError, environment_fault
+from hatchling.errors import BrokenEnvironment, HatchlingError, StageError, environment_fault
 from hatchling.io import hash_paths
 from hatchling.stages import (
     PACKAGE,
@@ -50,6 +50,7 @@ from hatchling.stages import (
     headline,
     input_hash,
     param_deps,
+    reported_headline,
     topological_order,
     upstream,
     with_upstream,
@@ -70,8 +71,9 @@ def stage_cache_key(stage: Stage, params: Params, root: Path) -> str:
 
 
 def outputs_hash(stage: Stage, root: Path) -> str:
-    """What a cached result must still find on disk: the stage's outputs, reports and metrics file."""
-    return hash_paths([*stage.outs, *stage.reports.values(), stage.metrics], root)
+    """What a cached result must still find on disk, as DVC checks it: the stage's outputs, its reports
+    and plots' logs (DVC's cache-false outs) and its metrics file."""
+    return hash_paths([*stage.outs, *stage.kept_in_git, stage.metrics], root)
 
 
 class StageProcessFailed(StageError):
@@ -257,7 +259,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
                 result = state.result()
             futures[stage.name] = future
             if state.name == "Cached":
-                tracking.record_cached(stage.name, root_path)
+                tracking.record_cached(stage.name, reported_headline(stage, root_path), root_path)
                 results[stage.name] = "cached"
             else:
                 results[stage.name] = result["metrics"]
@@ -290,7 +292,12 @@ def main() -> None:
     ap.add_argument("--root", default=".")
     ap.add_argument("--stage", action="append", default=[], help="run only this stage and its upstream (repeatable)")
     args = ap.parse_args()
-    print(json.dumps(pipeline(args.params, args.set, args.root, args.stage or None), indent=2, default=str))
+    try:
+        results = pipeline(args.params, args.set, args.root, args.stage or None)
+    except HatchlingError as e:          # as `hatchling run` says it: one line (Prefect has logged the rest)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(BROKEN_ENVIRONMENT if isinstance(e, BrokenEnvironment) else 2)
+    print(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

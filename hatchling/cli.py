@@ -26,13 +26,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import traceback
 from pathlib import Path
 from typing import get_args
 
 from hatchling.config import Device, load_params
-from hatchling.errors import BrokenEnvironment, ConfigError, HatchlingError, StageError, environment_fault
+from hatchling.errors import (
+    BrokenEnvironment,
+    ConfigError,
+    HatchlingError,
+    MissingInputError,
+    StageError,
+    environment_fault,
+)
 from hatchling.eval.probe_grid import ARCHS, PROBES
 from hatchling.io import atomic_write_text
 from hatchling.stages import STAGES, dvc_params, dvc_yaml_text, run_stage, upstream
@@ -191,8 +199,12 @@ def _bench_probes(args) -> int:
 
 def _promote(args) -> int:
     from hatchling.registry import REGISTERED_MODEL, promote
-    from hatchling.tracking import client
+    from hatchling.tracking import client, sqlite_file, tracking_uri
 
+    store = sqlite_file(tracking_uri(Path(".")))
+    if store is not None and not store.exists():            # promoting makes no store where there was none
+        raise MissingInputError(f"no MLflow store at {store}: run `hatchling promote` in the project whose "
+                                "pipeline registered the model")
     version = promote(client(Path(".")), args.run_id, args.alias)
     print(f"{REGISTERED_MODEL} version {version} is now @{args.alias}")
     return 0
@@ -214,6 +226,23 @@ def entry() -> int:
 
     keep_freed_memory()
     return main()
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False):
+    """An argparse type: a finite `kind` within [low, high] ((low, high] with `low_open`), else argparse's
+    own one-line error naming the option."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") \
+                from None
+        below = low is not None and (value <= low if low_open else value < low)
+        if not math.isfinite(value) or below or (high is not None and value > high):
+            bounds = f"{'(' if low_open else '['}{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+            raise argparse.ArgumentTypeError(f"{text} is not in {bounds}")
+        return value
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,10 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                                   "first; then the toddler 1.3-1.6x faster a token, for long generations; xs slower)")
         else:
             cmd.add_argument("--system", default="", help="an optional system message")
-        cmd.add_argument("--max-new-tokens", type=int, default=128)
-        cmd.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-        cmd.add_argument("--top-k", type=int, default=50)
-        cmd.add_argument("--top-p", type=float, default=0.95)
+        cmd.add_argument("--max-new-tokens", type=number(int, low=0), default=128)
+        cmd.add_argument("--temperature", type=number(float, low=0), default=0.8, help="0 = greedy")
+        cmd.add_argument("--top-k", type=number(int, low=0), default=50, help="0 = off")
+        cmd.add_argument("--top-p", type=number(float, low=0, high=1, low_open=True), default=0.95, help="1 = off")
         cmd.add_argument("--seed", type=int, default=None)
         cmd.add_argument("--compute", choices=["fp32", "int8"], default="fp32",
                          help="int8: keep an INT8 export's Linear weights int8 in memory")
@@ -256,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                          help="where the model runs (auto: cuda when available; bf16 autocast on cuda)")
         cmd.set_defaults(func=_inference)
     grid = sub.add_parser("gridworld", help="train the LM as a policy in the curiosity gridworld (Stage-D)")
-    grid.add_argument("--size", type=int, default=4)
-    grid.add_argument("--iterations", type=int, default=150)
+    grid.add_argument("--size", type=number(int, low=2), default=4)
+    grid.add_argument("--iterations", type=number(int, low=1), default=150)
     grid.add_argument("--curiosity-coef", type=float, default=0.1)
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--out", default="logs/gridworld.csv", help="the summary CSV")

@@ -61,10 +61,20 @@ class TextGenerator(mlflow.pyfunc.PythonModel):
                              seed=0, stop_ids=stop, device=self.device)
 
 
+#: what the logged model's code (hatchling.model and the checkpoint loader) imports beyond the standard library
+MODEL_PACKAGES = ("torch", "numpy", "tokenizers", "safetensors", "pydantic", "faiss-cpu")
+
+
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements: MODEL_PACKAGES pinned to the versions installed here, without a
+    local label (torch's "+cpu" names no release on PyPI: "2.13.0+cpu" -> "2.13.0")."""
+    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_PACKAGES]
+
+
 def log_model(run_id: str, tracking_uri: str, checkpoint: Path, register: bool) -> str:
     """Log `checkpoint` as the run's MLflow model; with `register`, as a new version of the registered
     model aliased `candidate`. Returns the model's URI."""
-    requirements = [f"{name}=={version(name)}" for name in ("torch", "tokenizers", "safetensors", "pydantic")]
+    requirements = model_requirements()
     checkpoint, code = Path(checkpoint).resolve(), Path(hatchling.__file__).resolve().parent
     previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)          # MLflow's fluent API (log_model) uses the global URI ...

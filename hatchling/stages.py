@@ -355,7 +355,8 @@ def describe_run(params: Params, root: Path) -> dict:
 
     flat = flatten(params.model_dump(mode="json"))
     try:
-        committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True)
+        # ./: the params.yaml of this folder, also where the project is a subfolder of its repository
+        committed = subprocess.run(["git", "show", "HEAD:./params.yaml"], cwd=root, capture_output=True, text=True)
     except OSError:                          # no git on this machine (doctor: optional): nothing to compare with
         committed = None
     overrides = []
@@ -367,6 +368,14 @@ def describe_run(params: Params, root: Path) -> dict:
         overrides = [f"{k}={v}" for k, v in sorted(flat.items()) if baseline.get(k) != v]
     digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
     return {"params": flat, "params_digest": digest, "overrides": overrides}
+
+
+def reported_headline(stage: Stage, root: Path) -> dict[str, float]:
+    """The headline numbers of the stage's last report (reports/<stage>.json), none when it has none."""
+    try:
+        return headline(stage, json.loads((root / stage.metrics).read_text()))
+    except (OSError, ValueError):
+        return {}
 
 
 def headline(stage: Stage, metrics: dict) -> dict[str, float]:
@@ -553,7 +562,8 @@ def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
     run = StageRun(name, sections, {"hatchling.input_hash": input_hash(stage, root, digests)}, root,
                    describe=describe_run(params, root))
     if run.orchestrator == "dvc":
-        record_skipped(run, [s.name for s in topological_order() if s.name in with_upstream([name]) - {name}])
+        record_skipped(run, {s.name: reported_headline(s, root) for s in topological_order()
+                             if s.name in with_upstream([name]) - {name}})
     run.log_inputs({key: (stage.inputs[key], digest) for key, digest in digests.items()})
     try:
         with run.system_metrics() if stage.model else contextlib.nullcontext():
@@ -562,7 +572,7 @@ def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
             raise StageError(f"stage {name} did not write {', '.join(missing)}, which hatchling/stages.py declares "
                              "as its outputs (dvc.yaml's outs): a bug in the stage")
         atomic_write_json(root / stage.metrics, metrics)
-        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})   # summary: no step
+        run.log_summary(metrics)
         run.log_headline(headline(stage, metrics))
         for path in (stage.metrics, *(p.path for p in stage.plots.values()), *stage.reports.values()):
             run.log_artifact(root / path)

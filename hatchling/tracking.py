@@ -29,6 +29,7 @@ stage failed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -176,16 +177,28 @@ def git_commit(root: Path = Path(".")) -> str:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    """{"a": {"b": 1}} -> {"a.b": "1"} (MLflow params are flat strings). A mapping keyed by free
-    text (e.g. license keywords, which may hold "/") is data, not a section: it stays one JSON value."""
+    """{"a": {"b": 1}} -> {"a.b": "1"} (MLflow params are flat strings), each value whole. A mapping
+    keyed by free text (e.g. license keywords, which may hold "/") is data, not a section: it stays one
+    JSON value."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and all(str(k).isidentifier() for k in value):
             flat.update(flatten(value, name + "."))
         else:
-            flat[name] = (json.dumps(value) if isinstance(value, dict) else str(value))[:500]
+            flat[name] = json.dumps(value) if isinstance(value, dict) else str(value)
     return flat
+
+
+def param_value(value: str) -> str:
+    """`value` as MLflow stores a param: whole up to its limit; past it, cut and ended by the whole value's
+    sha256 (so two values that differ only past the cut still differ in the store)."""
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    if len(value) <= MAX_PARAM_VAL_LENGTH:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:16]
+    return f"{value[:MAX_PARAM_VAL_LENGTH - 40]}... (sha256 {digest})"
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -238,6 +251,7 @@ def close_orphans(mlf, exp_id: str) -> None:
     """Mark KILLED every run still RUNNING whose owner process (its PROCESS_TAG) has ended without
     closing it: killed by SIGKILL, out of memory, a lost machine. A run's own process closes it however
     it stops but these, so a new stage's run does this first."""
+    closed = {}
     for run in mlf.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
         owner = run.data.tags.get(PROCESS_TAG)
         # read again once its owner is gone: it may have closed the run between the search and now
@@ -247,6 +261,10 @@ def close_orphans(mlf, exp_id: str) -> None:
             mlf.set_tag(run.info.run_id, "hatchling.error", f"its process ({owner}) ended without closing the run: "
                                                             "killed (SIGKILL, out of memory) or lost")
             mlf.set_terminated(run.info.run_id, "KILLED")
+            closed[run.info.run_id] = run.data.tags
+    for tags in closed.values():         # a pipeline run closed with the stage run it was running: name the stage
+        if tags.get("mlflow.parentRunId") in closed and tags.get("hatchling.stage"):
+            mlf.set_tag(tags["mlflow.parentRunId"], "hatchling.failed_stage", tags["hatchling.stage"])
 
 
 def _dvc_ancestor_key() -> str | None:
@@ -297,7 +315,7 @@ def start_parent(mlf, exp_id: str, root: Path, label: str, orchestrator: str, de
 def _log_params(mlf, run_id: str, flat: dict[str, str]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, v) for k, v in flat.items()]
+    items = [Param(k, param_value(v)) for k, v in flat.items()]
     for i in range(0, len(items), 100):
         mlf.log_batch(run_id, params=items[i:i + 100])
 
@@ -333,8 +351,12 @@ class StageRun:
                     "hatchling.stage": stage, "hatchling.git_commit": git_commit(root),
                     PROCESS_TAG: process_key(os.getpid()), **tags}
         self.run_id = self.mlf.create_run(self.exp_id, tags=run_tags).info.run_id
+        # the pipeline runs again while a stage of it does (the last stage to end marks it FINISHED): if the
+        # pipeline's process is lost meanwhile, close_orphans closes it KILLED, not left FINISHED
+        self.mlf.update_run(self.parent_id, status="RUNNING")
         _log_params(self.mlf, self.run_id, flatten(params))
         self._buffer: list = []
+        self._last_point: dict[str, tuple[int, int]] = {}      # per metric: (step, time) of its last point
 
     def log_inputs(self, inputs: dict[str, tuple[str, str]]) -> None:
         """The stage's inputs as MLflow datasets: name -> (path relative to the project, content hash)."""
@@ -378,14 +400,25 @@ class StageRun:
         self.mlf.set_tag(self.parent_id, "hatchling.failed_stage", self.stage)
         self.end("FAILED")
 
-    def log_metrics(self, metrics: dict, step: int = 0) -> None:
+    def log_metrics(self, metrics: dict, step: int = 0, later: bool = False) -> None:
+        """Numbers at `step`; `later`: each stamped after its metric's last point (MLflow shows a metric's
+        point of the highest step, then the latest time: at one step, this one)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for k, v in numbers.items():
+            stamp = max(now, self._last_point.get(k, (0, 0))[1] + 1) if later else now
+            self._buffer.append(Metric(k, v, stamp, step))
+            self._last_point[k] = max(self._last_point.get(k, (0, 0)), (step, stamp))
         if len(self._buffer) >= 200:
             self.flush()
+
+    def log_summary(self, metrics: dict) -> None:
+        """The stage's final numbers: a metric the stage logged step by step gets its final value at its
+        last step (at step 0 its history would gain a false first point), any other at step 0."""
+        for k, v in metrics.items():
+            self.log_metrics({k: v}, self._last_point.get(k, (0, 0))[0], later=True)
 
     def flush(self) -> None:
         for i in range(0, len(self._buffer), 500):
@@ -402,7 +435,7 @@ class StageRun:
         self.flush()
         self.mlf.set_terminated(self.run_id, status)
         # keep the parent's end time current: it finishes when its last stage does
-        self.mlf.set_terminated(self.parent_id, "FINISHED" if status == "FINISHED" else status)
+        self.mlf.set_terminated(self.parent_id, status)
 
 
 def end_failed(end: Callable[[], object], what: str) -> None:
@@ -414,28 +447,34 @@ def end_failed(end: Callable[[], object], what: str) -> None:
         logger.warning("MLflow could not mark %s FAILED: %s: %s", what, type(e).__name__, e)
 
 
-def record_cached(stage: str, root: Path = Path("."), reason: str = "inputs, params and code unchanged") -> str:
-    """A child run that says the stage was served from cache (no metrics logged twice)."""
+def record_cached(stage: str, headline: dict[str, float], root: Path = Path(".")) -> str:
+    """A child run that says the stage was served from cache (no metrics logged twice); its `headline`
+    numbers (from its report) go to the pipeline run, as a stage that ran puts them there."""
     mlf = client(root)
     exp_id = experiment_id(mlf)
     parent = find_or_start_parent(mlf, exp_id, root)
-    return _cached_run(mlf, exp_id, parent, stage, reason)
+    return _cached_run(mlf, exp_id, parent, stage, "inputs, params and code unchanged", headline)
 
 
-def _cached_run(mlf, exp_id: str, parent: str, stage: str, reason: str) -> str:
+def _cached_run(mlf, exp_id: str, parent: str, stage: str, reason: str, headline: dict[str, float]) -> str:
+    from mlflow.entities import Metric
+
     label = mlf.get_run(parent).data.tags.get("hatchling.label", "pipeline")
     run = mlf.create_run(exp_id, tags={"mlflow.runName": f"{stage} (cached) @ {label}", "mlflow.parentRunId": parent,
                                        "hatchling.stage": stage, "hatchling.cached": "true",
                                        "hatchling.cache_reason": reason})
     mlf.set_terminated(run.info.run_id, "FINISHED")
+    now = int(time.time() * 1000)
+    mlf.log_batch(parent, metrics=[Metric(f"{stage}.{k}", float(v), now, 0) for k, v in headline.items()])
     return run.info.run_id
 
 
-def record_skipped(run: StageRun, stages: list[str]) -> None:
+def record_skipped(run: StageRun, headlines: dict[str, dict[str, float]]) -> None:
     """Under `dvc repro`, stages DVC found up to date never start; when one of their downstream stages
-    runs, record them under the same pipeline run as cached, so the run shows the whole pipeline."""
+    runs, record them (stage -> the headline numbers of its report) under the same pipeline run as
+    cached, so the run shows the whole pipeline and every stage's numbers."""
     seen = {r.data.tags.get("hatchling.stage") for r in run.mlf.search_runs(
         [run.exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.parent_id}'", max_results=1000)}
-    for stage in stages:
+    for stage, headline in headlines.items():
         if stage not in seen:
-            _cached_run(run.mlf, run.exp_id, run.parent_id, stage, "skipped by DVC: outputs up to date")
+            _cached_run(run.mlf, run.exp_id, run.parent_id, stage, "skipped by DVC: outputs up to date", headline)

@@ -23,6 +23,7 @@ import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from hatchling.config import validate_params
+from hatchling.errors import ConfigError
 from hatchling.eval.continual import Memorizer, forgetting
 from hatchling.eval.harness import Evaluator
 from hatchling.eval.probes import Alphabet, palindrome, probe_accuracy
@@ -81,11 +82,13 @@ def tiny_model():
 # -- the helper --------------------------------------------------------------------------------------
 
 def test_auto_is_cuda_when_available_and_autocast_is_bf16_on_cuda_only(monkeypatch):
-    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda") == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"device 'cuda': torch .* sees no CUDA device on this machine \(use auto"):
+        resolve_device("cuda")                  # torch's own: an AssertionError deep in the first copy
     assert isinstance(autocast(torch.device("cpu")), contextlib.nullcontext)
     with pytest.warns(UserWarning, match="CUDA is not available"):      # built here, it cannot switch on
         on_cuda = autocast(torch.device("cuda"))
@@ -133,6 +136,26 @@ def test_generate_and_chat_run_on_their_device_option(pretrained_project, monkey
     assert first_forward == {"weights": META, "inputs": {META}}
     with pytest.raises(SystemExit):             # the option exists and takes only the run's device names
         main(["chat", "--checkpoint", checkpoint, "--device", "tpu"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", "x", "--max-new-tokens", "-3"], "argument --max-new-tokens: -3 is not in [0, inf]"),
+    (["generate", "--prompt", "x", "--temperature", "nan"], "argument --temperature: nan is not in [0, inf]"),
+    (["chat", "--top-p", "0"], "argument --top-p: 0 is not in (0, 1]"),
+    (["chat", "--top-k", "many"], "argument --top-k: 'many' is not a whole number"),
+    (["gridworld", "--iterations", "0"], "argument --iterations: 0 is not in [1, inf]"),
+    (["gridworld", "--size", "1"], "argument --size: 1 is not in [2, inf]"),
+])
+def test_bad_decoding_and_gridworld_options_are_one_line_before_any_work(argv, message, tmp_path, capsys):
+    """They were tracebacks from inside the sampler (and --iterations 0 emptied the previous CSV first)."""
+    from hatchling.cli import main
+
+    out = tmp_path / "g.csv"
+    out.write_text("kept\n")
+    extra = ["--out", str(out)] if argv[0] == "gridworld" else ["--checkpoint", str(tmp_path / "none")]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, *extra])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err and out.read_text() == "kept\n"
 
 
 # -- what the stages call, on the device they are handed ---------------------------------------------------

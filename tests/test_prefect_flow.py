@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -115,7 +116,7 @@ def _check_the_report_card_shows_its_figures(card: str, project):
     assert len(card) < len(on_disk) + 2 * sum((project / "reports" / n).stat().st_size for n in figures)
 
 
-def test_flow_rejects_bad_params_before_any_stage(prefect_env, project):
+def test_flow_rejects_bad_params_before_any_stage(prefect_env, project, monkeypatch, capsys):
     from flows.pipeline import pipeline
     from hatchling.config import ConfigError
 
@@ -123,6 +124,15 @@ def test_flow_rejects_bad_params_before_any_stage(prefect_env, project):
     with pytest.raises(ConfigError, match="pretrain.lr = 'fast'"):
         pipeline(root=str(project))
     assert not (project / "reports").exists() and not (project / "data/crawl").exists()
+    # its command line says so in one line, as `hatchling run` does (exit 2), not with a traceback
+    from flows.pipeline import main
+
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", "--root", str(project), "--params", str(project / "params.yaml")])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: ") and "pretrain.lr = 'fast'" in err
+    assert "Traceback" not in err.split("error: ")[-1]
 
 
 def test_a_broken_install_fails_the_flow_at_once_with_its_error_even_when_mlflow_fails_too(
@@ -150,6 +160,22 @@ def test_a_broken_install_fails_the_flow_at_once_with_its_error_even_when_mlflow
             pipeline(root=str(project), stages=["crawl"])
     assert site.requested("/index.html") == 1                   # tried once: a retry would fail alike
     assert "MLflow could not mark the pipeline run FAILED: MlflowException: database is locked" in caplog.text
+
+
+def test_a_cached_result_needs_the_stages_logs_as_dvc_does(tmp_path):
+    """DVC reruns a stage whose logs/*.csv (cache-false outs) changed or went; the flow's cache did not."""
+    from flows.pipeline import outputs_hash
+    from hatchling.stages import get_stage
+
+    sft = get_stage("sft")
+    for path in (*sft.outs, *sft.kept_in_git, sft.metrics):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(path)
+    before = outputs_hash(sft, tmp_path)
+    (tmp_path / "logs/sft_eval.csv").write_text("step,val_loss\n1,0.0\n")
+    edited = outputs_hash(sft, tmp_path)
+    (tmp_path / "logs/sft.csv").unlink()
+    assert len({before, edited, outputs_hash(sft, tmp_path)}) == 3
 
 
 def test_deployment_file_points_at_the_flow():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -79,6 +80,10 @@ def test_stages_log_models_and_rlvr_registers_the_candidate(pretrained_project, 
     assert hatchling_here(proj, "promote", runs["rlvr"].info.run_id) == 0
     assert client.get_model_version_by_alias(REGISTERED_MODEL, "champion").version == candidate.version
     assert hatchling_here(proj, "promote", runs["pretrain"].info.run_id) == 2     # pretrain registers nothing
+    elsewhere = tmp_path / "not-a-project"                     # no store there: said, and none made
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert hatchling_here(elsewhere, "promote", runs["rlvr"].info.run_id) == 2 and not list(elsewhere.iterdir())
 
 
 def test_a_training_stage_records_system_metrics(tokenized_project, tmp_path, monkeypatch):
@@ -87,3 +92,35 @@ def test_a_training_stage_records_system_metrics(tokenized_project, tmp_path, mo
     run_cmd(hatchling_cmd("run", "pretrain", "--set", "pretrain.max_steps=12"), proj)
     run = _stage_runs(MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}"))["pretrain"]
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+
+
+
+def test_the_logged_models_requirements_cover_what_its_code_imports():
+    """A model served in an environment of its own (mlflow models serve, env_manager="virtualenv") installs
+    these: every third-party package the model's code imports when it loads is one of them (or MLflow, which
+    that environment has), each pinned to a release PyPI has (no "+cpu")."""
+    import ast
+    import subprocess
+    import sys
+    from importlib.metadata import packages_distributions
+
+    import hatchling
+    from hatchling.registry import MODEL_PACKAGES, model_requirements
+
+    script = ("import sys, hatchling.registry, hatchling.checkpoint, hatchling.model.memory\n"
+              "print(' '.join(m for m in sys.modules if m.startswith('hatchling')))")
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    owners, package = packages_distributions(), Path(hatchling.__file__).parent
+    imported = set()
+    for module in loaded:
+        path = package.parent / (module.replace(".", "/") + ".py")
+        tree = ast.parse((path if path.is_file() else path.with_suffix("") / "__init__.py").read_text())
+        for node in tree.body:                                    # what loading the module imports
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            imported |= {n.split(".")[0] for n in names}
+    third_party = imported - set(sys.stdlib_module_names) - {"hatchling", "__future__"}
+    distributions = {dist.lower() for module in third_party for dist in owners[module]}
+    assert {"faiss-cpu", "numpy", "torch"} <= distributions
+    assert distributions <= set(MODEL_PACKAGES) | {"mlflow", "mlflow-skinny", "mlflow-tracing", "pandas"}, distributions
+    assert all("+" not in r and r.split("==")[0] in MODEL_PACKAGES for r in model_requirements())

@@ -166,6 +166,12 @@ def test_a_run_is_described_against_the_committed_params_and_without_git_as_well
     params = validate_params({**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "lr": 0.5}})
     with_git = describe_run(params, tmp_path)
     assert with_git["overrides"] == ["pretrain.lr=0.5"]
+    # a project in a folder of its repository (dvc init --subdir): its own params.yaml, not the root's
+    (tmp_path / "sub").mkdir()
+    write_params(tmp_path / "sub", {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], "lr": 0.25}})
+    for args in (["add", "sub/params.yaml"], ["commit", "-qm", "sub"]):
+        subprocess.run(git + args, check=True)
+    assert describe_run(params, tmp_path / "sub")["overrides"] == ["pretrain.lr=0.5"]
     monkeypatch.setenv("PATH", str(tmp_path / "no-git-here"))
     without = describe_run(params, tmp_path)
     assert without["overrides"] == [] and without["params"] == with_git["params"]

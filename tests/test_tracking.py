@@ -184,3 +184,60 @@ def test_runs_whose_process_ended_unclosed_are_marked_killed_when_a_stage_starts
     ours = tracking.process_key(os.getpid())
     assert {mlf.get_run(r).data.tags[tracking.PROCESS_TAG] for r in (run.run_id, run.parent_id)} == {ours}
     run.end()
+
+
+ORPHAN = """
+import os, signal
+from hatchling import tracking
+first = tracking.StageRun("crawl", {}, {}, ROOT)
+first.end()
+os.environ[tracking.PARENT_ENV] = first.parent_id       # the next stage of the same pipeline
+second = tracking.StageRun("tasks", {}, {}, ROOT)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_pipeline_whose_stage_was_killed_does_not_stay_finished(tmp_path):
+    """The first stage's end marked the pipeline run FINISHED; the second stage killed under it left it so,
+    a killed pipeline shown as a success. Now a running stage keeps its pipeline RUNNING, and the next stage
+    run closes both KILLED, the pipeline naming the stage."""
+    killed = subprocess.run([sys.executable, "-c", ORPHAN.replace("ROOT", repr(str(tmp_path)))])
+    assert killed.returncode == -9
+    mlf = tracking.client(tmp_path)
+    exp = tracking.experiment_id(mlf)
+    runs = {r.data.tags.get("hatchling.stage", "pipeline"): r.info.run_id for r in mlf.search_runs([exp])}
+    tracking.StageRun("export", {}, {}, tmp_path).end()
+    status = {name: mlf.get_run(run_id).info.status for name, run_id in runs.items()}
+    assert status == {"pipeline": "KILLED", "crawl": "FINISHED", "tasks": "KILLED"}
+    assert mlf.get_run(runs["pipeline"]).data.tags["hatchling.failed_stage"] == "tasks"
+
+
+def test_a_stages_summary_lands_at_the_end_of_its_history(tmp_path):
+    """The summary of a metric logged step by step is its last point (at step 0 it was a false first one)."""
+    run = tracking.StageRun("pretrain", {}, {}, tmp_path)
+    for step, loss in ((10, 3.0), (20, 2.5)):
+        run.log_metrics({"val_loss": loss}, step)
+    run.log_summary({"val_loss": 2.4, "steps": 20, "stopped_early": False})
+    run.end()
+    mlf = tracking.client(tmp_path)
+    history = [(m.step, m.value) for m in mlf.get_metric_history(run.run_id, "val_loss")]
+    assert sorted(history) == [(10, 3.0), (20, 2.4), (20, 2.5)]
+    assert [(m.step, m.value) for m in mlf.get_metric_history(run.run_id, "steps")] == [(0, 20.0)]
+    assert mlf.get_run(run.run_id).data.metrics["val_loss"] == 2.4          # the runs table shows the summary
+
+
+def test_a_cached_stage_brings_its_headline_to_the_pipeline_run(tmp_path):
+    run_id = tracking.record_cached("pretrain", {"val_bpb": 1.66, "val_loss": 2.1}, tmp_path)
+    mlf = tracking.client(tmp_path)
+    parent = mlf.get_run(run_id).data.tags["mlflow.parentRunId"]
+    assert mlf.get_run(parent).data.metrics == {"pretrain.val_bpb": 1.66, "pretrain.val_loss": 2.1}
+    assert mlf.get_run(run_id).data.metrics == {}                             # nothing logged twice
+
+
+def test_params_past_mlflows_length_stay_whole_in_the_digest_and_differ_in_the_store():
+    long = {"crawl": {"modules": [f"m{i:04d}" for i in range(1500)]}}
+    other = {"crawl": {"modules": [f"m{i:04d}" for i in range(1499)]}}
+    a, b = tracking.flatten(long)["crawl.modules"], tracking.flatten(other)["crawl.modules"]
+    assert a != b and a.startswith(b[:-1]) and len(a) > 6000
+    assert tracking.param_value(a) != tracking.param_value(b) and len(tracking.param_value(a)) <= 6000
+    assert tracking.param_value("short") == "short"

@@ -12,12 +12,19 @@ import contextlib
 
 import torch
 
+from hatchling.errors import ConfigError
+
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto``: CUDA when available, else the CPU; any other name as torch reads it."""
+    """``auto``: CUDA when available, else the CPU; any other name as torch reads it. A CUDA device where
+    torch has none is a ConfigError saying so (torch's own is an assertion deep inside the first copy)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(name)!r}: torch {torch.__version__} sees no CUDA device on this machine "
+                          "(use auto or cpu)")
+    return device
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
