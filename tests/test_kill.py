@@ -238,15 +238,23 @@ def test_ctrl_c_stops_a_stage_with_one_line_its_outputs_kept_and_its_run_failed(
     before = _files(proj, ["checkpoints/pretrain", "reports/pretrain.json"])
     resume = proj / "checkpoints/pretrain-run/model.json"
     old_resume = resume.read_text()
+    # as a terminal's foreground job: Ctrl-C is not ignored (a shell's background job, e.g. a CI run started
+    # with `&`, passes on SIGINT ignored, and rightly the stage then keeps running)
     proc = subprocess.Popen(hatchling_cmd("run", "pretrain", "--set", "pretrain.max_steps=100000"), cwd=proj,
                             env=project_env(proj), start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120            # until this run's first resume checkpoint: training under way
-    while proc.poll() is None and time.monotonic() < deadline and resume.read_text() == old_resume:
-        time.sleep(0.1)
-    assert proc.poll() is None, proc.stderr.read()[-2000:]
-    os.killpg(proc.pid, signal.SIGINT)
-    stderr = proc.communicate(timeout=60)[1]
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120            # until this run's first resume checkpoint: training under way
+        while proc.poll() is None and time.monotonic() < deadline and resume.read_text() == old_resume:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:                      # never leave it training on a shared machine
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr and stderr.strip().splitlines()[-1] == (
         "error: interrupted: run stopped; what it had not finished writing was not written")
