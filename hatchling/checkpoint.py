@@ -117,8 +117,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     try:
         # the memory of a model loaded here stays in this process: model.memory_path is the live file of
         # the run that trains it (hatchling/model/memory.py), which another process's load must not touch
-        model = build_model({**meta["model_config"], "memory_path": None}
-                            if meta["model_config"].get("memory_path") else meta["model_config"])
+        model = build_model({**meta["model_config"], "memory_path": None})
     except ValidationError as e:
         wrong = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False))
         raise InputError(f"{directory / SIDECAR}: its model_config does not fit the model schema ({wrong})") from None

@@ -465,8 +465,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep) if key_node.tag != "tag:yaml.org,2002:merge" else "<<"
-            if key in seen and key != "<<":
+            if key_node.tag == "tag:yaml.org,2002:merge":          # `<<: *anchor` may come more than once
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice in one mapping",
                                                         key_node.start_mark)
             seen.add(key)

@@ -385,11 +385,7 @@ class StageRun:
 
     def log_headline(self, metrics: dict) -> None:
         """Copy the stage's headline numbers to the pipeline run as `<stage>.<name>`."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.mlf.log_batch(self.parent_id, metrics=[Metric(f"{self.stage}.{k}", float(v), now, 0)
-                                                    for k, v in metrics.items()])
+        _log_headline(self.mlf, self.parent_id, self.stage, metrics)
 
     def fail(self, error: BaseException) -> None:
         """End the run FAILED, with the error as a tag and as the run's description (the UI shows it)."""
@@ -456,16 +452,21 @@ def record_cached(stage: str, headline: dict[str, float], root: Path = Path(".")
     return _cached_run(mlf, exp_id, parent, stage, "inputs, params and code unchanged", headline)
 
 
-def _cached_run(mlf, exp_id: str, parent: str, stage: str, reason: str, headline: dict[str, float]) -> str:
+def _log_headline(mlf, parent: str, stage: str, headline: dict[str, float]) -> None:
+    """A stage's headline numbers on its pipeline run, as `<stage>.<name>`."""
     from mlflow.entities import Metric
 
+    now = int(time.time() * 1000)
+    mlf.log_batch(parent, metrics=[Metric(f"{stage}.{k}", float(v), now, 0) for k, v in headline.items()])
+
+
+def _cached_run(mlf, exp_id: str, parent: str, stage: str, reason: str, headline: dict[str, float]) -> str:
     label = mlf.get_run(parent).data.tags.get("hatchling.label", "pipeline")
     run = mlf.create_run(exp_id, tags={"mlflow.runName": f"{stage} (cached) @ {label}", "mlflow.parentRunId": parent,
                                        "hatchling.stage": stage, "hatchling.cached": "true",
                                        "hatchling.cache_reason": reason})
     mlf.set_terminated(run.info.run_id, "FINISHED")
-    now = int(time.time() * 1000)
-    mlf.log_batch(parent, metrics=[Metric(f"{stage}.{k}", float(v), now, 0) for k, v in headline.items()])
+    _log_headline(mlf, parent, stage, headline)
     return run.info.run_id
 
 
