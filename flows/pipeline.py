@@ -11,8 +11,11 @@ when the environment is broken (a retry would fail the same way). A flow that fa
 pipeline run FAILED, naming the stage and its error. Each task waits for its upstream stages' tasks
 (the UI draws the DAG), logs its headline numbers and publishes its metrics as a table artifact
 (`<stage>-metrics`) and its markdown reports as markdown artifacts (`eval-report`: the report card,
-its figures embedded, as the UI cannot follow the report's relative links). flows/prefect.yaml
-deploys this flow to a process work pool on a GPU host (see the README).
+its figures embedded, as the UI cannot follow the report's relative links). In a DVC project run on
+its own params.yaml, the flow and `dvc repro` share one verdict on what is up to date: a stage that
+`dvc status` finds up to date is not run, and each stage the flow settles is recorded in dvc.lock
+(`dvc commit`), so DVC has nothing to redo after the flow. flows/prefect.yaml deploys this flow to a
+process work pool on a GPU host (see the README).
 """
 
 from __future__ import annotations
@@ -68,6 +71,29 @@ def stage_cache_key(stage: Stage, params: Params, root: Path) -> str:
              "param_files": hash_paths(param_deps(stage, params), root),
              "code": hash_paths(stage.code, PACKAGE.parent)}
     return f"{stage.name}-" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def dvc_tracks(root: Path, params_file: str, overrides: list[str]) -> bool:
+    """Whether dvc.lock speaks for this run: a DVC project (`.dvc/`, dvc.yaml) run on its own params.yaml
+    with no overrides, the params `dvc repro` reads. Another params file or a --set is a run DVC knows
+    nothing of: the flow then keeps to its own cache and leaves dvc.lock alone."""
+    return ((root / ".dvc").is_dir() and (root / "dvc.yaml").is_file() and not overrides
+            and Path(params_file).resolve() == (root / "params.yaml").resolve())
+
+
+def dvc(args: list[str], root: Path) -> str:
+    """`dvc ARGS` in the project (DVC's own command line: its Python API resolves stages against the
+    working directory, which a flow serving several projects cannot move); its output, or StageError."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode:
+        raise StageError(f"dvc {' '.join(args)} failed in {root}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def dvc_stale(names: list[str], root: Path) -> set[str]:
+    """Which of the stages `dvc status` finds changed: deps, params or outputs other than dvc.lock
+    recorded (the ones `dvc repro` would run)."""
+    return set(json.loads(dvc(["status", "--json", *names], root) or "{}"))
 
 
 def outputs_hash(stage: Stage, root: Path) -> str:
@@ -201,17 +227,23 @@ def publish(stage: Stage, metrics: dict, root: Path) -> None:
 
 
 def make_task(stage: Stage):
-    def body(params_file: str, overrides: list[str], root: str, cache_key: str) -> dict:
+    def body(params_file: str, overrides: list[str], root: str, cache_key: str, up_to_date: bool) -> dict:
+        root = Path(root)
+        if up_to_date:
+            get_run_logger().info("stage %s is up to date in dvc.lock (its deps, params and outputs as DVC "
+                                  "recorded them): not run", stage.name)
+            return {"metrics": json.loads((root / stage.metrics).read_text()), "outputs": outputs_hash(stage, root),
+                    "up_to_date": "dvc.lock"}
         try:
-            metrics = run_in_process(stage, params_file, overrides, Path(root))
+            metrics = run_in_process(stage, params_file, overrides, root)
         except StageProcessFailed as error:
             if error.killed:
-                tracking.end_failed(lambda error=error: mark_killed(tracking.client(Path(root)),
+                tracking.end_failed(lambda error=error: mark_killed(tracking.client(root),
                                                                     os.environ[tracking.PARENT_ENV], error),
                                     f"the killed run of stage {stage.name}")
             raise
-        publish(stage, metrics, Path(root))
-        return {"metrics": metrics, "outputs": outputs_hash(stage, Path(root))}
+        publish(stage, metrics, root)
+        return {"metrics": metrics, "outputs": outputs_hash(stage, root)}
 
     # network stages: a failure may pass; trainers (whose resume state persists): a killed one resumes
     retries, delays = (3, [5, 20, 60]) if stage.network else (2, [5, 5]) if stage.persist else (0, 0)
@@ -232,6 +264,9 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     root_path = Path(root).resolve()
     params_file = params_path if Path(params_path).is_absolute() else str(root_path / params_path)
     params = load_params(params_file, overrides)           # bad params fail before any stage
+    # the stages dvc.lock finds stale, when it speaks for this run (None: it does not)
+    stale = dvc_stale(sorted(wanted), root_path) if dvc_tracks(root_path, params_file, overrides) else None
+    ran: set[str] = set()
     mlf = tracking.client(root_path)
     describe = describe_run(params, root_path)
     describe["tags"] = {"hatchling.prefect_flow_run_id": str(flow_run.id)}
@@ -243,9 +278,12 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
     try:
         for stage in (s for s in topological_order() if s.name in wanted):
             key = stage_cache_key(stage, params, root_path)
+            if stale is not None and ran.intersection(upstream(stage)):      # its inputs may have moved since
+                stale |= dvc_stale([stage.name], root_path)
+            up_to_date = stale is not None and stage.name not in stale
             # quoted: Prefect would otherwise look for earlier tasks' results among the arguments (by object
             # identity, which a string or a recycled id can share) and draw edges that are not there
-            args = (quote(params_file), quote(overrides), quote(str(root_path)), quote(key))
+            args = (quote(params_file), quote(overrides), quote(str(root_path)), quote(key), up_to_date)
             after = [futures[name] for name in upstream(stage) if name in futures]  # the UI draws these edges
             future = TASKS[stage.name].submit(*args, wait_for=after)
             future.wait()
@@ -258,11 +296,16 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
                 state = future.state
                 result = state.result()
             futures[stage.name] = future
-            if state.name == "Cached":
-                tracking.record_cached(stage.name, reported_headline(stage, root_path), root_path)
+            if stale is not None and stage.name in stale:
+                # ran, or served from the flow's cache (what its key made is on disk): record it as `dvc repro` would
+                dvc(["commit", "--force", stage.name], root_path)
+            if state.name == "Cached" or "up_to_date" in result:
+                why = "inputs, params and code unchanged" if state.name == "Cached" else "up to date in dvc.lock"
+                tracking.record_cached(stage.name, reported_headline(stage, root_path), root_path, why)
                 results[stage.name] = "cached"
             else:
                 results[stage.name] = result["metrics"]
+                ran.add(stage.name)
     except BaseException as error:
         def failed(error=error):
             stage = getattr(error, "stage", None) or mlf.get_run(parent).data.tags.get("hatchling.failed_stage")

@@ -443,13 +443,14 @@ def end_failed(end: Callable[[], object], what: str) -> None:
         logger.warning("MLflow could not mark %s FAILED: %s: %s", what, type(e).__name__, e)
 
 
-def record_cached(stage: str, headline: dict[str, float], root: Path = Path(".")) -> str:
-    """A child run that says the stage was served from cache (no metrics logged twice); its `headline`
-    numbers (from its report) go to the pipeline run, as a stage that ran puts them there."""
+def record_cached(stage: str, headline: dict[str, float], root: Path = Path("."),
+                  reason: str = "inputs, params and code unchanged") -> str:
+    """A child run that says the stage was served from cache, and why (no metrics logged twice); its
+    `headline` numbers (from its report) go to the pipeline run, as a stage that ran puts them there."""
     mlf = client(root)
     exp_id = experiment_id(mlf)
     parent = find_or_start_parent(mlf, exp_id, root)
-    return _cached_run(mlf, exp_id, parent, stage, "inputs, params and code unchanged", headline)
+    return _cached_run(mlf, exp_id, parent, stage, reason, headline)
 
 
 def _log_headline(mlf, parent: str, stage: str, headline: dict[str, float]) -> None:

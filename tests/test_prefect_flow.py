@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hatchling.stages import STAGES, context, upstream
-from tests.conftest import TINY_PARAMS, write_params
+from tests.conftest import REPO, TINY_PARAMS, copy_project, run_cmd, write_params
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +160,58 @@ def test_a_broken_install_fails_the_flow_at_once_with_its_error_even_when_mlflow
             pipeline(root=str(project), stages=["crawl"])
     assert site.requested("/index.html") == 1                   # tried once: a retry would fail alike
     assert "MLflow could not mark the pipeline run FAILED: MlflowException: database is locked" in caplog.text
+
+
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def _dvc_status(proj: Path) -> dict:
+    return json.loads(run_cmd(DVC + ["status", "--json"], proj).stdout)
+
+
+def test_the_flow_and_dvc_repro_share_one_verdict_on_what_is_up_to_date(prefect_env, pretrained_project, tmp_path,
+                                                                       own_tracking):
+    """After `dvc repro` the flow does not redo what DVC found up to date, and after the flow DVC has nothing
+    to redo: the flow records in dvc.lock each stage it settles."""
+    from flows.pipeline import dvc_tracks, pipeline
+    from hatchling.stages import get_stage
+
+    proj = copy_project(pretrained_project, tmp_path / "proj")
+    run_cmd(DVC + ["init", "-q", "--no-scm"], proj)
+    run_cmd(DVC + ["config", "core.analytics", "false"], proj)
+    trained = {"crawl", "tasks", "dedup", "tokenize", "pretrain", "sft", "rlvr"}
+    run_cmd(DVC + ["commit", "-f", *sorted(trained)], proj)     # dvc.lock as `dvc repro` of those stages leaves it
+    assert set(_dvc_status(proj)) == {"eval", "export"}
+    written = {name: (proj / get_stage(name).metrics).stat().st_mtime_ns for name in trained}
+
+    first = pipeline(root=str(proj))
+    assert {name for name, m in first.items() if m == "cached"} == trained
+    assert {name: (proj / get_stage(name).metrics).stat().st_mtime_ns for name in trained} == written  # not run
+    assert _dvc_status(proj) == {}                                  # eval and export now in dvc.lock
+    client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("hatchling").experiment_id], max_results=1000)
+    reasons = {r.data.tags["hatchling.stage"]: r.data.tags.get("hatchling.cache_reason") for r in runs
+               if "hatchling.stage" in r.data.tags}
+    assert reasons == {**{name: "up to date in dvc.lock" for name in trained}, "eval": None, "export": None}
+
+    write_params(proj, {**TINY_PARAMS, "rlvr": {**TINY_PARAMS["rlvr"], "max_steps": 1}})
+    assert set(_dvc_status(proj)) == {"rlvr"}
+    lock_before = (proj / "dvc.lock").read_text()
+    second = pipeline(root=str(proj))
+    assert {name for name, m in second.items() if m != "cached"} == {"rlvr", "eval", "export"}
+    assert second["rlvr"]["steps"] == 1 and _dvc_status(proj) == {}
+    lock_after = (proj / "dvc.lock").read_text()
+    assert "dvc repro" not in lock_after and "Stage 'rlvr' didn't change" in run_cmd(DVC + ["repro"], proj).stdout
+
+    # a dvc.lock put back (a checkout of an older one): served from the flow's own cache, and recorded again
+    (proj / "dvc.lock").write_text(lock_before)
+    assert pipeline(root=str(proj)) == {s.name: "cached" for s in STAGES}
+    assert (proj / "dvc.lock").read_text() == lock_after and _dvc_status(proj) == {}
+
+    # a run dvc.lock does not speak for: other params or overrides, or a project without DVC
+    params = str(proj / "params.yaml")
+    assert dvc_tracks(proj, params, []) and not dvc_tracks(proj, params, ["rlvr.max_steps=2"])
+    assert not dvc_tracks(proj, str(REPO / "params-gpu.yaml"), []) and not dvc_tracks(tmp_path, params, [])
 
 
 def test_a_cached_result_needs_the_stages_logs_as_dvc_does(tmp_path):
