@@ -241,7 +241,8 @@ class TrainParams(Section):
     def _check_curriculum(self):
         steps = [s for s, _ in self.seq_len_curriculum]
         if steps != sorted(steps) or any(length < 2 for _, length in self.seq_len_curriculum):
-            raise ValueError("seq_len_curriculum must be [[step, seq_len>=2], ...] with increasing steps")
+            raise ValueError("seq_len_curriculum must be [[step, seq_len>=2], ...] with increasing steps, got "
+                             f"{[list(pair) for pair in self.seq_len_curriculum]}")
         return self
 
 
@@ -514,7 +515,11 @@ def _describe(error: dict, key: str, source: str, overridden: Iterable[str]) -> 
         return f"{source}: {key} = {value!r}: unknown key"
     if error["type"] == "missing":
         return f"{source}: {key}: required key is missing"
-    return f"{source}: {key} = {value!r}: {error['msg'].removeprefix('Value error, ')}"
+    why = error["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict):             # a rule across a section's keys: the message names them
+        return f"{source}: {key}: {why}"
+    shown = repr(value)
+    return f"{source}: {key} = {shown if len(shown) <= 200 else shown[:200] + '...'}: {why}"
 
 
 def validate_params(tree: dict, source: str = "params", overridden: Iterable[str] = ()) -> Params:

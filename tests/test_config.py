@@ -145,20 +145,42 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["pretrain.betas=[1.5, 0.95]"], "betas must each be in [0, 1), got [1.5, 0.95]"),
+    (["pretrain.betas=[1.5, 0.95]"], "pretrain: betas must each be in [0, 1), got [1.5, 0.95]"),
     (["pretrain.optimizer=adapm", "pretrain.adapm_beta_range=[0.95, 0.99]"],
-     "optimizer 'adapm' needs 0 <= adapm_beta_range[0] <= betas[0] <= adapm_beta_range[1] < 1"),
-    (["crawl.min_chars=5000", "crawl.max_chars=100"], "min_chars (5000) is above max_chars (100)"),
+     "pretrain: optimizer 'adapm' needs 0 <= adapm_beta_range[0] <= betas[0] <= adapm_beta_range[1] < 1, got betas "
+     "[0.9, 0.95] and adapm_beta_range [0.95, 0.99]"),
+    (["crawl.min_chars=5000", "crawl.max_chars=100"],
+     "crawl: min_chars (5000) is above max_chars (100): every page would be dropped"),
+    (["crawl.mirror=pydoc", "crawl.pydoc_modules=[]"],
+     "crawl: mirror: auto/pydoc needs pydoc_modules (the pages of the fallback mirror)"),
     (["eval.needle_lengths=[128, -4]"], "eval.needle_lengths.1 = -4: Input should be greater than or equal to 1"),
-    (["model.arch=gpt", "model.chunk_size=32", "model.head_dim=5"], "head_dim (5) must be even for arch 'gpt'"),
+    (["eval.forgetting_segments=1"], "eval: forgetting_segments must be 0 (off) or at least 2"),
+    (["eval.humaneval_samples=2", "eval.humaneval_k=[5]"],
+     "eval: humaneval_k [5] must lie in 1..humaneval_samples (2)"),
+    (["model.arch=gpt", "model.chunk_size=32", "model.head_dim=5"],
+     "model: head_dim (5) must be even for arch 'gpt' (RoPE rotates pairs)"),
+    (["pretrain.parallel=fsdp", "pretrain.optimizer=muon"],
+     "pretrain: parallel 'fsdp' supports optimizer 'adamw' without sparsity (Muon, AdaPM and the sparsity masks work "
+     "on whole matrices)"),
+    (["pretrain.seq_len_curriculum=[[10, 32], [5, 64]]"],
+     "pretrain: seq_len_curriculum must be [[step, seq_len>=2], ...] with increasing steps, got [[10, 32], [5, 64]]"),
 ])
 def test_values_that_cannot_work_together_are_refused_before_any_work(tmp_path, overrides, message):
     """Each used to pass the schema and fail late: the optimizers' raw ValueError, a crawl that drops every
-    page, the eval's needle after loading its checkpoints, RoPE in the first forward pass."""
+    page, the eval's needle after loading its checkpoints, RoPE in the first forward pass. The message is
+    one line: the section and the rule, not the whole section's values."""
     write_params(tmp_path, TINY_PARAMS)
     with pytest.raises(ConfigError) as err:
         load_params(tmp_path / "params.yaml", overrides)
-    assert message in str(err.value)
+    assert str(err.value) == f"--set: {message}"
+
+
+def test_a_long_bad_value_is_shown_cut_short(tmp_path):
+    write_params(tmp_path, TINY_PARAMS)
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml", [f"pretrain.lr={'x' * 1000}"])
+    assert str(err.value) == f"--set: pretrain.lr = '{'x' * 199}...: Input should be a valid number, unable to parse " \
+                             "string as a number"
 
 
 def test_cli_rejects_bad_params_before_work_and_leaves_outputs(tokenized_project):

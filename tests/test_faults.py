@@ -170,6 +170,42 @@ def tiny_trainer(tmp_path):
                           sidecar={}, val_tokens_per_byte=1.0)
 
 
+@pytest.mark.parametrize("update", [{"seq_len": 600}, {"seq_len": 32, "seq_len_curriculum": [[0, 16], [3, 511]]}])
+def test_training_data_too_short_for_one_window_is_refused_naming_the_key(tmp_path, update):
+    """A seq_len (or a curriculum's longest) that no window of the data can hold: one error naming the
+    stage's key, before any step (it used to fail at the step that first drew such a window)."""
+    params = validate_params(TINY_PARAMS).pretrain.model_copy(update=update)
+    model = build_model(validate_params(TINY_PARAMS).model.model_copy(update={"vocab_size": 64}))
+    tokens = np.zeros(512, dtype=np.uint16)
+    longest = max([update["seq_len"], *(n for _, n in update.get("seq_len_curriculum", []))])
+    with pytest.raises(InputError) as err:
+        Trainer(model, params, tokens, tokens, run_dir=tmp_path / "run", out_dir=tmp_path / "out",
+                sidecar={"stage": "pretrain"}, val_tokens_per_byte=1.0)
+    assert str(err.value) == (f"pretrain: the training data holds 512 tokens, too few for one window of seq_len "
+                              f"{longest} (a window takes seq_len + 2): lower pretrain.seq_len (and "
+                              "seq_len_curriculum) or give it more data")
+    assert not (tmp_path / "run").exists()
+    fits = params.model_copy(update={"seq_len": 510, "seq_len_curriculum": []})
+    Trainer(model, fits, tokens, tokens, run_dir=tmp_path / "run", out_dir=tmp_path / "out", sidecar={},
+            val_tokens_per_byte=1.0)                    # 510 + 2 tokens: the longest window that fits
+
+
+def test_inputs_with_nothing_to_work_on_are_named(tmp_path):
+    from hatchling.data.crawl.mirror import resolve_mirror
+    from hatchling.data.tokenize import split_documents
+    from hatchling.errors import ConfigError
+    from hatchling.train.sft import read_chats
+
+    with pytest.raises(InputError, match=r"^need at least 2 documents to split train/val, got 1$"):
+        split_documents(["one page"], 0.1, 0)
+    assert split_documents(["a", "b"], 0.0, 0) == (["a"], ["b"])      # two: one on each side, whatever the draw
+    (tmp_path / "chats.jsonl").write_text("\n")
+    with pytest.raises(InputError, match=rf"^sft data: no conversations in {tmp_path / 'chats.jsonl'}$"):
+        read_chats([tmp_path / "chats.jsonl"])
+    with pytest.raises(ConfigError, match=rf"^crawl.mirror = '{tmp_path / 'nope'}': no such directory$"):
+        resolve_mirror(str(tmp_path / "nope"), [], tmp_path / "scratch")
+
+
 def test_a_diverging_run_stops_at_that_step_and_keeps_its_last_good_checkpoint(tmp_path):
     model, trainer = tiny_trainer(tmp_path)
     set_train_step = model.set_train_step

@@ -29,7 +29,7 @@ def _stage_runs(client: MlflowClient) -> dict[str, object]:
     return latest
 
 
-def test_stages_log_models_and_rlvr_registers_the_candidate(pretrained_project, tmp_path, monkeypatch):
+def test_stages_log_models_and_rlvr_registers_the_candidate(pretrained_project, tmp_path, monkeypatch, capsys):
     proj = copy_project(pretrained_project, tmp_path / "proj")
     shutil.copy(pretrained_project / "mlflow.db", proj / "mlflow.db")     # a copy of the store: its database
     shutil.copytree(pretrained_project / "mlruns", proj / "mlruns")       # and its artifacts, store-relative
@@ -79,11 +79,15 @@ def test_stages_log_models_and_rlvr_registers_the_candidate(pretrained_project, 
 
     assert hatchling_here(proj, "promote", runs["rlvr"].info.run_id) == 0
     assert client.get_model_version_by_alias(REGISTERED_MODEL, "champion").version == candidate.version
+    capsys.readouterr()
     assert hatchling_here(proj, "promote", runs["pretrain"].info.run_id) == 2     # pretrain registers nothing
+    assert capsys.readouterr().err.startswith("error: ")
     elsewhere = tmp_path / "not-a-project"                     # no store there: said, and none made
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert hatchling_here(elsewhere, "promote", runs["rlvr"].info.run_id) == 2 and not list(elsewhere.iterdir())
+    assert capsys.readouterr().err == (f"error: no MLflow store at {elsewhere / 'mlflow.db'}: run `hatchling promote` "
+                                       "in the project whose pipeline registered the model\n")
 
 
 def test_a_training_stage_records_system_metrics(tokenized_project, tmp_path, monkeypatch):

@@ -84,6 +84,12 @@ class Trainer:
         self.train_module = wrap_for_training(self.model, self.world, self.strategy)
         if params.compile:          # forward/backward only: checkpoints and evaluation use the plain module
             self.train_module = torch.compile(self.train_module)
+        longest = max([params.seq_len, *(length for _, length in params.seq_len_curriculum)])
+        if len(train_data) < longest + 2:
+            stage = sidecar.get("stage", "training")
+            raise InputError(f"{stage}: the training data holds {len(train_data):,} tokens, too few for one window of "
+                             f"seq_len {longest} (a window takes seq_len + 2): lower {stage}.seq_len (and "
+                             "seq_len_curriculum) or give it more data")
         self.train_data, self.val_data = train_data, val_data
         self.run_dir, self.out_dir = Path(run_dir), Path(out_dir)
         self.csv_path, self.eval_csv_path = csv_path, eval_csv_path
