@@ -219,6 +219,66 @@ def test_every_micro_batch_of_a_run_has_its_own_seed(grad_accum):
         assert batch_seed(7, 1, grad_accum - 1, grad_accum) == (7 * 1_000_003 + 1) * 64 + grad_accum - 1
 
 
+def test_grad_accum_steps_once_on_the_mean_gradient_of_its_own_micro_batches(tmp_path):
+    """grad_accum=4 with batch_size 1: one optimizer step on the gradient of the mean loss over every
+    trained target of the four micro-batches the step's seeds draw (batch_seed(seed, 0, micro, 4)),
+    computed here by hand. The label masks (as SFT's) leave each micro-batch a different number of
+    targets: each target weighs the same, as in one batch of 4. A loop that drew the same micro-batch
+    every time, summed rather than averaged, or averaged the micro-batches' own means would not match."""
+    import copy
+
+    from hatchling.model.lm import IGNORE, loss_sum
+    from hatchling.train.optim import build_optimizers, set_lr
+
+    params = validate_params(TINY_PARAMS).pretrain.model_copy(
+        update={"grad_accum": 4, "batch_size": 1, "max_steps": 1, "grad_clip": 0.0, "device": "cpu"})
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 64, 4096).astype(np.uint16)
+    kept = rng.random(4096) < 0.5 + 0.4 * np.sin(np.arange(4096) / 50)         # masks that differ window to window
+    labels = np.where(kept, data.astype(np.int64), IGNORE)
+    torch.manual_seed(0)
+    model = build_model(validate_params(TINY_PARAMS).model.model_copy(update={"vocab_size": 64}))
+    reference = copy.deepcopy(model)
+    initial = {n: q.detach().clone() for n, q in model.named_parameters()}
+    trainer = Trainer(model, params, data, data, run_dir=tmp_path / "run", out_dir=tmp_path / "out",
+                      sidecar={}, val_tokens_per_byte=1.0, train_labels=labels, val_labels=labels)
+    seen = {}          # the gradients its optimizer steps on: AdamW's update hides most of their scale
+    trainer.optimizers[0].register_step_pre_hook(lambda opt, args, kwargs: seen.update(
+        {n: q.grad.clone() for n, q in trainer.model.named_parameters() if q.grad is not None}))
+    loss, _, length = trainer.train_step()
+
+    reference.train()
+    names = [n for n, q in reference.named_parameters() if q.requires_grad]
+    sums, counts, batches = [], [], []
+    for micro in range(4):
+        x, y = sample_batch(data, 1, length, batch_seed(params.seed, 0, micro, 4), "cpu", labels)
+        batches.append(x)
+        total, count = loss_sum(reference, x, y)
+        sums.append(total)
+        counts.append(int(count))
+    mean = sum(sums) / sum(counts)
+    mean.backward()
+    grads = {n: q.grad for n, q in reference.named_parameters() if q.requires_grad}
+    assert len({tuple(x.flatten().tolist()) for x in batches}) == 4          # four different windows
+    assert len(set(counts)) > 1                                              # ... with different target counts
+    assert loss == pytest.approx(mean.item(), rel=1e-6)
+    assert loss != pytest.approx(sum(s.item() / c for s, c in zip(sums, counts, strict=True)) / 4, rel=1e-4)
+    assert trainer.tokens_seen == sum(counts)
+    assert seen.keys() == set(names)
+    for n in names:
+        torch.testing.assert_close(seen[n], grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+    optimizers = build_optimizers(reference, params)
+    set_lr(optimizers, lr_multiplier(0, params.warmup_steps, params.max_steps, params.min_lr_ratio))
+    for opt in optimizers:
+        opt.step()
+    assert trainer.step == 1
+    ours, theirs = dict(trainer.model.named_parameters()), dict(reference.named_parameters())
+    for n in names:
+        torch.testing.assert_close(ours[n].detach(), theirs[n].detach(), rtol=1e-5, atol=1e-6, msg=n)
+    assert all(not torch.equal(ours[n].detach(), initial[n]) for n in names)      # every weight took the step
+
+
 def test_early_stopping(tokenized_project, tmp_path):
     proj = make_project(tmp_path / "p")
     shutil.copytree(tokenized_project / "data", proj / "data", dirs_exist_ok=True)

@@ -179,22 +179,25 @@ class Trainer:
         total = 0.0
         self.step_stats = {}
         self.model.set_train_step(self.step)
-        for micro in range(p.grad_accum):
-            seed = batch_seed(p.seed, self.step, micro, p.grad_accum)
-            x, y = sample_batch(self.train_data, p.batch_size, length, seed, self.device, self.train_labels)
-            count = (y != IGNORE).sum().clamp(min=1)          # the global batch's target count
+        seeds = [batch_seed(p.seed, self.step, micro, p.grad_accum) for micro in range(p.grad_accum)]
+        batches = [sample_batch(self.train_data, p.batch_size, length, seed, self.device, self.train_labels)
+                   for seed in seeds]
+        # the step's loss is the mean over all its targets, on every rank and in every micro-batch: each target
+        # weighs the same however the label masks (SFT) share them out, as in one batch of batch_size × grad_accum
+        count = sum((y != IGNORE).sum() for _, y in batches).clamp(min=1)
+        for x, y in batches:
             x, y = self.world.shard(x), self.world.shard(y)
             with self.autocast:
                 local_sum, _ = loss_sum(self.train_module, x, y, self.eot_id)
-                loss = local_sum * self.world.size / count / p.grad_accum   # DDP averages over ranks
+                loss = local_sum * self.world.size / count               # DDP averages over ranks
                 aux = self.model.aux_losses()
                 for value in aux.values():                                  # research switches' own losses
                     loss = loss + value / p.grad_accum
             loss.backward()
             for name, value in aux.items():
                 self.step_stats[name] = self.step_stats.get(name, 0.0) + float(value.detach()) / p.grad_accum
-            total += float(self.world.sum(local_sum.detach())) / float(count) / p.grad_accum
-            self.tokens_seen += int(count)
+            total += float(self.world.sum(local_sum.detach())) / float(count)
+        self.tokens_seen += int(count)
         self.check_finite(total, {k: v for k, v in self.step_stats.items() if k in aux})
         self.step_stats.update(self.model.pass_stats())
         if p.grad_clip > 0:
