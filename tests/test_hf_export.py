@@ -10,18 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: F401  the hf extra, in the dev lock: missing, this file fails rather than skips
 
-pytest.importorskip("transformers")
-
-from hatchling.checkpoint import save_model  # noqa: E402
-from hatchling.data.chat import render_chat  # noqa: E402
-from hatchling.data.tokenizer import TOKENIZER, train_tokenizer  # noqa: E402
-from hatchling.errors import ConfigError  # noqa: E402
-from hatchling.export.hf import MODELING, export_hf, modeling_source  # noqa: E402
-from hatchling.model import build_model  # noqa: E402
-from hatchling.model.config import for_arch  # noqa: E402
-from tests.conftest import TINY_PARAMS  # noqa: E402
-from tests.test_eval import _lm_eval_task  # noqa: E402
+from hatchling.checkpoint import save_model
+from hatchling.data.chat import render_chat
+from hatchling.data.tokenizer import TOKENIZER, train_tokenizer
+from hatchling.errors import ConfigError
+from hatchling.export.hf import MODELING, export_hf, modeling_source
+from hatchling.model import build_model
+from hatchling.model.config import for_arch
+from tests.conftest import TINY_PARAMS
+from tests.test_eval import _lm_eval_task
 
 TEXTS = ["def loads(s):\n    return json.loads(s)\n" * 40, "The json module encodes and decodes JSON documents. " * 40,
          "Question: Which module reads JSON?\nAnswer: json\n" * 40]

@@ -89,7 +89,9 @@ def test_a_second_run_stops_naming_the_holder_and_leaves_its_outputs_alone(tmp_p
     with pytest.raises(StageLocked, match=rf"locked by PID {holder.pid} "):
         with stage_lock("tokenize", tmp_path, timeout=0.5):
             pass
-    assert 0.4 < time.monotonic() - start < 5
+    # it waited out its timeout before giving up: stage_lock retries until a monotonic deadline of start + 0.5 s,
+    # so this lower bound holds on any machine; that it gave up at all (the holder still holds) is the raise
+    assert time.monotonic() - start > 0.49         # (0.49: float rounding of the deadline, no more)
 
 
 def test_a_lock_left_by_a_killed_holder_is_taken_over(tmp_path, hold, caplog):

@@ -1,19 +1,41 @@
 """The code sandbox: right answers pass, wrong ones fail, and every escape attempt is contained."""
 
 import os
+import shutil
 import socket
+import subprocess
 import threading
-import time
 
 import pytest
 
 from hatchling.sandbox import SandboxError, bwrap_path, bwrap_works, run_python
 
-MODES = ["guard"] + (["bwrap"] if bwrap_works() else [])
+#: set (CI does, where it installed bubblewrap): a bwrap that is missing or cannot isolate fails the bwrap cases
+REQUIRE_BWRAP = "HATCHLING_REQUIRE_BWRAP"
 
 
-@pytest.fixture(params=MODES)
+def _why_no_bwrap() -> str:
+    exe = shutil.which("bwrap")
+    if exe is None:
+        return "bubblewrap (bwrap) is not installed"
+    try:                                    # the sandbox's own probe, for its words
+        probe = subprocess.run([exe, "--ro-bind", "/", "/", "--unshare-all", "--die-with-parent", "true"],
+                               capture_output=True, text=True, timeout=20)
+        why = probe.stderr.strip() or f"exit status {probe.returncode}"
+    except (OSError, subprocess.SubprocessError) as e:
+        why = f"{type(e).__name__}: {e}"
+    return f"{exe} is installed but cannot isolate here ({why})"
+
+
+@pytest.fixture(params=["guard", "bwrap"])
 def isolation(request):
+    """Both modes are always collected: bwrap's cases are skipped, with the reason, where it cannot run,
+    and fail there instead under HATCHLING_REQUIRE_BWRAP=1."""
+    if request.param == "bwrap" and not bwrap_works():
+        why = _why_no_bwrap()
+        if os.environ.get(REQUIRE_BWRAP) == "1":
+            pytest.fail(f"{REQUIRE_BWRAP}=1 but {why}", pytrace=False)
+        pytest.skip(f"bwrap mode: {why} (set {REQUIRE_BWRAP}=1 to make this a failure)")
     return request.param
 
 
@@ -26,9 +48,9 @@ def test_solution_passes_and_wrong_solution_fails(isolation):
 
 
 def test_infinite_loop_times_out_without_hanging(isolation):
-    t0 = time.perf_counter()
+    # the status says the wall-clock timeout ended it (a hang would hang this test, not slow it)
     r = run_python("while True:\n    pass\n", timeout_s=1.0, isolation=isolation)
-    assert r.status == "timeout" and not r.passed and time.perf_counter() - t0 < 10
+    assert r.status == "timeout" and not r.passed
 
 
 def test_memory_bomb_is_stopped(isolation):
@@ -133,9 +155,9 @@ def test_the_guard_ends_the_program_once_the_tests_are_through(isolation):
     """No atexit handler of the program runs after its tests, and a thread it left running does not hold the run."""
     code = ("import atexit, threading, time\natexit.register(print, 'late')\n"
             "threading.Thread(target=time.sleep, args=(60,)).start()\ndef add(a, b):\n    return a + b\n")
-    t0 = time.perf_counter()
     r = run_python(code, "assert add(2, 3) == 5\nprint('tested')", timeout_s=20, isolation=isolation)
-    assert r.passed and r.stdout == "tested\n" and time.perf_counter() - t0 < 15
+    # a run the thread held would end at the timeout, as status "timeout", not passed; 'late' is the atexit handler
+    assert r.passed and r.status == "passed" and r.stdout == "tested\n" and "late" not in r.stdout
 
 
 def test_files_made_are_capped_and_limits_cannot_be_raised(isolation):
