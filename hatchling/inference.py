@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from hatchling.checkpoint import load_for_inference
-from hatchling.data.tokenizer import EOT, document_ids
+from hatchling.data.tokenizer import EOT, prompt_ids
 from hatchling.errors import InputError
 from hatchling.model.device import resolve_device
 from hatchling.model.generate import check_compilable
@@ -104,8 +104,8 @@ def generate_cli(args) -> int:
 def print_continuation(args, model, tokenizer, device: torch.device, **decoding) -> int:
     """`generate`'s output: args.prompt, then its continuation by `model` (a module, or anything
     `stream_text` decodes with, such as an ONNX decoder; `decoding`: further arguments of its stream)
-    streamed to stdout as it is decoded."""
-    ids = document_ids(tokenizer, args.prompt)
+    streamed to stdout as it is decoded. Special tokens written in the prompt are the control tokens."""
+    ids = prompt_ids(tokenizer, args.prompt)
     if len(ids) == 1:
         raise InputError("--prompt is empty after tokenization")
     sys.stdout.write(args.prompt)

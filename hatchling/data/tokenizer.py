@@ -46,6 +46,15 @@ def document_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     return [tokenizer.token_to_id(EOT), *tokenizer.encode(text).ids]
 
 
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt a person typed (``hatchling generate --prompt``) as :func:`document_ids` gives it, except
+    that the special tokens' strings in it are the control tokens, as a transformers tokenizer reads them:
+    a chat template written by hand (``<|user|>...<|end|><|assistant|>``) prompts a chat checkpoint.
+    (Texts the pipeline reads, pages and chat messages, keep them as text: :func:`literal_specials`.)"""
+    parsing = Tokenizer.from_str(tokenizer.to_str())          # a fresh object: encode_special_tokens off
+    return [tokenizer.token_to_id(EOT), *parsing.encode(text).ids]
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
