@@ -31,6 +31,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -49,6 +50,8 @@ from hatchling.stages import (
     STAGES,
     Stage,
     describe_run,
+    dvc,
+    dvc_stale,
     get_stage,
     headline,
     input_hash,
@@ -81,21 +84,6 @@ def dvc_tracks(root: Path, params_file: str, overrides: list[str]) -> bool:
             and Path(params_file).resolve() == (root / "params.yaml").resolve())
 
 
-def dvc(args: list[str], root: Path) -> str:
-    """`dvc ARGS` in the project (DVC's own command line: its Python API resolves stages against the
-    working directory, which a flow serving several projects cannot move); its output, or StageError."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
-    if proc.returncode:
-        raise StageError(f"dvc {' '.join(args)} failed in {root}: {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout
-
-
-def dvc_stale(names: list[str], root: Path) -> set[str]:
-    """Which of the stages `dvc status` finds changed: deps, params or outputs other than dvc.lock
-    recorded (the ones `dvc repro` would run)."""
-    return set(json.loads(dvc(["status", "--json", *names], root) or "{}"))
-
-
 def outputs_hash(stage: Stage, root: Path) -> str:
     """What a cached result must still find on disk, as DVC checks it: the stage's outputs, its reports
     and plots' logs (DVC's cache-false outs) and its metrics file."""
@@ -120,6 +108,15 @@ class StageProcessFailed(StageError):
         return self.returncode < 0
 
 
+def settled_lines(stream) -> Iterator[str]:
+    """The lines of a process's stderr (bytes) as they end, each as it last stood: a progress bar redraws
+    its line with carriage returns, each redraw no line of the log; blank lines left out."""
+    for raw in stream:
+        line = raw.decode(errors="replace").rstrip("\r\n").rsplit("\r", 1)[-1].rstrip()
+        if line:
+            yield line
+
+
 def run_in_process(stage: Stage, params_file: str, overrides: list[str], root: Path) -> dict:
     """Run the stage as `python -m hatchling run STAGE` in `root` (as dvc.yaml does), its log lines
     going to the task's log; its metrics, or StageProcessFailed (BrokenEnvironment for a broken
@@ -128,11 +125,11 @@ def run_in_process(stage: Stage, params_file: str, overrides: list[str], root: P
     cmd = [sys.executable, "-m", "hatchling", "run", stage.name, "--params", params_file]
     cmd += [arg for override in overrides for arg in ("--set", override)]
     logger, lines = get_run_logger(), collections.deque(maxlen=200)
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        for line in proc.stderr:
-            lines.append(line)
-            logger.info("%s", line.rstrip())
+        for line in settled_lines(proc.stderr):
+            lines.append(line + "\n")
+            logger.info("%s", line)
         proc.wait()
     finally:
         if proc.poll() is None:           # the task itself was stopped: so is the stage

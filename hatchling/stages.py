@@ -254,6 +254,30 @@ def topological_order() -> list[Stage]:
     return done
 
 
+def dvc(args: list[str], root: Path) -> str:
+    """`dvc ARGS` run in the project `root` (DVC's command line: its Python API resolves stages against the
+    process's working directory); what it printed, or StageError with its message."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+    if proc.returncode:
+        raise StageError(f"dvc {' '.join(args)} failed in {root}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def dvc_stale(names: list[str], root: Path) -> set[str]:
+    """Which of the stages `dvc status` finds changed: deps, params or outputs other than dvc.lock
+    recorded (the ones `dvc repro` would run)."""
+    return set(json.loads(dvc(["status", "--json", *names], root) or "{}")) if names else set()
+
+
+def skipped_by_dvc(stage: Stage, root: Path) -> set[str]:
+    """Under `dvc repro`, as `stage` runs: the stages DVC skips as up to date, those `dvc status` finds
+    unchanged and downstream of none that changed (which DVC may yet run, `stage` among them). The stages
+    downstream of `stage` are not asked about: DVC holds `stage`'s outputs, which they read, while it runs."""
+    others = [s.name for s in STAGES if stage.name not in with_upstream([s.name])]
+    stale = dvc_stale(others, root) | {stage.name}
+    return {s.name for s in STAGES if not with_upstream([s.name]) & stale}
+
+
 def dvc_params(stage: Stage) -> list[str]:
     """The params keys DVC tracks for a stage: its sections, and the run-level settings its sections
     inherit (progress bars change no output)."""
@@ -562,8 +586,8 @@ def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
     run = StageRun(name, sections, {"hatchling.input_hash": input_hash(stage, root, digests)}, root,
                    describe=describe_run(params, root))
     if run.orchestrator == "dvc":
-        record_skipped(run, {s.name: reported_headline(s, root) for s in topological_order()
-                             if s.name in with_upstream([name]) - {name}})
+        skipped = skipped_by_dvc(stage, root)
+        record_skipped(run, {s.name: reported_headline(s, root) for s in topological_order() if s.name in skipped})
     run.log_inputs({key: (stage.inputs[key], digest) for key, digest in digests.items()})
     try:
         with run.system_metrics() if stage.model else contextlib.nullcontext():

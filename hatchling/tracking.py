@@ -472,11 +472,16 @@ def _cached_run(mlf, exp_id: str, parent: str, stage: str, reason: str, headline
 
 
 def record_skipped(run: StageRun, headlines: dict[str, dict[str, float]]) -> None:
-    """Under `dvc repro`, stages DVC found up to date never start; when one of their downstream stages
-    runs, record them (stage -> the headline numbers of its report) under the same pipeline run as
-    cached, so the run shows the whole pipeline and every stage's numbers."""
-    seen = {r.data.tags.get("hatchling.stage") for r in run.mlf.search_runs(
-        [run.exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.parent_id}'", max_results=1000)}
+    """Under `dvc repro`, stages DVC finds up to date never start; as each stage that does runs, record
+    those (stage -> the headline numbers of its report) under the same pipeline run as cached, so the run
+    shows the whole pipeline and every stage's numbers. A stage recorded so that runs after all (`dvc repro
+    --force` runs what is up to date) drops that record: its own run replaces it."""
+    children = run.mlf.search_runs([run.exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.parent_id}'",
+                                   max_results=1000)
+    for child in children:
+        if child.data.tags.get("hatchling.stage") == run.stage and child.data.tags.get("hatchling.cached") == "true":
+            run.mlf.delete_run(child.info.run_id)
+    seen = {r.data.tags.get("hatchling.stage") for r in children}
     for stage, headline in headlines.items():
         if stage not in seen:
             _cached_run(run.mlf, run.exp_id, run.parent_id, stage, "skipped by DVC: outputs up to date", headline)

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from hatchling import tracking
@@ -232,6 +233,26 @@ def test_a_cached_stage_brings_its_headline_to_the_pipeline_run(tmp_path):
     parent = mlf.get_run(run_id).data.tags["mlflow.parentRunId"]
     assert mlf.get_run(parent).data.metrics == {"pretrain.val_bpb": 1.66, "pretrain.val_loss": 2.1}
     assert mlf.get_run(run_id).data.metrics == {}                             # nothing logged twice
+
+
+def test_a_stage_recorded_as_skipped_by_dvc_that_runs_after_all_replaces_that_record(tmp_path, monkeypatch):
+    """`dvc repro --force` runs stages DVC finds up to date: one recorded as skipped when a stage before it
+    ran keeps only its own run under the pipeline run."""
+    first = tracking.StageRun("export", {}, {}, tmp_path)
+    tracking.record_skipped(first, {"eval": {"score": 0.5}, "pretrain": {"val_bpb": 1.7}})
+    first.end()
+    monkeypatch.setenv(tracking.PARENT_ENV, first.parent_id)        # the next stage of the same pipeline
+    second = tracking.StageRun("eval", {}, {}, tmp_path)
+    tracking.record_skipped(second, {"pretrain": {"val_bpb": 1.7}})
+    second.end()
+    mlf = tracking.client(tmp_path)
+    assert second.parent_id == first.parent_id
+    children = mlf.search_runs([first.exp_id], f"tags.`mlflow.parentRunId` = '{first.parent_id}'")
+    kept = sorted((r.data.tags["hatchling.stage"], r.data.tags.get("hatchling.cached", "ran")) for r in children)
+    assert kept == [("eval", "ran"), ("export", "ran"), ("pretrain", "true")]
+    deleted = mlf.search_runs([first.exp_id], f"tags.`mlflow.parentRunId` = '{first.parent_id}'",
+                              run_view_type=ViewType.DELETED_ONLY)
+    assert [(r.data.tags["hatchling.stage"], r.data.tags["hatchling.cached"]) for r in deleted] == [("eval", "true")]
 
 
 def test_params_past_mlflows_length_stay_whole_in_the_digest_and_differ_in_the_store():
