@@ -25,7 +25,6 @@ cannot help; any other exception is a bug or a fault of the environment and prin
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import traceback
@@ -43,7 +42,7 @@ from hatchling.errors import (
 )
 from hatchling.eval.probe_grid import ARCHS, PROBES
 from hatchling.io import atomic_write_text
-from hatchling.stages import STAGES, dvc_params, dvc_yaml_text, run_stage, upstream
+from hatchling.stages import STAGES, dvc_params, dvc_yaml_text, get_stage, headline, run_stage, upstream
 
 BROKEN_ENVIRONMENT = 3    # the exit status of a broken environment
 
@@ -55,8 +54,17 @@ def _run(args) -> int:
             raise StageError("--overfit-one-batch applies to the pretrain stage only")
         return _overfit(params, args.overfit_steps)
     metrics = run_stage(args.stage, params, Path("."))
-    print(json.dumps(metrics, indent=2))
+    print(summary_line(get_stage(args.stage), metrics))
     return 0
+
+
+def summary_line(stage, metrics: dict, shown: int = 8) -> str:
+    """What `hatchling run` prints when a stage is done: its first `shown` headline numbers and where all
+    its metrics are (the eval's are ~1,000 lines of JSON: `dvc repro` printed them whole)."""
+    numbers = headline(stage, metrics)
+    text = ", ".join(f"{k}={v:.4g}" for k, v in list(numbers.items())[:shown])
+    more = f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
+    return f"{stage.name}: {text or 'done'}{more}; every metric in {stage.metrics}"
 
 
 def _overfit(params, steps: int) -> int:

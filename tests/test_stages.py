@@ -209,3 +209,16 @@ def test_nothing_phones_home(tmp_path):
     dvc = subprocess.run([str(Path(sys.executable).parent / "dvc"), "config", "core.analytics"], cwd=REPO, env=env,
                          capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     assert dvc == "false"
+
+
+def test_a_finished_stage_prints_one_line_of_headline_numbers_and_where_its_metrics_are():
+    from hatchling.cli import summary_line
+    from hatchling.stages import get_stage
+
+    scores = {"sft": {f"task{i}": {"acc": i / 10} for i in range(10)}}
+    assert summary_line(get_stage("eval"), {"scores": scores, "items": list(range(500))}) == (
+        "eval: " + ", ".join(f"sft.task{i}.acc={i / 10:.4g}" for i in range(8)) + " and 2 more; every metric in "
+        "reports/eval.json")
+    assert summary_line(get_stage("pretrain"), {"val_loss": 3.776, "val_bpb": 1.67412, "history": [1, 2]}) == \
+        "pretrain: val_loss=3.776, val_bpb=1.674; every metric in reports/pretrain.json"
+    assert summary_line(get_stage("tokenize"), {}) == "tokenize: done; every metric in reports/tokenize.json"
