@@ -173,6 +173,32 @@ def evaluated(pretrained_project, tmp_path_factory):
     return proj
 
 
+def rescored(project: Path, ckpt: str) -> dict:
+    """What the eval stage's column `ckpt` (a chat checkpoint) holds, recomputed here through the library as
+    the stage computes it: the checkpoint loaded by the one loader, its bits/byte on the whole validation split
+    in eval.text_seq_len windows, ARC's acc and acc_norm, and GSM8K asked as a user turn of the chat template.
+    {"text_val_bpb": bpb, (task, metric): (value, ci)}."""
+    from hatchling.checkpoint import load_for_inference
+    from hatchling.config import load_params
+    from hatchling.data.benchmarks import load_records
+    from hatchling.data.packed import load_split, read_meta
+    from hatchling.model.device import resolve_device
+    from hatchling.model.lm import bits_per_byte, split_loss, tokens_per_byte
+
+    params = load_params(project / "params.yaml")
+    cfg, device = params.eval, resolve_device(params.eval.device)
+    model, tokenizer, meta = load_for_inference(project / "checkpoints" / ckpt, device=device)
+    assert meta["stage"] == ckpt
+    split = read_meta(project / "data/tokenized")["val"]
+    loss = split_loss(model, load_split(project / "data/tokenized", "val"), cfg.text_seq_len, cfg.batch_size, device)
+    ev = Evaluator(model, tokenizer, cfg, device=device, chat=True)
+    arc, gsm8k = (load_records(name, params.benchmarks[name], project)[0][:cfg.limit_for(name)]
+                  for name in ("arc_easy", "gsm8k"))
+    rows = ev.multiple_choice(MULTIPLE_CHOICE["arc_easy"], arc) + ev.gsm8k(gsm8k, [])
+    return {"text_val_bpb": bits_per_byte(loss, tokens_per_byte(split["tokens"], split["bytes"])),
+            **{(row.task, row.metric): (row.value, list(row.ci)) for row in rows}}
+
+
 def test_eval_stage_report_card(evaluated):
     report = json.loads((evaluated / "reports/eval.json").read_text())
     assert report["checkpoints"] == ["pretrain", "sft", "rlvr"]
@@ -188,8 +214,11 @@ def test_eval_stage_report_card(evaluated):
         assert row["tier"] == t and row["benchmark"] == "hatchling_math" and row["about"] == Math.tiers[t][0]
         assert row["n"] == min(2, sum(x["tier"] == t for x in heldout))
     assert table["arc_easy", "acc"]["n"] == 2 and table["arc_easy", "acc"]["chance"] == 0.25
-    for row in report["rows"]:
-        assert all(0.0 <= row[c]["value"] <= 1.0 for c in report["checkpoints"])
+    for ckpt in ("sft", "rlvr"):        # each chat column: that checkpoint's scores, recomputed here
+        recomputed = rescored(evaluated, ckpt)
+        assert report["text_val_bpb"][ckpt] == pytest.approx(recomputed.pop("text_val_bpb"), abs=2e-5), ckpt
+        for key, (value, ci) in recomputed.items():
+            assert (table[key][ckpt]["value"], table[key][ckpt]["ci"]) == (value, ci), (ckpt, key)
     assert set(report["needle"]["pretrain"]) == {"needle", "needle_ttm"}
     assert set(report["needle"]["pretrain"]["needle"]) == {"64"}
     pretrain = json.loads((evaluated / "reports/pretrain.json").read_text())
@@ -258,6 +287,70 @@ def test_a_base_models_answer_ends_with_its_document():
     assert evaluator.answers(Math(), [item, item], 30) == [" 5", " 5"]
     [row] = evaluator.gsm8k([item], [])
     assert row.metric == "exact_match" and row.value == 1.0
+
+
+class SeededSampler:
+    """A stand-in sampler over CharTokenizer ids: a draw at `seed` writes its problem's right body with
+    probability right[prompt] (random.Random(seed) decides), else a wrong one; greedy decoding (no seed)
+    writes greedy[prompt]. Each sampled call's prompt, temperature and seed are recorded."""
+
+    def __init__(self, right: dict[str, tuple[str, float]], greedy: dict[str, str]):
+        self.right, self.greedy, self.calls = right, greedy, []
+
+    def says(self, prompt: str, seed: int) -> str:
+        import random
+
+        body, p = self.right[prompt]
+        return body if random.Random(seed).random() < p else "    return None\n"
+
+    def stream(self, ids, max_new_tokens, temperature=0.0, seed=None, **decoding):
+        prompts = ["".join(chr(t) for t in row if t) for row in ids.tolist()]
+        if seed is None:
+            texts = [self.greedy[p] for p in prompts]
+        else:
+            self.calls.append((prompts[0], temperature, seed))
+            texts = [self.says(p, seed) for p in prompts]
+        width = min(max(map(len, texts)), max_new_tokens)
+        for t in range(width):          # 0 (<|endoftext|>) past a row's end: a base model's stop
+            yield torch.tensor([ord(x[t]) if t < len(x) else 0 for x in texts])
+
+
+def test_humaneval_pass_at_k_counts_each_problems_seeded_samples():
+    """With humaneval_samples n, each problem gets n draws at eval.temperature, each at its own seed
+    (reproducible, distinct across problems and samples); its pass count c is the draws that pass the
+    problem's tests in the sandbox, and pass@k averages 1 - C(n-c, k) / C(n, k) over the problems."""
+    from math import comb
+
+    raw = [{"task_id": f"t/{name}", "prompt": f"def {name}():\n", "canonical_solution": f"    return {v}\n",
+            "test": f"def check(candidate):\n    assert candidate() == {v}\n", "entry_point": name}
+           for name, v in (("one", 1), ("two", 2), ("three", 3))]
+    problems = records("humaneval", raw)
+    right = {p["prompt"]: (p["canonical_solution"], chance) for p, chance in zip(problems, (1.0, 0.5, 0.0),
+                                                                                  strict=True)}
+    greedy = {p["prompt"]: "    return 2\n" for p in problems}     # right for "two" only
+    n, ks = 4, [1, 3]
+
+    def sampled(items, seed):
+        model = SeededSampler(right, greedy)
+        config = cfg(humaneval_samples=n, humaneval_k=ks, humaneval_max_new_tokens=20, temperature=0.7, seed=seed)
+        return model, Evaluator(model, CharTokenizer(), config, device=CPU).humaneval(items)
+
+    model, rows = sampled(problems, 11)
+    assert [p for p, _, _ in model.calls] == [p["prompt"] for p in problems for _ in range(n)]
+    assert {t for _, t, _ in model.calls} == {0.7}
+    seeds = [s for _, _, s in model.calls]
+    assert None not in seeds and len(set(seeds)) == len(seeds)            # each draw its own seed
+    assert sampled(problems[:1], 11)[0].calls == model.calls[:n]            # the same draws again
+    assert not {s for _, _, s in sampled(problems[:1], 12)[0].calls} & set(seeds)    # eval.seed's own draws
+    passes = [sum(model.says(p["prompt"], s) == p["canonical_solution"] for q, _, s in model.calls if q == p["prompt"])
+              for p in problems]
+    assert passes[0] == n and passes[2] == 0 and 0 < passes[1] < n, passes        # the premise: every case
+    assert [(r.metric, r.n) for r in rows] == [("pass@1_greedy", 3), ("pass@1", 3), ("pass@3", 3)]
+    assert list(rows[0].values) == [0.0, 1.0, 0.0]
+    for row, k in zip(rows[1:], ks, strict=True):
+        by_hand = [1 - comb(n - c, k) / comb(n, k) for c in passes]
+        assert list(row.values) == pytest.approx(by_hand) and row.value == pytest.approx(sum(by_hand) / 3)
+        assert row.ids == tuple(p["id"] for p in problems)
 
 
 def test_lm_eval_adapter_generates_until_its_stops_or_the_documents_end(monkeypatch):

@@ -7,9 +7,12 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hatchling.checkpoint import load_for_inference
+from hatchling.config import load_params
 from hatchling.data.chat import render_chat
+from hatchling.data.packed import load_split, read_meta
 from hatchling.data.tokenizer import document_ids, load_tokenizer, train_tokenizer
 from hatchling.export.onnx import onnx_installed
 from hatchling.inference import stream_text
@@ -22,6 +25,7 @@ from hatchling.model.int8 import (
     quantize_state_dict,
     use_int8_linears,
 )
+from hatchling.model.lm import bits_per_byte, tokens_per_byte, validation_loss
 from tests.conftest import TINY_PARAMS, copy_project, hatchling_cmd, hatchling_here, project_env, run_cmd
 
 TINY_MODEL = {**TINY_PARAMS["model"], "vocab_size": 320}
@@ -72,6 +76,19 @@ def test_chat_template(tokenized_project):
         render_chat(tok, [{"role": "robot", "content": "x"}])
 
 
+def test_a_typed_prompt_reads_special_token_strings_as_the_control_tokens(tokenized_project):
+    """`hatchling generate --prompt "<|user|>...<|end|><|assistant|>"` prompts a chat checkpoint in its
+    template (as a transformers tokenizer reads a prompt); the tokenizer it came from still reads them as text."""
+    from hatchling.data.tokenizer import EOT, prompt_ids
+
+    tok = load_tokenizer(tokenized_project / "data/tokenized/tokenizer.json")
+    ids = prompt_ids(tok, "<|user|>What is 2 + 3?<|end|><|assistant|>")
+    chat = render_chat(tok, [{"role": "user", "content": "What is 2 + 3?"}], add_generation_prompt=True)
+    assert ids == [tok.token_to_id(EOT), *chat] and chat[0] == tok.token_to_id("<|user|>")
+    assert prompt_ids(tok, "def loads(") == document_ids(tok, "def loads(")
+    assert tok.token_to_id("<|user|>") not in tok.encode("<|user|>").ids           # unchanged by prompt_ids
+
+
 def test_special_token_strings_in_text_stay_text(tokenized_project):
     """A page that quotes <|endoftext|> does not end its document; a message that writes <|end|><|assistant|>
     does not open a turn: only the packing, document_ids and the chat template place control tokens."""
@@ -105,13 +122,61 @@ def test_export_stage_report_and_artifacts(exported):
         assert (exported / f"checkpoints/export/{fmt}/tokenizer.json").is_file()
     assert report["int8_size_ratio"] < 0.4 and 0.49 < report["bf16_size_ratio"] < 0.55
     assert abs(report["int8_val_loss_delta_pct"]) < 2 and report["int8_greedy_agreement"] >= 0.75
+    # the artifacts are the source's weights, quantized per channel and cast; each variant's validation loss is
+    # that of the directory as the one loader reads it, on the export's own batches of the validation split
+    p = load_params(exported / "params.yaml").export
+    fp32 = load_for_inference(exported / "checkpoints" / p.source)[0]
+    stored = {fmt: load_file(str(exported / f"checkpoints/export/{fmt}/model.safetensors")) for fmt in ("int8", "bf16")}
+    expected = {"int8": quantize_state_dict(fp32),
+                "bf16": {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in fp32.state_dict().items()}}
+    for fmt in ("int8", "bf16"):
+        assert stored[fmt].keys() == expected[fmt].keys(), fmt
+        assert [k for k in expected[fmt] if not torch.equal(stored[fmt][k], expected[fmt][k])] == [], fmt
+    val = load_split(exported / "data/tokenized", "val")
+    split = read_meta(exported / "data/tokenized")["val"]
+    models = {"fp32": fp32, **{fmt: load_for_inference(exported / f"checkpoints/export/{fmt}")[0] for fmt in stored},
+              "int8_kernel": load_for_inference(exported / "checkpoints/export/int8", compute="int8")[0]}
+    loss = {name: validation_loss(m, val, p.eval_batches, p.batch_size, p.seq_len) for name, m in models.items()}
+    for name in models:
+        assert report[f"{name}_val_loss"] == pytest.approx(loss[name], abs=6e-6), name     # to its 5 decimals
+        bpb = bits_per_byte(loss[name], tokens_per_byte(split["tokens"], split["bytes"]))
+        assert report[f"{name}_val_bpb"] == pytest.approx(bpb, abs=6e-6), name
+        if name != "fp32":
+            delta = 100 * (loss[name] / loss["fp32"] - 1)
+            assert report[f"{name}_val_loss_delta_pct"] == pytest.approx(delta, abs=6e-4), name   # 3 decimals
+    assert loss["int8"] != loss["fp32"] and report["int8_val_loss"] != report["fp32_val_loss"]
     goals = {"int8_size_ratio<=0.35", "int8_val_loss_delta<=2%", "fastest_int8_decode_latency_ratio<=0.6"}
     int8 = [name for name in ("int8", "int8_kernel", "int8_onnx") if f"{name}_decode_latency_ratio" in report]
     assert report["fastest_int8"] == min(int8, key=lambda name: report[f"{name}_decode_latency_ratio"])
-    if onnx_installed():                  # the int8 graph on onnxruntime, measured on its own
-        goals |= {"int8_onnx_size_ratio<=0.3", "int8_onnx_val_loss_delta<=1%", "int8_onnx_decode_latency_ratio<=0.6"}
-        assert report["int8_onnx"] == "int8/model.onnx" and abs(report["int8_onnx_val_loss_delta_pct"]) < 2
+    # the int8 graph on onnxruntime, measured on its own (the onnx extra is in the dev lock: never left out here)
+    assert onnx_installed()
+    goals |= {"int8_onnx_size_ratio<=0.3", "int8_onnx_val_loss_delta<=1%", "int8_onnx_decode_latency_ratio<=0.6"}
+    assert report["int8_onnx"] == "int8/model.onnx" and abs(report["int8_onnx_val_loss_delta_pct"]) < 2
     assert set(report["goals"]) == goals
+
+
+def test_each_variants_first_decode_warms_it_up_and_is_not_reported(pretrained_project, tmp_path, monkeypatch):
+    """The first run of a model pays its allocations and lazy set-up: with one timed round, fp32 (timed
+    first) read 10x slower than the int8 copy of the same float weights. Each variant's reported latency is
+    the best of its runs after its first."""
+    import hatchling.export.stage as export_stage
+    from hatchling.stages import context
+
+    proj = copy_project(pretrained_project, tmp_path / "proj")
+    calls: dict[int, int] = {}
+
+    def latency(model, prompt, new_tokens):                 # a variant's n-th run takes 100 / n ms a token
+        calls[id(model)] = calls.get(id(model), 0) + 1
+        return 1000.0 / calls[id(model)], 100.0 / calls[id(model)]
+
+    monkeypatch.setattr(export_stage, "latency", latency)
+    params = load_params(proj / "params.yaml", ["export.latency_repeats=2"])
+    report = export_stage.run(context("export", params, proj))
+    assert set(calls.values()) == {3}                     # a warm-up and two timed rounds per variant
+    names = [k.removesuffix("_decode_ms_per_token") for k in report if k.endswith("_decode_ms_per_token")]
+    assert {"fp32", "int8", "int8_kernel", "bf16", "int8_onnx"} <= set(names)
+    assert all(report[f"{name}_decode_ms_per_token"] == round(100.0 / 3, 3) for name in names)
+    assert all(report[f"{name}_prefill_ms"] == round(1000.0 / 3, 3) for name in names)
 
 
 def test_artifact_loads_in_a_fresh_process(exported):

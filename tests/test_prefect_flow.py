@@ -214,6 +214,18 @@ def test_the_flow_and_dvc_repro_share_one_verdict_on_what_is_up_to_date(prefect_
     assert not dvc_tracks(proj, str(REPO / "params-gpu.yaml"), []) and not dvc_tracks(tmp_path, params, [])
 
 
+def test_a_stages_log_holds_each_progress_bar_once_as_it_ended():
+    """A progress bar redraws its line with carriage returns: the task's log held one line per redraw."""
+    import io
+
+    from flows.pipeline import settled_lines
+
+    stderr = io.BytesIO(b"tokenize: 3 shards\n\r  0%|   | 0/3\r 33%|#  | 1/3\r100%|###| 3/3\r\n\n"
+                        b"eval: 10%\reval: 100%\nerror: caf\xc3\xa9 \xff\n")
+    assert list(settled_lines(stderr)) == ["tokenize: 3 shards", "100%|###| 3/3", "eval: 100%",
+                                           "error: caf\u00e9 \ufffd"]
+
+
 def test_a_cached_result_needs_the_stages_logs_as_dvc_does(tmp_path):
     """DVC reruns a stage whose logs/*.csv (cache-false outs) changed or went; the flow's cache did not."""
     from flows.pipeline import outputs_hash

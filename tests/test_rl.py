@@ -167,21 +167,86 @@ def test_seeded_rl_run_learns_an_easy_verifiable_task():
     assert everything["tis_truncated"] == pytest.approx(1.0)
 
 
+def heldout_rates(project, checkpoint: str, tier: int, tasks) -> tuple[float, list[float]]:
+    """A checkpoint's greedy pass rate on the held-out items RLVR scores (its tier's first eval_items) and
+    each item's share of k samples that pass, drawn as the stage draws them: recomputed from the checkpoint
+    through the library."""
+    from hatchling.checkpoint import load_for_inference
+    from hatchling.config import load_params
+    from hatchling.model.device import resolve_device
+    from hatchling.tasks.base import by_tier
+    from hatchling.train.rlvr import load_items, pass_rate, sampled_pass_rates, seeded
+
+    p = load_params(project / "params.yaml").rlvr
+    device = resolve_device(p.device)
+    model, tokenizer, _ = load_for_inference(project / "checkpoints" / checkpoint, device=device)
+    heldout = by_tier(load_items(project / "data/tasks", p.tasks, "heldout"))[tier]
+    heldout = heldout[:p.eval_items] if p.eval_items else heldout
+    greedy = pass_rate(model, tokenizer, heldout, p.max_new_tokens, tasks, device)
+    with seeded(p.seed + 1, device):
+        sampled = sampled_pass_rates(model, tokenizer, heldout, p.k, p.max_new_tokens, p.temperature, tasks, None,
+                                     device)
+    return greedy, sampled
+
+
+def check_heldout_report(project, tasks) -> dict:
+    """reports/rlvr.json's held-out pass rates are those of checkpoints/sft (before) and checkpoints/rlvr
+    (after), greedy and sampled, with their intervals."""
+    from hatchling.stats import wilson_interval
+    from hatchling.train.rlvr import mean_interval
+
+    report = json.loads((project / "reports/rlvr.json").read_text())
+    n = report["heldout_items"]
+    for when, checkpoint in (("before", "sft"), ("after", "rlvr")):
+        greedy, sampled = heldout_rates(project, checkpoint, report["tier"], tasks)
+        assert len(sampled) == n and report[f"heldout_pass_{when}"] == greedy, when
+        assert report[f"heldout_pass_{when}_ci"] == pytest.approx(list(wilson_interval(greedy * n, n))), when
+        mean, low, high = mean_interval(sampled)
+        assert report[f"heldout_sampled_pass_{when}"] == pytest.approx(mean), when
+        assert report[f"heldout_sampled_pass_{when}_ci"] == pytest.approx([low, high]), when
+    assert report["heldout_gain"] == pytest.approx(report["heldout_pass_after"] - report["heldout_pass_before"])
+    return report
+
+
 def test_rlvr_stage_logs_every_step(pretrained_project):
+    from hatchling.config import load_params
+    from hatchling.train.rlvr import families
+
     rows = list(csv.DictReader((pretrained_project / "logs/rlvr.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2]
     assert {"reward_mean", "pass_rate", "kl", "kl_coef", "clip_fraction", "tis_truncated", "entropy",
             "response_length"} <= set(rows[0])
     assert float(rows[1]["kl_coef"]) != float(rows[0]["kl_coef"])            # the controller acted
-    report = json.loads((pretrained_project / "reports/rlvr.json").read_text())
-    assert report["heldout_items"] == 2 and 0 <= report["heldout_pass_after"] <= 1
-    assert set(report["tier_pass_rates"]) == {"1", "2", "3", "4"}
+    report = check_heldout_report(pretrained_project, families(load_params(
+        pretrained_project / "params.yaml").rlvr.sandbox_timeout_s))
+    assert report["heldout_items"] == 2 and set(report["tier_pass_rates"]) == {"1", "2", "3", "4"}
     for when in ("before", "after"):        # each item's share of k = 2 samples: a multiple of 1/2, averaged
-        rate, (low, high) = report[f"heldout_sampled_pass_{when}"], report[f"heldout_sampled_pass_{when}_ci"]
-        assert (4 * rate).is_integer() and 0 <= low <= rate <= high <= 1
+        assert (4 * report[f"heldout_sampled_pass_{when}"]).is_integer()
     gain = report["heldout_sampled_pass_after"] - report["heldout_sampled_pass_before"]
     assert report["heldout_sampled_gain"] == gain
     assert json.loads((pretrained_project / "checkpoints/rlvr/model.json").read_text())["stage"] == "rlvr"
+
+
+def test_rlvr_reports_the_pass_rates_of_its_checkpoints(pretrained_project, tmp_path, monkeypatch, own_tracking):
+    """With a verifier the tiny model can satisfy (an answer with a space in it) RL moves the policy, and the
+    held-out pass rates it reports before and after are those of checkpoints/sft and checkpoints/rlvr,
+    recomputed from them, greedy and sampled with the stage's seeding."""
+    import hatchling.train.rlvr as rlvr
+    from hatchling.tasks.math import Math
+    from tests.conftest import copy_project, hatchling_here
+
+    class Spaced(Math):
+        def score(self, item, completion):
+            return " " in completion
+
+    tasks = {"math": Spaced()}
+    proj = copy_project(pretrained_project, tmp_path / "proj")
+    monkeypatch.setattr(rlvr, "families", lambda timeout: tasks)
+    assert hatchling_here(proj, "run", "rlvr", "--set", "rlvr.lr=0.1", "--set", "rlvr.tier=1") == 0
+    report = check_heldout_report(proj, tasks)
+    # the premise: RL changed both measures, so that a report of the SFT model's rates after RL would differ
+    assert report["heldout_pass_after"] != report["heldout_pass_before"]
+    assert report["heldout_sampled_pass_after"] != report["heldout_sampled_pass_before"]
 
 
 def test_rl_trains_on_the_tier_whose_groups_are_most_often_mixed():

@@ -3,8 +3,9 @@
 Writes checkpoints/export/int8 and checkpoints/export/bf16 (each safetensors + model.json +
 tokenizer.json, loadable by :func:`hatchling.checkpoint.load_for_inference` in a fresh process), with
 ``export.hf`` also checkpoints/export/hf (a transformers directory: :mod:`hatchling.export.hf`), and
-reports file sizes, CPU prefill and per-token decode latency (the best of ``latency_repeats`` rounds,
-each round timing every variant in turn, so that a burst of load hits all alike), validation loss /
+reports file sizes, CPU prefill and per-token decode latency (the best of ``latency_repeats`` rounds after
+an untimed warm-up round, each round timing every variant in turn, so that a burst of load hits all
+alike), validation loss /
 bits per byte and greedy-generation agreement of each against the fp32 source.
 
 With the ``onnx`` extra installed, int8/ also holds model.onnx: the decode step as an onnxruntime
@@ -113,9 +114,11 @@ def export(ctx, model, meta: dict, source, out, data) -> dict:
                     "int8_onnx": no_onnx or f"int8/{ONNX_FILE}"}
     reference = [model.generate(prompts[i:i + 1], p.new_tokens)[0, p.prompt_len:] for i in range(p.prompts)]
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
-    for _ in range(p.latency_repeats):      # rounds over the variants (a burst of load hits each alike): the best
+    for round_ in range(1 + p.latency_repeats):  # rounds over the variants (a burst of load hits each alike): the best
         for name, m in variants.items():
-            runs[name].append(latency(m, prompts[:1], p.new_tokens))
+            timed = latency(m, prompts[:1], p.new_tokens)
+            if round_:                       # the first round warms each variant up (allocations, lazy set-up)
+                runs[name].append(timed)
     for name, m in variants.items():
         loss = validation_loss(m, val, p.eval_batches, p.batch_size, p.seq_len)
         prefill, decode = (min(times) for times in zip(*runs[name], strict=True))
