@@ -516,7 +516,7 @@ def _describe(error: dict, key: str, source: str, overridden: Iterable[str]) -> 
     if error["type"] == "missing":
         return f"{source}: {key}: required key is missing"
     why = error["msg"].removeprefix("Value error, ")
-    if isinstance(value, dict):             # a rule across a section's keys: the message names them
+    if "." not in key and isinstance(value, dict):      # a rule across a section's keys: the message names them
         return f"{source}: {key}: {why}"
     shown = repr(value)
     return f"{source}: {key} = {shown if len(shown) <= 200 else shown[:200] + '...'}: {why}"
