@@ -165,13 +165,29 @@ def test_rows_mark_chance_and_score_the_clean_subset():
     row = mean_row("arc_easy", "acc", [1, 0, 0, 1, 0, 0, 0, 1], 0.25, ids=list("abcdefgh"))
     assert row.ci == pytest.approx(wilson_interval(3, 8)) and row.at_chance          # 0.375, n=8: can't tell
     strong = mean_row("arc_easy", "acc", [1.0] * 40 + [0.0] * 10, 0.25)
-    assert strong.ci[0] > 0.25 and not strong.at_chance
+    assert strong.ci[0] > 0.25 and not strong.at_chance and not strong.below_chance
+    wrong = mean_row("openbookqa", "acc", [1.0] * 5 + [0.0] * 45, 0.25)           # 0.10 [0.043, 0.214]
+    assert wrong.below_chance and not wrong.at_chance and entry(wrong, set())["below_chance"]
+    assert not row.below_chance
     cell = entry(row, found={"a", "d", "zz"})            # two scored items were in the training data
     assert cell["clean"]["n"] == 6 and cell["clean"]["value"] == pytest.approx(1 / 6)
     assert "clean" not in entry(row, found=set())
     passk = mean_row("humaneval", "pass@2", [0.5, 1.0, 0.0, 0.5], 0.0)
     assert passk.ci == pytest.approx((max(0, 0.5 - 1.959964 * passk.stderr), min(1, 0.5 + 1.959964 * passk.stderr)))
     assert not math.isnan(passk.stderr)
+
+
+def test_exact_matchs_chance_is_the_score_of_always_giving_the_most_common_answer():
+    from hatchling.eval.report import _cell
+    from hatchling.tasks.math import Math
+
+    items = [{"answer": f"#### {a}"} for a in (7, 7, 10, "1,000", 1000, 1000.0, 3)]   # 1000 thrice, written three ways
+    assert Math([]).chance(items) == pytest.approx(3 / 7) and Math([]).chance([]) == 0.0
+    always = mean_row("gsm8k", "exact_match", [float(Math([]).score(d, "#### 1000")) for d in items],
+                      Math([]).chance(items))
+    assert always.value == pytest.approx(3 / 7) and always.at_chance                      # what a guess scores
+    cell = entry(mean_row("gsm8k", "exact_match", [0.0] * 30, 0.3), set())
+    assert _cell(cell) == "0.000 [0.000, 0.114] ↓"
 
 
 def test_limits_per_task():

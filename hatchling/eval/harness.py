@@ -45,6 +45,11 @@ class Row:
         """Whether chance lies within the score's 95% interval."""
         return self.ci[0] <= self.chance <= self.ci[1]
 
+    @property
+    def below_chance(self) -> bool:
+        """Whether the score's 95% interval lies below chance: a systematic preference, not knowledge."""
+        return self.ci[1] < self.chance
+
 
 def mean_row(task: str, metric: str, values: list[float], chance: float, ids: list[str] = ()) -> Row:
     """Mean, its standard error (sample std / sqrt(n), as lm-eval reports it) and 95% interval."""
@@ -138,7 +143,7 @@ class Evaluator:
         task = Math(shots)
         answers = self.answers(task, records, self.cfg.gsm8k_max_new_tokens)
         correct = [float(task.score(d, a)) for d, a in zip(records, answers, strict=True)]
-        return [mean_row(name, "exact_match", correct, 0.0, [d["id"] for d in records])]
+        return [mean_row(name, "exact_match", correct, task.chance(records), [d["id"] for d in records])]
 
     def humaneval(self, problems: list[dict], name: str = "humaneval") -> list[Row]:
         c, task = self.cfg, Code(self.cfg.sandbox_timeout_s)

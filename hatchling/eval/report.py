@@ -15,7 +15,8 @@ def _cell(entry: dict | None) -> str:
     if entry is None:
         return "—"
     low, high = entry["ci"]
-    text = f"{entry['value']:.3f} [{low:.3f}, {high:.3f}]" + (" ≈" if entry["at_chance"] else "")
+    text = f"{entry['value']:.3f} [{low:.3f}, {high:.3f}]" + (" ≈" if entry["at_chance"] else "") \
+        + (" ↓" if entry.get("below_chance") else "")
     if "clean" in entry:
         text += f"; clean {entry['clean']['value']:.3f} (n {entry['clean']['n']})"
     return text
@@ -83,7 +84,10 @@ def markdown(report: dict) -> str:
     ckpts = report["checkpoints"]
     lines = ["# Eval report card", "",
              "Each score: value [95% interval] (Wilson's for a proportion, else ± 1.96 standard errors); "
-             "≈ marks a score whose interval contains the chance level. *found*: scored items that the dedup stage "
+             "≈ marks a score whose interval contains the chance level, ↓ one whose interval lies below it (a "
+             "systematic preference, not knowledge); chance is 1 / choices for "
+             "multiple choice and, for exact match, the share of the most common answer (a model that always gives "
+             "it scores that). *found*: scored items that the dedup stage "
              "found in the training data; where there are any, the score on the clean rest follows the full one. "
              "Figures: training curves ([eval_training.png](eval_training.png))"
              + (", probe bench ([eval_probes.png](eval_probes.png))." if report.get("probe_bench") else "."), ""]

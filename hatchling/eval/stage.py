@@ -61,7 +61,7 @@ def entry(row: Row, found: set[str]) -> dict:
     """A checkpoint's cell of the report: the score, its interval and, when some of the scored items
     were found in the training data (`found`, the ids of those), the score on the clean rest."""
     cell = {"value": row.value, "stderr": None if math.isnan(row.stderr) else row.stderr, "ci": list(row.ci),
-            "at_chance": row.at_chance}
+            "at_chance": row.at_chance, "below_chance": row.below_chance}
     if found:
         clean = [v for i, v in zip(row.ids, row.values, strict=True) if i not in found]
         clean_row = mean_row(row.task, row.metric, clean, row.chance)

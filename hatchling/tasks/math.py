@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from decimal import Context, Decimal, InvalidOperation
 
@@ -167,6 +168,12 @@ class Math(Task):
     def score(self, item: dict, completion: str) -> bool:
         gold = normalize_number(extract_answer(item["answer"]))
         return gold is not None and normalize_number(extract_answer(completion)) == gold
+
+    def chance(self, items: list[dict]) -> float:
+        """The exact match of a model that gives every item one answer, the most common gold one: what a
+        score must pass to show more than a guess (of one-digit sums, one in ten or so share an answer)."""
+        golds = Counter(normalize_number(extract_answer(item["answer"])) for item in items)
+        return max(golds.values()) / len(items) if items else 0.0
 
     def well_formed(self, item: dict, completion: str) -> bool:
         """The answer is marked: a number follows the last ``####``."""
