@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -25,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from hatchling.data.tokenizer import TOKENIZER, load_tokenizer
 from hatchling.errors import InputError, MissingInputError
-from hatchling.io import atomic_path, file_sha256
+from hatchling.io import atomic_path, file_sha256, new_file_mode
 from hatchling.model import build_model
 from hatchling.model.base import LanguageModel
 from hatchling.model.int8 import dequantize_state_dict, use_int8_linears
@@ -48,6 +49,7 @@ def save_model(model: LanguageModel, directory: str | Path, sidecar: dict, train
     with atomic_path(directory) as tmp:
         tmp.mkdir()
         save_file(weights if weights is not None else _state_dict(model), str(tmp / WEIGHTS))
+        os.chmod(tmp / WEIGHTS, new_file_mode())          # readable as the other files are
         meta = {"format": "fp32", "model_config": model.config.model_dump(mode="json"), **sidecar,
                 "weights_sha256": file_sha256(tmp / WEIGHTS)}
         (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")

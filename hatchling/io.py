@@ -168,6 +168,16 @@ def _swap(tmp: Path, path: Path) -> None:
             raise
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file here, 0666 less this process's umask (which Linux reports in
+    /proc/self/status; reading it there leaves the umask alone for other threads): safetensors writes 0600."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    return 0o644
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -87,3 +87,20 @@ def test_an_unknown_format_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="unknown checkpoint format 'fp8'"):
         load_model(tmp_path / "ck")
     assert json.loads((tmp_path / "ck" / SIDECAR).read_text())["format"] == "fp8"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_checkpoints_weights_get_the_mode_of_its_other_files(tmp_path, umask):
+    """safetensors wrote model.safetensors 0600 whatever the umask, its sidecar beside it 0644."""
+    import os
+
+    from hatchling.io import new_file_mode
+
+    before = os.umask(umask)
+    try:
+        assert new_file_mode() == 0o666 & ~umask
+        save_model(build_model(config("hybrid")), tmp_path / "ck", {})
+    finally:
+        os.umask(before)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ck").iterdir()}
+    assert modes == {"model.safetensors": 0o666 & ~umask, SIDECAR: 0o666 & ~umask}

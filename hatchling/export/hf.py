@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 from hatchling.data.tokenizer import END_OF_TURN, EOT, PAD, ROLE_TOKENS, SPECIAL_TOKENS
 from hatchling.errors import ConfigError
+from hatchling.io import new_file_mode
 from hatchling.model.config import RESEARCH_SWITCHES, ModelConfig
 
 TEMPLATE = "hatchling.export.hf_modeling"
@@ -210,6 +212,7 @@ def export_hf(model, tokenizer_file: Path, out: Path) -> None:
 
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors",
               metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", new_file_mode())
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=PAD,
                                    additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (EOT, PAD)],
                                    clean_up_tokenization_spaces=False)
