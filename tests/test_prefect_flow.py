@@ -169,7 +169,17 @@ def _dvc_status(proj: Path) -> dict:
     return json.loads(run_cmd(DVC + ["status", "--json"], proj).stdout)
 
 
-def test_the_flow_and_dvc_repro_share_one_verdict_on_what_is_up_to_date(prefect_env, pretrained_project, tmp_path,
+@pytest.fixture
+def own_results(prefect_env, tmp_path):
+    """A results store (the flow's cache) of the test's own: the module's other flows ran the same stages on
+    the same data, and would serve them from their cache."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(tmp_path / "results")}):
+        yield
+
+
+def test_the_flow_and_dvc_repro_share_one_verdict_on_what_is_up_to_date(own_results, pretrained_project, tmp_path,
                                                                        own_tracking):
     """After `dvc repro` the flow does not redo what DVC found up to date, and after the flow DVC has nothing
     to redo: the flow records in dvc.lock each stage it settles."""
