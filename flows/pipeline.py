@@ -297,7 +297,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
                 # ran, or served from the flow's cache (what its key made is on disk): record it as `dvc repro` would
                 dvc(["commit", "--force", stage.name], root_path)
             if state.name == "Cached" or "up_to_date" in result:
-                why = "inputs, params and code unchanged" if state.name == "Cached" else "up to date in dvc.lock"
+                why = "up to date in dvc.lock" if up_to_date else "inputs, params and code unchanged"
                 tracking.record_cached(stage.name, reported_headline(stage, root_path), root_path, why)
                 results[stage.name] = "cached"
             else:

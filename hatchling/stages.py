@@ -256,8 +256,10 @@ def topological_order() -> list[Stage]:
 
 def dvc(args: list[str], root: Path) -> str:
     """`dvc ARGS` run in the project `root` (DVC's command line: its Python API resolves stages against the
-    process's working directory); what it printed, or StageError with its message."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+    process's working directory), waiting for DVC's repo lock rather than giving up after 3 s (another dvc
+    command may hold it a moment); what it printed, or StageError with its message."""
+    proc = subprocess.run([sys.executable, "-m", "dvc", "--wait-for-lock", *args], cwd=root, capture_output=True,
+                          text=True)
     if proc.returncode:
         raise StageError(f"dvc {' '.join(args)} failed in {root}: {proc.stderr.strip() or proc.stdout.strip()}")
     return proc.stdout
@@ -266,7 +268,13 @@ def dvc(args: list[str], root: Path) -> str:
 def dvc_stale(names: list[str], root: Path) -> set[str]:
     """Which of the stages `dvc status` finds changed: deps, params or outputs other than dvc.lock
     recorded (the ones `dvc repro` would run)."""
-    return set(json.loads(dvc(["status", "--json", *names], root) or "{}")) if names else set()
+    if not names:
+        return set()
+    out = dvc(["status", "--json", *names], root)
+    try:
+        return set(json.loads(out or "{}"))
+    except json.JSONDecodeError:
+        raise StageError(f"dvc status --json printed what is not JSON in {root}: {out[:300]!r}") from None
 
 
 def skipped_by_dvc(stage: Stage, root: Path) -> set[str]:
@@ -570,7 +578,7 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
 
 
 def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
-    from hatchling.tracking import StageRun, end_failed, record_skipped
+    from hatchling.tracking import StageRun, drop_skipped_record, end_failed, record_skipped
 
     name = stage.name
     for dep in stage.deps:
@@ -586,8 +594,11 @@ def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
     run = StageRun(name, sections, {"hatchling.input_hash": input_hash(stage, root, digests)}, root,
                    describe=describe_run(params, root))
     if run.orchestrator == "dvc":
-        skipped = skipped_by_dvc(stage, root)
-        record_skipped(run, {s.name: reported_headline(s, root) for s in topological_order() if s.name in skipped})
+        try:            # bookkeeping of the pipeline run: its failure must not fail the stage
+            skipped = skipped_by_dvc(stage, root)
+            record_skipped(run, {s.name: reported_headline(s, root) for s in topological_order() if s.name in skipped})
+        except Exception as e:
+            log.warning("the stages DVC skips are not recorded in MLflow: %s: %s", type(e).__name__, e)
     run.log_inputs({key: (stage.inputs[key], digest) for key, digest in digests.items()})
     try:
         with run.system_metrics() if stage.model else contextlib.nullcontext():
@@ -608,4 +619,9 @@ def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
         end_failed(lambda error=error: run.fail(error), f"the run of stage {name}")
         raise
     run.end()
+    if run.orchestrator == "dvc":
+        try:
+            drop_skipped_record(run)
+        except Exception as e:
+            log.warning("MLflow keeps stage %s's record as skipped: %s: %s", name, type(e).__name__, e)
     return metrics

@@ -471,17 +471,25 @@ def _cached_run(mlf, exp_id: str, parent: str, stage: str, reason: str, headline
     return run.info.run_id
 
 
-def record_skipped(run: StageRun, headlines: dict[str, dict[str, float]]) -> None:
-    """Under `dvc repro`, stages DVC finds up to date never start; as each stage that does runs, record
-    those (stage -> the headline numbers of its report) under the same pipeline run as cached, so the run
-    shows the whole pipeline and every stage's numbers. A stage recorded so that runs after all (`dvc repro
-    --force` runs what is up to date) drops that record: its own run replaces it."""
-    children = run.mlf.search_runs([run.exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.parent_id}'",
-                                   max_results=1000)
-    for child in children:
+def _children(run: StageRun) -> list:
+    return run.mlf.search_runs([run.exp_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.parent_id}'",
+                               max_results=1000)
+
+
+def drop_skipped_record(run: StageRun) -> None:
+    """A stage recorded as skipped by DVC that ran after all (`dvc repro --force` runs what is up to date):
+    once its own run has ended well, the record goes (the run's numbers, logged after the record's, stand on
+    the pipeline run); a run that failed leaves it, as its outputs are still those it describes."""
+    for child in _children(run):
         if child.data.tags.get("hatchling.stage") == run.stage and child.data.tags.get("hatchling.cached") == "true":
             run.mlf.delete_run(child.info.run_id)
-    seen = {r.data.tags.get("hatchling.stage") for r in children}
+
+
+def record_skipped(run: StageRun, headlines: dict[str, dict[str, float]]) -> None:
+    """Under `dvc repro`, stages DVC finds up to date never start; as each stage that does runs, record
+    those it reports (stage -> the headline numbers of its report) under the same pipeline run as cached,
+    so the run shows every stage's numbers."""
+    seen = {r.data.tags.get("hatchling.stage") for r in _children(run)}
     for stage, headline in headlines.items():
         if stage not in seen:
             _cached_run(run.mlf, run.exp_id, run.parent_id, stage, "skipped by DVC: outputs up to date", headline)

@@ -183,6 +183,8 @@ def test_exact_matchs_chance_is_the_score_of_always_giving_the_most_common_answe
 
     items = [{"answer": f"#### {a}"} for a in (7, 7, 10, "1,000", 1000, 1000.0, 3)]   # 1000 thrice, written three ways
     assert Math([]).chance(items) == pytest.approx(3 / 7) and Math([]).chance([]) == 0.0
+    unmarked = [{"answer": "no number here"}] * 3 + [{"answer": "#### 5"}]              # no answer matches those
+    assert Math([]).chance(unmarked) == pytest.approx(1 / 4)
     always = mean_row("gsm8k", "exact_match", [float(Math([]).score(d, "#### 1000")) for d in items],
                       Math([]).chance(items))
     assert always.value == pytest.approx(3 / 7) and always.at_chance                      # what a guess scores

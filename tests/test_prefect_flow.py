@@ -211,12 +211,20 @@ def test_the_flow_and_dvc_repro_share_one_verdict_on_what_is_up_to_date(own_resu
     assert {name for name, m in second.items() if m != "cached"} == {"rlvr", "eval", "export"}
     assert second["rlvr"]["steps"] == 1 and _dvc_status(proj) == {}
     lock_after = (proj / "dvc.lock").read_text()
-    assert "dvc repro" not in lock_after and "Stage 'rlvr' didn't change" in run_cmd(DVC + ["repro"], proj).stdout
+    assert "Stage 'rlvr' didn't change" in run_cmd(DVC + ["repro"], proj).stdout
 
     # a dvc.lock put back (a checkout of an older one): served from the flow's own cache, and recorded again
     (proj / "dvc.lock").write_text(lock_before)
     assert pipeline(root=str(proj)) == {s.name: "cached" for s in STAGES}
     assert (proj / "dvc.lock").read_text() == lock_after and _dvc_status(proj) == {}
+    runs = client.search_runs([client.get_experiment_by_name("hatchling").experiment_id], max_results=1000,
+                              order_by=["attributes.start_time DESC"])
+    last = next(r for r in runs if r.data.tags.get("hatchling.kind") == "pipeline")
+    reasons = {r.data.tags["hatchling.stage"]: r.data.tags["hatchling.cache_reason"] for r in runs
+               if r.data.tags.get("mlflow.parentRunId") == last.info.run_id}
+    stale_then = {"rlvr", "eval", "export"}          # what the older dvc.lock called stale: the flow's cache served
+    assert reasons == {s.name: "inputs, params and code unchanged" if s.name in stale_then else
+                       "up to date in dvc.lock" for s in STAGES}
 
     # a run dvc.lock does not speak for: other params or overrides, or a project without DVC
     params = str(proj / "params.yaml")

@@ -245,6 +245,7 @@ def test_a_stage_recorded_as_skipped_by_dvc_that_runs_after_all_replaces_that_re
     second = tracking.StageRun("eval", {}, {}, tmp_path)
     tracking.record_skipped(second, {"pretrain": {"val_bpb": 1.7}})
     second.end()
+    tracking.drop_skipped_record(second)
     mlf = tracking.client(tmp_path)
     assert second.parent_id == first.parent_id
     children = mlf.search_runs([first.exp_id], f"tags.`mlflow.parentRunId` = '{first.parent_id}'")

@@ -173,7 +173,8 @@ class Math(Task):
         """The exact match of a model that gives every item one answer, the most common gold one: what a
         score must pass to show more than a guess (of one-digit sums, one in ten or so share an answer)."""
         golds = Counter(normalize_number(extract_answer(item["answer"])) for item in items)
-        return max(golds.values()) / len(items) if items else 0.0
+        golds.pop(None, None)                        # an item without a number is matched by no answer
+        return max(golds.values()) / len(items) if golds else 0.0
 
     def well_formed(self, item: dict, completion: str) -> bool:
         """The answer is marked: a number follows the last ``####``."""
