@@ -116,10 +116,15 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu",
     sd = load_weights(directory)
     if not isinstance(meta.get("model_config"), dict):
         raise InputError(f"{directory / SIDECAR}: no model_config object (not a checkpoint's sidecar?)")
+    config = {**meta["model_config"], "memory_path": None}
+    if config.get("kda_backend") == "fla" and torch.device(device).type != "cuda":
+        # how the KDA op is computed, not what: fla's Triton kernel runs on CUDA only; elsewhere auto takes the
+        # chunked op, the same function (tests/test_kda_fla.py), so a checkpoint trained on a GPU loads anywhere
+        config["kda_backend"] = "auto"
     try:
         # the memory of a model loaded here stays in this process: model.memory_path is the live file of
         # the run that trains it (hatchling/model/memory.py), which another process's load must not touch
-        model = build_model({**meta["model_config"], "memory_path": None})
+        model = build_model(config)
     except ValidationError as e:
         wrong = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False))
         raise InputError(f"{directory / SIDECAR}: its model_config does not fit the model schema ({wrong})") from None

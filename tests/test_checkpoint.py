@@ -104,3 +104,21 @@ def test_a_checkpoints_weights_get_the_mode_of_its_other_files(tmp_path, umask):
         os.umask(before)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "ck").iterdir()}
     assert modes == {"model.safetensors": 0o666 & ~umask, SIDECAR: 0o666 & ~umask}
+
+
+def test_a_checkpoint_trained_with_flas_kernel_loads_and_runs_off_cuda(tmp_path):
+    """model.kda_backend fla (a GPU profile's choice) is how the op is computed, not what: loaded on a CPU the
+    checkpoint runs the chunked op, with the logits of the same weights under it (fla off CUDA raised)."""
+    torch.manual_seed(0)
+    trained = build_model({**config("hybrid"), "n_layers": 4, "kda_backend": "fla"})
+    save_model(trained, tmp_path / "ck", {})
+    assert json.loads((tmp_path / "ck" / SIDECAR).read_text())["model_config"]["kda_backend"] == "fla"
+    model, _ = load_model(tmp_path / "ck")
+    assert model.config.kda_backend == "auto"
+    ids = torch.randint(0, V, (2, 40))
+    reference = logits_with({**config("hybrid"), "n_layers": 4, "kda_backend": "chunked"}, trained.state_dict(), ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids), reference)
+    with pytest.raises(ValueError, match="backend 'fla'"):                  # as saved, off CUDA: the kernel's error
+        with torch.no_grad():
+            trained.eval()(ids)
