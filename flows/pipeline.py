@@ -229,8 +229,7 @@ def make_task(stage: Stage):
         if up_to_date:
             get_run_logger().info("stage %s is up to date in dvc.lock (its deps, params and outputs as DVC "
                                   "recorded them): not run", stage.name)
-            return {"metrics": json.loads((root / stage.metrics).read_text()), "outputs": outputs_hash(stage, root),
-                    "up_to_date": "dvc.lock"}
+            return {"metrics": json.loads((root / stage.metrics).read_text()), "outputs": outputs_hash(stage, root)}
         try:
             metrics = run_in_process(stage, params_file, overrides, root)
         except StageProcessFailed as error:
@@ -296,7 +295,7 @@ def pipeline(params_path: str = "params.yaml", overrides: list[str] | None = Non
             if stale is not None and stage.name in stale:
                 # ran, or served from the flow's cache (what its key made is on disk): record it as `dvc repro` would
                 dvc(["commit", "--force", stage.name], root_path)
-            if state.name == "Cached" or "up_to_date" in result:
+            if state.name == "Cached" or up_to_date:
                 why = "up to date in dvc.lock" if up_to_date else "inputs, params and code unchanged"
                 tracking.record_cached(stage.name, reported_headline(stage, root_path), root_path, why)
                 results[stage.name] = "cached"
