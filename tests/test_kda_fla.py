@@ -1,6 +1,6 @@
 """The CUDA path's KDA, fla's Triton kernels, run on this CPU by Triton's interpreter and held to the references.
 
-tests/fla_interpreted.py runs in a process of its own (the interpreter settings, fla's default
+tests/fla_check.py runs in a process of its own (the interpreter settings, fla's default
 configs and its loop-index stand-in touch nothing else) and reports relative errors against float64:
 ``kda(backend="fla")`` in outputs, final state and the gradients of q, k, v, g, beta and the initial
 state, over two chunks the second of them partial, and with packed sequences (``cu_seqlens``); and
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).with_name("fla_interpreted.py")
+SCRIPT = Path(__file__).with_name("fla_check.py")
 #: fla computes in float32: every error measured here is below 1e-5 (most near 1e-6). A wrong
 #: argument, layout, gate formula or a state crossing a sequence boundary is off by order 1.
 TOL = 1e-4
