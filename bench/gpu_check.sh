@@ -8,12 +8,17 @@
 # On a GPU machine of your own with the project installed (the gpu extra), `run` alone: without .whl/ it uses
 # the environment's packages.
 #
-# `run` writes under $OUT (default out/gpu): env.txt (GPU, driver, versions), fla_cuda.json + .log (fla's
-# chunk_kda, compiled and autotuned, against the float64 references: tests/fla_check.py --device cuda, the
-# checks CI runs under Triton's interpreter plus training's lengths and bf16 inputs), train_2k.json + .log and
-# train_long.json + .log (bench/train_throughput.py's H100 table in two processes, the short one first: xs
-# hybrid vs a same-size GPT, training at T 2k, then 8k/16k, decoding at 4k, then 32k, the KDA layer vs its
-# op), and bench_kda.json + .log (bench/kda.py: chunk_kda vs our chunked op vs SDPA flash attention). Each step has its own time limit, so one that hangs or fails leaves
+# `run` writes under $OUT (default out/gpu):
+#   env.txt          the GPU, its driver, the versions of python, torch, triton and fla
+#   fla_cuda.*       tests/fla_check.py --device cuda: fla's chunk_kda, compiled and autotuned, against the float64
+#                    references in the checks CI runs under Triton's interpreter (the op, packed sequences, the
+#                    KDA layer with its fused pre-ops)
+#   kda_check.*      bench/kda_check.py: the op at T 1000, bf16 and fp32 inputs, against float64
+#   train_2k.*       bench/train_throughput.py's H100 table in two processes, the short one first: the xs hybrid
+#   train_long.*     vs a same-size GPT, training at T 2k, then 8k/16k, decoding at 4k, then 32k; the KDA layer
+#                    vs its op
+#   bench_kda.*      bench/kda.py: chunk_kda vs our chunked op vs SDPA flash attention
+# (a .json each, and a .log of its output). Each step has its own time limit, so one that hangs or fails leaves
 # the others' results; the exit status is the number of steps that failed. Record what it measured in
 # docs/benchmarks.md with the machine and the date.
 set -u
@@ -63,14 +68,15 @@ step() {            # step NAME SECONDS COMMAND...: its output to $OUT/NAME.log;
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
 
-step fla_cuda 150 bash -c "python3 tests/fla_check.py --device cuda > '$OUT/fla_cuda.json'"
+step fla_cuda 110 bash -c "python3 tests/fla_check.py --device cuda > '$OUT/fla_cuda.json'"
 [ -s "$OUT/fla_cuda.json" ] && python3 -c 'import json, sys
 for check, errors in json.load(open(sys.argv[1])).items():
     worst = max(errors, key=errors.get)
     print(f"{check:16} worst relative error {errors[worst]:.2e} ({worst})")' "$OUT/fla_cuda.json"
-step train_2k 120 python3 bench/train_throughput.py --seq 2048 --decode-context 4096 --out "$OUT/train_2k.json"
-step train_long 240 python3 bench/train_throughput.py --seq 8192 16384 --decode-context 32768 \
+step kda_check 50 python3 bench/kda_check.py --out "$OUT/kda_check.json"
+step train_2k 110 python3 bench/train_throughput.py --seq 2048 --decode-context 4096 --out "$OUT/train_2k.json"
+step train_long 180 python3 bench/train_throughput.py --seq 8192 16384 --decode-context 32768 \
     --out "$OUT/train_long.json"
-step bench_kda 90 python3 bench/kda.py --repeats 5 --out "$OUT/bench_kda.json"
+step bench_kda 80 python3 bench/kda.py --repeats 5 --out "$OUT/bench_kda.json"
 echo "== $failed step(s) failed"
 exit "$failed"

@@ -3,7 +3,10 @@
 Every output is written to a temporary sibling and renamed into place, so a stage that fails
 (or is killed) leaves either the previous output or the new one, never half a file. A full disk
 (ENOSPC), a file-size limit (EFBIG) or a quota (EDQUOT) met while writing one is raised as one
-DiskFullError naming the output, after the temporary files are removed.
+DiskFullError naming the output, after the temporary files are removed. Within
+:func:`outputs_together` (a stage's run) the finished temporaries of its outputs wait and are put
+in place together when the stage has ended well, so a stage that fails or is killed leaves the
+whole set of its previous outputs, never some new and some old.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import resource
 import shutil
 import tempfile
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from hatchling.errors import DiskFullError, HatchlingError, InputError
@@ -123,15 +126,99 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         _raise_if_full_disk(error, path, existed, None)
         raise
     tmp = tmp_dir / path.name
+    waits = False
     try:
         try:
             yield tmp
-            _swap(tmp, path)
+            if _together is not None and os.path.abspath(path) in _together:
+                _together.wait(path, tmp)
+                waits = True
+            else:
+                _swap(tmp, path)
         except Exception as error:
             _raise_if_full_disk(error, path, existed, tmp_dir)
             raise
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if not waits:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+class _Together:
+    """The outputs of one :func:`outputs_together` and, for those written so far, their finished temporaries."""
+
+    def __init__(self, paths: Iterable[str | Path]):
+        self.paths = {os.path.abspath(p) for p in paths}
+        self.waiting: dict[str, Path] = {}          # output -> its new version, in its temporary sibling
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.paths
+
+    def wait(self, path: Path, tmp: Path) -> None:
+        """`tmp` is `path`'s new version (one written again replaces the version that waited)."""
+        earlier = self.waiting.pop(os.path.abspath(path), None)
+        if earlier is not None:
+            shutil.rmtree(earlier.parent, ignore_errors=True)
+        self.waiting[os.path.abspath(path)] = tmp
+
+    def drop(self) -> None:
+        for tmp in self.waiting.values():
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+        self.waiting.clear()
+
+
+_together: _Together | None = None
+
+
+def written(path: str | Path) -> Path:
+    """Where `path`'s newest version is: within :func:`outputs_together`, an output written there waits in its
+    temporary sibling until the set is put in place; anything else is where it is."""
+    if _together is not None and (tmp := _together.waiting.get(os.path.abspath(path))) is not None:
+        return tmp
+    return Path(path)
+
+
+@contextlib.contextmanager
+def outputs_together(paths: Sequence[str | Path], journal: str | Path) -> Iterator[None]:
+    """Within: each atomic write of one of `paths` (a stage's outputs) waits, finished, in its temporary sibling
+    (:func:`written` says where) instead of replacing the output. At the end, if the block ended well, all of
+    them are put in place at once: their list is first written to `journal`, so that a process killed while
+    moving them leaves what :func:`complete` finishes; if the block raised, or the process is killed before
+    that, every output stays as it was and the temporaries go (sweep removes what a killed process left)."""
+    global _together
+    if _together is not None:
+        raise RuntimeError("outputs_together: already within one")
+    _together = together = _Together(paths)
+    try:
+        yield
+    except BaseException:
+        together.drop()
+        raise
+    finally:
+        _together = None
+    if together.waiting:
+        atomic_write_json(journal, {path: str(tmp) for path, tmp in together.waiting.items()})
+        complete(journal)
+
+
+def complete(journal: str | Path) -> list[str]:
+    """Put in place the outputs that `journal` lists (see :func:`outputs_together`) and remove it; the outputs
+    that were still to move: those a process killed midway left (none, if there is no journal). A file is
+    renamed over the old one; a directory's old version is moved aside into the temporary's folder first (so
+    a new version still waiting is always the temporary, and the old one there goes with the folder)."""
+    journal = Path(journal)
+    if not journal.exists():
+        return []
+    moved = []
+    for path, tmp in json.loads(journal.read_text()).items():
+        path, tmp = Path(path), Path(tmp)
+        if os.path.lexists(tmp):
+            moved.append(str(path))
+            if path.is_dir() and not path.is_symlink():
+                path.rename(tmp.with_name(f"{PREVIOUS}{path.name}"))
+            os.replace(tmp, path)
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+    journal.unlink()
+    return moved
 
 
 RENAME_EXCHANGE = 2

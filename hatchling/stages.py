@@ -37,10 +37,11 @@ import hatchling
 from hatchling.config import RUN_KEYS, Params, load_params, load_yaml, validate_params
 from hatchling.context import Declared, StageContext
 from hatchling.errors import ConfigError, StageError
-from hatchling.io import atomic_write_json, hash_paths
+from hatchling.io import atomic_write_json, complete, hash_paths, outputs_together, written
 
 PACKAGE = Path(hatchling.__file__).resolve().parent      # hatchling/ ; its parent is the repo the code lists name
 LOCKS = ".hatchling/locks"      # under the project root: one <stage>.lock per stage (git- and DVC-ignored)
+COMMITS = ".hatchling/commits"  # ... and <stage>.json while a stage's new outputs are being put in place
 _HELD: set[int] = set()         # the lock descriptors this process holds
 log = logging.getLogger(__name__)
 
@@ -567,13 +568,18 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
               params_path: str | Path = "params.yaml", overrides: list[str] = ()) -> dict:
     """Run one stage: validate params and inputs first, track it in MLflow, write its report. It holds
     the stage's lock (:func:`stage_lock`) throughout, so a second run of it, or of a stage that reads
-    or writes its outputs, in the same project stops with StageLocked instead of interleaving."""
+    or writes its outputs, in the same project stops with StageLocked instead of interleaving. Its
+    outputs (and metrics) are put in place together once it has ended well (hatchling.io's
+    outputs_together): a run that fails or is killed leaves all of the previous ones."""
     stage = get_stage(name)
     root = Path(root)
     if params is None:
         params = load_params(root / params_path, overrides)     # an absolute params_path stays as it is
     leader = int(os.environ.get("RANK", "0")) == 0       # torchrun: rank 0 alone locks, tracks and reports
     with stage_lock(name, root) if leader else contextlib.nullcontext():
+        if leader and (moved := complete(root / COMMITS / f"{name}.json")):
+            log.warning("stage %s: put in place the outputs its run killed while moving them had left: %s",
+                        name, ", ".join(moved))
         return _run_locked(stage, params, root, leader)
 
 
@@ -600,21 +606,23 @@ def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
         except Exception as e:
             log.warning("the stages DVC skips are not recorded in MLflow: %s: %s", type(e).__name__, e)
     run.log_inputs({key: (stage.inputs[key], digest) for key, digest in digests.items()})
+    outputs = (*stage.outs, *stage.kept_in_git, stage.metrics)
     try:
-        with run.system_metrics() if stage.model else contextlib.nullcontext():
-            metrics = fn(context(name, params, root, run.log_metrics))
-        if missing := [path for path in (*stage.outs, *stage.kept_in_git) if not (root / path).exists()]:
-            raise StageError(f"stage {name} did not write {', '.join(missing)}, which hatchling/stages.py declares "
-                             "as its outputs (dvc.yaml's outs): a bug in the stage")
-        atomic_write_json(root / stage.metrics, metrics)
-        run.log_summary(metrics)
-        run.log_headline(headline(stage, metrics))
-        for path in (stage.metrics, *(p.path for p in stage.plots.values()), *stage.reports.values()):
-            run.log_artifact(root / path)
-        if stage.model:
-            from hatchling.registry import log_model
+        with outputs_together([root / path for path in outputs], root / COMMITS / f"{name}.json"):
+            with run.system_metrics() if stage.model else contextlib.nullcontext():
+                metrics = fn(context(name, params, root, run.log_metrics))
+            if missing := [path for path in outputs[:-1] if not written(root / path).exists()]:
+                raise StageError(f"stage {name} did not write {', '.join(missing)}, which hatchling/stages.py "
+                                 "declares as its outputs (dvc.yaml's outs): a bug in the stage")
+            atomic_write_json(root / stage.metrics, metrics)
+            run.log_summary(metrics)
+            run.log_headline(headline(stage, metrics))
+            for path in (stage.metrics, *(p.path for p in stage.plots.values()), *stage.reports.values()):
+                run.log_artifact(written(root / path))
+            if stage.model:
+                from hatchling.registry import log_model
 
-            log_model(run.run_id, run.uri, root / stage.outputs[stage.model], register=stage.registers)
+                log_model(run.run_id, run.uri, written(root / stage.outputs[stage.model]), register=stage.registers)
     except BaseException as error:
         end_failed(lambda error=error: run.fail(error), f"the run of stage {name}")
         raise
