@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from kda import load_fla_naive  # bench/kda.py, beside this file
 
 from hatchling.model.kda import fla_available, kda_chunked, kda_recurrent
 
@@ -68,11 +69,7 @@ def main() -> None:
         ref = run(kda_recurrent, [x.double() for x in xs], s0.double(), "cpu", torch.float64)
         candidates = [("kda_chunked", kda_chunked, torch.float64), ("kda_chunked", kda_chunked, torch.float32)]
         if args.fla_naive:
-            import importlib.util
-
-            spec = importlib.util.spec_from_file_location("fla_kda_naive", args.fla_naive)
-            naive = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(naive)
+            naive = load_fla_naive(args.fla_naive)
             candidates.append(("fla.naive_recurrent_kda", naive.naive_recurrent_kda, torch.float32))
         device = "cpu"
     for name, fn, dtype in candidates:

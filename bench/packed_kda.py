@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hatchling.model.kda import kda
+from hatchling.model.kda import cu_seqlens_of, kda
 from hatchling.model.segments import Segments
 
 
@@ -31,10 +31,7 @@ def inputs(B: int, T: int, H: int, D: int, mean_doc: int, seed: int = 0):
           torch.rand(B, T, H, generator=gen)]
     starts = torch.rand(B, T, generator=gen) < 1 / mean_doc
     ids = Segments.from_starts(starts).ids
-    flat_starts = F.pad((ids.flatten()[1:] != ids.flatten()[:-1]) | (torch.arange(1, B * T) % T == 0), (1, 0),
-                        value=True)
-    cu = F.pad(flat_starts.nonzero().squeeze(1), (0, 1), value=B * T)
-    return xs, ids, cu
+    return xs, ids, cu_seqlens_of(ids)
 
 
 def fwd_bwd(run, xs) -> float:

@@ -159,7 +159,9 @@ def load_resume_state(directory: str | Path, fingerprint: str) -> dict | None:
         if not isinstance(state, dict):
             raise InputError(f"{TRAINER} holds a {type(state).__name__}, not a trainer's state")
         verified(directory, WEIGHTS, read_sidecar(directory).get("weights_sha256"))
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:   # InputError: ValueError
+    # a file missing or garbled (InputError is a ValueError); any other OSError (EIO, EACCES, too many open files)
+    # is raised, since training afresh would soon replace the run's checkpoint
+    except (FileNotFoundError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as e:
         logger.warning("not resuming from %s: its checkpoint is unreadable (%s: %s); training starts from step 0",
                        directory, type(e).__name__, e)
         return None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -54,7 +55,8 @@ def _run(args) -> int:
             raise StageError("--overfit-one-batch applies to the pretrain stage only")
         return _overfit(params, args.overfit_steps)
     metrics = run_stage(args.stage, params, Path("."))
-    print(summary_line(get_stage(args.stage), metrics))
+    if int(os.environ.get("RANK", "0")) == 0:           # under torchrun the other ranks write no report
+        print(summary_line(get_stage(args.stage), metrics))
     return 0
 
 
@@ -186,6 +188,7 @@ def _bench_probes(args) -> int:
     from hatchling.eval.probe_bench import markdown, plot, run_bench
     from hatchling.eval.probe_grid import ProbeBenchConfig
     from hatchling.io import atomic_write_json
+    from hatchling.model.device import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -193,8 +196,10 @@ def _bench_probes(args) -> int:
     try:
         cfg = ProbeBenchConfig(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as e:
-        raise ConfigError(f"bench probes: {e}") from e
-    result = run_bench(cfg, progress=True, device=args.device)
+        raise ConfigError("bench probes: " + "; ".join(
+            f"--{str(x['loc'][0]).replace('_', '-')}{''.join(f'[{i}]' for i in x['loc'][1:])}: {x['msg']}"
+            for x in e.errors(include_url=False))) from None
+    result = run_bench(cfg, progress=True, device=resolve_device(args.device))
     print("\n".join(markdown(result)))
     print(f"{result['total_seconds']} s on {torch.get_num_threads()} threads")
     atomic_write_json(args.out, result)
@@ -262,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a param, e.g. --set pretrain.lr=3e-4 (repeatable)")
     run.add_argument("--overfit-one-batch", action="store_true", help="smoke check: fit one frozen batch")
-    run.add_argument("--overfit-steps", type=int, default=150)
+    run.add_argument("--overfit-steps", type=number(int, low=1), default=150)
     run.set_defaults(func=_run)
     sub.add_parser("stages", help="list the stages").set_defaults(func=_stages)
     dvc = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage registry")
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     grid = sub.add_parser("gridworld", help="train the LM as a policy in the curiosity gridworld (Stage-D)")
     grid.add_argument("--size", type=number(int, low=2), default=4)
     grid.add_argument("--iterations", type=number(int, low=1), default=150)
-    grid.add_argument("--curiosity-coef", type=float, default=0.1)
+    grid.add_argument("--curiosity-coef", type=number(float), default=0.1)
     grid.add_argument("--seed", type=int, default=0)
     grid.add_argument("--out", default="logs/gridworld.csv", help="the summary CSV")
     grid.set_defaults(func=_gridworld)
@@ -308,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     probes.add_argument("--steps", type=int, default=None, help="AdamW steps per model (default: the library's)")
     probes.add_argument("--batch-size", type=int, default=None)
     probes.add_argument("--seed", type=int, default=None)
-    probes.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    probes.add_argument("--device", default="cpu", help="where the models train (seeded results: cpu)")
+    probes.add_argument("--threads", type=number(int, low=1), default=None,
+                        help="torch threads (default: torch's choice)")
+    probes.add_argument("--device", choices=get_args(Device), default="cpu",
+                        help="where the models train (seeded results: cpu)")
     probes.add_argument("--out", default="reports/bench_probes.json", help="the result as JSON")
     probes.add_argument("--plot", default=None, help="also plot accuracy vs length to this PNG")
     probes.set_defaults(func=_bench_probes)

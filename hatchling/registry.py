@@ -12,6 +12,7 @@ and no run state. The final model of a pipeline (rlvr) is registered as a new ve
 from __future__ import annotations
 
 import os
+import re
 from importlib.metadata import version
 from pathlib import Path
 
@@ -96,6 +97,9 @@ def log_model(run_id: str, tracking_uri: str, checkpoint: Path, register: bool) 
 
 def promote(client, run_id: str, alias: str = CHAMPION) -> str:
     """Point `alias` at the registered version logged by run `run_id` (a stage's run id); its version."""
+    if not re.fullmatch(r"[0-9a-f]{32}", run_id):
+        raise InputError(f"{run_id!r} is not an MLflow run id (32 hexadecimal digits: the rlvr stage's run, in the "
+                         "MLflow UI or `mlflow runs search`)")
     versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}' and run_id = '{run_id}'")
     if not versions:
         raise InputError(f"no version of the registered model {REGISTERED_MODEL!r} comes from run {run_id} "

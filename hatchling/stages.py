@@ -76,6 +76,7 @@ class Stage:
     network: bool = False           # retried by the Prefect flow
     headline: tuple[str, ...] = ()  # metrics copied to the pipeline's MLflow run (a mapping: all its leaves)
     model: str | None = None        # the output that is a trained model: logged as an MLflow model
+    distributed: bool = False       # trains across torchrun's processes (DDP / FSDP); other stages run in one
     registers: bool = False         # ... and registered (the pipeline's final model)
     description: str = ""
 
@@ -135,11 +136,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "hatchling.train.pretrain:run", params=("model", "train", "pretrain"),
           inputs={"tokenized": "data/tokenized"}, outputs={"model": "checkpoints/pretrain"},
           persist={"run": "checkpoints/pretrain-run"}, plots=training_logs("pretrain"),
-          headline=("val_loss", "val_bpb"), model="model", description="next-token pretraining of the hybrid LM"),
+          headline=("val_loss", "val_bpb"), model="model", distributed=True,
+          description="next-token pretraining of the hybrid LM"),
     Stage("sft", "hatchling.train.sft:run", params=("train", "sft"),
           inputs={"init": "checkpoints/pretrain", "tasks": "data/tasks"}, outputs={"model": "checkpoints/sft"},
           persist={"run": "checkpoints/sft-run"}, plots=training_logs("sft"),
-          headline=("val_loss", "val_bpb"), model="model",
+          headline=("val_loss", "val_bpb"), model="model", distributed=True,
           description="chat SFT of the pretrained model, loss on assistant tokens only"),
     Stage("rlvr", "hatchling.train.rlvr:run", params=("rlvr",),
           inputs={"init": "checkpoints/sft", "tasks": "data/tasks"}, outputs={"model": "checkpoints/rlvr"},
@@ -575,12 +577,28 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
     root = Path(root)
     if params is None:
         params = load_params(root / params_path, overrides)     # an absolute params_path stays as it is
+    check_world(stage, params, int(os.environ.get("WORLD_SIZE", "1")))
     leader = int(os.environ.get("RANK", "0")) == 0       # torchrun: rank 0 alone locks, tracks and reports
     with stage_lock(name, root) if leader else contextlib.nullcontext():
         if leader and (moved := complete(root / COMMITS / f"{name}.json")):
             log.warning("stage %s: put in place the outputs its run killed while moving them had left: %s",
                         name, ", ".join(moved))
         return _run_locked(stage, params, root, leader)
+
+
+def check_world(stage: Stage, params: Params, world: int) -> None:
+    """ConfigError, before any work, where `world` processes (torchrun's WORLD_SIZE) cannot run the stage: one that
+    does not train across processes (each would do all of its work, and all but one unlocked), or a batch that
+    does not share out evenly."""
+    if world <= 1:
+        return
+    if not stage.distributed:
+        trainers = " and ".join(s.name for s in STAGES if s.distributed)
+        raise ConfigError(f"stage {stage.name} runs in one process (only {trainers} train across torchrun's "
+                          f"processes): run it as `hatchling run {stage.name}`")
+    batch = getattr(params, stage.name).batch_size
+    if batch % world:
+        raise ConfigError(f"{stage.name}.batch_size {batch} does not divide across torchrun's {world} processes")
 
 
 def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:

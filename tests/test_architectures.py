@@ -39,7 +39,8 @@ def test_int8_covers_raw_parameter_matrices_per_output_channel(arch):
     import torch
 
     from hatchling.model import build_model
-    from hatchling.model.int8 import dequantize_state_dict, quantize_state_dict, quantized_names, relative_error
+    from hatchling.model.int8 import dequantize_state_dict, quantize_state_dict, quantized_names
+    from tests.test_kda_ops import rel_err
 
     torch.manual_seed(0)
     options = {"bdh": {"neurons": 32}, "hope": {"hidden": 16, "chunk": 8}}
@@ -62,4 +63,4 @@ def test_int8_covers_raw_parameter_matrices_per_output_channel(arch):
     again.load_state_dict(dequantize_state_dict(sd))
     ids = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
-        assert relative_error(again(ids), model(ids)) < 0.02
+        assert rel_err(again(ids), model(ids)) < 0.02

@@ -9,7 +9,8 @@ import torch
 from hatchling.checkpoint import SIDECAR, load_model, save_model
 from hatchling.errors import InputError
 from hatchling.model import build_model
-from hatchling.model.int8 import Int8Linear, dequantize_state_dict, quantize_state_dict, relative_error
+from hatchling.model.int8 import Int8Linear, dequantize_state_dict, quantize_state_dict
+from tests.test_kda_ops import rel_err
 
 V = 67
 ARCHS = {"hybrid": {"head_dim": 16, "mlp_hidden": 64, "attn_every": 2, "chunk_size": 8},
@@ -58,7 +59,7 @@ def test_every_format_loads_back_with_the_logits_of_its_stored_weights(arch, tmp
     if arch == "hybrid":                  # the int8 kernel runs the Linear layers (BDH has none)
         assert any(isinstance(m, Int8Linear) for m in kernel.modules())
     with torch.no_grad():
-        assert relative_error(kernel.eval()(ids), dequantized) < 1e-3
+        assert rel_err(kernel.eval()(ids), dequantized) < 1e-3
 
 
 def test_a_sidecar_that_does_not_describe_its_weights_is_refused_by_name(tmp_path):

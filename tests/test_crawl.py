@@ -325,7 +325,9 @@ def test_a_page_that_fails_is_dropped_as_error_with_its_message_and_the_crawl_go
     assert metrics["errors"] == [{"error": error, "url": base + "index.html", "count": 2}]
     assert metrics["dropped"]["error"] == 2 and metrics["kept"] == 1
     assert [d["url"] for d in shard_docs(tmp_path / "some")] == [base + "a.html"]     # went on after the errors
-    assert f"crawl: pages dropped for errors (2): 2 × {error} (first at {base}index.html)" in caplog.text
+    assert f"crawl: pages dropped for errors (2): 2 × {error} (first at {base}index.html); the first of each:\n" \
+           f"Traceback (most recent call last):\n" in caplog.text
+    assert 'raise ValueError("unbalanced <table> in the page")\n' in caplog.text      # where it was raised
 
 
 def test_a_broken_install_stops_the_crawl_at_once_and_fails_the_stage_with_its_error(project, monkeypatch, capsys,

@@ -12,7 +12,7 @@ import pytest
 from hatchling.config import validate_params
 from hatchling.data.benchmarks import load_benchmark
 from hatchling.data.decontam import ContaminationIndex, Item, redact
-from hatchling.data.dedup import all_signatures, deduplicate
+from hatchling.data.dedup import deduplicate, iter_signatures
 from hatchling.data.textnorm import PUNCTUATION_PLANES, normalize, normalized_words, words_with_spans
 from hatchling.io import read_jsonl, write_jsonl
 from tests.conftest import TINY_PARAMS, hatchling_cmd, hatchling_here, make_project, run_cmd
@@ -55,7 +55,7 @@ def planted(tmp_path):
 
 def test_planted_duplicates_are_removed_and_distinct_docs_kept(planted):
     shards, truth = planted
-    sigs = all_signatures(shards, shingle=5, num_perm=128, workers=2)
+    sigs = list(iter_signatures(shards, shingle=5, num_perm=128, workers=2))
     result = deduplicate(sigs, threshold=0.8, num_perm=128)
     kept_ids = {d for s in sigs for line, d in enumerate(s.doc_ids) if result.kept(s.shard, line)}
     order = [d for s in sigs for d in s.doc_ids]                              # shard order, then line order
@@ -65,7 +65,7 @@ def test_planted_duplicates_are_removed_and_distinct_docs_kept(planted):
     assert result.exact_dups == 10 and result.near_dups == 10
     removed = {d for dups in result.clusters.values() for d in dups}
     assert removed == (set(truth) | {truth[c] for c in truth}) - first
-    again = deduplicate(all_signatures(shards, 5, 128, workers=1), 0.8, 128)
+    again = deduplicate(list(iter_signatures(shards, 5, 128, workers=1)), 0.8, 128)
     assert again.removed == result.removed and again.clusters == result.clusters      # deterministic, any workers
 
 
@@ -194,7 +194,7 @@ def test_deduplicate_equals_one_document_at_a_time(tmp_path):
     for s, size in enumerate([7, 50, 3, 60, 40, 20]):
         shards.append(tmp_path / f"s{s}.jsonl")
         write_jsonl(shards[-1], docs[sum([7, 50, 3, 60, 40, 20][:s]):][:size])
-    sigs = all_signatures(shards, 5, 128, 1)
+    sigs = list(iter_signatures(shards, 5, 128, 1))
     result = deduplicate(sigs, 0.8, 128)
     removed, clusters = one_at_a_time(sigs, 0.8, 128)
     assert result.removed == removed and result.clusters == clusters
@@ -205,7 +205,7 @@ def test_keep_first_follows_shard_then_line_order(tmp_path):
     text = doc_text(random.Random(1))
     write_jsonl(tmp_path / "a.jsonl", [{"id": "first", "text": text}])
     write_jsonl(tmp_path / "b.jsonl", [{"id": "second", "text": text}])
-    sigs = all_signatures([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], 5, 64, 1)
+    sigs = list(iter_signatures([tmp_path / "a.jsonl", tmp_path / "b.jsonl"], 5, 64, 1))
     result = deduplicate(sigs, 0.8, 64)
     assert result.clusters == {"first": ["second"]}
 

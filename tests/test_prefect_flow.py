@@ -436,3 +436,39 @@ def test_a_killed_trainer_resumes_under_either_orchestrator_and_a_flow_that_cann
     assert hatchling_here(moved, "run", "pretrain") == 0
     resumed = json.loads((moved / "reports/pretrain.json").read_text())["resumed_from_step"]
     assert resumed >= killer.steps[0] >= 6 and same(weights(moved), reference)
+
+
+def test_items_larger_than_prefects_parameter_limit_map_on_a_dask_cluster(prefect_env, dask_cluster):
+    """Prefect's API refuses a flow run whose parameters exceed 512 KB: the items reach the workers by the task
+    runner, not as the mapping flow's parameter (tokenize's batches of documents on the default corpus)."""
+    from hatchling.data.shard_map import map_ordered
+    from hatchling.io import sha1_text
+
+    texts = [f"{i} " + "word " * 60_000 for i in range(4)]         # 1.2 MB in all
+    assert list(map_ordered(sha1_text, texts, 2, "dask", dask_cluster.scheduler_address)) == list(map(sha1_text, texts))
+
+
+@pytest.mark.parametrize("address, why", [
+    ("tcp://127.0.0.1:9", r"scale.address 'tcp://127.0.0.1:9': nothing answers there \(Connection refused\); start "
+                          r"the dask cluster, or leave the address out for a local one"),
+    ("nonsense", r"scale.address 'nonsense': a dask cluster's address is tcp or tls://host:port"),
+    ("tcp://scheduler:port", r"scale.address 'tcp://scheduler:port': a dask cluster's address is tcp or tls://host:port"),
+])
+def test_a_cluster_address_that_does_not_answer_is_one_error_before_any_work(address, why):
+    from hatchling.data.shard_map import map_ordered
+    from hatchling.errors import ConfigError
+    from hatchling.io import sha1_text
+
+    with pytest.raises(ConfigError, match=f"^{why}$"):
+        list(map_ordered(sha1_text, ["a", "b"], 2, "dask", address))
+
+
+def test_ray_without_its_integration_says_what_to_install(monkeypatch):
+    from hatchling.data.shard_map import map_ordered
+    from hatchling.errors import ConfigError
+    from hatchling.io import sha1_text
+
+    monkeypatch.setitem(sys.modules, "prefect_ray", None)          # as if not installed
+    with pytest.raises(ConfigError, match=r"^scale.runner ray: prefect-ray is not installed \(pip install -e "
+                                          r"'.\[scale\]'\)$"):
+        list(map_ordered(sha1_text, ["a", "b"], 2, "ray", "ray://127.0.0.1:10001"))

@@ -421,3 +421,68 @@ def test_rank_losses_average_to_the_global_mean_gradient_with_uneven_masks():
     assert World(1, 2).shard(x).tolist() == x[2:].tolist()
     with pytest.raises(ValueError, match="batch_size 4 does not divide across 3 processes"):
         World(0, 3).shard(x)
+
+
+CONFIG = {"vocab_size": 61, "d_model": 32, "n_layers": 2, "n_heads": 2, "head_dim": 8, "mlp_hidden": 64}
+
+
+def _step(model, module, opt, world, step: int) -> None:
+    x = torch.randint(0, 61, (4, 17), generator=torch.Generator().manual_seed(step))
+    x, y = world.shard(x[:, :-1]), world.shard(x[:, 1:])
+    torch.nn.functional.cross_entropy(module(x).float().flatten(0, 1), y.flatten()).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _resume_on_two_ranks(rank: int, port: int, saved: str, out: str) -> None:
+    """One of two gloo FSDP ranks: load the state one process saved after a step, take the second step on this
+    rank's half of the global batch, then the whole weights to `out`."""
+    import os
+
+    import torch.distributed as dist
+
+    from hatchling.train.distributed import full_state, init_world, load_full_state, wrap_for_training
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    torch.set_num_threads(1)
+    world = init_world(torch.device("cpu"))
+    try:
+        torch.manual_seed(1)                        # other initial weights: the loaded ones must replace them
+        model = build_model(CONFIG).train()
+        module = wrap_for_training(model, world, "fsdp")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        weights, opt_states = torch.load(saved, weights_only=True)
+        load_full_state(model, [opt], weights, opt_states, "fsdp")
+        _step(model, module, opt, world, step=1)
+        state = full_state(model, [opt], "fsdp")[0]
+        if rank == 0:
+            torch.save(state, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_run_saved_by_one_process_resumes_under_fsdp_on_two(tmp_path):
+    """One process saves its optimizer state by parameter position, FSDP's loader reads it by name: a run
+    checkpointed by one process (with parallel fsdp, or killed and resumed under torchrun) resumes on two FSDP
+    ranks and takes the step one process would."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from hatchling.train.distributed import World, full_state
+
+    torch.manual_seed(0)
+    model = build_model(CONFIG).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _step(model, model, opt, World(), step=0)
+    torch.save(full_state(model, [opt], "fsdp"), tmp_path / "saved.pt")        # (weights, [by position])
+    assert all(isinstance(i, int) for i in torch.load(tmp_path / "saved.pt")[1][0]["state"])
+    _step(model, model, opt, World(), step=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_resume_on_two_ranks, args=(port, str(tmp_path / "saved.pt"), str(tmp_path / "resumed.pt")), nprocs=2,
+             join=True)
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -143,6 +143,24 @@ def test_the_cli_writes_the_result_table_and_plot(tmp_path, capsys):
     assert main(["bench", "probes", "--lengths", "8", "--out", str(out)]) == 2          # too short: one line
 
 
+@pytest.mark.parametrize("args, why", [
+    (["--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from 'auto', 'cpu', 'cuda')"),
+    (["--threads", "-1"], "argument --threads: -1 is not in [1, inf]"),
+    (["--lengths", "16", "x"], "argument --lengths: invalid int value: 'x'"),
+    (["--steps", "0"], "bench probes: --steps: Input should be greater than or equal to 1"),
+])
+def test_bad_bench_arguments_are_one_line_naming_the_option(args, why, tmp_path, capsys):
+    """argparse's own line after the usage, or the params' one line; no traceback, nothing written."""
+    if why.startswith("argument"):
+        with pytest.raises(SystemExit):
+            main(["bench", "probes", *args, "--out", str(tmp_path / "p.json")])
+        assert capsys.readouterr().err.splitlines()[-1] == f"hatchling bench probes: error: {why}"
+    else:
+        assert main(["bench", "probes", *args, "--out", str(tmp_path / "p.json")]) == 2
+        assert capsys.readouterr().err == f"error: {why}\n"
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_with_the_bench_off_the_figure_says_so_and_the_card_does_not_link_it(tmp_path):
     from hatchling.eval.probe_bench import plot
     from hatchling.eval.report import markdown as card

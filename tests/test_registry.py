@@ -82,6 +82,9 @@ def test_stages_log_models_and_rlvr_registers_the_candidate(pretrained_project, 
     capsys.readouterr()
     assert hatchling_here(proj, "promote", runs["pretrain"].info.run_id) == 2     # pretrain registers nothing
     assert capsys.readouterr().err.startswith("error: ")
+    assert hatchling_here(proj, "promote", "abc'def") == 2           # not a run id: never put into MLflow's filter
+    assert capsys.readouterr().err == ("error: \"abc'def\" is not an MLflow run id (32 hexadecimal digits: the rlvr "
+                                       "stage's run, in the MLflow UI or `mlflow runs search`)\n")
     elsewhere = tmp_path / "not-a-project"                     # no store there: said, and none made
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

@@ -222,3 +222,24 @@ def test_a_finished_stage_prints_one_line_of_headline_numbers_and_where_its_metr
     assert summary_line(get_stage("pretrain"), {"val_loss": 3.776, "val_bpb": 1.67412, "history": [1, 2]}) == \
         "pretrain: val_loss=3.776, val_bpb=1.674; every metric in reports/pretrain.json"
     assert summary_line(get_stage("tokenize"), {}) == "tokenize: done; every metric in reports/tokenize.json"
+
+
+@pytest.mark.parametrize("stage, override, why", [
+    ("tokenize", {}, "stage tokenize runs in one process (only pretrain and sft train across torchrun's processes): "
+                     "run it as `hatchling run tokenize`"),
+    ("pretrain", {"batch_size": 3}, "pretrain.batch_size 3 does not divide across torchrun's 2 processes"),
+])
+def test_torchrun_refuses_what_its_processes_cannot_share_before_any_work(stage, override, why, tmp_path, monkeypatch,
+                                                                         capsys):
+    """Under torchrun (WORLD_SIZE 2), a stage that does not train across processes would run whole on every rank,
+    all but rank 0 without the stage's lock; a batch that does not share out would fail mid-run. Either is one
+    error (exit 2) on each rank before anything is read or written."""
+    from tests.conftest import hatchling_here
+
+    write_params(tmp_path, {**TINY_PARAMS, "pretrain": {**TINY_PARAMS["pretrain"], **override}})
+    for rank in ("0", "1"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        assert hatchling_here(tmp_path, "run", stage) == 2
+        assert capsys.readouterr().err.strip() == f"error: {why}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

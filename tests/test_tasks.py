@@ -156,8 +156,9 @@ def test_rlvr_and_the_eval_judge_a_completion_alike(monkeypatch):
             assert rows[0].values == (rlvr[task.name].reward(item, completion, format_bonus=0.0),), completion
 
 
-def test_training_tasks_are_checked_against_the_eval_sets(tmp_path):
-    """A generated training problem that also sits in an eval set is dropped from the SFT/RL data."""
+def test_training_tasks_are_checked_against_the_eval_sets(tmp_path, caplog):
+    """A generated training problem that also sits in an eval set is dropped from the SFT/RL data; an eval set
+    that cannot be read is said (a warning and the report's status), not taken for a clean one."""
     from hatchling.config import validate_params
     from hatchling.io import read_jsonl, write_jsonl
     from hatchling.stages import context
@@ -170,11 +171,15 @@ def test_training_tasks_are_checked_against_the_eval_sets(tmp_path):
     write_jsonl(tmp_path / "gsm8k.jsonl", [{"question": leaked["question"], "answer": leaked["answer"]}])
     (tmp_path / "data/crawl").mkdir(parents=True)
     write_jsonl(tmp_path / "data/crawl/shard-00000.jsonl", [{"id": "d", "text": "Title\nSome body text. " * 5}])
-    tree["benchmarks"] = {"gsm8k": str(tmp_path / "gsm8k.jsonl"), "hatchling_math": "data/tasks/math_heldout.jsonl"}
+    tree["benchmarks"] = {"gsm8k": str(tmp_path / "gsm8k.jsonl"), "hatchling_math": "data/tasks/math_heldout.jsonl",
+                          "arc_easy": "data/nowhere/arc_easy.jsonl"}
     report = stage.run(context("tasks", validate_params(tree), tmp_path))
     kept = [x["question"] for x in read_jsonl(tmp_path / "data/tasks/math_train.jsonl")]
     assert report["contaminated_training_items"] == {"gsm8k": 1} and leaked["question"] not in kept
     assert len(kept) == len(train) - 1
+    assert report["benchmarks_checked"]["gsm8k"] == "ok" and report["benchmarks_checked"]["arc_easy"] != "ok"
+    assert f"the generated items are not checked against arc_easy ({report['benchmarks_checked']['arc_easy']})" \
+        in caplog.text
 
 
 def test_batched_greedy_answers_equal_one_at_a_time():

@@ -215,10 +215,6 @@ def iter_signatures(shards: list[Path], shingle: int, num_perm: int, workers: in
     yield from map_ordered(_signatures_of, args, workers, runner, address)
 
 
-def all_signatures(shards: list[Path], shingle: int, num_perm: int, workers: int) -> list[ShardSignatures]:
-    return list(iter_signatures(shards, shingle, num_perm, workers))
-
-
 @functools.lru_cache(maxsize=8)
 def _banding(threshold: float, num_perm: int, weights: tuple[float, float]) -> tuple[int, int]:
     """datasketch MinHashLSH's (bands, rows) for these settings (it integrates to choose them: ~60 ms)."""

@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib
 import os
 import pickle
 import signal
+import socket
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_all_start_methods, get_context
+from urllib.parse import urlsplit
+
+from hatchling.errors import ConfigError
 
 
 class WorkerError(RuntimeError):
@@ -116,18 +121,46 @@ def _unspooled(path: str):
 
 
 def task_runner(runner: str, workers: int, address: str | None):
-    """The Prefect task runner for a cluster runner name (imports the integration it needs)."""
+    """The Prefect task runner for a cluster runner name (imports the integration it needs), after a check that
+    a given cluster address answers: ConfigError naming it and why, before any work is sent."""
+    if runner not in ("dask", "ray"):
+        raise ValueError(f"runner must be local, dask or ray, got {runner!r}")
+    integration = f"prefect_{runner}"
+    try:
+        module = importlib.import_module(integration)
+    except ModuleNotFoundError as e:
+        if e.name != integration:
+            raise
+        raise ConfigError(f"scale.runner {runner}: {integration.replace('_', '-')} is not installed (pip install -e "
+                          "'.[scale]')") from None
+    if address and (runner == "dask" or address.startswith("ray://")):     # Ray resolves its other forms itself
+        _check_answers(runner, address)
     if runner == "dask":
-        from prefect_dask import DaskTaskRunner
-
         if address:
-            return DaskTaskRunner(address=address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
-    if runner == "ray":
-        from prefect_ray import RayTaskRunner
+            return module.DaskTaskRunner(address=address)
+        return module.DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
+                                                     "processes": True})
+    return module.RayTaskRunner(address=address) if address else module.RayTaskRunner()
 
-        return RayTaskRunner(address=address) if address else RayTaskRunner()
-    raise ValueError(f"runner must be local, dask or ray, got {runner!r}")
+
+SCHEMES = {"dask": ("tcp", "tls"), "ray": ("ray",)}
+
+
+def _check_answers(runner: str, address: str, timeout: float = 10.0) -> None:
+    """ConfigError unless `address` is a scheme://host:port of `runner`'s where something accepts a connection."""
+    url = urlsplit(address)
+    try:
+        host, port = url.hostname, url.port
+    except ValueError:              # a port that is no number
+        host = port = None
+    if url.scheme not in SCHEMES[runner] or not host or port is None:
+        raise ConfigError(f"scale.address {address!r}: a {runner} cluster's address is "
+                          f"{' or '.join(SCHEMES[runner])}://host:port")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"scale.address {address!r}: nothing answers there ({e.strerror or e}); start the "
+                          f"{runner} cluster, or leave the address out for a local one") from None
 
 
 def _prefect_map(fn: Callable, items: Sequence, workers: int, runner: str, address: str | None) -> list:
@@ -136,9 +169,11 @@ def _prefect_map(fn: Callable, items: Sequence, workers: int, runner: str, addre
 
     shard_task = task(fn, name=fn.__name__.strip("_"), cache_policy=NO_CACHE, persist_result=False)
 
+    # The items reach the flow by closure, not as its parameter: Prefect's API refuses a flow run whose
+    # parameters exceed 512 KB (tokenize's batches of documents do); the task runner ships them to the workers.
     @flow(name=f"map-{fn.__name__.strip('_')}", task_runner=task_runner(runner, max(workers, 1), address),
           persist_result=False)
-    def fan_out(batch: list) -> list:
-        return [future.result() for future in shard_task.map(batch)]
+    def fan_out() -> list:
+        return [future.result() for future in shard_task.map(list(items))]
 
-    return fan_out(list(items))
+    return fan_out()

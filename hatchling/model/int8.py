@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 QMAX = 127
 
@@ -101,7 +100,3 @@ def use_int8_linears(model: nn.Module, sd: dict[str, torch.Tensor]) -> nn.Module
                 bias = child.bias.detach() if child.bias is not None else None
                 setattr(module, child_name, Int8Linear(sd[f"{full}.weight.int8"], sd[f"{full}.weight.scale"], bias))
     return model
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (F.pairwise_distance(a.flatten()[None], b.flatten()[None]) / b.norm().clamp_min(1e-12)).item()

@@ -490,6 +490,14 @@ def _per_sequence(fn, q, k, v, g, beta, cu_seqlens, initial_state, output_final_
     return torch.cat([o[n, :hi - lo] for n, (lo, hi) in enumerate(bounds)])[None], state
 
 
+def cu_seqlens_of(segment_ids: torch.Tensor) -> torch.Tensor:
+    """fla's cu_seqlens [N + 1] (int32) of the segments of segment_ids [B, T] laid end to end as one row of B * T
+    tokens: a segment begins where the id changes and at each row's start."""
+    B, T = segment_ids.shape
+    starts = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0), value=True).flatten()
+    return F.pad(starts.nonzero().squeeze(1), (0, 1), value=B * T).to(torch.int32)
+
+
 def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
         chunk_size: int = 32, backend: str = "auto", cu_seqlens=None, use_qk_l2norm: bool = False,
         use_gate: bool = False, A_log=None, dt_bias=None, use_beta_sigmoid: bool = False, segment_ids=None):
@@ -529,8 +537,7 @@ def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=Fal
             raise ValueError("kda: segment_ids start every row from a zero state and replace cu_seqlens")
         if backend == "fla":                                            # fla's varlen form: [1, B * T]
             B, T = segment_ids.shape
-            starts = F.pad(segment_ids[:, 1:] != segment_ids[:, :-1], (1, 0), value=True).flatten()
-            cu = F.pad(starts.nonzero().squeeze(1), (0, 1), value=B * T).to(torch.int32)
+            cu = cu_seqlens_of(segment_ids)
             flat = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v, g, beta)]
             o, state = kda(*flat, scale, None, output_final_state, chunk_size, "fla", cu, use_qk_l2norm, use_gate,
                            A_log, dt_bias, use_beta_sigmoid)

@@ -16,6 +16,7 @@ redacted worked solution would teach the wrong thing), with report it is only co
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 from hatchling.data.benchmarks import load_benchmarks
@@ -26,6 +27,7 @@ from hatchling.tasks import docs_qa
 from hatchling.tasks.code import Code
 from hatchling.tasks.math import Math
 
+log = logging.getLogger(__name__)
 
 def run(ctx) -> dict:
     p = ctx.params.tasks
@@ -36,8 +38,11 @@ def run(ctx) -> dict:
     c = ctx.params.contamination
     out = ctx.outputs.tasks
     produced_here = {name for name, path in ctx.params.benchmarks.items() if (ctx.root / path).parent == out}
-    benchmarks, _ = load_benchmarks({k: v for k, v in ctx.params.benchmarks.items() if k not in produced_here},
-                                    ctx.root)
+    benchmarks, checked = load_benchmarks({k: v for k, v in ctx.params.benchmarks.items() if k not in produced_here},
+                                          ctx.root)
+    if unchecked := {name: why for name, why in checked.items() if why != "ok"}:
+        log.warning("tasks: the generated items are not checked against %s", "; ".join(
+            f"{name} ({why})" for name, why in unchecked.items()))
     index = ContaminationIndex(benchmarks, c.ngram, c.threshold)
     contaminated: dict[str, int] = {}
 
@@ -66,4 +71,5 @@ def run(ctx) -> dict:
     tiers = {f"{name.removesuffix('.jsonl')}_tier{t}": n for name, records in files.items()
              for t, n in sorted(Counter(r["tier"] for r in records if "tier" in r).items())}
     return ({name.removesuffix(".jsonl"): len(records) for name, records in files.items()} | tiers
-            | {"docs_qa": len(qa), "contaminated_training_items": contaminated, "contamination_action": c.action})
+            | {"docs_qa": len(qa), "contaminated_training_items": contaminated, "contamination_action": c.action,
+               "benchmarks_checked": checked})

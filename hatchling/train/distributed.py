@@ -99,12 +99,27 @@ def full_state(model: torch.nn.Module, optimizers: list, strategy: str) -> tuple
 
 def load_full_state(model: torch.nn.Module, optimizers: list, weights: dict, opt_states: list[dict] | None,
                     strategy: str) -> None:
-    """Inverse of full_state: every rank loads the same whole state, FSDP keeps its own shard."""
+    """Inverse of full_state: every rank loads the same whole state, FSDP keeps its own shard. Either form of
+    optimizer state loads either way (one process saves its parameters by position, FSDP by name), so a run
+    resumes across a change of process count."""
     if strategy == "fsdp" and dist.is_initialized():
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
         for opt, sd in zip(optimizers, opt_states or [], strict=False):
-            set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(model, opt, by_name(model, opt, sd),
+                                     options=StateDictOptions(full_state_dict=True))
         return
     model.load_state_dict(weights)
     for opt, sd in zip(optimizers, opt_states or [], strict=False):
         opt.load_state_dict(sd)
+
+
+def by_name(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> dict:
+    """An optimizer state dict keyed by parameter name, as FSDP's loader reads it: one saved by one process's
+    Optimizer.state_dict (keyed by each parameter's position in `opt`'s groups) is rekeyed; one already by
+    name is returned as it is."""
+    if all(isinstance(i, str) for group in state["param_groups"] for i in group["params"]):
+        return state
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in opt.param_groups for p in group["params"]]
+    groups = [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]
+    return {"state": {order[i]: value for i, value in state["state"].items()}, "param_groups": groups}

@@ -149,7 +149,7 @@ class PoliteSpider(scrapy.Spider):
         self.hashes: set[str] = set()
         self.counts: Counter = Counter()
         self.seed_errors: dict[str, str] = {}
-        self.errors: dict[str, dict] = {}     # error text -> {"error", "url" (the first), "count"}
+        self.errors: dict[str, dict] = {}     # error text -> {"error", "url" (the first), "count", "traceback"}
         self.fatal: dict | None = None        # what stopped the crawl (an error of the environment)
         self.progress = tqdm(total=config["max_pages"], desc="crawl", unit="page", file=sys.stdout,
                              disable=not config["progress"], mininterval=2)
@@ -218,8 +218,9 @@ class PoliteSpider(scrapy.Spider):
         text = error_text(error)
         if text in self.errors:
             self.errors[text]["count"] += 1
-        elif len(self.errors) < LISTED_ERRORS:
-            self.errors[text] = {"error": text, "url": url, "count": 1}
+        elif len(self.errors) < LISTED_ERRORS:          # the traceback of each's first: a bug in our code shows
+            self.errors[text] = {"error": text, "url": url, "count": 1,
+                                 "traceback": "".join(traceback.format_exception(error))}
         if environment_fault(error):
             self.fatal = fatal(error, url)
             raise CloseSpider("broken-environment")

@@ -94,6 +94,10 @@ def run(ctx) -> dict:
             if base is not None:
                 seeds = [base + p.mirror_start]
             result = run_spider(spider_config(p, seeds, fetched_at), timeout_s=p.max_seconds + 120)
+    traces = [error.pop("traceback") for error in result.get("errors", [])]     # logged, not reported
+    if traces:
+        logger.warning("crawl: pages dropped for errors (%d): %s; the first of each:\n%s", result["counts"]["error"],
+                       describe_errors(result["errors"]), "\n".join(traces))
     check_result(result, seeds)
     docs, errors = result["docs"], result["errors"]
     if base is not None:      # the mirror's port changes per run: name its pages by the mirror instead
@@ -101,8 +105,6 @@ def run(ctx) -> dict:
             page["url"] = f"mirror://{mirror_name}/" + page["url"][len(base):]
         for doc in docs:
             doc["id"] = doc_id(doc["url"])
-    if errors:
-        logger.warning("crawl: pages dropped for errors (%d): %s", result["counts"]["error"], describe_errors(errors))
     if result["refused_non_public"]:
         logger.warning("crawl: requests refused for a non-public address (%d): %s", result["refused_non_public"],
                        "; ".join(f"{r['url']} ({r['reason']})" for r in result["refused"]))
