@@ -342,12 +342,17 @@ def dvc_yaml(params: Params) -> dict:
     """The dvc.yaml document for the registry, with the paths `params` (params.yaml) name as deps. A
     stage's resume state (`persist`) is not among its outs: DVC would count it missing, and rerun the
     stage, wherever it is absent (a queued or --temp experiment's workspace, a fresh clone after
-    `dvc pull`), and a stage with a persisted output gets no run-cache entry."""
+    `dvc pull`). Every output is `persist: true`: DVC deletes the others before it runs the stage, so a
+    stage that failed or was killed under `dvc repro` left none (and its reports, which DVC does not
+    cache, lost); kept in place, they are replaced only once the stage has ended well (run_stage). The
+    price: DVC keeps no run-cache entry for a stage with a persisted output (a params combination run
+    before runs again instead of being restored)."""
     stages = {}
     for s in STAGES:
         entry: dict = {"cmd": f"python -m hatchling run {s.name}", "deps": dvc_deps(s, params), "params": dvc_params(s),
-                       "outs": [*s.outs, *({r: {"cache": False}} for r in s.kept_in_git)],
-                       "metrics": [{s.metrics: {"cache": False}}]}
+                       "outs": [*({o: {"persist": True}} for o in s.outs),
+                                *({r: {"cache": False, "persist": True}} for r in s.kept_in_git)],
+                       "metrics": [{s.metrics: {"cache": False, "persist": True}}]}
         if s.description:
             entry["desc"] = s.description
         stages[s.name] = entry

@@ -13,8 +13,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from hatchling.config import load_params, validate_params
-from hatchling.stages import STAGES, dvc_params, dvc_yaml, dvc_yaml_text, topological_order, upstream
+from hatchling.stages import STAGES, dvc_params, dvc_yaml, dvc_yaml_text, get_stage, topological_order, upstream
 from tests.conftest import REPO, TINY_PARAMS, hatchling_cmd, run_cmd, write_params
+from tests.test_kill import _files
 
 DVC = [sys.executable, "-m", "dvc"]
 
@@ -181,6 +182,18 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
 
     after = _mtimes(project)
 
+    # a stage that fails under dvc repro (export, a bad param: exit 2 before any work) leaves its outputs as they
+    # were: DVC, which deletes a stage's outputs before it runs, keeps them (persist), and the stage replaces them
+    # only once it has ended well
+    export = get_stage("export")
+    kept = [*export.outs, *export.kept_in_git, export.metrics]
+    before = _files(project, kept)
+    write_params(project, {**params, "export": {**params["export"], "prompts": 0}})
+    failed = run_cmd(DVC + ["repro"], project, timeout=600, check=False)
+    assert failed.returncode != 0 and "export.prompts = 0" in failed.stdout + failed.stderr
+    assert _files(project, kept) == before and _mtimes(project) == after
+    write_params(project, params)
+
     # an ablation as a DVC experiment, run as a queued one is: DVC runs it in a temporary workspace under
     # .dvc/tmp/exps/ (`--temp` runs it as `dvc queue start` does, in the foreground) holding the commit,
     # the workspace's tracked changes and the DVC-cached outputs. Only export runs (the trainers' resume
@@ -213,7 +226,7 @@ def test_dvc_repro_noop_partial_rerun_metrics_plots_and_experiments(project):
     assert exp["data"]["metrics"]["reports/export.json"]["data"] == logged
     assert _mtimes(project) == after                            # the workspace's outputs untouched
 
-    # forced (`dvc repro --force` keeps the persisted run dir, removes the other outputs): the trainer
+    # forced (`dvc repro --force`; the outputs are persisted, the run dir no output): the trainer
     # resumes its finished run and writes the same log and weights again; of the stages downstream only
     # eval is stale (it reads the pretrain report, whose timing changed), none that reads the weights
     weights = project / "checkpoints/pretrain/model.safetensors"

@@ -241,8 +241,10 @@ def test_eval_stage_report_card(evaluated):
     assert f"the chat checkpoints keep: SFT {kept:.0%}, RLVR " in md
     assert "| hatchling_math | 1 | " + Math.tiers[1][0] in md and "## Task ladder" in md
     assert "| task | metric | n | chance | found | pretrain | sft | rlvr |" in md
-    assert "| arc_easy | acc | 2 | 0.250 | 0 |" in md and "hellaswag: not run: no data at" in md
-    assert "| arc_easy | acc_ttm | 2 | 0.250 | 0 |" in md and "## Forgetting across training segments" in md
+    # the sets the project's dedup stage never checked (this eval names other files): "unchecked", not 0
+    assert "| arc_easy | acc | 2 | 0.250 | unchecked |" in md and "hellaswag: not run: no data at" in md
+    assert "| arc_easy | acc_ttm | 2 | 0.250 | unchecked |" in md and "## Forgetting across training segments" in md
+    assert "| humaneval | pass@1_greedy | 2 | 0.000 | 0 |" in md
     for row in report["rows"]:          # every cell: value inside its 95% interval, chance marked where inside
         for c in report["checkpoints"]:
             cell = row[c]
@@ -250,6 +252,25 @@ def test_eval_stage_report_card(evaluated):
             assert cell["at_chance"] == (cell["ci"][0] <= row["chance"] <= cell["ci"][1])
     for png in ("eval_training.png", "eval_probes.png"):
         assert (evaluated / "reports" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_set_the_contamination_check_could_not_read_is_unchecked_not_clean(tmp_path):
+    """The dedup stage's report lists each benchmark with its status: the ids found in the training data for the
+    sets it checked; one it could not read has no such ids, and the report card says "unchecked", not 0."""
+    from hatchling.eval.report import markdown
+    from hatchling.eval.stage import contaminated_ids
+
+    report = tmp_path / "contamination.json"
+    report.write_text(json.dumps({
+        "gsm8k": {"status": "ok", "items": 2, "items_found": 1, "found_ids": ["gsm8k-1"]},
+        "arc_easy": {"status": "missing: no data at data/benchmarks/arc_easy.jsonl", "items": 0, "items_found": 0,
+                     "found_ids": []}}))
+    assert contaminated_ids(report) == {"gsm8k": {"gsm8k-1"}}
+    cell = {"value": 0.5, "ci": [0.1, 0.9], "at_chance": True}
+    card = markdown({"checkpoints": ["pretrain"], "not_run": {}, "rows": [
+        {"task": "gsm8k", "metric": "exact_match", "n": 2, "chance": 0.5, "found": 1, "pretrain": cell},
+        {"task": "arc_easy", "metric": "acc", "n": 2, "chance": 0.25, "found": None, "pretrain": cell}]})
+    assert "| gsm8k | exact_match | 2 | 0.500 | 1 |" in card and "| arc_easy | acc | 2 | 0.250 | unchecked |" in card
 
 
 def test_eval_params_are_validated():

@@ -88,7 +88,8 @@ def markdown(report: dict) -> str:
              "systematic preference, not knowledge); chance is 1 / choices for "
              "multiple choice and, for exact match, the share of the most common answer (a model that always gives "
              "it scores that). *found*: scored items that the dedup stage "
-             "found in the training data; where there are any, the score on the clean rest follows the full one. "
+             "found in the training data (unchecked: a set the check could not read); where there are any, the score "
+             "on the clean rest follows the full one. "
              "Figures: training curves ([eval_training.png](eval_training.png))"
              + (", probe bench ([eval_probes.png](eval_probes.png))." if report.get("probe_bench") else "."), ""]
     training = report.get("training", {})
@@ -104,8 +105,9 @@ def markdown(report: dict) -> str:
         lines += _rlvr_section(training["rlvr"])
     lines += ["## Benchmarks", "", WHAT["benchmarks"], "",
               *_table(["task", "metric", "n", "chance", "found", *ckpts],
-                      [[r["task"], r["metric"], str(r["n"]), f"{r['chance']:.3f}", str(r["found"]),
-                        *(_cell(r.get(c)) for c in ckpts)] for r in report["rows"] if r.get("tier") is None])]
+                      [[r["task"], r["metric"], str(r["n"]), f"{r['chance']:.3f}",
+                        "unchecked" if r["found"] is None else str(r["found"]), *(_cell(r.get(c)) for c in ckpts)]
+                       for r in report["rows"] if r.get("tier") is None])]
     if report["not_run"]:
         lines += ["", "## Not run", ""] + [f"- {task}: {why}" for task, why in report["not_run"].items()]
     if report.get("probe_bench"):

@@ -52,9 +52,10 @@ def fewshot(cfg, root: Path) -> list[dict]:
 
 
 def contaminated_ids(report_path: Path) -> dict[str, set[str]]:
-    """{benchmark: ids of its items found in the training data}, from the dedup stage's report."""
+    """{benchmark: ids of its items found in the training data}, from the dedup stage's report, of the benchmarks
+    the check ran on (a set it could not read there is absent: unchecked, not clean)."""
     report = json.loads(report_path.read_text())
-    return {name: set(info["found_ids"]) for name, info in report.items()}
+    return {name: set(info["found_ids"]) for name, info in report.items() if info["status"] == "ok"}
 
 
 def entry(row: Row, found: set[str]) -> dict:
@@ -127,12 +128,13 @@ def run(ctx) -> dict:
         ev = Evaluator(model, tokenizer, cfg, device=device, chat=meta.get("stage") in ("sft", "rlvr"))
         for name, records in data.items():
             for row in run_task(ev, name, records, shots):
-                scored = found.get(name, set()) & set(row.ids)
+                scored = found[name] & set(row.ids) if name in found else None          # None: not checked
                 line = rows.setdefault((row.task, row.metric), {
-                    "task": row.task, "metric": row.metric, "n": row.n, "chance": row.chance, "found": len(scored),
+                    "task": row.task, "metric": row.metric, "n": row.n, "chance": row.chance,
+                    "found": None if scored is None else len(scored),
                     **({"benchmark": name, "tier": row.tier, "about": tier_about(name, row.tier)}
                        if row.tier is not None else {})})
-                line[ckpt] = entry(row, scored)
+                line[ckpt] = entry(row, scored or set())
                 log({f"{ckpt}.{row.task}.{row.metric}".replace("@", "_at_"): row.value}, 0)   # MLflow: no "@"
         if cfg.needle_items:
             needles[ckpt] = ev.needle(haystack)
