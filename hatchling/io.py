@@ -178,12 +178,13 @@ def written(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def outputs_together(paths: Sequence[str | Path], journal: str | Path) -> Iterator[None]:
-    """Within: each atomic write of one of `paths` (a stage's outputs) waits, finished, in its temporary sibling
-    (:func:`written` says where) instead of replacing the output. At the end, if the block ended well, all of
-    them are put in place at once: their list is first written to `journal`, so that a process killed while
-    moving them leaves what :func:`complete` finishes; if the block raised, or the process is killed before
-    that, every output stays as it was and the temporaries go (sweep removes what a killed process left)."""
+def outputs_together(paths: Sequence[str | Path], journal: str | Path, root: str | Path) -> Iterator[None]:
+    """Within: each atomic write of one of `paths` (a stage's outputs, under the project `root`) waits, finished,
+    in its temporary sibling (:func:`written` says where) instead of replacing the output. At the end, if the
+    block ended well, all of them are put in place at once: their list is first written to `journal`, relative
+    to `root` (the checkout may move), so that a process killed while moving them leaves what :func:`complete`
+    finishes; if the block raised, or the process is killed before that, every output stays as it was and the
+    temporaries go (sweep removes what a killed process left)."""
     global _together
     if _together is not None:
         raise RuntimeError("outputs_together: already within one")
@@ -196,11 +197,16 @@ def outputs_together(paths: Sequence[str | Path], journal: str | Path) -> Iterat
     finally:
         _together = None
     if together.waiting:
-        atomic_write_json(journal, {path: str(tmp) for path, tmp in together.waiting.items()})
-        complete(journal)
+        try:
+            atomic_write_json(journal, {os.path.relpath(path, root): os.path.relpath(tmp, root)
+                                        for path, tmp in together.waiting.items()})
+        except BaseException:
+            together.drop()
+            raise
+        complete(journal, root)
 
 
-def complete(journal: str | Path) -> list[str]:
+def complete(journal: str | Path, root: str | Path) -> list[str]:
     """Put in place the outputs that `journal` lists (see :func:`outputs_together`) and remove it; the outputs
     that were still to move: those a process killed midway left (none, if there is no journal). A file is
     renamed over the old one; a directory's old version is moved aside into the temporary's folder first (so
@@ -209,10 +215,10 @@ def complete(journal: str | Path) -> list[str]:
     if not journal.exists():
         return []
     moved = []
-    for path, tmp in json.loads(journal.read_text()).items():
-        path, tmp = Path(path), Path(tmp)
+    for rel_path, rel_tmp in json.loads(journal.read_text()).items():
+        path, tmp = Path(root) / rel_path, Path(root) / rel_tmp
         if os.path.lexists(tmp):
-            moved.append(str(path))
+            moved.append(rel_path)
             if path.is_dir() and not path.is_symlink():
                 path.rename(tmp.with_name(f"{PREVIOUS}{path.name}"))
             os.replace(tmp, path)

@@ -342,11 +342,11 @@ def dvc_yaml(params: Params) -> dict:
     """The dvc.yaml document for the registry, with the paths `params` (params.yaml) name as deps. A
     stage's resume state (`persist`) is not among its outs: DVC would count it missing, and rerun the
     stage, wherever it is absent (a queued or --temp experiment's workspace, a fresh clone after
-    `dvc pull`). Every output is `persist: true`: DVC deletes the others before it runs the stage, so a
-    stage that failed or was killed under `dvc repro` left none (and its reports, which DVC does not
-    cache, lost); kept in place, they are replaced only once the stage has ended well (run_stage). The
-    price: DVC keeps no run-cache entry for a stage with a persisted output (a params combination run
-    before runs again instead of being restored)."""
+    `dvc pull`). Every DVC output is marked `persist: true` (DVC's flag, not the Stage field): DVC
+    deletes unmarked outputs before it runs the stage, so a stage that failed or was killed under
+    `dvc repro` left none (and lost its reports, which DVC does not cache); kept in place, they are
+    replaced only once the stage has ended well (run_stage). The price: DVC keeps no run-cache entry
+    for a stage with a persist output (params that ran before run again instead of being restored)."""
     stages = {}
     for s in STAGES:
         entry: dict = {"cmd": f"python -m hatchling run {s.name}", "deps": dvc_deps(s, params), "params": dvc_params(s),
@@ -585,9 +585,9 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
     check_world(stage, params, int(os.environ.get("WORLD_SIZE", "1")))
     leader = int(os.environ.get("RANK", "0")) == 0       # torchrun: rank 0 alone locks, tracks and reports
     with stage_lock(name, root) if leader else contextlib.nullcontext():
-        if leader and (moved := complete(root / COMMITS / f"{name}.json")):
-            log.warning("stage %s: put in place the outputs its run killed while moving them had left: %s",
-                        name, ", ".join(moved))
+        if leader and (moved := complete(root / COMMITS / f"{name}.json", root)):
+            log.warning("stage %s: its last run was killed while putting its new outputs in place; moved in the rest "
+                        "first: %s", name, ", ".join(moved))
         return _run_locked(stage, params, root, leader)
 
 
@@ -610,6 +610,9 @@ def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
     from hatchling.tracking import StageRun, drop_skipped_record, end_failed, record_skipped
 
     name = stage.name
+    if half := [up for up in upstream(stage) if (root / COMMITS / f"{up}.json").exists()]:
+        raise StageError(f"stage {half[0]}'s last run was killed while putting its new outputs in place: run "
+                         f"`hatchling run {half[0]}` (it completes them first), then this stage")
     for dep in stage.deps:
         if not (root / dep).exists():
             producer = next((s.name for s in STAGES if dep in s.written.values()), None)
@@ -629,23 +632,26 @@ def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
         except Exception as e:
             log.warning("the stages DVC skips are not recorded in MLflow: %s: %s", type(e).__name__, e)
     run.log_inputs({key: (stage.inputs[key], digest) for key, digest in digests.items()})
-    outputs = (*stage.outs, *stage.kept_in_git, stage.metrics)
+    home = root.resolve()           # as context() gives the stage its paths: the writes are known by them
+    outputs = (*stage.outs, *stage.kept_in_git)
     try:
-        with outputs_together([root / path for path in outputs], root / COMMITS / f"{name}.json"):
+        with outputs_together([home / path for path in (*outputs, stage.metrics)], home / COMMITS / f"{name}.json",
+                              home):
             with run.system_metrics() if stage.model else contextlib.nullcontext():
                 metrics = fn(context(name, params, root, run.log_metrics))
-            if missing := [path for path in outputs[:-1] if not written(root / path).exists()]:
+            # each output written by this run (under dvc repro, whose outputs persist, an old one is still there)
+            if missing := [path for path in outputs if written(home / path) == home / path]:
                 raise StageError(f"stage {name} did not write {', '.join(missing)}, which hatchling/stages.py "
                                  "declares as its outputs (dvc.yaml's outs): a bug in the stage")
-            atomic_write_json(root / stage.metrics, metrics)
+            atomic_write_json(home / stage.metrics, metrics)
             run.log_summary(metrics)
             run.log_headline(headline(stage, metrics))
             for path in (stage.metrics, *(p.path for p in stage.plots.values()), *stage.reports.values()):
-                run.log_artifact(written(root / path))
+                run.log_artifact(written(home / path))
             if stage.model:
                 from hatchling.registry import log_model
 
-                log_model(run.run_id, run.uri, written(root / stage.outputs[stage.model]), register=stage.registers)
+                log_model(run.run_id, run.uri, written(home / stage.outputs[stage.model]), register=stage.registers)
     except BaseException as error:
         end_failed(lambda error=error: run.fail(error), f"the run of stage {name}")
         raise

@@ -138,7 +138,7 @@ def tracer(frame, event, arg):
     return tracer
 
 sys.settrace(tracer)
-with hio.outputs_together([root / "shards", root / "report.json"], root / ".hatchling" / "commit.json"):
+with hio.outputs_together([root / "shards", root / "report.json"], root / ".hatchling" / "commit.json", root):
     with hio.atomic_path(root / "shards") as tmp:
         tmp.mkdir()
         for i in range(3):
@@ -186,7 +186,7 @@ def test_a_stage_killed_while_its_outputs_go_in_place_leaves_the_old_set_or_what
         journal = root / ".hatchling" / "commit.json"
         if not journal.exists():            # killed before the set was to move, or once it had: one set, whole
             assert outputs() in (old, new), f"killed at line {kill_at} of {lines}: {outputs()}"
-        complete(journal)                   # what the stage's next run does first
+        complete(journal, root)             # what the stage's next run does first
         for path in (root / "shards", root / "report.json", journal):
             sweep(path)                     # ... and its writes of each
         seen = outputs()

@@ -452,6 +452,8 @@ def test_items_larger_than_prefects_parameter_limit_map_on_a_dask_cluster(prefec
     ("tcp://127.0.0.1:9", r"scale.address 'tcp://127.0.0.1:9': nothing answers there \(Connection refused\); start "
                           r"the dask cluster, or leave the address out for a local one"),
     ("nonsense", r"scale.address 'nonsense': a dask cluster's address is tcp or tls://host:port"),
+    ("127.0.0.1:9", r"scale.address '127.0.0.1:9': nothing answers there \(Connection refused\); start "
+                    r"the dask cluster, or leave the address out for a local one"),
     ("tcp://scheduler:port", r"scale.address 'tcp://scheduler:port': a dask cluster's address is tcp or tls://host:port"),
 ])
 def test_a_cluster_address_that_does_not_answer_is_one_error_before_any_work(address, why):

@@ -147,8 +147,9 @@ SCHEMES = {"dask": ("tcp", "tls"), "ray": ("ray",)}
 
 
 def _check_answers(runner: str, address: str, timeout: float = 10.0) -> None:
-    """ConfigError unless `address` is a scheme://host:port of `runner`'s where something accepts a connection."""
-    url = urlsplit(address)
+    """ConfigError unless `address` is a [scheme://]host:port of `runner`'s (Dask's default scheme: tcp) where
+    something accepts a connection."""
+    url = urlsplit(address if "://" in address else f"{SCHEMES[runner][0]}://{address}")
     try:
         host, port = url.hostname, url.port
     except ValueError:              # a port that is no number
