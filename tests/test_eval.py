@@ -239,7 +239,10 @@ def test_eval_stage_report_card(evaluated):
     assert f"| after RLVR (a chat checkpoint, on the same text) | {text['rlvr']:.3f} |" in md
     kept = (pretrain["step0_val_bpb"] - text["sft"]) / (pretrain["step0_val_bpb"] - pretrain["full_val_bpb"])
     assert f"the chat checkpoints keep: SFT {kept:.0%}, RLVR " in md
-    assert "| hatchling_math | 1 | " + Math.tiers[1][0] in md and "## Task ladder" in md
+    assert "| task | tier | n | pretrain | sft | rlvr |" in md and "## Task ladder" in md
+    ladder = {r["tier"]: r for r in report["rows"] if r.get("benchmark") == "hatchling_math"}
+    assert f"| hatchling_math | 1 | {ladder[1]['n']} | " in md      # what each tier asks: a line below the table
+    assert "- hatchling_math: " + "; ".join(f"{t}. {Math.tiers[t][0]}" for t in sorted(ladder)) + "\n" in md
     assert "| task | metric | n | chance | found | pretrain | sft | rlvr |" in md
     # the sets the project's dedup stage never checked (this eval names other files): "unchecked", not 0
     assert "| arc_easy | acc | 2 | 0.250 | unchecked |" in md and "hellaswag: not run: no data at" in md

@@ -97,10 +97,16 @@ def markdown(report: dict) -> str:
         lines += _pretrain_section(training["pretrain"], report.get("text_val_bpb", {}))
     ladder = [r for r in report["rows"] if r.get("tier") is not None]
     if ladder:
+        # what each tier asks below the table, not in a column: the table then fits a page as the benchmarks' does
+        # (the Prefect UI clips a wider one)
+        asks = {}
+        for r in ladder:
+            asks.setdefault(r["benchmark"], []).append(f"{r['tier']}. {r['about']}")
         lines += ["## Task ladder", "", WHAT["ladder"], "",
-                  *_table(["task", "tier", "what it asks", "n", *ckpts],
-                          [[r["benchmark"], str(r["tier"]), r["about"], str(r["n"]), *(_cell(r.get(c)) for c in ckpts)]
-                           for r in ladder]), ""]
+                  *_table(["task", "tier", "n", *ckpts],
+                          [[r["benchmark"], str(r["tier"]), str(r["n"]), *(_cell(r.get(c)) for c in ckpts)]
+                           for r in ladder]), "",
+                  *(f"- {task}: " + "; ".join(tiers) for task, tiers in asks.items()), ""]
     if "rlvr" in training:
         lines += _rlvr_section(training["rlvr"])
     lines += ["## Benchmarks", "", WHAT["benchmarks"], "",
