@@ -585,10 +585,15 @@ def run_stage(name: str, params: Params | None = None, root: Path = Path("."),
     check_world(stage, params, int(os.environ.get("WORLD_SIZE", "1")))
     leader = int(os.environ.get("RANK", "0")) == 0       # torchrun: rank 0 alone locks, tracks and reports
     with stage_lock(name, root) if leader else contextlib.nullcontext():
-        if leader and (moved := complete(root / COMMITS / f"{name}.json", root)):
+        if leader and (moved := complete(commit_journal(name, root), root)):
             log.warning("stage %s: its last run was killed while putting its new outputs in place; moved in the rest "
                         "first: %s", name, ", ".join(moved))
         return _run_locked(stage, params, root, leader)
+
+
+def commit_journal(name: str, root: Path) -> Path:
+    """Where stage `name`'s run lists its new outputs while it puts them in place (hatchling.io's complete)."""
+    return root / COMMITS / f"{name}.json"
 
 
 def check_world(stage: Stage, params: Params, world: int) -> None:
@@ -610,7 +615,7 @@ def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
     from hatchling.tracking import StageRun, drop_skipped_record, end_failed, record_skipped
 
     name = stage.name
-    if half := [up for up in upstream(stage) if (root / COMMITS / f"{up}.json").exists()]:
+    if half := [up for up in upstream(stage) if commit_journal(up, root).exists()]:
         raise StageError(f"stage {half[0]}'s last run was killed while putting its new outputs in place: run "
                          f"`hatchling run {half[0]}` (it completes them first), then this stage")
     for dep in stage.deps:
@@ -635,8 +640,7 @@ def _run_locked(stage: Stage, params: Params, root: Path, leader: bool) -> dict:
     home = root.resolve()           # as context() gives the stage its paths: the writes are known by them
     outputs = (*stage.outs, *stage.kept_in_git)
     try:
-        with outputs_together([home / path for path in (*outputs, stage.metrics)], home / COMMITS / f"{name}.json",
-                              home):
+        with outputs_together([home / path for path in (*outputs, stage.metrics)], commit_journal(name, home), home):
             with run.system_metrics() if stage.model else contextlib.nullcontext():
                 metrics = fn(context(name, params, root, run.log_metrics))
             # each output written by this run (under dvc repro, whose outputs persist, an old one is still there)

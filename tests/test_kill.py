@@ -29,14 +29,14 @@ from tests.conftest import (
     write_params,
 )
 
-WRITER = r"""
+# a script's head: a tracer that kills the process at the `kill_at`-th line (sys.argv[1]; 0: never) run in
+# hatchling/io.py or the script; the script then prints how many lines it ran
+KILLED_AT_A_LINE = r"""
 import os, signal, sys
 from pathlib import Path
 import hatchling.io as hio
 
-mode, kill_at, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-if mode == "rename":                       # a system or filesystem that cannot exchange two paths
-    hio.exchange = lambda a, b: False
+kill_at = int(sys.argv[1])
 mine = {hio.__file__, __file__}
 lines = 0
 
@@ -49,6 +49,12 @@ def tracer(frame, event, arg):
         if lines == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
     return tracer
+"""
+
+WRITER = KILLED_AT_A_LINE + r"""
+mode, out = sys.argv[2], Path(sys.argv[3])
+if mode == "rename":                       # a system or filesystem that cannot exchange two paths
+    hio.exchange = lambda a, b: False
 
 sys.settrace(tracer)
 with hio.atomic_path(out) as tmp:
@@ -78,7 +84,7 @@ def test_a_writer_killed_at_any_line_leaves_the_old_or_the_new_output_and_the_ne
     script.write_text(WRITER)
 
     def write(kill_at: int) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), mode, str(kill_at), str(out)], capture_output=True,
+        return subprocess.run([sys.executable, str(script), str(kill_at), mode, str(out)], capture_output=True,
                               text=True, cwd=REPO, timeout=60)
 
     out = tmp_path / name
@@ -118,24 +124,8 @@ def test_a_writer_killed_at_any_line_leaves_the_old_or_the_new_output_and_the_ne
     assert outcomes == {"old", "new"}           # the kills fell both before and after the swap
 
 
-TOGETHER = r"""
-import os, signal, sys
-from pathlib import Path
-import hatchling.io as hio
-
-kill_at, root = int(sys.argv[1]), Path(sys.argv[2])
-mine = {hio.__file__, __file__}
-lines = 0
-
-def tracer(frame, event, arg):
-    global lines
-    if frame.f_code.co_filename not in mine:
-        return None
-    if event == "line":
-        lines += 1
-        if lines == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-    return tracer
+TOGETHER = KILLED_AT_A_LINE + r"""
+root = Path(sys.argv[2])
 
 sys.settrace(tracer)
 with hio.outputs_together([root / "shards", root / "report.json"], root / ".hatchling" / "commit.json", root):
